@@ -1,0 +1,39 @@
+"""nafnet-edge: take a trained NAFNet checkpoint to Core ML, ExecuTorch, OpenVINO and ONNX, measured.
+
+The public API is imported lazily so that ``import nafnet_edge`` (and ``nafnet-edge --help``) stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "NAFNet": "nafnet_edge.model",
+    "NAFNetLocal": "nafnet_edge.model",
+    "NAFNetConfig": "nafnet_edge.model",
+    "build_model": "nafnet_edge.model",
+    "load_checkpoint": "nafnet_edge.checkpoint",
+    "infer_config": "nafnet_edge.checkpoint",
+    "default_checkpoint_path": "nafnet_edge.checkpoint",
+    "LoadedCheckpoint": "nafnet_edge.checkpoint",
+    "RELEASES": "nafnet_edge.releases",
+    "RELEASE_SHAPES": "nafnet_edge.releases",
+    "read_image": "nafnet_edge.images",
+    "write_image": "nafnet_edge.images",
+    "restore_image": "nafnet_edge.inference",
+    "restore_tensor": "nafnet_edge.inference",
+    "run_tiled": "nafnet_edge.tiling",
+    "count_macs": "nafnet_edge.complexity",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nafnet_edge' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

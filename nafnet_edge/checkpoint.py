@@ -1,0 +1,370 @@
+"""Load any NAFNet checkpoint without executing code, infer its configuration from tensor shapes, identify it.
+
+Accepted layouts: the official ``torch.save({'params': sd})``, BasicSR's ``params_ema``, other trainers'
+``state_dict`` / ``model`` / ``net`` wrappers, a raw state dict, keys with a ``module.`` (or any other)
+prefix, and ``.safetensors`` files (whose ``config`` metadata, when present, supplies arch and train size).
+Pickles are opened with ``torch.load(weights_only=True)``: a file that needs code execution is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from nafnet_edge.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    NonFiniteWeightsError,
+    NotNAFNetError,
+    StateDictMismatchError,
+    UnsafeCheckpointError,
+)
+from nafnet_edge.model import ARCHS, Arch, NAFNet, NAFNetConfig, build_model
+from nafnet_edge.releases import Release, release_by_sha256, releases_with_shape
+
+DEFAULT_CHECKPOINT_NAME = "nafnet-edge-denoise-s.safetensors"
+WRAPPER_KEYS = ("params", "params_ema", "state_dict", "model_state_dict", "model", "net", "network")
+MAX_PARAMS = 2_000_000_000  # refuse configurations beyond this before allocating anything
+
+ParamKey = Literal["auto", "params", "params_ema", "state_dict", "model_state_dict", "model", "net", "network"]
+ArchSource = Literal["flag", "release", "metadata", "shape", "default"]
+
+
+def default_checkpoint_path() -> Path:
+    """The small denoiser shipped inside the package (see the model card in the README)."""
+    return Path(str(resources.files("nafnet_edge") / "weights" / DEFAULT_CHECKPOINT_NAME))
+
+
+@dataclass
+class RawCheckpoint:
+    """A state dict as read from disk, before any NAFNet-specific checks."""
+
+    state_dict: dict[str, torch.Tensor]
+    param_key: str | None  # the wrapper key used, None for a bare state dict
+    other_param_keys: list[str] = field(default_factory=list)  # other wrapper keys present, not used
+    key_prefix: str = ""  # prefix stripped from every key ("module." for DataParallel saves)
+    file_format: Literal["torch-zip", "torch-legacy", "safetensors"] = "torch-zip"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A model ready for inference plus everything learned about where it came from."""
+
+    model: NAFNet
+    config: NAFNetConfig
+    path: Path
+    sha256: str
+    release: Release | None
+    raw_param_key: str | None
+    key_prefix: str
+    file_format: str
+    arch_source: ArchSource
+    is_default: bool
+    other_param_keys: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def param_key(self) -> str:
+        return self.raw_param_key or "(bare state dict)"
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_safetensors(head: bytes, file_size: int) -> bool:
+    if len(head) < 9:
+        return False
+    header_len = int.from_bytes(head[:8], "little")
+    return 0 < header_len <= file_size - 8 and head[8:9] == b"{"
+
+
+def read_checkpoint(path: str | Path, *, param_key: ParamKey = "auto") -> RawCheckpoint:
+    """Read the tensors of a checkpoint file, never executing code from it."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; pass the checkpoint file (.pth, .pt or .safetensors)")
+    size = path.stat().st_size
+    if size == 0:
+        raise CorruptCheckpointError(f"{path} is empty (0 bytes); the download or save did not complete")
+    with path.open("rb") as f:
+        head = f.read(16)
+
+    if _is_safetensors(head, size):
+        return _read_safetensors(path)
+    if head.startswith(b"PK\x03\x04"):
+        file_format: Literal["torch-zip", "torch-legacy"] = "torch-zip"
+    elif head[:1] == b"\x80":  # pickle protocol opcode: torch's legacy (pre-1.6) format
+        file_format = "torch-legacy"
+    else:
+        raise CorruptCheckpointError(
+            f"{path} is neither a PyTorch checkpoint nor a safetensors file (starts with {head[:8]!r})"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=file_format == "torch-zip")
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found:
+            raise UnsafeCheckpointError(
+                f"{path} contains a pickled object ({found.group(1)}) that can only be loaded by running code "
+                "from the file; nafnet-edge never does that. In an environment you trust, re-save just the "
+                "weights: torch.save({'params': model.state_dict()}, 'clean.pth') or use safetensors"
+            ) from None
+        raise CorruptCheckpointError(f"{path} is not a readable PyTorch checkpoint: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, ValueError, OSError, UnicodeDecodeError, KeyError, AttributeError) as e:
+        first = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
+        raise CorruptCheckpointError(f"{path} is truncated or damaged ({first}); download or save it again") from None
+    return _unwrap(obj, path, param_key=param_key, file_format=file_format)
+
+
+def _read_safetensors(path: Path) -> RawCheckpoint:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no items())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"{path} is a damaged safetensors file ({e}); download or save it again") from None
+    raw = _unwrap(sd, path, param_key="auto", file_format="safetensors")
+    raw.metadata = metadata
+    return raw
+
+
+def _unwrap(obj: object, path: Path, *, param_key: ParamKey, file_format: str) -> RawCheckpoint:
+    if not isinstance(obj, dict):
+        raise NotNAFNetError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    present = [k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)]
+    if param_key != "auto":
+        if param_key not in present:
+            raise CheckpointError(
+                f"--param-key {param_key}: {path} has no {param_key!r} entry; "
+                f"wrapper keys present: {present or 'none (a bare state dict)'}"
+            )
+        chosen: str | None = param_key
+    else:
+        chosen = present[0] if present else None
+    sd = obj[chosen] if chosen else obj
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise NotNAFNetError(f"{path} holds no tensors (top-level keys: {_sample(list(obj))})")
+    anchors = sorted((k for k in tensors if k == "intro.weight" or k.endswith(".intro.weight")), key=len)
+    if not anchors:
+        raise NotNAFNetError(
+            f"{path} is not a NAFNet state dict: no 'intro.weight' tensor (keys: {_sample(list(tensors))})"
+        )
+    prefix = anchors[0][: -len("intro.weight")]
+    if len(anchors) > 1 and len(anchors[1]) == len(anchors[0]):
+        raise NotNAFNetError(f"{path} holds several NAFNets ({', '.join(anchors)}); save the one you want alone")
+    stripped = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in tensors.items()}
+    return RawCheckpoint(
+        state_dict=stripped,
+        param_key=chosen,
+        other_param_keys=[k for k in present if k != chosen],
+        key_prefix=prefix,
+        file_format=file_format,  # type: ignore[arg-type]
+    )
+
+
+def _sample(keys: list[str], n: int = 5) -> str:
+    shown = ", ".join(repr(k) for k in keys[:n])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+_BLOCK = re.compile(r"^(encoders|decoders)\.(\d+)\.(\d+)\.|^middle_blks\.(\d+)\.")
+
+
+def infer_config(state_dict: dict[str, torch.Tensor]) -> NAFNetConfig:
+    """The NAFNet configuration implied by the tensor shapes alone (arch stays "nafnet")."""
+    intro = state_dict.get("intro.weight")
+    if intro is None or intro.dim() != 4 or tuple(intro.shape[2:]) != (3, 3):
+        found = None if intro is None else tuple(intro.shape)
+        raise NotNAFNetError(f"'intro.weight' should be a [width, channels, 3, 3] conv weight, found {found}")
+    width, img_channels = int(intro.shape[0]), int(intro.shape[1])
+    levels = sum(1 for k in state_dict if re.fullmatch(r"downs\.\d+\.weight", k))
+    if levels == 0:
+        raise NotNAFNetError("no 'downs.{i}.weight' tensors: not a NAFNet U-Net (or the encoder is missing)")
+    enc = [0] * levels
+    dec = [0] * levels
+    middle = 0
+    for key in state_dict:
+        m = _BLOCK.match(key)
+        if not m:
+            continue
+        if m.group(4) is not None:
+            middle = max(middle, int(m.group(4)) + 1)
+            continue
+        counts, level, j = (enc if m.group(1) == "encoders" else dec), int(m.group(2)), int(m.group(3))
+        if level >= levels:
+            raise StateDictMismatchError(
+                f"unexpected key {key!r}: {levels} downsampling layers imply levels 0..{levels - 1}",
+                unexpected=[key],
+            )
+        counts[level] = max(counts[level], j + 1)
+    dw_expand = ffn_expand = 2
+    norm_key = next((k for k in state_dict if k.endswith(".norm1.weight")), None)
+    if norm_key is not None:  # expansions from the first block; every other block is checked against them
+        block, c = norm_key[: -len("norm1.weight")], int(state_dict[norm_key].shape[0])
+        dw_expand = _expansion(state_dict.get(block + "conv1.weight"), c)
+        ffn_expand = _expansion(state_dict.get(block + "conv4.weight"), c)
+    return NAFNetConfig(
+        img_channels=img_channels,
+        width=width,
+        enc_blk_nums=tuple(enc),
+        middle_blk_num=middle,
+        dec_blk_nums=tuple(dec),
+        dw_expand=dw_expand,
+        ffn_expand=ffn_expand,
+    )
+
+
+def _expansion(weight: torch.Tensor | None, channels: int) -> int:
+    if weight is None or channels == 0 or weight.shape[0] % channels:
+        return 2  # the shape check then reports the offending tensor
+    return int(weight.shape[0] // channels)
+
+
+def expected_shapes(config: NAFNetConfig) -> dict[str, tuple[int, ...]]:
+    """Every state-dict key of ``config`` with its shape, computed without allocating memory."""
+    with torch.device("meta"):
+        model = NAFNet(config)
+    n = sum(p.numel() for p in model.parameters())
+    if n > MAX_PARAMS:
+        raise CheckpointError(f"the inferred configuration has {n / 1e9:.1f}G parameters; refusing to build it")
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_state_dict(state_dict: dict[str, torch.Tensor], config: NAFNetConfig) -> None:
+    """Raise StateDictMismatchError or NonFiniteWeightsError, naming the keys and shapes involved."""
+    expected = expected_shapes(config)
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        (k, expected[k], tuple(state_dict[k].shape))
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != expected[k]
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            k, want, got = mismatched[0]
+            more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+            parts.append(f"wrong shape for {k!r}: expected {list(want)}, found {list(got)}{more}")
+        if missing:
+            parts.append(f"missing keys: {_sample(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_sample(unexpected)}")
+        raise StateDictMismatchError(
+            "checkpoint does not match the NAFNet configuration inferred from it "
+            f"(width {config.width}, enc {list(config.enc_blk_nums)}, middle {config.middle_blk_num}, "
+            f"dec {list(config.dec_blk_nums)}): " + "; ".join(parts),
+            missing=missing,
+            unexpected=unexpected,
+            shape_mismatches=mismatched,
+        )
+    bad_dtype = [k for k, v in state_dict.items() if not v.is_floating_point()]
+    if bad_dtype:
+        raise StateDictMismatchError(
+            f"non-floating-point weights: {_sample(bad_dtype)} ({state_dict[bad_dtype[0]].dtype})"
+        )
+    non_finite = [(k, int((~torch.isfinite(v)).sum())) for k, v in state_dict.items()]
+    non_finite = [(k, n) for k, n in non_finite if n]
+    if non_finite:
+        listed = ", ".join(f"{k!r} ({n} values)" for k, n in non_finite[:5])
+        raise NonFiniteWeightsError(
+            f"NaN or Inf weights in {len(non_finite)} tensors: {listed}; the training run diverged or the file "
+            "is damaged, use an earlier checkpoint"
+        )
+
+
+def _metadata_config(metadata: dict[str, str]) -> dict[str, object]:
+    try:
+        cfg = json.loads(metadata.get("config", "{}"))
+    except json.JSONDecodeError:
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def load_checkpoint(
+    path: str | Path | None = None,
+    *,
+    param_key: ParamKey = "auto",
+    arch: Arch | None = None,
+    train_size: tuple[int, int] | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedCheckpoint:
+    """Load a NAFNet checkpoint (the embedded default when ``path`` is None) into an eval-mode fp32 model.
+
+    ``arch`` and ``train_size`` override what is identified: the release table (by sha256) first, then the
+    file's own metadata, then the shape (GoPro/REDS-shaped networks get TLC), else plain NAFNet.
+    """
+    is_default = path is None
+    path = default_checkpoint_path() if path is None else Path(path)
+    raw = read_checkpoint(path, param_key=param_key)
+    config = infer_config(raw.state_dict)
+    check_state_dict(raw.state_dict, config)
+    sha256 = sha256_file(path)
+    release = release_by_sha256(sha256)
+    meta = _metadata_config(raw.metadata)
+
+    arch_source: ArchSource
+    if arch is not None:
+        if arch not in ARCHS:
+            raise CheckpointError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        arch_source = "flag"
+    elif release is not None:
+        arch, arch_source = release.config.arch, "release"
+    elif meta.get("arch") in ARCHS:
+        arch, arch_source = meta["arch"], "metadata"  # type: ignore[assignment]
+    elif any(r.config.arch == "nafnet-local" for r in releases_with_shape(config)):
+        arch, arch_source = "nafnet-local", "shape"
+    else:
+        arch, arch_source = "nafnet", "default"
+    if train_size is None:
+        meta_size = meta.get("train_size")
+        ok = isinstance(meta_size, list) and len(meta_size) == 2 and all(isinstance(v, int) for v in meta_size)
+        train_size = tuple(meta_size) if ok else (256, 256)  # type: ignore[arg-type,assignment]
+    if min(train_size) < 1:  # type: ignore[type-var]
+        raise CheckpointError(f"--train-size must be positive, got {train_size}")
+    config = config.replace(arch=arch, train_size=train_size)
+
+    with torch.device("meta"):
+        model = build_model(config)
+    state = {k: v.to(torch.float32) for k, v in raw.state_dict.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval().requires_grad_(False)
+    model.to(device)
+    return LoadedCheckpoint(
+        model=model,
+        config=config,
+        path=path,
+        sha256=sha256,
+        release=release,
+        raw_param_key=raw.param_key,
+        key_prefix=raw.key_prefix,
+        file_format=raw.file_format,
+        arch_source=arch_source,
+        is_default=is_default,
+        other_param_keys=raw.other_param_keys,
+        metadata=raw.metadata,
+    )

@@ -1,0 +1,311 @@
+"""The ``nafnet-edge`` command. Heavy imports (torch, backends) happen inside each command, never at start-up."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from nafnet_edge import __version__
+from nafnet_edge.errors import EXIT_FAILURE, EXIT_INTERRUPTED, NafnetEdgeError, UsageError
+
+EPILOG = "exit codes: 0 ok, 1 internal error, 2 usage, 3 budget missed, 4 missing backend, 5 bad input, 130 interrupted"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'256' -> (256, 256); '512x768' -> (512, 768) as (height, width)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected a size like 256 or 512x768 (height x width), got {text!r}")
+    return parts[0], parts[1]
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a positive integer, got 0")
+    return value
+
+
+def checkpoint_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("checkpoint")
+    g.add_argument(
+        "--param-key",
+        default="auto",
+        choices=["auto", "params", "params_ema", "state_dict", "model_state_dict", "model", "net", "network"],
+        help="which entry of a wrapped checkpoint to use (auto: 'params' first, as the official files)",
+    )
+    g.add_argument("--arch", choices=["nafnet", "nafnet-local"], help="override the identified class (TLC or not)")
+    g.add_argument("--train-size", type=parse_size, metavar="PX", help="TLC training crop, e.g. 256 (default)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nafnet-edge",
+        description="Load, convert, validate and benchmark NAFNet image-restoration models for edge runtimes.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"nafnet-edge {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    ckpt = checkpoint_options()
+
+    p = sub.add_parser(
+        "inspect",
+        parents=[ckpt],
+        help="identify a checkpoint: configuration, class, params, GMACs, release",
+        description="Identify a NAFNet checkpoint from its tensor shapes and sha256. "
+        "Without CKPT, describes the embedded default model.",
+        epilog=EPILOG,
+    )
+    p.add_argument("checkpoint", nargs="?", metavar="CKPT", help="checkpoint file (.pth, .pt, .safetensors)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--size", type=parse_size, default=(256, 256), metavar="PX", help="GMACs input size (256)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "run",
+        parents=[ckpt],
+        help="restore images at full resolution with the fp32 PyTorch reference",
+        description="Restore images with a checkpoint (the embedded default when the first argument is an "
+        "image or a folder). Large images are processed in overlapping tiles blended with a smooth window.",
+        epilog=EPILOG,
+    )
+    p.add_argument("inputs", nargs="+", metavar="[CKPT] INPUT", help="optional checkpoint, then images or folders")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR", help="folder for the results")
+    p.add_argument("--tile", type=non_negative_int, default=512, metavar="PX", help="tile size, 0 = whole image (512)")
+    p.add_argument("--overlap", type=non_negative_int, default=64, metavar="PX", help="tile overlap (64)")
+    p.add_argument("--batch", type=positive_int, default=1, metavar="N", help="tiles per forward pass (1)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when present")
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "png", "tiff", "jpg"],
+        help="output format (auto: TIFF for TIFF inputs, else PNG); bit depth follows the input",
+    )
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def _load(args: argparse.Namespace, checkpoint: str | None, device: str = "cpu") -> Any:
+    from nafnet_edge.checkpoint import load_checkpoint
+
+    return load_checkpoint(
+        checkpoint, param_key=args.param_key, arch=args.arch, train_size=args.train_size, device=device
+    )
+
+
+def describe(loaded: Any, size: tuple[int, int]) -> dict[str, Any]:
+    """The inspect report; the first keys are the documented --json contract."""
+    from nafnet_edge.complexity import count_macs
+    from nafnet_edge.model import tlc_kernel_sizes
+    from nafnet_edge.releases import releases_with_shape
+
+    cfg = loaded.config
+    info: dict[str, Any] = {
+        "arch": cfg.arch,
+        "img_channels": cfg.img_channels,
+        "width": cfg.width,
+        "enc_blk_nums": list(cfg.enc_blk_nums),
+        "middle_blk_num": cfg.middle_blk_num,
+        "dec_blk_nums": list(cfg.dec_blk_nums),
+        "params": loaded.num_params,
+        "gmacs": round(count_macs(cfg, *size) / 1e9, 3),
+        "release": loaded.release.name if loaded.release else None,
+        "sha256": loaded.sha256,
+        "param_key": loaded.raw_param_key,
+        "gmacs_size": list(size),
+        "dw_expand": cfg.dw_expand,
+        "ffn_expand": cfg.ffn_expand,
+        "class": "NAFNetLocal" if cfg.arch == "nafnet-local" else "NAFNet",
+        "arch_source": loaded.arch_source,
+        "train_size": list(cfg.train_size) if cfg.arch == "nafnet-local" else None,
+        "tlc_kernels": [list(k) for k in tlc_kernel_sizes(cfg)] if cfg.arch == "nafnet-local" else None,
+        "pad_multiple": cfg.pad_multiple,
+        "task": loaded.release.task if loaded.release else loaded.metadata.get("task"),
+        "same_shape_as": [r.name for r in releases_with_shape(cfg)],
+        "other_param_keys": loaded.other_param_keys,
+        "key_prefix": loaded.key_prefix,
+        "file_format": loaded.file_format,
+        "path": str(loaded.path),
+        "embedded_default": loaded.is_default,
+    }
+    return info
+
+
+ARCH_SOURCES = {
+    "flag": "--arch",
+    "release": "official release (sha256)",
+    "metadata": "file metadata",
+    "shape": "GoPro/REDS-shaped network: TLC as upstream evaluates it; --arch nafnet to disable",
+    "default": "default for an unrecognised file",
+}
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    loaded = _load(args, args.checkpoint)
+    info = describe(loaded, args.size)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    layout = [info["file_format"], f"'{info['param_key']}' entry" if info["param_key"] else "bare state dict"]
+    if info["other_param_keys"]:
+        layout.append(f"also has {', '.join(info['other_param_keys'])} (--param-key to use it)")
+    if info["key_prefix"]:
+        layout.append(f"prefix '{info['key_prefix']}' stripped")
+    arch = info["class"]
+    if info["tlc_kernels"]:
+        arch += f" (TLC, train size {info['train_size'][0]}x{info['train_size'][1]}, kernels {info['tlc_kernels']})"
+    release = info["release"] or "none (not an official release file)"
+    if info["release"]:
+        release += f": {info['task']}"
+    elif info["same_shape_as"]:
+        release += f"; same shape as {', '.join(info['same_shape_as'])}"
+    rows = [
+        ("checkpoint", info["path"] + ("  [embedded default]" if info["embedded_default"] else "")),
+        ("sha256", info["sha256"]),
+        ("release", release),
+        ("layout", ", ".join(layout)),
+        ("class", f"{arch}  [from {ARCH_SOURCES[info['arch_source']]}]"),
+        (
+            "config",
+            f"img_channels {info['img_channels']}, width {info['width']}, enc {info['enc_blk_nums']}, "
+            f"middle {info['middle_blk_num']}, dec {info['dec_blk_nums']}, "
+            f"dw_expand {info['dw_expand']}, ffn_expand {info['ffn_expand']}",
+        ),
+        ("params", f"{info['params'] / 1e6:.2f} M ({info['params']:,})"),
+        ("GMACs", f"{info['gmacs']:.2f} at {args.size[0]}x{args.size[1]}"),
+        ("padding", f"zero pad right/bottom to a multiple of {info['pad_multiple']}, then crop"),
+    ]
+    if info["task"] and not info["release"]:
+        rows.insert(3, ("task", info["task"]))
+    for name, value in rows:
+        print(f"{name:<11} {value}")
+    return 0
+
+
+def _expand_inputs(paths: list[str]) -> list[Path]:
+    from nafnet_edge.errors import ImageError
+    from nafnet_edge.images import is_image_path
+
+    files: list[Path] = []
+    for text in paths:
+        p = Path(text)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and is_image_path(f))
+            if not found:
+                raise ImageError(f"{p} contains no PNG, JPEG or TIFF images")
+            files += found
+        elif not p.exists():
+            raise ImageError(f"input not found: {p}")
+        else:
+            files.append(p)
+    return files
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from nafnet_edge.images import is_image_path
+
+    inputs = list(args.inputs)
+    checkpoint = None
+    first = Path(inputs[0])
+    if not is_image_path(first) and not first.is_dir():
+        checkpoint = inputs.pop(0)
+    if not inputs:
+        raise UsageError("no input images: give images or folders after the checkpoint")
+    if args.tile and args.overlap >= args.tile:
+        raise UsageError(f"--overlap ({args.overlap}) must be smaller than --tile ({args.tile})")
+    files = _expand_inputs(inputs)
+    return _run_files(args, checkpoint, files)
+
+
+def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Path]) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from nafnet_edge.errors import ImageError
+    from nafnet_edge.images import output_suffix, read_image, write_image
+    from nafnet_edge.inference import resolve_device, restore_image, tile_count
+
+    targets = [args.output / (f.stem + output_suffix(f, args.format)) for f in files]
+    seen: dict[Path, Path] = {}
+    for src, dst in zip(files, targets, strict=True):
+        if dst in seen:
+            raise ImageError(f"{seen[dst]} and {src} would both be written to {dst}; restore them separately")
+        if dst.resolve() == src.resolve():
+            raise ImageError(f"the output {dst} would overwrite its input; choose another --output folder")
+        seen[dst] = src
+    device = resolve_device(args.device)
+    loaded = _load(args, checkpoint, device=str(device))
+    cfg = loaded.config
+    name = loaded.release.name if loaded.release else ("embedded default" if loaded.is_default else loaded.path.name)
+    print(
+        f"model: {name} ({'NAFNetLocal' if cfg.arch == 'nafnet-local' else 'NAFNet'}, width {cfg.width}) on {device}; "
+        f"tile {args.tile or 'off'}, overlap {args.overlap if args.tile else '-'}",
+        file=sys.stderr,
+    )
+    torch.set_grad_enabled(False)
+    for src, dst in tqdm(list(zip(files, targets, strict=True)), desc="images", unit="img", disable=None):
+        image = read_image(src)
+        n = tile_count(image.height, image.width, tile_px=args.tile, overlap_px=args.overlap)
+        with tqdm(total=n, desc=src.name, unit="tile", leave=False, disable=None if n > 1 else True) as bar:
+            result = restore_image(
+                loaded.model, image, tile_px=args.tile, overlap_px=args.overlap, batch=args.batch, on_tile=bar.update
+            )
+        write_image(dst, result)
+    print(f"wrote {len(files)} image(s) to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # clean up temporary files as for Ctrl-C
+    try:
+        return int(args.func(args))
+    except NafnetEdgeError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"nafnet-edge: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("nafnet-edge: interrupted; no partial output was left in place", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # an unexpected failure is a bug: say so in one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(
+                f"nafnet-edge: internal error: {type(e).__name__}: {e} (rerun with --debug for details)",
+                file=sys.stderr,
+            )
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

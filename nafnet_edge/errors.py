@@ -1,0 +1,77 @@
+"""Typed errors. Each message says what is wrong and what to do; the CLI maps each class to an exit code."""
+
+from __future__ import annotations
+
+# Exit codes of the `nafnet-edge` command (documented in the README).
+EXIT_OK = 0
+EXIT_FAILURE = 1  # an unexpected internal error (a bug: please report it with --debug output)
+EXIT_USAGE = 2  # bad command line (argparse)
+EXIT_BUDGET = 3  # an artifact missed a validation or latency budget
+EXIT_MISSING_BACKEND = 4  # an optional backend (extra) is not installed
+EXIT_BAD_INPUT = 5  # a checkpoint, image or other input file is unusable
+EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM; nothing half-written is left behind
+
+
+class NafnetEdgeError(Exception):
+    """Base class of every error nafnet-edge raises on purpose."""
+
+    exit_code = EXIT_FAILURE
+
+
+class BadInputError(NafnetEdgeError):
+    exit_code = EXIT_BAD_INPUT
+
+
+class CheckpointError(BadInputError):
+    """A checkpoint file cannot be used."""
+
+
+class CheckpointNotFoundError(CheckpointError):
+    pass
+
+
+class CorruptCheckpointError(CheckpointError):
+    """Truncated, damaged or not a checkpoint format at all."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that could only be loaded by executing code from it; we refuse."""
+
+
+class NotNAFNetError(CheckpointError):
+    """A readable state dict that does not look like NAFNet."""
+
+
+class StateDictMismatchError(CheckpointError):
+    """Missing or unexpected keys, or tensors of the wrong shape, for the inferred configuration."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing: list[str] | None = None,
+        unexpected: list[str] | None = None,
+        shape_mismatches: list[tuple[str, tuple[int, ...], tuple[int, ...]]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.missing = missing or []
+        self.unexpected = unexpected or []
+        self.shape_mismatches = shape_mismatches or []
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """NaN or Inf values in the weights."""
+
+
+class ImageError(BadInputError):
+    """An input image cannot be read, or an output image cannot be written."""
+
+
+class MissingBackendError(NafnetEdgeError):
+    exit_code = EXIT_MISSING_BACKEND
+
+
+class UsageError(NafnetEdgeError):
+    """A combination of options that cannot work (argparse catches the rest)."""
+
+    exit_code = EXIT_USAGE

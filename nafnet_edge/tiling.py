@@ -1,0 +1,125 @@
+"""Tiled inference for camera-size frames with bounded memory.
+
+The frame is cut into a grid of overlapping tiles; each tile is restored on its own (the model pads it to
+its multiple of 16 and crops back) and the results are blended with a raised-cosine window over the
+overlaps. The window is separable and normalised per axis, so the weights at every pixel sum to one and
+no full-size weight map is kept: memory is the input, the output and one batch of tiles.
+
+NAFNet's channel attention averages over whatever it sees, so a tile's statistics differ from the whole
+frame's: tiled output is close to, not equal to, whole-frame output (measured in the README). With TLC
+(NAFNetLocal) the pooling is already local, so tiles larger than the TLC kernel change less.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_TILE_PX = 512
+DEFAULT_OVERLAP_PX = 64
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    height: int
+    width: int
+    tile_h: int
+    tile_w: int
+    ys: tuple[int, ...]
+    xs: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.ys) * len(self.xs)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((y, x) for y in self.ys for x in self.xs)
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> tuple[int, ...]:
+    """Start offsets of tiles covering [0, length): evenly spaced, overlapping by at least ``overlap``."""
+    if tile >= length:
+        return (0,)
+    step = tile - overlap
+    n = math.ceil((length - tile) / step) + 1
+    # Spread the tiles evenly instead of leaving a thin last one: every overlap is >= the requested one.
+    return tuple(round(i * (length - tile) / (n - 1)) for i in range(n))
+
+
+def make_grid(height: int, width: int, *, tile_px: int, overlap_px: int) -> TileGrid:
+    if tile_px < 1:
+        raise ValueError(f"tile size must be positive, got {tile_px}")
+    if not 0 <= overlap_px < tile_px:
+        raise ValueError(f"overlap must be in [0, tile size), got overlap {overlap_px} for tile {tile_px}")
+    th, tw = min(tile_px, height), min(tile_px, width)
+    return TileGrid(height, width, th, tw, tile_starts(height, th, overlap_px), tile_starts(width, tw, overlap_px))
+
+
+def _ramp(n: int) -> torch.Tensor:
+    """Raised-cosine ramp of n samples rising from just above 0 to just below 1 (never exactly 0)."""
+    i = torch.arange(n, dtype=torch.float64) + 0.5
+    return 0.5 - 0.5 * torch.cos(math.pi * i / n)
+
+
+def axis_weights(length: int, tile: int, starts: tuple[int, ...]) -> list[torch.Tensor]:
+    """Per-tile 1-D blending weights along one axis, normalised so that they sum to one at every position.
+
+    Each tile ramps up over its whole overlap with the previous tile and down over its overlap with the next.
+    """
+    raw = []
+    for k, s in enumerate(starts):
+        w = torch.ones(tile, dtype=torch.float64)
+        if k > 0:  # ramp up over the overlap with the previous tile
+            r = starts[k - 1] + tile - s
+            if r > 0:
+                w[:r] = _ramp(r)
+        if k < len(starts) - 1:  # ramp down over the overlap with the next tile
+            r = s + tile - starts[k + 1]
+            if r > 0:
+                w[tile - r :] = torch.minimum(w[tile - r :], _ramp(r).flip(0))
+        raw.append(w)
+    total = torch.zeros(length, dtype=torch.float64)
+    for s, w in zip(starts, raw, strict=True):
+        total[s : s + tile] += w
+    return [(w / total[s : s + tile]).float() for s, w in zip(starts, raw, strict=True)]
+
+
+@torch.inference_mode()
+def run_tiled(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    *,
+    tile_px: int = DEFAULT_TILE_PX,
+    overlap_px: int = DEFAULT_OVERLAP_PX,
+    batch: int = 1,
+    device: torch.device | str = "cpu",
+    on_tile: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Apply ``fn`` (NCHW -> NCHW, same size) to a 1xCxHxW CPU image tile by tile and blend the results.
+
+    Tiles are sent to ``device`` ``batch`` at a time; the result is a float32 CPU tensor of the input shape.
+    """
+    if image.dim() != 4 or image.shape[0] != 1:
+        raise ValueError(f"expected a 1xCxHxW image, got {tuple(image.shape)}")
+    _, c, h, w = image.shape
+    grid = make_grid(h, w, tile_px=tile_px, overlap_px=overlap_px)
+    wy = axis_weights(h, grid.tile_h, grid.ys)
+    wx = axis_weights(w, grid.tile_w, grid.xs)
+    out = torch.zeros(1, c, h, w, dtype=torch.float32)
+    positions = [(iy, ix) for iy in range(len(grid.ys)) for ix in range(len(grid.xs))]
+    for first in range(0, len(positions), max(1, batch)):
+        chunk = positions[first : first + max(1, batch)]
+        th, tw = grid.tile_h, grid.tile_w
+        tiles = torch.cat(
+            [image[:, :, grid.ys[iy] : grid.ys[iy] + th, grid.xs[ix] : grid.xs[ix] + tw] for iy, ix in chunk]
+        )
+        result = fn(tiles.to(device)).float().cpu()
+        for k, (iy, ix) in enumerate(chunk):
+            y, x = grid.ys[iy], grid.xs[ix]
+            weight = wy[iy][:, None] * wx[ix][None, :]
+            out[0, :, y : y + th, x : x + tw] += result[k] * weight
+        if on_tile is not None:
+            on_tile(len(chunk))
+    return out
