@@ -23,7 +23,7 @@ from nafnet_edge.errors import (
     UnsafeCheckpointError,
 )
 from nafnet_edge.model import NAFNet, NAFNetConfig
-from nafnet_edge.releases import RELEASES, RELEASE_SHAPES
+from nafnet_edge.releases import RELEASE_SHAPES, RELEASES
 
 TINY = NAFNetConfig(width=8, enc_blk_nums=(1, 2), middle_blk_num=2, dec_blk_nums=(1, 1))
 
