@@ -70,6 +70,8 @@ def read_image(path: str | Path) -> RGBImage:
     scale = np.float32(255.0 if bit_depth == 8 else 65535.0)
     if arr.ndim == 2:
         arr = arr[:, :, None]
+    if arr.shape[2] == 4 and _is_gray_alpha_png(data):  # OpenCV expands gray+alpha to BGRA; undo it
+        arr = arr[:, :, [0, 3]]
     channels = arr.shape[2]
     if channels == 2:  # gray + alpha
         pixels, alpha = arr[:, :, :1], arr[:, :, 1]
@@ -86,6 +88,11 @@ def read_image(path: str | Path) -> RGBImage:
         alpha=None if alpha is None else alpha.astype(np.float32) / scale,
         bit_depth=bit_depth,
     )
+
+
+def _is_gray_alpha_png(data: np.ndarray) -> bool:
+    """PNG colour type 4 (gray + alpha), read from the IHDR chunk."""
+    return data.size > 25 and bytes(data[:8]) == b"\x89PNG\r\n\x1a\n" and int(data[25]) == 4
 
 
 def quantize(values: np.ndarray, bit_depth: Literal[8, 16]) -> np.ndarray:

@@ -86,7 +86,7 @@ def restore_image(
             )
     x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None]
     y = restore_tensor(model, x, tile_px=tile_px, overlap_px=overlap_px, batch=batch, on_tile=on_tile)
-    out = y[0].clamp_(0.0, 1.0).permute(1, 2, 0).numpy()
+    out = y[0].clamp(0.0, 1.0).permute(1, 2, 0).numpy()
     if gray_in and out.shape[2] == 3:
         out = out.mean(axis=2, keepdims=True)
     return RGBImage(pixels=np.ascontiguousarray(out, dtype=np.float32), alpha=image.alpha, bit_depth=image.bit_depth)

@@ -58,27 +58,36 @@ def make_grid(height: int, width: int, *, tile_px: int, overlap_px: int) -> Tile
 
 
 def _ramp(n: int) -> torch.Tensor:
-    """Raised-cosine ramp of n samples rising from just above 0 to just below 1 (never exactly 0)."""
+    """Raised-cosine ramp of n samples rising from just above 0 to just below 1."""
     i = torch.arange(n, dtype=torch.float64) + 0.5
     return 0.5 - 0.5 * torch.cos(math.pi * i / n)
 
 
-def axis_weights(length: int, tile: int, starts: tuple[int, ...]) -> list[torch.Tensor]:
-    """Per-tile 1-D blending weights along one axis, normalised so that they sum to one at every position.
+def _rise(overlap: int) -> torch.Tensor:
+    """Weights of a tile over its overlap with the tile before it.
 
-    Each tile ramps up over its whole overlap with the previous tile and down over its overlap with the next.
+    The outer quarter of the overlap gets weight 0: a tile's border pixels are the least reliable (the
+    convolutions see zero padding there), and the neighbour covers them with weight 1. The middle half ramps
+    smoothly; the inner quarter is 1. Mirrored, it is the fall towards the next tile; rise + fall = 1.
     """
+    margin = overlap // 4
+    w = torch.ones(overlap, dtype=torch.float64)
+    w[:margin] = 0.0
+    w[margin : overlap - margin] = _ramp(overlap - 2 * margin)
+    return w
+
+
+def axis_weights(length: int, tile: int, starts: tuple[int, ...]) -> list[torch.Tensor]:
+    """Per-tile 1-D blending weights along one axis, normalised so that they sum to one at every position."""
     raw = []
     for k, s in enumerate(starts):
         w = torch.ones(tile, dtype=torch.float64)
-        if k > 0:  # ramp up over the overlap with the previous tile
+        if k > 0:
             r = starts[k - 1] + tile - s
-            if r > 0:
-                w[:r] = _ramp(r)
-        if k < len(starts) - 1:  # ramp down over the overlap with the next tile
+            w[:r] = _rise(r)
+        if k < len(starts) - 1:
             r = s + tile - starts[k + 1]
-            if r > 0:
-                w[tile - r :] = torch.minimum(w[tile - r :], _ramp(r).flip(0))
+            w[tile - r :] = torch.minimum(w[tile - r :], _rise(r).flip(0))
         raw.append(w)
     total = torch.zeros(length, dtype=torch.float64)
     for s, w in zip(starts, raw, strict=True):

@@ -111,7 +111,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     start = time.time()
     bar = tqdm(range(args.iters), desc="train", mininterval=10)
-    for it in bar:
+    for _ in bar:
         clean = random_batch(train, args.batch, args.crop, gen).to(device)
         sigma = torch.empty(args.batch, 1, 1, 1).uniform_(args.sigma_min, args.sigma_max, generator=gen) / 255.0
         noisy = clean + torch.randn(clean.shape, generator=gen) * sigma
