@@ -350,7 +350,8 @@ def load_checkpoint(
 
     with torch.device("meta"):
         model = build_model(config)
-    state = {k: v.to(torch.float32) for k, v in raw.state_dict.items()}
+    # Copies: the model must not share storage with a memory-mapped file or with the caller's tensors.
+    state = {k: v.to(torch.float32, copy=True).contiguous() for k, v in raw.state_dict.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
     model.to(device)

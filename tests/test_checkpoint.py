@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from nafnet_edge import checkpoint as ckpt_mod
@@ -274,3 +276,31 @@ def test_non_finite_weights(tmp_path: Path, tiny_sd: dict, capsys, bad: float) -
     with pytest.raises(NonFiniteWeightsError, match=r"'decoders.1.0.conv4.weight' \(1 values\)"):
         load_checkpoint(path)
     expect_cli_error(path, capsys, "NaN or Inf", "decoders.1.0.conv4.weight")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    levels=st.integers(1, 4),
+    data=st.data(),
+    width=st.sampled_from([4, 8, 12, 16]),
+    img_channels=st.sampled_from([1, 3, 4]),
+    dw_expand=st.integers(1, 3),
+    ffn_expand=st.integers(1, 3),
+)
+def test_config_inference_round_trips_for_any_config(levels, data, width, img_channels, dw_expand, ffn_expand) -> None:
+    blocks = st.lists(st.integers(0, 3), min_size=levels, max_size=levels).map(tuple)
+    cfg = NAFNetConfig(
+        img_channels=img_channels,
+        width=width,
+        enc_blk_nums=data.draw(blocks),
+        middle_blk_num=data.draw(st.integers(0, 3)),
+        dec_blk_nums=data.draw(blocks),
+        dw_expand=dw_expand * 2,  # SimpleGate halves the channels: expansions are even in practice
+        ffn_expand=ffn_expand * 2,
+    )
+    with torch.device("meta"):
+        sd = NAFNet(cfg).state_dict()
+    inferred = infer_config(sd)
+    if not any(cfg.enc_blk_nums + cfg.dec_blk_nums + (cfg.middle_blk_num,)):
+        inferred = inferred.replace(dw_expand=cfg.dw_expand, ffn_expand=cfg.ffn_expand)  # no block: not observable
+    assert inferred == cfg
