@@ -1,0 +1,197 @@
+"""Inference-only NAFNet modules that the deploy passes rewrite step by step.
+
+``DeployNAFNet`` starts as an exact re-expression of a trained ``NAFNet`` (same parameters, same function)
+and each pass in ``nafnet_edge.deploy.passes`` rewrites parts of it while keeping the function. The modules
+stay valid in every intermediate state, so each pass can be tested on its own.
+
+The deploy graph takes inputs whose height and width are already multiples of ``pad_multiple``: zero padding
+and the crop back are done by the caller (``PadCrop``, or the tiler), so exported graphs have static shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NormForm = Literal["reference", "conv-mean", "layer-norm", "mvn"]
+
+
+class ChannelNorm(nn.Module):
+    """Per-pixel normalization over channels (LayerNorm2d without its affine unless ``weight`` is kept).
+
+    ``form`` chooses how the same function is written for a backend:
+    - "reference": mean/var reductions over dim 1, as upstream;
+    - "conv-mean": the channel mean as a fixed 1x1 convolution (C -> 1), which XNNPACK delegates;
+    - "layer-norm": ``F.layer_norm`` on an NHWC view, which Core ML lowers to one ``layer_norm`` op;
+    - "mvn": mean/var of centred values, the pattern OpenVINO fuses into MVN.
+    ``scale`` (a power of two) divides the input before any reduction, so sums of squares of activations of
+    trained models (|x| ~ 175 and more) stay far inside fp16 range; eps is rescaled to keep the function, and
+    a floor on the variance keeps flat inputs (var = 0, e.g. zero padding) from producing 0/0 in fp16.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6, *, form: NormForm = "reference", scale: float = 1.0) -> None:
+        super().__init__()
+        self.channels = channels
+        self.eps = eps
+        self.form: NormForm = form
+        self.scale = float(scale)
+        self.weight: nn.Parameter | None = None
+        self.bias: nn.Parameter | None = None
+        self.register_buffer("mean_weight", torch.full((1, channels, 1, 1), 1.0 / channels), persistent=False)
+
+    @property
+    def _eps_scaled(self) -> float:
+        return self.eps / (self.scale * self.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            x = x * (1.0 / self.scale)
+        if self.form == "layer-norm":
+            y = F.layer_norm(x.permute(0, 2, 3, 1), (self.channels,), eps=self._eps_scaled).permute(0, 3, 1, 2)
+        else:
+            if self.form == "conv-mean":
+                mu = F.conv2d(x, self.mean_weight)
+                d = x - mu
+                var = F.conv2d(d * d, self.mean_weight)
+            else:
+                mu = x.mean(1, keepdim=True)
+                d = x - mu
+                var = (d * d).mean(1, keepdim=True)
+            if self.scale != 1.0:
+                var = var.clamp_min(self._eps_scaled)  # fp16 flushes eps/scale^2 to zero; keep 0/0 away
+            y = d * torch.rsqrt(var + self._eps_scaled)
+        if self.weight is not None:
+            y = y * self.weight.view(1, -1, 1, 1)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y
+
+
+class FixedPool(nn.Module):
+    """Channel-attention pooling fixed for one deploy size: global mean, or TLC's local box mean.
+
+    ``kernel_size=None`` is the global mean; otherwise a stride-1 average pool of that (already clipped)
+    kernel, replicate-padded back by ``pad`` (left, right, top, bottom). No cumsum, no shape-dependent branch.
+    """
+
+    def __init__(self, kernel_size: tuple[int, int] | None = None, pad: tuple[int, int, int, int] = (0, 0, 0, 0)):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_size is None:
+            return x.mean((2, 3), keepdim=True)
+        out = F.avg_pool2d(x, self.kernel_size, stride=1)
+        return F.pad(out, self.pad, mode="replicate") if any(self.pad) else out
+
+    def extra_repr(self) -> str:
+        return "global" if self.kernel_size is None else f"kernel={self.kernel_size}, pad={self.pad}"
+
+
+class DeployBlock(nn.Module):
+    """A NAFBlock whose pieces the passes fold and split.
+
+    Starts holding the trained block's modules (``norm1/2`` with affine, ``conv1/2/4`` producing both gate
+    halves, ``beta``/``gamma``); after the passes, ``conv1a/conv1b`` etc. produce the halves separately and
+    beta/gamma/affine are gone.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm1: ChannelNorm
+        self.norm2: ChannelNorm
+        self.pool: nn.Module
+        self.sca: nn.Conv2d
+        self.conv3: nn.Conv2d
+        self.conv5: nn.Conv2d
+        self.beta: nn.Parameter | None = None
+        self.gamma: nn.Parameter | None = None
+        # either the joint producers ...
+        self.conv1: nn.Conv2d | None = None
+        self.conv2: nn.Conv2d | None = None
+        self.conv4: nn.Conv2d | None = None
+        # ... or the split ones
+        self.conv1a: nn.Conv2d | None = None
+        self.conv1b: nn.Conv2d | None = None
+        self.conv2a: nn.Conv2d | None = None
+        self.conv2b: nn.Conv2d | None = None
+        self.conv4a: nn.Conv2d | None = None
+        self.conv4b: nn.Conv2d | None = None
+
+    @property
+    def is_split(self) -> bool:
+        return self.conv1 is None
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(inp)
+        if self.conv1 is not None and self.conv2 is not None:
+            x1, x2 = self.conv2(self.conv1(x)).chunk(2, dim=1)
+        else:
+            x1 = self.conv2a(self.conv1a(x))  # type: ignore[misc]
+            x2 = self.conv2b(self.conv1b(x))  # type: ignore[misc]
+        x = x1 * x2
+        x = self.conv3(x * self.sca(self.pool(x)))
+        y = inp + (x * self.beta if self.beta is not None else x)
+        x = self.norm2(y)
+        if self.conv4 is not None:
+            x1, x2 = self.conv4(x).chunk(2, dim=1)
+        else:
+            x1, x2 = self.conv4a(x), self.conv4b(x)  # type: ignore[misc]
+        x = self.conv5(x1 * x2)
+        return y + (x * self.gamma if self.gamma is not None else x)
+
+
+class DeployNAFNet(nn.Module):
+    """The NAFNet U-Net over deploy blocks; inputs must already be padded to ``pad_multiple``."""
+
+    def __init__(
+        self,
+        *,
+        intro: nn.Conv2d,
+        ending: nn.Conv2d,
+        encoders: nn.ModuleList,
+        downs: nn.ModuleList,
+        middle_blks: nn.Sequential,
+        ups: nn.ModuleList,
+        decoders: nn.ModuleList,
+        pad_multiple: int,
+    ) -> None:
+        super().__init__()
+        self.intro, self.ending = intro, ending
+        self.encoders, self.downs, self.middle_blks = encoders, downs, middle_blks
+        self.ups, self.decoders = ups, decoders
+        self.pad_multiple = pad_multiple
+
+    def blocks(self) -> list[DeployBlock]:
+        stages = [*self.encoders, self.middle_blks, *self.decoders]
+        return [b for stage in stages for b in stage]
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        x = self.intro(inp)
+        skips = []
+        for encoder, down in zip(self.encoders, self.downs, strict=True):
+            x = encoder(x)
+            skips.append(x)
+            x = down(x)
+        x = self.middle_blks(x)
+        for decoder, up, skip in zip(self.decoders, self.ups, reversed(skips), strict=True):
+            x = decoder(up(x) + skip)
+        return self.ending(x) + inp
+
+
+class PadCrop(nn.Module):
+    """Zero-pad right/bottom to the deploy graph's multiple, run it, crop back: the original model's contract."""
+
+    def __init__(self, graph: DeployNAFNet) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        m = self.graph.pad_multiple
+        y = self.graph(F.pad(x, (0, (m - w % m) % m, 0, (m - h % m) % m)))
+        return y[..., :h, :w]

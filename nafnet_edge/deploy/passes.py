@@ -1,0 +1,145 @@
+"""Exact rewrites of a NAFNet into its deploy graph, one function per transformation.
+
+Every pass keeps the function (within float rounding) and mutates the ``DeployNAFNet`` it is given;
+``nafnet_edge.deploy.deploy`` copies the trained model first, so callers' models are never touched.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from nafnet_edge.deploy.modules import ChannelNorm, DeployBlock, DeployNAFNet, FixedPool, NormForm
+from nafnet_edge.model import ChannelPool, LayerNorm2d, NAFBlock, NAFNet
+
+
+def _conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
+    """A conv with ``conv``'s hyper-parameters (groups adjusted to the new channel count) and new weights."""
+    groups = weight.shape[0] if conv.groups > 1 else 1
+    out = nn.Conv2d(
+        weight.shape[1] * groups,
+        weight.shape[0],
+        conv.kernel_size,  # type: ignore[arg-type]
+        stride=conv.stride,  # type: ignore[arg-type]
+        padding=conv.padding,  # type: ignore[arg-type]
+        groups=groups,
+        bias=bias is not None,
+    )
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias)  # type: ignore[union-attr]
+    return out
+
+
+def _norm_from(ln: LayerNorm2d) -> ChannelNorm:
+    norm = ChannelNorm(ln.weight.shape[0], ln.eps)
+    norm.weight = nn.Parameter(ln.weight.detach().clone())
+    norm.bias = nn.Parameter(ln.bias.detach().clone())
+    return norm
+
+
+def to_deploy_modules(model: NAFNet) -> DeployNAFNet:
+    """An independent copy of ``model`` as deploy modules, computing the same function (nothing folded yet)."""
+    model = copy.deepcopy(model).eval()
+
+    def convert(blk: NAFBlock) -> DeployBlock:
+        d = DeployBlock()
+        d.norm1, d.norm2 = _norm_from(blk.norm1), _norm_from(blk.norm2)
+        d.conv1, d.conv2, d.conv3, d.conv4, d.conv5 = blk.conv1, blk.conv2, blk.conv3, blk.conv4, blk.conv5
+        d.pool, d.sca = blk.sca[0], blk.sca[1]
+        d.beta, d.gamma = blk.beta, blk.gamma
+        return d
+
+    graph = DeployNAFNet(
+        intro=model.intro,
+        ending=model.ending,
+        encoders=nn.ModuleList(nn.Sequential(*map(convert, stage)) for stage in model.encoders),
+        downs=model.downs,
+        middle_blks=nn.Sequential(*map(convert, model.middle_blks)),
+        ups=model.ups,
+        decoders=nn.ModuleList(nn.Sequential(*map(convert, stage)) for stage in model.decoders),
+        pad_multiple=model.pad_multiple,
+    )
+    return graph.eval().requires_grad_(False)
+
+
+def fold_layernorm_affine(block: DeployBlock) -> None:
+    """conv(w * n + b) == conv'(n): scale conv1/conv4's input channels by w, add conv(b) to their bias."""
+    for norm, name in ((block.norm1, "conv1"), (block.norm2, "conv4")):
+        conv: nn.Conv2d = getattr(block, name)
+        if norm.weight is None or conv is None:
+            continue
+        w = conv.weight.detach()[:, :, 0, 0]
+        new_w = w * norm.weight.detach()[None, :]
+        new_b = conv.bias.detach() + w @ norm.bias.detach()  # type: ignore[union-attr]
+        setattr(block, name, _conv_like(conv, new_w[:, :, None, None], new_b))
+        norm.weight = None
+        norm.bias = None
+
+
+def fold_beta_gamma(block: DeployBlock) -> None:
+    """(conv3(x)) * beta == conv3'(x) with rows scaled by beta; the same for gamma and conv5."""
+    for scale_name, conv_name in (("beta", "conv3"), ("gamma", "conv5")):
+        scale = getattr(block, scale_name)
+        if scale is None:
+            continue
+        conv: nn.Conv2d = getattr(block, conv_name)
+        s = scale.detach().reshape(-1)
+        new_w = conv.weight.detach() * s[:, None, None, None]
+        new_b = conv.bias.detach() * s  # type: ignore[union-attr]
+        setattr(block, conv_name, _conv_like(conv, new_w, new_b))
+        setattr(block, scale_name, None)
+
+
+def split_simple_gate(block: DeployBlock) -> None:
+    """Produce each SimpleGate half with its own convs, so no channel slice or chunk remains."""
+    if block.is_split:
+        return
+    assert block.conv1 is not None and block.conv2 is not None and block.conv4 is not None
+    half = block.conv1.out_channels // 2
+    for src, names in ((block.conv1, ("conv1a", "conv1b")), (block.conv2, ("conv2a", "conv2b"))):
+        w, b = src.weight.detach(), src.bias.detach()  # type: ignore[union-attr]
+        setattr(block, names[0], _conv_like(src, w[:half], b[:half]))
+        setattr(block, names[1], _conv_like(src, w[half:], b[half:]))
+    half4 = block.conv4.out_channels // 2
+    w4, b4 = block.conv4.weight.detach(), block.conv4.bias.detach()  # type: ignore[union-attr]
+    block.conv4a = _conv_like(block.conv4, w4[:half4], b4[:half4])
+    block.conv4b = _conv_like(block.conv4, w4[half4:], b4[half4:])
+    block.conv1 = block.conv2 = block.conv4 = None
+
+
+def set_norm_form(block: DeployBlock, form: NormForm, *, scale: float) -> None:
+    """Write both channel norms in the form a backend delegates, with power-of-two pre-scaling for fp16."""
+    if scale <= 0 or (scale != 1.0 and not float(scale).is_integer()) or (int(scale) & (int(scale) - 1)):
+        raise ValueError(f"norm scale must be a power of two (1, 2, 4, ..., 128), got {scale}")
+    for norm in (block.norm1, block.norm2):
+        norm.form = form
+        norm.scale = float(scale)
+
+
+def fix_pooling(graph: DeployNAFNet, input_size: tuple[int, int]) -> None:
+    """Replace shape-dependent pooling by the fixed global/local pool valid for ``input_size`` (padded H, W)."""
+    h, w = input_size
+    m = graph.pad_multiple
+    if h % m or w % m:
+        raise ValueError(f"deploy input size {h}x{w} must be a multiple of {m}; pad it (the tiler does)")
+    levels = len(graph.encoders)
+    stages = [(d, s) for d, s in enumerate(graph.encoders)] + [(levels, graph.middle_blks)]
+    stages += [(levels - 1 - i, s) for i, s in enumerate(graph.decoders)]
+    for depth, stage in stages:
+        fh, fw = h >> depth, w >> depth
+        for block in stage:
+            pool = block.pool
+            if isinstance(pool, FixedPool):
+                continue
+            kernel = pool.kernel_size if isinstance(pool, ChannelPool) else None
+            if kernel is None or (kernel[0] >= fh and kernel[1] >= fw):
+                block.pool = FixedPool(None)
+                continue
+            k1, k2 = min(fh, kernel[0]), min(fw, kernel[1])
+            oh, ow = fh - k1 + 1, fw - k2 + 1
+            pad = ((fw - ow) // 2, (fw - ow + 1) // 2, (fh - oh) // 2, (fh - oh + 1) // 2)
+            block.pool = FixedPool((k1, k2), pad)
