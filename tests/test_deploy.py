@@ -1,0 +1,167 @@
+"""The deploy graph: every pass exact on its own and together, fp16 safety, static graph without slices."""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nafnet_edge.deploy import (
+    NORM_FORMS,
+    PadCrop,
+    deploy,
+    fix_pooling,
+    fold_beta_gamma,
+    fold_layernorm_affine,
+    set_norm_form,
+    split_simple_gate,
+    to_deploy_modules,
+)
+from nafnet_edge.images import read_image
+from nafnet_edge.model import NAFNet, NAFNetConfig, NAFNetLocal
+
+KODAK = sorted(Path(str(resources.files("nafnet_edge") / "data" / "kodak")).glob("*.png"))
+CFG = NAFNetConfig(width=8, enc_blk_nums=(1, 2), middle_blk_num=1, dec_blk_nums=(1, 1))
+
+
+def randomize(model: NAFNet, seed: int = 0) -> NAFNet:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("beta", "gamma")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            elif ".norm" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 / p[0].numel() ** 0.5)
+    return model.eval()
+
+
+def photo(h: int, w: int, index: int = 0) -> torch.Tensor:
+    pixels = read_image(KODAK[index]).pixels[100 : 100 + h, 50 : 50 + w]
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None]
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+MODELS = {
+    "nafnet": lambda: randomize(NAFNet(CFG)),
+    "tlc-local": lambda: randomize(NAFNetLocal(CFG.replace(train_size=(32, 32))), seed=1),  # kernel 48 < 96
+    "tlc-global": lambda: randomize(NAFNetLocal(CFG.replace(train_size=(96, 96))), seed=2),  # kernel 144 > 96
+}
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("target", list(NORM_FORMS))
+def test_deploy_graph_is_exact_on_real_images(kind: str, target: str) -> None:
+    model = MODELS[kind]()
+    x = torch.cat([photo(96, 128, 0), photo(96, 128, 1)])
+    with torch.no_grad():
+        ref = model(x)
+        for size in (None, (96, 128)):
+            graph = deploy(model, target=target, input_size=size)  # type: ignore[arg-type]
+            assert max_err(graph(x), ref) <= 1e-5
+        odd = x[..., :90, :117]  # padding and crop outside the graph
+        assert max_err(PadCrop(deploy(model, target=target))(odd), model(odd)) <= 1e-5  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_each_pass_alone_keeps_the_function(kind: str) -> None:
+    model = MODELS[kind]()
+    x = photo(96, 128, 2)
+    graph = to_deploy_modules(model)
+    with torch.no_grad():
+        ref = model(x)
+        assert max_err(graph(x), ref) <= 1e-6
+        steps = [
+            (fold_layernorm_affine, lambda b: b.norm1.weight is None and b.norm2.bias is None),
+            (fold_beta_gamma, lambda b: b.beta is None and b.gamma is None),
+            (split_simple_gate, lambda b: b.is_split and b.conv1 is None and b.conv4a is not None),
+            (lambda b: set_norm_form(b, "conv-mean", scale=64), lambda b: b.norm1.form == "conv-mean"),
+        ]
+        for apply, done in steps:
+            for block in graph.blocks():
+                apply(block)
+                assert done(block)
+            assert max_err(graph(x), ref) <= 1e-5
+        fix_pooling(graph, (96, 128))
+        assert max_err(graph(x), ref) <= 1e-5
+
+
+def test_deploy_never_mutates_its_input() -> None:
+    model = MODELS["tlc-local"]()
+    before = copy.deepcopy(model.state_dict())
+    graph = deploy(model, target="xnnpack", input_size=(96, 128))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(p.data_ptr() == q.data_ptr() for p in graph.parameters() for q in model.parameters())
+
+
+def test_bad_arguments_are_refused() -> None:
+    model = MODELS["nafnet"]()
+    with pytest.raises(ValueError, match="multiple of 4"):
+        deploy(model, input_size=(90, 128))
+    with pytest.raises(ValueError, match="power of two"):
+        deploy(model, norm_scale=100)
+    with pytest.raises(ValueError, match="unknown deploy target"):
+        deploy(model, target="tpu")  # type: ignore[arg-type]
+
+
+def realistic_magnitudes(model: NAFNet, gain: float = 400.0) -> NAFNet:
+    """Scale the residual stream like trained models' (|x| in the hundreds): intro, beta and gamma x gain (so the
+    blocks' contributions keep their share of the stream), ending / gain."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("intro.") or name.endswith(("beta", "gamma")):
+                p.mul_(gain)
+        model.ending.weight.div_(gain)
+    return model
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(((a.double() - b.double()) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+@pytest.mark.parametrize("target", ["generic", "xnnpack", "coreml", "openvino"])
+def test_fp16_deploy_graph_survives_magnitudes_that_break_the_original(target: str) -> None:
+    model = realistic_magnitudes(MODELS["tlc-local"]())
+    x = photo(96, 128, 3)
+    peak = []
+    hook = model.encoders[0][0].register_forward_pre_hook(lambda m, a: peak.append(float(a[0].abs().max())))
+    with torch.no_grad():
+        ref = model(x).clamp(0, 1)
+        hook.remove()
+        assert peak[0] > 175  # the residual stream is at trained-model magnitudes
+        half_model = copy.deepcopy(model).half()
+        overflowed = []
+        for m in half_model.modules():
+            if type(m).__name__ == "LayerNorm2d":
+                m.register_forward_pre_hook(
+                    lambda m, a: overflowed.append(bool(torch.isinf((a[0] - a[0].mean(1, keepdim=True)).pow(2)).any()))
+                )
+        half = half_model(x.half()).float()
+        assert any(overflowed)  # upstream's LayerNorm squares overflow fp16 (65504) ...
+        assert psnr(half.clamp(0, 1), ref) < 45.0  # ... and the output misses the fp16 budget
+        graph = deploy(model, target=target).half()  # type: ignore[arg-type]
+        out = graph(x.half()).float()
+        assert bool(torch.isfinite(out).all())
+        assert psnr(out.clamp(0, 1), ref) >= 45.0
+        for flat in (torch.zeros(1, 3, 96, 128), torch.full((1, 3, 96, 128), 0.5)):
+            assert bool(torch.isfinite(graph(flat.half())).all())
+        padded = PadCrop(graph)(x[..., :83, :101].half())  # zero-padded region inside the graph input
+        assert bool(torch.isfinite(padded).all())
+
+
+def test_static_graph_has_no_slices_chunks_or_cumsum() -> None:
+    graph = deploy(MODELS["tlc-local"](), target="xnnpack", input_size=(96, 128))
+    exported = torch.export.export(graph, (torch.rand(1, 3, 96, 128),))
+    ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    banned = [op for op in ops if any(k in op for k in ("split", "chunk", "slice", "cumsum", "native_layer_norm"))]
+    assert banned == [], banned
+    assert any("avg_pool2d" in op for op in ops)  # TLC's local pooling is a plain average pool
