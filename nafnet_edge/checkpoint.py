@@ -146,6 +146,11 @@ def _read_safetensors(path: Path) -> RawCheckpoint:
             sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no items())
     except (SafetensorError, OSError, ValueError) as e:
         raise CorruptCheckpointError(f"{path} is a damaged safetensors file ({e}); download or save it again") from None
+    if metadata.get("format") == "nafnet-edge-deploy":
+        raise NotNAFNetError(
+            f"{path} is a deploy graph written by `nafnet-edge reparam`; commands that load a checkpoint need "
+            "the original (trained) checkpoint"
+        )
     raw = _unwrap(sd, path, param_key="auto", file_format="safetensors")
     raw.metadata = metadata
     return raw

@@ -105,6 +105,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="output format (auto: TIFF for TIFF inputs, else PNG); bit depth follows the input",
     )
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "reparam",
+        parents=[ckpt],
+        help="rewrite a checkpoint into the exact deploy graph (folded, split, fp16-safe)",
+        description="Rewrite a checkpoint into the inference-only deploy graph and check that it computes the "
+        "same function on a real photo. .safetensors keeps weights and recipe; .pt2 is a static torch.export "
+        "program of --input-size.",
+        epilog=EPILOG,
+    )
+    p.add_argument("checkpoint", nargs="?", metavar="CKPT", help="checkpoint file (default: the embedded model)")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="OUT.safetensors or OUT.pt2")
+    p.add_argument(
+        "--target",
+        default="generic",
+        choices=["generic", "xnnpack", "coreml", "openvino", "onnx"],
+        help="backend whose normalization form to use (generic)",
+    )
+    p.add_argument(
+        "--input-size",
+        type=parse_size,
+        metavar="PX",
+        help="fixed (padded) input size, a multiple of 16; fixes TLC pooling (required for .pt2)",
+    )
+    p.add_argument("--norm-scale", type=float, default=128.0, help="power-of-two fp16 pre-scale of the norms (128)")
+    p.set_defaults(func=cmd_reparam)
     return parser
 
 
@@ -268,7 +294,9 @@ def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Pat
     torch.set_grad_enabled(False)
     for src, dst in tqdm(list(zip(files, targets, strict=True)), desc="images", unit="img", disable=None):
         image = read_image(src)
-        n = tile_count(image.height, image.width, tile_px=args.tile, overlap_px=args.overlap)
+        n = tile_count(
+            image.height, image.width, tile_px=args.tile, overlap_px=args.overlap, pad_multiple=cfg.pad_multiple
+        )
         with tqdm(total=n, desc=src.name, unit="tile", leave=False, disable=None if n > 1 else True) as bar:
             result = restore_image(
                 loaded.model, image, tile_px=args.tile, overlap_px=args.overlap, batch=args.batch, on_tile=bar.update
@@ -276,6 +304,48 @@ def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Pat
         write_image(dst, result)
     print(f"wrote {len(files)} image(s) to {args.output}", file=sys.stderr)
     return 0
+
+
+def cmd_reparam(args: argparse.Namespace) -> int:
+    import torch
+
+    from nafnet_edge.deploy import TRANSFORMATIONS, PadCrop, deploy
+    from nafnet_edge.deploy.io import DeployRecipe, save_deploy
+    from nafnet_edge.images import read_image
+
+    loaded = _load(args, args.checkpoint)
+    m = loaded.config.pad_multiple
+    if args.input_size and (args.input_size[0] % m or args.input_size[1] % m):
+        raise UsageError(f"--input-size {args.input_size[0]}x{args.input_size[1]} must be a multiple of {m}")
+    try:
+        graph = deploy(loaded.model, target=args.target, input_size=args.input_size, norm_scale=args.norm_scale)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    recipe = DeployRecipe(loaded.config, args.target, args.input_size, args.norm_scale)
+
+    # Check on a real photo: a crop of the input size (or 256 px) from a shipped Kodak image.
+    h, w = args.input_size or (256, 256)
+    photo = read_image(sorted(_kodak_dir().glob("*.png"))[0]).pixels[:h, :w]
+    x = torch.from_numpy(photo.transpose(2, 0, 1).copy())[None]
+    x = torch.nn.functional.pad(x, (0, w - x.shape[3], 0, h - x.shape[2]), mode="replicate")  # photo < size
+    if loaded.config.img_channels != 3:
+        x = x.mean(1, keepdim=True).expand(-1, loaded.config.img_channels, -1, -1)
+    with torch.no_grad():
+        err = float((PadCrop(graph)(x) - loaded.model(x)).abs().max())
+    extra = {"source_sha256": loaded.sha256, "max_abs_error_vs_original": f"{err:.3g}"}
+    save_deploy(graph, args.output, recipe, extra=extra)
+    print(
+        f"wrote {args.output}: deploy graph for {args.target} ({', '.join(TRANSFORMATIONS[:4])}"
+        f"{', fix_pooling' if args.input_size else ''}); max abs error vs the original on a {h}x{w} photo: {err:.2e}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _kodak_dir() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("nafnet_edge") / "data" / "kodak"))
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:

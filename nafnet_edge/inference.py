@@ -11,6 +11,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from nafnet_edge.errors import ImageError, UsageError
 from nafnet_edge.images import RGBImage
@@ -28,11 +29,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def tile_count(height: int, width: int, *, tile_px: int, overlap_px: int) -> int:
+def tile_count(height: int, width: int, *, tile_px: int, overlap_px: int, pad_multiple: int = 16) -> int:
     """How many model calls an image of this size needs (1 when tiling is off or the image fits one tile)."""
     if tile_px == 0 or (height <= tile_px and width <= tile_px):
         return 1
-    return len(make_grid(height, width, tile_px=tile_px, overlap_px=overlap_px))
+    ph, pw = -(-height // pad_multiple) * pad_multiple, -(-width // pad_multiple) * pad_multiple
+    return len(make_grid(ph, pw, tile_px=tile_px, overlap_px=overlap_px, align_px=pad_multiple))
 
 
 @torch.inference_mode()
@@ -47,6 +49,8 @@ def restore_tensor(
 ) -> torch.Tensor:
     """Run ``model`` on a 1xCxHxW CPU float tensor; ``tile_px=0`` runs the whole image at once.
 
+    Tiled runs first zero-pad the frame to the model's multiple, as the whole-image run does, and place tiles
+    on that multiple, so tiles see the same padding and downsampling grid and follow whole-image output closely.
     Returns the raw (unclamped) float32 CPU output, as the official code does before saving.
     """
     device = next(model.parameters()).device
@@ -56,7 +60,12 @@ def restore_tensor(
         if on_tile is not None:
             on_tile(1)
         return out
-    return run_tiled(model, image, tile_px=tile_px, overlap_px=overlap_px, batch=batch, device=device, on_tile=on_tile)
+    m = model.pad_multiple
+    padded = F.pad(image, (0, (m - w % m) % m, 0, (m - h % m) % m))
+    out = run_tiled(
+        model, padded, tile_px=tile_px, overlap_px=overlap_px, batch=batch, device=device, on_tile=on_tile, align_px=m
+    )
+    return out[..., :h, :w]
 
 
 def restore_image(

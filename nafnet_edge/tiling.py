@@ -38,23 +38,34 @@ class TileGrid:
         return ((y, x) for y in self.ys for x in self.xs)
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> tuple[int, ...]:
-    """Start offsets of tiles covering [0, length): evenly spaced, overlapping by at least ``overlap``."""
+def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> tuple[int, ...]:
+    """Start offsets of tiles covering [0, length): evenly spaced, overlapping by at least ``overlap``.
+
+    With ``align`` > 1 (and tile and length multiples of it), starts are multiples of ``align``: tiles then sit
+    on the same stride-2 grid as the whole frame at every U-Net depth, which keeps tiled output closest to it.
+    """
     if tile >= length:
         return (0,)
     step = tile - overlap
+    if tile % align or length % align or step < align:
+        align = 1  # cannot align; with align <= step the loop below ends at the latest at gaps of one align
     n = math.ceil((length - tile) / step) + 1
-    # Spread the tiles evenly instead of leaving a thin last one: every overlap is >= the requested one.
-    return tuple(round(i * (length - tile) / (n - 1)) for i in range(n))
+    while True:  # spread evenly instead of leaving a thin last tile; every overlap >= the requested one
+        starts = tuple(align * round(i * (length - tile) / (n - 1) / align) for i in range(n))
+        if all(b - a <= step for a, b in zip(starts, starts[1:], strict=False)):
+            return starts
+        n += 1
 
 
-def make_grid(height: int, width: int, *, tile_px: int, overlap_px: int) -> TileGrid:
+def make_grid(height: int, width: int, *, tile_px: int, overlap_px: int, align_px: int = 1) -> TileGrid:
     if tile_px < 1:
         raise ValueError(f"tile size must be positive, got {tile_px}")
     if not 0 <= overlap_px < tile_px:
         raise ValueError(f"overlap must be in [0, tile size), got overlap {overlap_px} for tile {tile_px}")
     th, tw = min(tile_px, height), min(tile_px, width)
-    return TileGrid(height, width, th, tw, tile_starts(height, th, overlap_px), tile_starts(width, tw, overlap_px))
+    ys = tile_starts(height, th, overlap_px, align_px)
+    xs = tile_starts(width, tw, overlap_px, align_px)
+    return TileGrid(height, width, th, tw, ys, xs)
 
 
 def _ramp(n: int) -> torch.Tensor:
@@ -105,6 +116,7 @@ def run_tiled(
     batch: int = 1,
     device: torch.device | str = "cpu",
     on_tile: Callable[[int], None] | None = None,
+    align_px: int = 1,
 ) -> torch.Tensor:
     """Apply ``fn`` (NCHW -> NCHW, same size) to a 1xCxHxW CPU image tile by tile and blend the results.
 
@@ -113,7 +125,7 @@ def run_tiled(
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"expected a 1xCxHxW image, got {tuple(image.shape)}")
     _, c, h, w = image.shape
-    grid = make_grid(h, w, tile_px=tile_px, overlap_px=overlap_px)
+    grid = make_grid(h, w, tile_px=tile_px, overlap_px=overlap_px, align_px=align_px)
     wy = axis_weights(h, grid.tile_h, grid.ys)
     wx = axis_weights(w, grid.tile_w, grid.xs)
     out = torch.zeros(1, c, h, w, dtype=torch.float32)

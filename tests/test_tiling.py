@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from nafnet_edge.checkpoint import load_checkpoint
 from nafnet_edge.images import read_image
-from nafnet_edge.inference import restore_tensor
+from nafnet_edge.inference import restore_tensor, tile_count
 from nafnet_edge.tiling import DEFAULT_OVERLAP_PX, DEFAULT_TILE_PX, axis_weights, make_grid, run_tiled
 
 KODAK = sorted(Path(str(resources.files("nafnet_edge") / "data" / "kodak")).glob("*.png"))
@@ -28,12 +28,17 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     length=st.integers(1, 3000),
     tile=st.integers(1, 700),
     overlap_frac=st.floats(0, 0.9),
+    align=st.sampled_from([1, 16]),
 )
-def test_grid_covers_and_weights_sum_to_one(length: int, tile: int, overlap_frac: float) -> None:
+def test_grid_covers_and_weights_sum_to_one(length: int, tile: int, overlap_frac: float, align: int) -> None:
+    if align > 1:  # the aligned case as the tiler uses it: padded frame and tile on the multiple
+        length, tile = -(-length // align) * align, max(align, tile // align * align)
     overlap = min(int(tile * overlap_frac), tile - 1)
-    grid = make_grid(length, 1, tile_px=tile, overlap_px=overlap)
+    grid = make_grid(length, 1, tile_px=tile, overlap_px=overlap, align_px=align)
     th = grid.tile_h
     assert grid.ys[0] == 0 and grid.ys[-1] + th == length
+    if tile - overlap >= align:  # otherwise alignment is impossible and the tiler falls back to align 1
+        assert all(y % align == 0 for y in grid.ys)
     assert all(b - a <= th - overlap for a, b in zip(grid.ys, grid.ys[1:], strict=False))  # overlap >= requested
     weights = axis_weights(length, th, grid.ys)
     total = torch.zeros(length, dtype=torch.float64)
@@ -57,10 +62,10 @@ def default_model():
 
 
 def test_tiles_of_a_constant_image_show_no_seams(default_model) -> None:
-    flat = torch.full((1, 3, 200, 333), 0.4)
-    tiled = restore_tensor(default_model, flat, tile_px=96, overlap_px=16, batch=4)
+    flat = torch.full((1, 3, 1000, 1500), 0.4)  # 3 x 4 tiles at the defaults, padded to 1008 x 1504
+    tiled = restore_tensor(default_model, flat, batch=2)
     whole = restore_tensor(default_model, flat, tile_px=0)
-    torch.testing.assert_close(tiled, whole, atol=1e-4, rtol=0)
+    assert float((tiled - whole).abs().max()) <= 1e-3  # a quarter of an 8-bit level: no visible seam
 
 
 def test_tiled_matches_whole_image_on_kodak_at_defaults(default_model) -> None:
@@ -69,8 +74,8 @@ def test_tiled_matches_whole_image_on_kodak_at_defaults(default_model) -> None:
     clean = np.concatenate(rows, axis=0)
     noisy = (clean + np.random.default_rng(0).normal(0, 25 / 255, clean.shape)).astype(np.float32)
     x = torch.from_numpy(noisy.transpose(2, 0, 1).copy())[None]
-    grid = make_grid(x.shape[2], x.shape[3], tile_px=DEFAULT_TILE_PX, overlap_px=DEFAULT_OVERLAP_PX)
-    assert len(grid) == 4
+    n = tile_count(x.shape[2], x.shape[3], tile_px=DEFAULT_TILE_PX, overlap_px=DEFAULT_OVERLAP_PX)
+    assert n == 9  # padded to 1008: tiles at 0, 256 and 496 on both axes
     whole = restore_tensor(default_model, x, tile_px=0).clamp(0, 1)
     tiled = restore_tensor(default_model, x).clamp(0, 1)
-    assert psnr(tiled, whole) >= 45.0
+    assert psnr(tiled, whole) >= 50.0  # 58.1 dB measured; the requirement is 45
