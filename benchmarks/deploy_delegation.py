@@ -46,7 +46,7 @@ def xnnpack_partitions(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, co
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        name = str(node.target).removeprefix("aten.").split(".")[0]
         if "executorch_call_delegate" in str(node.target):
             delegates += 1
         elif name not in NON_COMPUTE:
@@ -64,7 +64,7 @@ def openvino_ops(model: torch.nn.Module, x: torch.Tensor) -> collections.Counter
 def coreml_ops(model: torch.nn.Module, x: torch.Tensor) -> collections.Counter:
     import coremltools as ct
 
-    traced = torch.export.export(model, (x,)).run_decompositions({})
+    traced = torch.jit.trace(model, x)
     mlmodel = ct.convert(
         traced,
         inputs=[ct.TensorType(name="image", shape=tuple(x.shape))],

@@ -128,7 +128,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
-@pytest.mark.parametrize("target", ["generic", "xnnpack", "coreml", "openvino"])
+@pytest.mark.parametrize("target", ["generic", "xnnpack", "coreml", "onnx", "openvino-prescaled"])
 def test_fp16_deploy_graph_survives_magnitudes_that_break_the_original(target: str) -> None:
     model = realistic_magnitudes(MODELS["tlc-local"]())
     x = photo(96, 128, 3)
@@ -148,7 +148,10 @@ def test_fp16_deploy_graph_survives_magnitudes_that_break_the_original(target: s
         half = half_model(x.half()).float()
         assert any(overflowed)  # upstream's LayerNorm squares overflow fp16 (65504) ...
         assert psnr(half.clamp(0, 1), ref) < 45.0  # ... and the output misses the fp16 budget
-        graph = deploy(model, target=target).half()  # type: ignore[arg-type]
+        if target == "openvino-prescaled":  # OpenVINO's default keeps the plain MVN pattern for the plugin to fuse
+            graph = deploy(model, target="openvino", norm_scale=128).half()
+        else:
+            graph = deploy(model, target=target).half()  # type: ignore[arg-type]
         out = graph(x.half()).float()
         assert bool(torch.isfinite(out).all())
         assert psnr(out.clamp(0, 1), ref) >= 45.0

@@ -38,6 +38,7 @@ NORM_FORMS: dict[str, NormForm] = {
     "onnx": "mvn",
 }
 DEFAULT_NORM_SCALE = 128.0
+NORM_SCALES = {"openvino": 1.0}  # MVN is fused and computed by the plugin; elsewhere pre-scale for fp16
 
 TRANSFORMATIONS = (
     "fold_layernorm_affine",
@@ -53,15 +54,18 @@ def deploy(
     *,
     target: Target = "generic",
     input_size: tuple[int, int] | None = None,
-    norm_scale: float = DEFAULT_NORM_SCALE,
+    norm_scale: float | None = None,
 ) -> DeployNAFNet:
     """A new inference-only module computing ``model``'s function; ``model`` itself is left untouched.
 
     ``input_size`` (padded height, width) fixes TLC pooling for a static-shape export; without it, pooling
-    keeps the original shape-dependent rule. ``norm_scale`` (a power of two) is the fp16-safety pre-scale.
+    keeps the original shape-dependent rule. ``norm_scale`` (a power of two) is the fp16-safety pre-scale;
+    by default 128, and 1 for OpenVINO, whose fused MVN op needs the plain pattern.
     """
     if target not in NORM_FORMS:
         raise ValueError(f"unknown deploy target {target!r}; choose one of {', '.join(NORM_FORMS)}")
+    if norm_scale is None:
+        norm_scale = NORM_SCALES.get(target, DEFAULT_NORM_SCALE)
     graph = to_deploy_modules(model)
     for block in graph.blocks():
         fold_layernorm_affine(block)
@@ -74,6 +78,8 @@ def deploy(
 
 
 __all__ = [
+    "DEFAULT_NORM_SCALE",
+    "NORM_SCALES",
     "ChannelNorm",
     "DeployBlock",
     "DeployNAFNet",

@@ -26,7 +26,8 @@ class ChannelNorm(nn.Module):
     - "reference": mean/var reductions over dim 1, as upstream;
     - "conv-mean": the channel mean as a fixed 1x1 convolution (C -> 1), which XNNPACK delegates;
     - "layer-norm": ``F.layer_norm`` on an NHWC view, which Core ML lowers to one ``layer_norm`` op;
-    - "mvn": mean/var of centred values, the pattern OpenVINO fuses into MVN.
+    - "mvn": upstream's mean/var pattern, which OpenVINO fuses into one MVN op (with ``scale`` 1; the
+      plugin's MVN keeps its own precision, and its CPU path runs f32 or bf16, which cannot overflow).
     ``scale`` (a power of two) divides the input before any reduction, so sums of squares of activations of
     trained models (|x| ~ 175 and more) stay far inside fp16 range; eps is rescaled to keep the function, and
     a floor on the variance keeps flat inputs (var = 0, e.g. zero padding) from producing 0/0 in fp16.
@@ -51,6 +52,9 @@ class ChannelNorm(nn.Module):
             x = x * (1.0 / self.scale)
         if self.form == "layer-norm":
             y = F.layer_norm(x.permute(0, 2, 3, 1), (self.channels,), eps=self._eps_scaled).permute(0, 3, 1, 2)
+        elif self.form == "mvn" and self.scale == 1.0:
+            mu = x.mean(1, keepdim=True)  # upstream's exact pattern, which OpenVINO fuses into one MVN op
+            y = (x - mu) / ((x - mu).pow(2).mean(1, keepdim=True) + self.eps).sqrt()
         else:
             if self.form == "conv-mean":
                 mu = F.conv2d(x, self.mean_weight)
