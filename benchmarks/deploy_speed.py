@@ -1,0 +1,157 @@
+"""Deploy graph vs original graph, fp32, side by side in one run: ExecuTorch XNNPACK, OpenVINO f32, onnxruntime.
+
+For the NAFNet-SIDD-width32 and GoPro-width32 shapes at 256x256 (random weights: speed only). Runs are
+interleaved (original, deploy, original, ...) so both variants see the same machine noise; the table shows
+medians and the speed-up ratio, plus the distance to the fp32 compute floor measured by a matmul probe.
+
+    python benchmarks/deploy_speed.py [--runs 15] [--shapes SIDD-width32 GoPro-width32] [--skip onnxruntime]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nafnet_edge.complexity import count_macs
+from nafnet_edge.deploy import deploy
+from nafnet_edge.model import build_model
+from nafnet_edge.releases import RELEASE_SHAPES
+
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+def randomized(shape: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(RELEASE_SHAPES[shape]).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("beta", "gamma")):
+                p.normal_(0, 0.1)
+    return model
+
+
+def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / min(times) / 1e9
+
+
+def xnnpack_runner(model: torch.nn.Module, x: torch.Tensor) -> Runner:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    program = to_edge_transform_and_lower(torch.export.export(model, (x,)), partitioner=[XnnpackPartitioner()])
+    buffer = program.to_executorch().buffer
+    loaded = Runtime.get().load_program(buffer)
+    method = loaded.load_method("forward")
+    keep_alive = (buffer, loaded)  # the runtime does not own the program bytes
+
+    def run(a: np.ndarray) -> np.ndarray:
+        assert keep_alive
+        return method.execute([torch.from_numpy(a)])[0].numpy()
+
+    return run
+
+
+def openvino_runner(model: torch.nn.Module, x: torch.Tensor) -> Runner:
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(ov.convert_model(model, example_input=x), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) in ("f32", "<Type: 'float32'>")
+    request = compiled.create_infer_request()
+    return lambda a: request.infer({0: a})[0]
+
+
+def onnxruntime_runner(model: torch.nn.Module, x: torch.Tensor) -> Runner:
+    import onnxruntime as ort
+
+    buf = io.BytesIO()
+    torch.onnx.export(model, (x,), buf, opset_version=17, dynamo=False, input_names=["image"])
+    opts = ort.SessionOptions()
+    session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    return lambda a: session.run(None, {"image": a})[0]
+
+
+BACKENDS = {
+    "xnnpack": ("ExecuTorch XNNPACK fp32", "xnnpack", xnnpack_runner),
+    "openvino": ("OpenVINO f32 (pinned)", "openvino", openvino_runner),
+    "onnxruntime": ("onnxruntime fp32", "onnx", onnxruntime_runner),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--shapes", nargs="+", default=["SIDD-width32", "GoPro-width32"], choices=list(RELEASE_SHAPES))
+    ap.add_argument("--skip", nargs="*", default=[], choices=list(BACKENDS))
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(torch.get_num_threads())
+    peak = sgemm_gflops()
+    print(f"sgemm probe: {peak:.0f} GFLOP/s fp32; {args.runs} interleaved runs each; medians in ms", flush=True)
+    header = f"{'shape':<15}{'runtime':<26}{'original':>10}{'deploy':>10}{'speed-up':>10}{'max err':>10}{'floor':>8}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for shape in args.shapes:
+        model = randomized(shape)
+        x = torch.rand(1, 3, args.size, args.size)
+        a = x.numpy()
+        floor_ms = 2 * count_macs(model.config, args.size, args.size) / (peak * 1e9) * 1e3
+        for key, (label, target, make) in BACKENDS.items():
+            if key in args.skip:
+                continue
+            graph = deploy(model, target=target, input_size=(args.size, args.size))  # type: ignore[arg-type]
+            runners = {"original": make(model, x), "deploy": make(graph, x)}
+            err = float(np.abs(runners["deploy"](a) - runners["original"](a)).max())
+            times: dict[str, list[float]] = {k: [] for k in runners}
+            for k in runners:  # warm-up
+                runners[k](a)
+            for _ in range(args.runs):
+                for k, run in runners.items():
+                    t = time.perf_counter()
+                    run(a)
+                    times[k].append((time.perf_counter() - t) * 1e3)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            row = {
+                "shape": shape,
+                "runtime": label,
+                "original_ms": med["original"],
+                "deploy_ms": med["deploy"],
+                "speedup": med["original"] / med["deploy"],
+                "max_abs_err": err,
+                "deploy_over_floor": med["deploy"] / floor_ms,
+                "floor_ms": floor_ms,
+            }
+            rows.append(row)
+            print(
+                f"{shape:<15}{label:<26}{med['original']:>10.1f}{med['deploy']:>10.1f}{row['speedup']:>9.2f}x"
+                f"{err:>10.1e}{row['deploy_over_floor']:>7.2f}x",
+                flush=True,
+            )
+    print(f"floor = fp32 compute floor: GMACs x 2 / sgemm probe ({rows[0]['floor_ms']:.0f} ms for the first shape)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"sgemm_gflops": peak, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
