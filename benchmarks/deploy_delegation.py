@@ -16,22 +16,11 @@ import collections
 import warnings
 
 import torch
+from common import random_release_shape  # benchmarks/common.py: the script folder is on sys.path
 
 from nafnet_edge.deploy import deploy
-from nafnet_edge.model import build_model
-from nafnet_edge.releases import RELEASE_SHAPES
 
 NON_COMPUTE = {"getitem", "executorch_call_delegate", "output", "placeholder", "alloc", "view_copy", "clone"}
-
-
-def randomized(shape: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = build_model(RELEASE_SHAPES[shape]).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("beta", "gamma")):
-                p.normal_(0, 0.1)
-    return model
 
 
 def xnnpack_partitions(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, collections.Counter]:
@@ -95,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     shape = "GoPro-width32" if args.gopro else "SIDD-width32"
-    model = randomized(shape)
+    model = random_release_shape(shape)
     x = torch.rand(1, 3, args.size, args.size)
     size = (args.size, args.size)
     print(f"{shape} at {args.size}x{args.size}")

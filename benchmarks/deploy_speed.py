@@ -20,23 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import random_release_shape  # benchmarks/common.py: the script folder is on sys.path
 
 from nafnet_edge.complexity import count_macs
 from nafnet_edge.deploy import deploy
-from nafnet_edge.model import build_model
 from nafnet_edge.releases import RELEASE_SHAPES
 
 Runner = Callable[[np.ndarray], np.ndarray]
-
-
-def randomized(shape: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = build_model(RELEASE_SHAPES[shape]).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("beta", "gamma")):
-                p.normal_(0, 0.1)
-    return model
 
 
 def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -112,7 +102,7 @@ def main() -> None:
     print("-" * len(header))
     rows = []
     for shape in args.shapes:
-        model = randomized(shape)
+        model = random_release_shape(shape)
         x = torch.rand(1, 3, args.size, args.size)
         a = x.numpy()
         floor_ms = 2 * count_macs(model.config, args.size, args.size) / (peak * 1e9) * 1e3

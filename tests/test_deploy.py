@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import randomize
 
 from nafnet_edge.deploy import (
     NORM_FORMS,
@@ -26,19 +27,6 @@ from nafnet_edge.model import NAFNet, NAFNetConfig, NAFNetLocal
 
 KODAK = sorted(Path(str(resources.files("nafnet_edge") / "data" / "kodak")).glob("*.png"))
 CFG = NAFNetConfig(width=8, enc_blk_nums=(1, 2), middle_blk_num=1, dec_blk_nums=(1, 1))
-
-
-def randomize(model: NAFNet, seed: int = 0) -> NAFNet:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("beta", "gamma")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-            elif ".norm" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5 / p[0].numel() ** 0.5)
-    return model.eval()
 
 
 def photo(h: int, w: int, index: int = 0) -> torch.Tensor:

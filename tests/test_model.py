@@ -10,26 +10,13 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from helpers import randomize
 
 from nafnet_edge.model import NAFNet, NAFNetConfig, NAFNetLocal, tlc_kernel_sizes
 
 Tensor = torch.Tensor
 
 TINY = NAFNetConfig(width=8, enc_blk_nums=(1, 2), middle_blk_num=1, dec_blk_nums=(2, 1))
-
-
-def randomize(model: NAFNet, seed: int = 0) -> NAFNet:
-    """Non-trivial values everywhere: beta/gamma and LayerNorm affine away from their init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("beta", "gamma")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-            elif ".norm" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5 / p[0].numel() ** 0.5)
-    return model.eval()
 
 
 # ---- the reference -------------------------------------------------------------------------------------------
