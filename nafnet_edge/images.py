@@ -11,14 +11,13 @@ Conventions (also in the README):
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
+from nafnet_edge.atomic import atomic_path
 from nafnet_edge.errors import ImageError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
@@ -126,17 +125,9 @@ def encode_image(image: RGBImage, suffix: str, *, jpeg_quality: int = 95) -> byt
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place, so no partial file is ever seen."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` so that no partial file is ever seen at ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_image(path: str | Path, image: RGBImage, *, jpeg_quality: int = 95) -> None:

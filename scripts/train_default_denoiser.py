@@ -25,6 +25,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from nafnet_edge.atomic import atomic_path
 from nafnet_edge.model import NAFNet, NAFNetConfig
 
 DEFAULT_CONFIG = NAFNetConfig(width=16, enc_blk_nums=(1, 1, 2, 2), middle_blk_num=2, dec_blk_nums=(1, 1, 1, 1))
@@ -143,7 +144,6 @@ def main() -> None:
         "minutes": round(minutes, 1),
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": "nafnet-edge",
         "config": json.dumps(DEFAULT_CONFIG.to_dict()),
@@ -151,10 +151,8 @@ def main() -> None:
         "training": json.dumps(training),
         "kodak24_psnr": json.dumps(table),
     }
-    tmp = args.out.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.chmod(0o644)
-    tmp.replace(args.out)
+    with atomic_path(args.out) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
     card = args.out.with_suffix(".json")
     card.write_text(json.dumps({"config": DEFAULT_CONFIG.to_dict(), "training": training, "kodak24": table}, indent=2))
     print(f"wrote {args.out} and {card}")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from nafnet_edge.atomic import atomic_path
 from nafnet_edge.errors import CheckpointError, UsageError
 from nafnet_edge.model import NAFNetConfig, build_model
 
@@ -55,37 +54,25 @@ def build_graph(recipe: DeployRecipe):  # -> DeployNAFNet
     return deploy(skeleton, target=recipe.target, input_size=recipe.input_size, norm_scale=recipe.norm_scale)  # type: ignore[arg-type]
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
-
-
 def save_deploy(
     graph: torch.nn.Module, path: str | Path, recipe: DeployRecipe, *, extra: dict[str, str] | None = None
 ) -> None:
     """Write the graph to ``path`` (.safetensors: weights + recipe; .pt2: a static torch.export program)."""
     path = Path(path)
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    try:
+    if path.suffix not in (".safetensors", ".pt2"):
+        raise UsageError(f"{path}: write the deploy graph as .safetensors or .pt2")
+    if path.suffix == ".pt2" and recipe.input_size is None:
+        raise UsageError("a .pt2 export has a static shape: give --input-size (e.g. 512)")
+    with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
             state = {k: v.contiguous() for k, v in graph.state_dict().items()}
-            save_file(state, tmp, metadata={**recipe.to_metadata(), **(extra or {})})
-        elif path.suffix == ".pt2":
-            if recipe.input_size is None:
-                raise UsageError("a .pt2 export has a static shape: give --input-size (e.g. 512)")
-            example = torch.zeros(1, recipe.config.img_channels, *recipe.input_size)
-            program = torch.export.export(graph.eval(), (example,))
-            torch.export.save(program, tmp, extra_files={"nafnet_edge.json": json.dumps(recipe.to_metadata())})
+            save_file(state, str(tmp), metadata={**recipe.to_metadata(), **(extra or {})})
         else:
-            raise UsageError(f"{path}: write the deploy graph as .safetensors or .pt2")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            example = torch.zeros(1, recipe.config.img_channels, *recipe.input_size)  # type: ignore[misc]
+            program = torch.export.export(graph.eval(), (example,))
+            torch.export.save(program, str(tmp), extra_files={"nafnet_edge.json": json.dumps(recipe.to_metadata())})
 
 
 def load_deploy(path: str | Path):  # -> DeployNAFNet
