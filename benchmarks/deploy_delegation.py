@@ -35,7 +35,7 @@ def xnnpack_partitions(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, co
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        name = str(node.target).removeprefix("aten.").split(".")[0]
+        name = getattr(node.target, "__name__", str(node.target)).removeprefix("aten.").split(".")[0]
         if "executorch_call_delegate" in str(node.target):
             delegates += 1
         elif name not in NON_COMPUTE:

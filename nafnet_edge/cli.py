@@ -130,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="fixed (padded) input size, a multiple of 16; fixes TLC pooling (required for .pt2)",
     )
     p.add_argument(
-        "--norm-scale", type=float, help="power-of-two fp16 pre-scale of the norms (128; 1 for openvino's fused MVN)"
+        "--stream-scale",
+        type=float,
+        default=16.0,
+        help="power of two (1-64) dividing the residual stream so fp16 norms cannot overflow (default 16)",
     )
     p.set_defaults(func=cmd_reparam)
     return parser
@@ -311,7 +314,7 @@ def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Pat
 def cmd_reparam(args: argparse.Namespace) -> int:
     import torch
 
-    from nafnet_edge.deploy import DEFAULT_NORM_SCALE, NORM_SCALES, TRANSFORMATIONS, PadCrop, deploy
+    from nafnet_edge.deploy import TRANSFORMATIONS, PadCrop, deploy
     from nafnet_edge.deploy.io import DeployRecipe, save_deploy
     from nafnet_edge.images import read_image
 
@@ -319,12 +322,11 @@ def cmd_reparam(args: argparse.Namespace) -> int:
     m = loaded.config.pad_multiple
     if args.input_size and (args.input_size[0] % m or args.input_size[1] % m):
         raise UsageError(f"--input-size {args.input_size[0]}x{args.input_size[1]} must be a multiple of {m}")
-    scale = args.norm_scale if args.norm_scale is not None else NORM_SCALES.get(args.target, DEFAULT_NORM_SCALE)
     try:
-        graph = deploy(loaded.model, target=args.target, input_size=args.input_size, norm_scale=scale)
+        graph = deploy(loaded.model, target=args.target, input_size=args.input_size, stream_scale=args.stream_scale)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    recipe = DeployRecipe(loaded.config, args.target, args.input_size, scale)
+    recipe = DeployRecipe(loaded.config, args.target, args.input_size, args.stream_scale)
 
     # Check on a real photo: a crop of the input size (or 256 px) from a shipped Kodak image.
     h, w = args.input_size or (256, 256)

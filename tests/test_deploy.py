@@ -13,14 +13,17 @@ from helpers import randomize
 
 from nafnet_edge.deploy import (
     NORM_FORMS,
+    ChannelNorm,
     PadCrop,
     deploy,
     fix_pooling,
     fold_beta_gamma,
     fold_layernorm_affine,
+    scale_residual_stream,
     set_norm_form,
     split_simple_gate,
     to_deploy_modules,
+    transposed_conv_upsampling,
 )
 from nafnet_edge.images import read_image
 from nafnet_edge.model import NAFNet, NAFNetConfig, NAFNetLocal
@@ -71,13 +74,20 @@ def test_each_pass_alone_keeps_the_function(kind: str) -> None:
             (fold_layernorm_affine, lambda b: b.norm1.weight is None and b.norm2.bias is None),
             (fold_beta_gamma, lambda b: b.beta is None and b.gamma is None),
             (split_simple_gate, lambda b: b.is_split and b.conv1 is None and b.conv4a is not None),
-            (lambda b: set_norm_form(b, "conv-mean", scale=64), lambda b: b.norm1.form == "conv-mean"),
+            (lambda b: set_norm_form(b, "conv-mean"), lambda b: b.norm1.form == "conv-mean"),
         ]
         for apply, done in steps:
             for block in graph.blocks():
                 apply(block)
                 assert done(block)
             assert max_err(graph(x), ref) <= 1e-5
+        transposed_conv_upsampling(graph)
+        assert all(isinstance(up, torch.nn.ConvTranspose2d) for up in graph.ups)
+        assert max_err(graph(x), ref) <= 1e-5
+        eps = graph.blocks()[0].norm1.eps
+        scale_residual_stream(graph, 64)
+        assert graph.blocks()[0].norm1.eps == eps / 64**2
+        assert max_err(graph(x), ref) <= 1e-5
         fix_pooling(graph, (96, 128))
         assert max_err(graph(x), ref) <= 1e-5
 
@@ -94,8 +104,9 @@ def test_bad_arguments_are_refused() -> None:
     model = MODELS["nafnet"]()
     with pytest.raises(ValueError, match="multiple of 4"):
         deploy(model, input_size=(90, 128))
-    with pytest.raises(ValueError, match="power of two"):
-        deploy(model, norm_scale=100)
+    for bad in (100, 128, 0.5):
+        with pytest.raises(ValueError, match="power of two from 1 to 64"):
+            deploy(model, stream_scale=bad)
     with pytest.raises(ValueError, match="unknown deploy target"):
         deploy(model, target="tpu")  # type: ignore[arg-type]
 
@@ -116,7 +127,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
-@pytest.mark.parametrize("target", ["generic", "xnnpack", "coreml", "onnx", "openvino-prescaled"])
+@pytest.mark.parametrize("target", list(NORM_FORMS))
 def test_fp16_deploy_graph_survives_magnitudes_that_break_the_original(target: str) -> None:
     model = realistic_magnitudes(MODELS["tlc-local"]())
     x = photo(96, 128, 3)
@@ -136,10 +147,7 @@ def test_fp16_deploy_graph_survives_magnitudes_that_break_the_original(target: s
         half = half_model(x.half()).float()
         assert any(overflowed)  # upstream's LayerNorm squares overflow fp16 (65504) ...
         assert psnr(half.clamp(0, 1), ref) < 45.0  # ... and the output misses the fp16 budget
-        if target == "openvino-prescaled":  # OpenVINO's default keeps the plain MVN pattern for the plugin to fuse
-            graph = deploy(model, target="openvino", norm_scale=128).half()
-        else:
-            graph = deploy(model, target=target).half()  # type: ignore[arg-type]
+        graph = deploy(model, target=target).half()  # type: ignore[arg-type]
         out = graph(x.half()).float()
         assert bool(torch.isfinite(out).all())
         assert psnr(out.clamp(0, 1), ref) >= 45.0
@@ -153,6 +161,24 @@ def test_static_graph_has_no_slices_chunks_or_cumsum() -> None:
     graph = deploy(MODELS["tlc-local"](), target="xnnpack", input_size=(96, 128))
     exported = torch.export.export(graph, (torch.rand(1, 3, 96, 128),))
     ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
-    banned = [op for op in ops if any(k in op for k in ("split", "chunk", "slice", "cumsum", "native_layer_norm"))]
+    banned = ("split", "chunk", "slice", "cumsum", "native_layer_norm", "pixel_shuffle")
+    banned = [op for op in ops if any(k in op for k in banned)]
     assert banned == [], banned
     assert any("avg_pool2d" in op for op in ops)  # TLC's local pooling is a plain average pool
+
+
+@pytest.mark.parametrize("form", ["reference", "conv-mean"])
+def test_channel_flat_input_gives_zero_not_nan_in_fp16(form: str) -> None:
+    """var = 0 with eps flushed to zero in fp16 (1e-6 / 16**2 is below fp16's smallest subnormal): upstream's
+    formula gives 0/0; the capped inverse deviation gives the exact answer, 0."""
+    norm = ChannelNorm(16, eps=1e-6 / 16**2, form=form).half()  # type: ignore[arg-type]
+    flat = torch.full((1, 16, 8, 8), 3.0, dtype=torch.float16)
+    assert bool(torch.isnan(upstream_norm(flat, 1e-6 / 256)).all())
+    assert torch.equal(norm(flat), torch.zeros_like(flat))
+    x = torch.randn(1, 16, 8, 8)  # and in fp32 the cap never binds: same as the plain formula
+    assert max_err(ChannelNorm(16, eps=1e-6 / 256, form=form)(x), upstream_norm(x, 1e-6 / 256)) <= 1e-6  # type: ignore[arg-type]
+
+
+def upstream_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    d = x - x.mean(1, keepdim=True)
+    return d / (d.pow(2).mean(1, keepdim=True) + eps).sqrt()

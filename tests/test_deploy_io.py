@@ -76,7 +76,7 @@ def test_reparam_pt2_is_a_static_exported_program(ckpt: Path, tmp_path: Path) ->
         (["-o", "x.pt2"], "static shape: give --input-size"),
         (["-o", "x.safetensors", "--input-size", "70"], "must be a multiple of 4"),
         (["-o", "x.onnx"], "as .safetensors or .pt2"),
-        (["-o", "x.safetensors", "--norm-scale", "3"], "power of two"),
+        (["-o", "x.safetensors", "--stream-scale", "3"], "power of two"),
     ],
 )
 def test_reparam_usage_errors(ckpt: Path, tmp_path: Path, monkeypatch, capsys, extra: list[str], message: str) -> None:

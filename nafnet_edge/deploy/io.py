@@ -22,7 +22,7 @@ class DeployRecipe:
     config: NAFNetConfig
     target: str
     input_size: tuple[int, int] | None
-    norm_scale: float
+    stream_scale: float
 
     def to_metadata(self) -> dict[str, str]:
         return {
@@ -30,7 +30,7 @@ class DeployRecipe:
             "config": json.dumps(self.config.to_dict()),
             "target": self.target,
             "input_size": json.dumps(list(self.input_size) if self.input_size else None),
-            "norm_scale": repr(self.norm_scale),
+            "stream_scale": repr(self.stream_scale),
         }
 
     @classmethod
@@ -41,7 +41,7 @@ class DeployRecipe:
             config=NAFNetConfig(**cfg),
             target=meta["target"],
             input_size=tuple(size) if size else None,  # type: ignore[arg-type]
-            norm_scale=float(meta["norm_scale"]),
+            stream_scale=float(meta["stream_scale"]),
         )
 
 
@@ -51,7 +51,7 @@ def build_graph(recipe: DeployRecipe):  # -> DeployNAFNet
     with torch.device("meta"):
         skeleton = build_model(recipe.config)
     skeleton = skeleton.to_empty(device="cpu")
-    return deploy(skeleton, target=recipe.target, input_size=recipe.input_size, norm_scale=recipe.norm_scale)  # type: ignore[arg-type]
+    return deploy(skeleton, target=recipe.target, input_size=recipe.input_size, stream_scale=recipe.stream_scale)  # type: ignore[arg-type]
 
 
 def save_deploy(

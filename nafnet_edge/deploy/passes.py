@@ -111,13 +111,66 @@ def split_simple_gate(block: DeployBlock) -> None:
     block.conv1 = block.conv2 = block.conv4 = None
 
 
-def set_norm_form(block: DeployBlock, form: NormForm, *, scale: float) -> None:
-    """Write both channel norms in the form a backend delegates, with power-of-two pre-scaling for fp16."""
-    if scale <= 0 or (scale != 1.0 and not float(scale).is_integer()) or (int(scale) & (int(scale) - 1)):
-        raise ValueError(f"norm scale must be a power of two (1, 2, 4, ..., 128), got {scale}")
+def transposed_conv_upsampling(graph: DeployNAFNet) -> None:
+    """1x1 conv (C -> 4C') + PixelShuffle(2) == ConvTranspose2d(C, C', 2, stride=2): the same weights, reordered.
+
+    One op instead of a conv and a depth-to-space; OpenVINO's CPU plugin otherwise lowers the pixel shuffle to
+    reshape/transpose with layout reorders around it.
+    """
+    for i, up in enumerate(graph.ups):
+        if isinstance(up, nn.ConvTranspose2d):
+            continue
+        conv, shuffle = up[0], up[1]
+        if conv.bias is not None:  # a bias per sub-pixel has no transposed-conv equivalent; NAFNet has none
+            raise ValueError("upsampling convs with a bias are not NAFNet's")
+        r = shuffle.upscale_factor
+        w = conv.weight.detach()[:, :, 0, 0]  # (C' r r, C): output channel c' r^2 + a r + b -> pixel (a, b)
+        out_ch = w.shape[0] // (r * r)
+        t = nn.ConvTranspose2d(w.shape[1], out_ch, r, stride=r, bias=False)
+        with torch.no_grad():
+            t.weight.copy_(w.reshape(out_ch, r, r, w.shape[1]).permute(3, 0, 1, 2))
+        graph.ups[i] = t.eval().requires_grad_(False)
+
+
+def _rescaled(conv: nn.Conv2d, weight_factor: float, bias_factor: float) -> nn.Conv2d:
+    bias = None if conv.bias is None else conv.bias.detach() * bias_factor
+    return _conv_like(conv, conv.weight.detach() * weight_factor, bias)
+
+
+def scale_residual_stream(graph: DeployNAFNet, scale: float) -> None:
+    """Carry the residual stream (everything the norms see) divided by ``scale``, a power of two.
+
+    The convs writing into the stream from elsewhere (intro, conv3, conv5) are divided by ``scale``; those
+    mapping the stream to itself keep their weights (downsampling: bias divided; upsampling has no bias); the
+    ending conv's weights are multiplied by it and each norm's eps divided by ``scale**2``: the function is the
+    same (power-of-two factors are exact in floating point), but the norms' squares and sums stay inside fp16
+    range for activations ``scale`` times larger than fp16 alone allows (|x| ~ 175 and more in trained models)
+    without a single extra op in the graph.
+    """
+    if not (1 <= scale <= 64 and float(scale).is_integer() and int(scale) & (int(scale) - 1) == 0):
+        raise ValueError(f"stream scale must be a power of two from 1 to 64, got {scale}")
+    if scale == 1:
+        return
+    inv = 1.0 / scale
+    graph.intro = _rescaled(graph.intro, inv, inv)
+    graph.ending = _rescaled(graph.ending, scale, 1.0)
+    for i, down in enumerate(graph.downs):
+        graph.downs[i] = _rescaled(down, 1.0, inv)
+    if any((up if isinstance(up, nn.ConvTranspose2d) else up[0]).bias is not None for up in graph.ups):
+        raise ValueError("upsampling convs with a bias are not NAFNet's")
+    for block in graph.blocks():
+        if block.beta is not None or block.gamma is not None:
+            raise ValueError("fold beta/gamma before scaling the residual stream")
+        block.conv3 = _rescaled(block.conv3, inv, inv)
+        block.conv5 = _rescaled(block.conv5, inv, inv)
+        for norm in (block.norm1, block.norm2):
+            norm.eps = norm.eps * inv * inv
+
+
+def set_norm_form(block: DeployBlock, form: NormForm) -> None:
+    """Write both channel norms in the form a backend delegates (same function in every form)."""
     for norm in (block.norm1, block.norm2):
         norm.form = form
-        norm.scale = float(scale)
 
 
 def fix_pooling(graph: DeployNAFNet, input_size: tuple[int, int]) -> None:
