@@ -136,7 +136,55 @@ def build_parser() -> argparse.ArgumentParser:
         help="power of two (1-64) dividing the residual stream so fp16 norms cannot overflow (default 16)",
     )
     p.set_defaults(func=cmd_reparam)
+
+    validation = argparse.ArgumentParser(add_help=False)
+    g = validation.add_argument_group("validation")
+    g.add_argument("--data", type=Path, metavar="DIR", help="your images (default: shipped Kodak photos + noise)")
+    g.add_argument(
+        "--data-pairs", nargs=2, type=Path, metavar=("INPUTS", "TARGETS"), help="degraded/ground-truth folders"
+    )
+    g.add_argument("--reference-device", default="auto", choices=["auto", "cpu", "cuda"], help="fp32 reference on")
+    g.add_argument("--overlap", type=non_negative_int, default=32, metavar="PX", help="tile overlap (32)")
+    g.add_argument("--min-fidelity", type=float, metavar="DB", help="PSNR vs reference (fp32 60, fp16 45)")
+    g.add_argument("--max-drift", type=float, metavar="DB", help="task PSNR loss with ground truth (0.01/0.05)")
+    g.add_argument("--no-cache", action="store_true", help="recompute the reference outputs")
+
+    p = sub.add_parser(
+        "convert",
+        parents=[ckpt, validation],
+        help="export Core ML, ExecuTorch, OpenVINO or ONNX artifacts and validate them in their runtimes",
+        description="Export a checkpoint (default: the embedded model) through the deploy graph to one target "
+        "or all, each into OUT/<target>/ with manifest.json and USAGE.md, then validate the artifact in its own "
+        "runtime against fp32 PyTorch outputs of the original model. Exit code 3 when a budget is missed.",
+        epilog=EPILOG,
+    )
+    p.add_argument("checkpoint", nargs="?", metavar="CKPT", help="checkpoint file (default: the embedded model)")
+    p.add_argument("--target", required=True, choices=[*TARGET_NAMES, "all"], help="what to produce")
+    p.add_argument("-o", "--output", type=Path, default=Path("artifacts"), metavar="OUT", help="(./artifacts)")
+    p.add_argument("--precision", choices=["fp32", "fp16"], help="default: fp16 for Core ML, fp32 elsewhere")
+    p.add_argument("--input-size", type=parse_size, default=(256, 256), metavar="PX", help="tile size (256)")
+    p.add_argument("--sizes", type=parse_size, nargs="+", default=[], metavar="PX", help="Core ML: more sizes")
+    p.add_argument("--dynamic", action="store_true", help="ONNX: symbolic height and width")
+    p.add_argument("--min-target", default="iOS17", metavar="OS", help="Core ML: iOS17 (default), iOS18, macOS14...")
+    p.add_argument("--bundle", action="store_true", help="ExecuTorch: also a bundled program with test I/O")
+    p.add_argument("--no-validate", action="store_true", help="export only")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "validate",
+        parents=[ckpt, validation],
+        help="validate an artifact directory in its runtime against the fp32 reference",
+        description="Run an artifact written by convert in its own runtime on validation images and compare it "
+        "with fp32 PyTorch outputs of the original model; updates the manifest. Exit code 3 on a missed budget.",
+        epilog=EPILOG,
+    )
+    p.add_argument("directory", type=Path, metavar="ARTIFACT_DIR", help="OUT/<target> written by convert")
+    p.add_argument("--checkpoint", dest="checkpoint", metavar="CKPT", help="source checkpoint (default: recorded)")
+    p.set_defaults(func=cmd_validate)
     return parser
+
+
+TARGET_NAMES = ("coreml", "executorch", "executorch-coreml", "openvino", "onnx")
 
 
 def _load(args: argparse.Namespace, checkpoint: str | None, device: str = "cpu") -> Any:
@@ -345,6 +393,106 @@ def cmd_reparam(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _validation_settings(args: argparse.Namespace, channels: int) -> Any:
+    from nafnet_edge.convert import ValidationSettings
+    from nafnet_edge.inference import resolve_device
+    from nafnet_edge.validate import default_images, folder_images, paired_images
+
+    if args.data and args.data_pairs:
+        raise UsageError("--data and --data-pairs are alternatives; give one")
+    if args.data_pairs:
+        images, data = paired_images(*args.data_pairs, channels=channels), f"pairs {args.data_pairs[0]}"
+    elif args.data:
+        images, data = folder_images(args.data, channels=channels), f"folder {args.data}"
+    else:
+        images, data = default_images(channels), "shipped Kodak photos, Gaussian noise sigma 25/255 (seeded)"
+    return ValidationSettings(
+        images=images,
+        data=data,
+        reference_device=resolve_device(args.reference_device),
+        overlap_px=args.overlap,
+        min_fidelity_db=args.min_fidelity,
+        max_drift_db=args.max_drift,
+        use_cache=not args.no_cache,
+    )
+
+
+def _print_result(result: Any) -> None:
+    v = result.validation
+    line = f"{result.target:<18} {result.manifest['precision']:<5} {result.directory}"
+    if v is not None:
+        s = v["summary"]
+        line += f"  fidelity {s['fidelity_db_min']:.1f} dB  max err {s['max_abs_error']:.1e}"
+        if "drift_db_mean" in s:
+            line += f"  drift {s['drift_db_mean']:+.3f} dB"
+        line += "  ok" if v["passed"] else f"  FAILED: {'; '.join(v['failures'])}"
+    print(line)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from nafnet_edge.convert import convert
+    from nafnet_edge.converters import ExportOptions, get_converter
+    from nafnet_edge.errors import EXIT_BUDGET, MissingBackendError
+
+    targets = list(TARGET_NAMES) if args.target == "all" else [args.target]
+    loaded = _load(args, args.checkpoint)
+    settings = None if args.no_validate else _validation_settings(args, loaded.config.img_channels)
+    results, skipped = [], []
+    steps = 2 if args.no_validate else 3
+    with tqdm(total=steps * len(targets), unit="step", disable=None, file=sys.stderr) as bar:
+        for target in targets:
+            converter = get_converter(target)
+            options = ExportOptions(
+                input_size=args.input_size,
+                precision=args.precision or converter.default_precision,
+                extra_sizes=tuple(args.sizes),
+                dynamic=args.dynamic,
+                minimum_target=args.min_target,
+                bundle=args.bundle,
+            )
+            done = bar.n
+
+            def step(text: str) -> None:
+                bar.set_description(text)
+                if not text.endswith("deploy graph"):
+                    bar.update(1)
+
+            try:
+                results.append(convert(loaded, target, args.output, options, validation=settings, step=step))
+            except (MissingBackendError, ValueError) as e:
+                if args.target != "all":
+                    raise e if isinstance(e, MissingBackendError) else UsageError(str(e)) from None
+                skipped.append(f"{target}: {e}")
+            bar.update(done + steps - bar.n)
+    for result in results:
+        _print_result(result)
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    if not results:
+        raise UsageError("nothing could be built here: " + "; ".join(skipped))
+    return EXIT_BUDGET if any(not r.passed for r in results) else 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from nafnet_edge.convert import ConvertResult, read_manifest, validate_directory
+    from nafnet_edge.errors import EXIT_BUDGET
+
+    manifest = read_manifest(args.directory)
+    checkpoint = args.checkpoint
+    if checkpoint is None and not manifest["source"].get("embedded_default"):
+        recorded = manifest["source"].get("path")
+        if not recorded or not Path(recorded).is_file():
+            raise UsageError(f"the source checkpoint is not at {recorded!r} any more: pass --checkpoint CKPT")
+        checkpoint = recorded
+    loaded = _load(args, checkpoint)
+    settings = _validation_settings(args, loaded.config.img_channels)
+    manifest, report = validate_directory(args.directory, loaded, settings)
+    _print_result(ConvertResult(manifest["target"], Path(args.directory), manifest))
+    return 0 if report.passed else EXIT_BUDGET
 
 
 def _kodak_dir() -> Path:

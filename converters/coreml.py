@@ -1,0 +1,466 @@
+"""Core ML targets: an ML program ``.mlpackage`` (``coreml``) and an ExecuTorch ``.pte`` delegated to Core ML
+(``executorch-coreml``).
+
+Both convert the deploy graph in its "coreml" form (each channel norm is one ``layer_norm`` op) with
+coremltools, computing in fp16 by default (the Neural Engine is fp16-only; the deploy graph's scaled residual
+stream keeps the norms finite) or fp32 on request, for iOS 17 / macOS 14 or later. Inputs and outputs stay
+float32 (coremltools casts to fp16 and back inside an fp16 program), so apps feed the same arrays either way.
+
+Core ML cannot execute off Apple platforms. On macOS the runners use Core ML itself (``MLModel.predict``, or
+the ExecuTorch runtime's Core ML backend); elsewhere they evaluate the saved ML program op by op in numpy, in
+its own precision (``nafnet_edge.converters.coreml_mil``), which reads the artifact back, never PyTorch. For
+the ``.pte`` that program is the Core ML model embedded in the delegate payload, which is only the whole
+``.pte`` when the graph lowered to one Core ML partition with nothing left outside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from nafnet_edge.converters.base import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    Converter,
+    Exported,
+    ExportOptions,
+    LoadedRunner,
+    Precision,
+)
+
+from nafnet_edge.errors import MissingBackendError
+
+MINIMUM_TARGET = "iOS17"  # ML program features the deploy graph relies on; macOS14 is the same spec version
+DEFAULT_COMPUTE_UNITS = "ALL"
+EVALUATOR_NOTE = (
+    "Core ML cannot execute off Apple platforms; the saved ML program is evaluated op by op in numpy in its own "
+    "precision"
+)
+COREML_BACKEND_ID = "CoreMLBackend"
+
+
+class CoreMLConverter(Converter):
+    """An ML program ``.mlpackage`` with named, described float32 I/O and the manifest essentials as metadata.
+
+    ``export`` reads ``graph.manifest_metadata`` (str -> str, attached by the pipeline before export; optional)
+    into the model's ``user_defined_metadata`` next to the converter's own facts (input sizes, compute precision,
+    minimum target, padding multiple), which win on a shared key. From it ``version`` takes the weights' sha256
+    (``nafnet_edge.source_sha256``) and ``license`` takes ``nafnet_edge.license`` when present.
+
+    ``options.extra_sizes`` adds enumerated input sizes (``ct.EnumeratedShapes``, default ``input_size``).
+    Flexible shapes can push Core ML off the Neural Engine, so a single fixed size is the default.
+    """
+
+    target: ClassVar[str] = "coreml"
+    deploy_target: ClassVar[str] = "coreml"
+    artifact: ClassVar[str] = "model.mlpackage"
+    precisions: ClassVar[tuple[Precision, ...]] = ("fp16", "fp32")
+    default_precision: ClassVar[Precision] = "fp16"
+    modules: ClassVar[tuple[str, ...]] = ("coremltools",)
+    extra: ClassVar[str] = "coreml"
+
+    def check_options(self, options: ExportOptions) -> None:
+        super().check_options(options)
+        if options.dynamic:
+            raise ValueError("--dynamic (symbolic height and width) is ONNX only; Core ML takes enumerated --sizes")
+        if options.bundle:
+            raise ValueError("--bundle (a bundled program with test data) is ExecuTorch XNNPACK only")
+        deployment_target(options.minimum_target)
+
+    def export(self, graph: torch.nn.Module, out_dir: Path, options: ExportOptions) -> Exported:
+        ct = import_coremltools()
+        self.check_options(options)
+        sizes = input_sizes(graph, options)
+        shapes = [(1, _channels(graph), h, w) for h, w in sizes]
+        shape: Any = shapes[0] if len(shapes) == 1 else ct.EnumeratedShapes(shapes=shapes, default=shapes[0])
+        traced = torch.jit.trace(graph.eval(), torch.rand(shapes[0]), check_trace=False)
+        mlmodel = ct.convert(
+            traced,
+            convert_to="mlprogram",
+            inputs=[ct.TensorType(name=INPUT_NAME, shape=shape, dtype=np.float32)],
+            outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
+            compute_precision=_ct_precision(options.precision),
+            minimum_deployment_target=deployment_target(options.minimum_target),
+        )
+        metadata = {str(k): str(v) for k, v in getattr(graph, "manifest_metadata", {}).items()}
+        _describe(mlmodel, graph, sizes, metadata)
+        mlmodel.user_defined_metadata.update(metadata)
+        mlmodel.user_defined_metadata.update(
+            {
+                "nafnet_edge.input_sizes": ",".join(f"{h}x{w}" for h, w in sizes),
+                "nafnet_edge.compute_precision": options.precision,
+                "nafnet_edge.minimum_target": options.minimum_target,
+                "nafnet_edge.padding_multiple": str(graph.pad_multiple),
+            }
+        )
+        path = Path(out_dir) / self.artifact
+        mlmodel.save(str(path))
+
+        program = _load_program(path)
+        return Exported(
+            files=[self.artifact],
+            info={
+                "coremltools": ct.__version__,
+                "model_type": "mlprogram",
+                "compute_precision": options.precision,
+                "compute_units": DEFAULT_COMPUTE_UNITS,
+                "minimum_target": options.minimum_target,
+                "input_sizes": [list(s) for s in sizes],
+                "shapes": "fixed" if len(sizes) == 1 else "enumerated",
+                "io_dtypes": _program_io_dtypes(program),
+                "io_note": _io_note(options.precision),
+                "mil_ops": _histogram(op.type for op in program.ops),
+            },
+        )
+
+    def load_runner(self, out_dir: Path, manifest: dict[str, Any]) -> LoadedRunner:
+        ct = import_coremltools()
+        from nafnet_edge.converters.coreml_mil import load_program
+
+        path = Path(out_dir) / self.artifact
+        allowed = _allowed_shapes(ct.utils.load_spec(str(path)))
+        program = load_program(path)
+        precision = _program_precision(program)
+        if sys.platform == "darwin":
+            units = _compute_units(manifest)
+            mlmodel = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit[units])
+
+            def run_coreml(x: np.ndarray) -> np.ndarray:
+                _check_shape(x, allowed)
+                return np.asarray(mlmodel.predict({INPUT_NAME: x})[OUTPUT_NAME], dtype=np.float32)
+
+            info = {"runtime": "coreml", "compute_units": units, "compute_precision": precision}
+            return LoadedRunner(run_coreml, info)
+
+        def run_evaluator(x: np.ndarray) -> np.ndarray:
+            _check_shape(x, allowed)
+            return np.asarray(program.run({INPUT_NAME: x})[OUTPUT_NAME], dtype=np.float32)
+
+        info = {"runtime": "mil-numpy-evaluator", "compute_precision": precision, "note": EVALUATOR_NOTE}
+        return LoadedRunner(run_evaluator, info)
+
+
+class ExecuTorchCoreMLConverter(Converter):
+    """An ExecuTorch ``.pte`` whose graph is delegated to ExecuTorch's Core ML backend.
+
+    The backend converts the edge program with coremltools and embeds the ``.mlpackage`` in the delegate
+    payload; its I/O names come from the graph (not ``image``/``restored``) and it carries no descriptions or
+    metadata (the ExecuTorch method is what apps call). Fixed input size only: enumerated shapes are an
+    ``.mlpackage`` option (``--target coreml``).
+    """
+
+    target: ClassVar[str] = "executorch-coreml"
+    deploy_target: ClassVar[str] = "coreml"
+    artifact: ClassVar[str] = "model.pte"
+    precisions: ClassVar[tuple[Precision, ...]] = ("fp16", "fp32")
+    default_precision: ClassVar[Precision] = "fp16"
+    modules: ClassVar[tuple[str, ...]] = ("coremltools", "executorch")
+    extra: ClassVar[str] = "executorch,coreml"
+
+    def check_available(self) -> None:
+        super().check_available()
+        import_coremltools()
+        try:
+            from executorch.backends.apple.coreml.partition import CoreMLPartitioner  # noqa: F401
+        except ImportError as err:
+            raise MissingBackendError(
+                f"--target {self.target}: ExecuTorch's Core ML backend cannot be imported ({err}); "
+                f"pip install 'nafnet-edge[{self.extra}]'"
+            ) from err
+
+    def check_options(self, options: ExportOptions) -> None:
+        super().check_options(options)
+        if options.dynamic:
+            raise ValueError("--dynamic (symbolic height and width) is ONNX only")
+        if options.bundle:
+            raise ValueError("--bundle (a bundled program with test data) is ExecuTorch XNNPACK only")
+        if options.extra_sizes:
+            raise ValueError("--sizes (enumerated input sizes) is --target coreml only; export one .pte per size")
+        deployment_target(options.minimum_target)
+
+    def export(self, graph: torch.nn.Module, out_dir: Path, options: ExportOptions) -> Exported:
+        ct = import_coremltools()
+        self.check_options(options)
+        from executorch.backends.apple.coreml.compiler import CoreMLBackend
+        from executorch.backends.apple.coreml.partition import CoreMLPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+        from executorch.exir.delegate import executorch_call_delegate
+
+        h, w = options.input_size
+        example = torch.rand(1, _channels(graph), h, w)
+        specs = CoreMLBackend.generate_compile_specs(
+            compute_precision=_ct_precision(options.precision),
+            minimum_deployment_target=deployment_target(options.minimum_target),
+        )
+        with _quiet_coreml_backend():
+            edge = to_edge_transform_and_lower(
+                torch.export.export(graph.eval(), (example,)), partitioner=[CoreMLPartitioner(compile_specs=specs)]
+            )
+        lowered = edge.exported_program().graph_module
+        calls = [n for n in lowered.graph.nodes if n.op == "call_function"]
+        delegated = [n for n in calls if n.target is executorch_call_delegate]
+        outside = [n for n in calls if n.target is not executorch_call_delegate and n.target is not operator.getitem]
+        payloads = [getattr(lowered, n.args[0].target).processed_bytes for n in delegated]
+        with tempfile.TemporaryDirectory() as tmp:
+            programs = [_load_program(p) for p in unpack_coreml_payloads(payloads, Path(tmp))]
+        (Path(out_dir) / self.artifact).write_bytes(edge.to_executorch().buffer)
+        return Exported(
+            files=[self.artifact],
+            info={
+                "executorch": package_version("executorch"),
+                "coremltools": ct.__version__,
+                "backend": COREML_BACKEND_ID,
+                "compute_precision": options.precision,
+                "compute_units": DEFAULT_COMPUTE_UNITS,
+                "minimum_target": options.minimum_target,
+                "input_sizes": [[h, w]],
+                "io_dtypes": {INPUT_NAME: "float32", OUTPUT_NAME: "float32"},
+                "coreml_io_dtypes": [_program_io_dtypes(p) for p in programs],
+                "io_note": "float32 method input and output; the embedded Core ML model's own I/O dtypes are listed "
+                "per delegate (coremltools keeps an fp16 program's output in fp16)",
+                "delegated_partitions": len(delegated),
+                "ops_outside_delegate": _histogram(str(n.target) for n in outside),
+                "mil_ops": _histogram(op.type for p in programs for op in p.ops),
+            },
+        )
+
+    def load_runner(self, out_dir: Path, manifest: dict[str, Any]) -> LoadedRunner:
+        path = Path(out_dir) / self.artifact
+        from executorch.runtime import Runtime
+
+        runtime = Runtime.get()
+        if runtime.backend_registry.is_available(COREML_BACKEND_ID):
+            method = runtime.load_program(str(path)).load_method("forward")
+            if method is None:
+                raise RuntimeError(f"{path} has no forward method")
+
+            def run_executorch(x: np.ndarray) -> np.ndarray:
+                out = method.execute([torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))])
+                return out[0].numpy().astype(np.float32, copy=False)
+
+            precision = manifest.get("export", {}).get("compute_precision", "unknown")
+            return LoadedRunner(run_executorch, {"runtime": "executorch-coreml", "compute_precision": precision})
+
+        import_coremltools()
+        payloads = _pte_coreml_payloads(path)
+        with tempfile.TemporaryDirectory() as tmp:
+            (package,) = unpack_coreml_payloads(payloads, Path(tmp))
+            program = _load_program(package)
+        (name,) = program.inputs
+        (output,) = program.outputs
+
+        def run_evaluator(x: np.ndarray) -> np.ndarray:
+            return np.asarray(program.run({name: x})[output], dtype=np.float32)
+
+        info = {
+            "runtime": "mil-numpy-evaluator",
+            "compute_precision": _program_precision(program),
+            "note": f"{EVALUATOR_NOTE}. The ExecuTorch runtime here has no Core ML backend: the evaluated program "
+            "is the Core ML model extracted from the .pte's only delegate, which is the whole graph",
+        }
+        return LoadedRunner(run_evaluator, info)
+
+
+# --- shared helpers --------------------------------------------------------------------------------------------
+
+
+def import_coremltools() -> Any:
+    """coremltools, without its import-time notice that torch 2.13 is newer than it was tested with (conversion
+    of these graphs works and is checked by the tests)."""
+    ct_logger = logging.getLogger("coremltools")
+    quiet = _DropMessages("has not been tested with coremltools")
+    ct_logger.addFilter(quiet)
+    try:
+        import coremltools as ct
+    finally:
+        ct_logger.removeFilter(quiet)
+    return ct
+
+
+def deployment_target(name: str) -> Any:
+    """``ct.target`` for a minimum deployment target name (iOS17, macOS14 or later); ``ValueError`` otherwise."""
+    ct = import_coremltools()
+    targets = {n.lower(): t for n, t in ct.target.__members__.items() if n.startswith(("iOS", "macOS"))}
+    chosen = targets.get(name.lower())
+    newest = ", ".join(n for n, t in ct.target.__members__.items() if t >= ct.target.iOS17 and n.lower() in targets)
+    if chosen is None:
+        raise ValueError(f"unknown Core ML minimum target {name!r}; choose one of {newest}")
+    if chosen < ct.target.iOS17:
+        raise ValueError(f"Core ML minimum target {name} is too old: {MINIMUM_TARGET} (macOS14) is the minimum")
+    return chosen
+
+
+def input_sizes(graph: torch.nn.Module, options: ExportOptions) -> list[tuple[int, int]]:
+    """``input_size`` then the extra enumerated sizes (duplicates dropped), each checked against the graph."""
+    sizes = list(dict.fromkeys([tuple(options.input_size), *map(tuple, options.extra_sizes)]))
+    m = graph.pad_multiple
+    for h, w in sizes:
+        if h % m or w % m:
+            raise ValueError(f"input size {h}x{w} must be a multiple of the padding multiple {m}")
+    if len(sizes) > 1:
+        from nafnet_edge.deploy import FixedPool
+
+        local = any(isinstance(p, FixedPool) and p.kernel_size is not None for p in graph.modules())
+        arch = getattr(graph, "manifest_metadata", {}).get("nafnet_edge.arch")
+        if local or arch == "NAFNetLocal":
+            raise ValueError(
+                "enumerated sizes need global channel-attention pooling; TLC (NAFNetLocal) pooling is fixed for "
+                "one input size: export one artifact per size"
+            )
+    return sizes  # type: ignore[return-value]
+
+
+def unpack_coreml_payloads(payloads: list[bytes], into: Path) -> list[Path]:
+    """The ``.mlpackage`` of each Core ML delegate payload (a flattened directory written by the backend's
+    preprocess: ``lowered_module/model.mlpackage`` plus metadata), unpacked under ``into``."""
+    from executorch.backends.apple.coreml import executorchcoreml
+
+    packages = []
+    for i, payload in enumerate(payloads):
+        if payload.startswith(b"CMJR"):
+            raise NotImplementedError("multi-method Core ML payloads (named-data references) are not supported")
+        folder = into / f"delegate_{i}"
+        folder.mkdir(parents=True)
+        if not executorchcoreml.unflatten_directory_contents(payload, str(folder.resolve())):
+            raise RuntimeError(f"Core ML delegate payload {i} could not be unpacked")
+        found = sorted(folder.rglob("*.mlpackage"))
+        if len(found) != 1:
+            raise RuntimeError(f"Core ML delegate payload {i} holds {len(found)} .mlpackage, expected one")
+        packages.append(found[0])
+    return packages
+
+
+def _pte_coreml_payloads(path: Path) -> list[bytes]:
+    """The Core ML delegate payloads of a ``.pte`` whose forward is exactly one Core ML delegate call; else
+    ``MissingBackendError`` (such a program cannot be evaluated without ExecuTorch's Core ML backend)."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    from executorch.exir.schema import DataLocation, DelegateCall, KernelCall
+
+    program = deserialize_pte_binary(path.read_bytes()).program
+    (plan,) = program.execution_plan
+    instructions = [i.instr_args for chain in plan.chains for i in chain.instructions]
+    kernels = sum(isinstance(i, KernelCall) for i in instructions)
+    delegate_calls = sum(isinstance(i, DelegateCall) for i in instructions)
+    coreml = [d for d in plan.delegates if d.id == COREML_BACKEND_ID]
+    if kernels or delegate_calls != 1 or len(coreml) != 1 or coreml[0].processed.location != DataLocation.INLINE:
+        raise MissingBackendError(
+            f"{path.name} cannot execute off Apple platforms (no Core ML backend in this ExecuTorch runtime), and "
+            f"it is not one inline Core ML delegate ({delegate_calls} delegate calls, {kernels} portable kernels) "
+            "that could be evaluated on its own: validate it on macOS"
+        )
+    return [program.backend_delegate_data[coreml[0].processed.index].data]
+
+
+def _load_program(package: Path) -> Any:
+    from nafnet_edge.converters.coreml_mil import load_program
+
+    return load_program(package)
+
+
+def _channels(graph: torch.nn.Module) -> int:
+    return int(graph.intro.in_channels)  # type: ignore[union-attr]
+
+
+def _ct_precision(precision: Precision) -> Any:
+    ct = import_coremltools()
+    return {"fp16": ct.precision.FLOAT16, "fp32": ct.precision.FLOAT32}[precision]
+
+
+def _io_note(precision: Precision) -> str:
+    if precision == "fp16":
+        return "float32 input and output; coremltools inserted casts to fp16 and back inside the program"
+    return "float32 input and output, computed in fp32"
+
+
+def _histogram(names: Iterable[str]) -> dict[str, int]:
+    return dict(sorted(Counter(names).items()))
+
+
+def _program_io_dtypes(program: Any) -> dict[str, str]:
+    """Input and output name -> numpy dtype name, as the ML program declares them."""
+    declared = {name: dtype for op in program.ops for name, dtype in zip(op.outputs, op.dtypes, strict=True)}
+    io = {name: dtype for name, (_, dtype) in program.inputs.items()}
+    io.update({name: declared[name] for name in program.outputs})
+    return {name: np.dtype(dtype).name for name, dtype in io.items()}
+
+
+def _program_precision(program: Any) -> str:
+    """fp16 when the program computes anything in fp16 (its I/O can still be float32)."""
+    return "fp16" if any(d == np.float16 for op in program.ops for d in op.dtypes) else "fp32"
+
+
+def _compute_units(manifest: dict[str, Any]) -> str:
+    units = str(manifest.get("export", {}).get("compute_units", DEFAULT_COMPUTE_UNITS)).upper()
+    choices = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
+    if units not in choices:
+        raise ValueError(f"compute units {units!r} in the manifest; choose one of {', '.join(choices)}")
+    return units
+
+
+def _allowed_shapes(spec: Any) -> list[tuple[int, ...]]:
+    """The input shapes the model accepts: its enumerated shapes, else its one fixed shape."""
+    array = spec.description.input[0].type.multiArrayType
+    return [tuple(s.shape) for s in array.enumeratedShapes.shapes] or [tuple(array.shape)]
+
+
+def _check_shape(x: np.ndarray, allowed: list[tuple[int, ...]]) -> None:
+    if tuple(x.shape) not in allowed:
+        raise ValueError(f"input shape {tuple(x.shape)} is not one the model accepts: {allowed}")
+
+
+def _describe(mlmodel: Any, graph: torch.nn.Module, sizes: list[tuple[int, int]], metadata: dict[str, str]) -> None:
+    """Descriptions an app developer sees in Xcode's model viewer."""
+    c, m = _channels(graph), graph.pad_multiple
+    kind = "RGB" if c == 3 else "grayscale" if c == 1 else f"{c}-channel"
+    listed = ", ".join(f"{h}x{w}" for h, w in sizes)
+    mlmodel.input_description[INPUT_NAME] = (
+        f"{kind} image, float32 NCHW (1, {c}, H, W), values in [0, 1]; H x W one of {listed} (multiples of {m}): "
+        "zero-pad right/bottom to it and crop the output back, or tile larger images"
+    )
+    mlmodel.output_description[OUTPUT_NAME] = (
+        "restored image, same shape, layout and range as image; not clamped: clamp to [0, 1] before quantizing"
+    )
+    release = metadata.get("nafnet_edge.release")
+    mlmodel.short_description = f"NAFNet{f' {release}' if release else ''} image restoration, exported by nafnet-edge"
+    mlmodel.author = "nafnet-edge"
+    if metadata.get("nafnet_edge.source_sha256"):
+        mlmodel.version = f"weights sha256 {metadata['nafnet_edge.source_sha256'][:16]}"
+    if metadata.get("nafnet_edge.license"):
+        mlmodel.license = metadata["nafnet_edge.license"]
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(f in message for f in self.fragments)
+
+
+@contextmanager
+def _quiet_coreml_backend() -> Iterator[None]:
+    """Lower without the Core ML backend's chatter: its partitioner logs at INFO, and its preprocess warns on every
+    lowering that the spec version limits the OSes (the minimum target is chosen on purpose)."""
+    partitioner = logging.getLogger("executorch.backends.apple.coreml.partition.coreml_partitioner")
+    preprocess = logging.getLogger("executorch.backends.apple.coreml.compiler.coreml_preprocess")
+    quiet = _DropMessages("and it will not run on all version of iOS/macOS")
+    level = partitioner.level
+    partitioner.setLevel(logging.WARNING)
+    preprocess.addFilter(quiet)
+    try:
+        yield
+    finally:
+        preprocess.removeFilter(quiet)
+        partitioner.setLevel(level)

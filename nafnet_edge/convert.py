@@ -1,0 +1,323 @@
+"""The conversion pipeline: checkpoint -> deploy graph -> artifact -> manifest and usage note -> validation.
+
+Each target gets its own directory ``OUT/<target>/`` holding the artifact, ``manifest.json`` and ``USAGE.md``.
+The directory is built under a temporary name beside it and renamed into place only when export and
+validation have finished (a validation that misses its budget still lands, marked failed in the manifest,
+so the user can inspect it); on any error or interrupt the temporary directory is removed and a previous
+result, if any, is left untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nafnet_edge.checkpoint import LoadedCheckpoint
+from nafnet_edge.converters import INPUT_NAME, OUTPUT_NAME, ExportOptions, get_converter
+from nafnet_edge.deploy import DEFAULT_STREAM_SCALE, TRANSFORMATIONS, FixedPool, deploy
+from nafnet_edge.errors import BadInputError
+from nafnet_edge.model import NAFNetLocal
+from nafnet_edge.usage import usage_note
+from nafnet_edge.validate import (
+    DEFAULT_OVERLAP_PX,
+    Budgets,
+    ValidationImage,
+    ValidationReport,
+    reference_outputs,
+    validate_runner,
+)
+
+MANIFEST = "manifest.json"
+USAGE = "USAGE.md"
+MANIFEST_VERSION = 1
+TOOL_PACKAGES = ("nafnet-edge", "torch", "coremltools", "executorch", "openvino", "onnx", "onnxruntime", "numpy")
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    images: list[ValidationImage]
+    data: str  # how the images were chosen, for the manifest
+    reference_device: torch.device
+    overlap_px: int = DEFAULT_OVERLAP_PX
+    min_fidelity_db: float | None = None
+    max_drift_db: float | None = None
+    use_cache: bool = True
+
+
+@dataclass
+class ConvertResult:
+    target: str
+    directory: Path
+    manifest: dict[str, Any]
+
+    @property
+    def validation(self) -> dict[str, Any] | None:
+        return self.manifest.get("validation")
+
+    @property
+    def passed(self) -> bool:
+        return self.validation is None or bool(self.validation["passed"])
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {}
+    for name in TOOL_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def tlc_settings(loaded: LoadedCheckpoint, graph: torch.nn.Module) -> dict[str, Any]:
+    """How channel attention pools in the exported graph (TLC's local pooling is fixed for the input size)."""
+    pools = [m for m in graph.modules() if isinstance(m, FixedPool)]
+    local = [list(p.kernel_size) for p in pools if p.kernel_size is not None]
+    return {
+        "arch": "NAFNetLocal" if isinstance(loaded.model, NAFNetLocal) else "NAFNet",
+        "train_size": list(loaded.config.train_size) if loaded.config.train_size else None,
+        "pools_global": len(pools) - len(local),
+        "pools_local": len(local),
+        "local_kernels": sorted({tuple(k) for k in local}) if local else [],
+    }
+
+
+def build_manifest(
+    loaded: LoadedCheckpoint,
+    target: str,
+    options: ExportOptions,
+    graph: torch.nn.Module,
+    exported_files: list[str],
+    export_info: dict[str, Any],
+    overlap_px: int,
+) -> dict[str, Any]:
+    h, w = options.input_size
+    c = loaded.config.img_channels
+    release = loaded.release
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "target": target,
+        "precision": options.precision,
+        "files": exported_files,
+        "input": {
+            "name": INPUT_NAME,
+            "shape": [1, c, h, w],
+            "layout": "NCHW",
+            "dtype": "float32",
+            "channels": "RGB" if c == 3 else "gray",
+            "range": [0.0, 1.0],
+        },
+        "output": {
+            "name": OUTPUT_NAME,
+            "shape": [1, c, h, w],
+            "layout": "NCHW",
+            "dtype": "float32",
+            "range": "unclamped; clamp to [0, 1] before quantizing",
+        },
+        "padding_multiple": loaded.config.pad_multiple,
+        "tiling": {"tile": [h, w], "overlap_px": overlap_px, "blend": "raised cosine, weights sum to one"},
+        "tlc": tlc_settings(loaded, graph),
+        "source": {
+            "checkpoint": loaded.path.name,
+            "path": None if loaded.is_default else str(loaded.path.resolve()),
+            "embedded_default": loaded.is_default,
+            "sha256": loaded.sha256,
+            "release": release.name if release else None,
+            "arch_source": loaded.arch_source,
+            "config": loaded.config.to_dict(),
+            "params": loaded.num_params,
+        },
+        "deploy": {"transformations": list(TRANSFORMATIONS), "stream_scale": DEFAULT_STREAM_SCALE},
+        "export": export_info,
+        "tools": tool_versions(),
+        "host": {"platform": platform.platform(), "python": platform.python_version()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def graph_metadata(loaded: LoadedCheckpoint, target: str, options: ExportOptions) -> dict[str, str]:
+    """The manifest essentials every artifact carries inside itself (str -> str)."""
+    release = loaded.release
+    return {
+        "nafnet_edge.version": tool_versions().get("nafnet-edge", "unknown"),
+        "nafnet_edge.target": target,
+        "nafnet_edge.precision": options.precision,
+        "nafnet_edge.source_sha256": loaded.sha256,
+        "nafnet_edge.release": release.name if release else "",
+        "nafnet_edge.arch": type(loaded.model).__name__,
+        "nafnet_edge.config": json.dumps(loaded.config.to_dict()),
+        "nafnet_edge.input": f"{INPUT_NAME}: float32 NCHW [1,{loaded.config.img_channels},"
+        f"{options.input_size[0]},{options.input_size[1]}] RGB in [0,1]",
+        "nafnet_edge.output": f"{OUTPUT_NAME}: same shape, unclamped",
+        "nafnet_edge.padding_multiple": str(loaded.config.pad_multiple),
+    }
+
+
+@contextmanager
+def staged_directory(final: Path) -> Iterator[Path]:
+    """A temporary directory beside ``final`` that replaces it when the block completes, else is removed."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.{os.getpid()}.old"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialize {type(value).__name__}")
+
+
+def convert(
+    loaded: LoadedCheckpoint,
+    target: str,
+    out_dir: str | Path,
+    options: ExportOptions,
+    *,
+    validation: ValidationSettings | None,
+    step: Callable[[str], None] | None = None,
+) -> ConvertResult:
+    """Export ``loaded`` for ``target`` into ``out_dir/target`` and validate it (unless ``validation`` is None)."""
+    converter = get_converter(target)
+    converter.check_available()
+    converter.check_options(options)
+    m = loaded.config.pad_multiple
+    if options.input_size[0] % m or options.input_size[1] % m:
+        raise ValueError(f"input size {options.input_size[0]}x{options.input_size[1]} must be a multiple of {m}")
+    say = step or (lambda _: None)
+    final = Path(out_dir) / target
+    with staged_directory(final) as tmp:
+        say(f"{target}: deploy graph")
+        graph = deploy(loaded.model, target=converter.deploy_target, input_size=options.input_size)  # type: ignore[arg-type]
+        graph.manifest_metadata = graph_metadata(loaded, target, options)
+        if options.bundle and validation is not None and not options.test_inputs:
+            options = _with_test_io(options, loaded, validation)
+        say(f"{target}: export")
+        exported = converter.export(graph, tmp, options)
+        overlap = validation.overlap_px if validation else DEFAULT_OVERLAP_PX
+        manifest = build_manifest(loaded, target, options, graph, exported.files, exported.info, overlap)
+        (tmp / USAGE).write_text(usage_note(target, manifest))
+        if validation is not None:
+            say(f"{target}: validate in its runtime")
+            runner = converter.load_runner(tmp, manifest)
+            manifest["runtime"] = runner.info
+            report = run_validation(loaded, runner.run, options, validation)
+            manifest["validation"] = report.to_dict()
+        write_json(tmp / MANIFEST, manifest)
+    return ConvertResult(target, final, manifest)
+
+
+def run_validation(
+    loaded: LoadedCheckpoint,
+    run: Callable[[np.ndarray], np.ndarray],
+    options: ExportOptions,
+    settings: ValidationSettings,
+) -> ValidationReport:
+    if not settings.images:
+        raise BadInputError("no validation images")
+    tile = options.input_size
+    refs = reference_outputs(
+        loaded.model,
+        loaded.sha256,
+        settings.images,
+        tile=tile,
+        overlap=settings.overlap_px,
+        device=settings.reference_device,
+        use_cache=settings.use_cache,
+    )
+    loaded.model.cpu()
+    budgets = Budgets.for_precision(
+        options.precision, min_fidelity_db=settings.min_fidelity_db, max_drift_db=settings.max_drift_db
+    )
+    return validate_runner(
+        run,
+        refs,
+        settings.images,
+        tile=tile,
+        overlap=settings.overlap_px,
+        multiple=loaded.config.pad_multiple,
+        budgets=budgets,
+        reference_device=str(settings.reference_device),
+        data=settings.data,
+    )
+
+
+def _with_test_io(options: ExportOptions, loaded: LoadedCheckpoint, settings: ValidationSettings) -> ExportOptions:
+    """A bundled program's test case: the first validation image's top-left tile and the reference output."""
+    from dataclasses import replace
+
+    h, w = options.input_size
+    pixels = settings.images[0].input[:h, :w]
+    x = np.zeros((1, pixels.shape[2], h, w), np.float32)
+    x[0, :, : pixels.shape[0], : pixels.shape[1]] = pixels.transpose(2, 0, 1)
+    with torch.inference_mode():
+        y = loaded.model.float().cpu()(torch.from_numpy(x)).numpy()
+    return replace(options, test_inputs=(x,), test_outputs=(y,))
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise BadInputError(f"{directory} has no {MANIFEST}: point at a directory written by nafnet-edge convert")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BadInputError(f"{path} is not valid JSON ({e}); convert again") from None
+
+
+def validate_directory(
+    directory: str | Path, loaded: LoadedCheckpoint, settings: ValidationSettings
+) -> tuple[dict[str, Any], ValidationReport]:
+    """Re-validate an artifact directory; the manifest's validation section is rewritten atomically."""
+    from nafnet_edge.atomic import atomic_path
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest["source"]["sha256"] != loaded.sha256:
+        raise BadInputError(
+            f"{directory} was converted from a checkpoint with sha256 {manifest['source']['sha256'][:12]}..., "
+            f"not {loaded.sha256[:12]}...: pass the checkpoint it came from"
+        )
+    converter = get_converter(manifest["target"])
+    converter.check_available()
+    runner = converter.load_runner(directory, manifest)
+    h, w = manifest["input"]["shape"][2:]
+    options = ExportOptions(input_size=(h, w), precision=manifest["precision"])
+    report = run_validation(loaded, runner.run, options, settings)
+    manifest["runtime"] = runner.info
+    manifest["validation"] = report.to_dict()
+    with atomic_path(directory / MANIFEST) as tmp:
+        write_json(tmp, manifest)
+    return manifest, report

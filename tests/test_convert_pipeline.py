@@ -1,0 +1,171 @@
+"""convert / validate end to end: manifest, usage note (its Python runs), budgets, atomic output directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from helpers import randomize
+
+from nafnet_edge.cli import main
+from nafnet_edge.errors import EXIT_BUDGET, EXIT_USAGE
+from nafnet_edge.model import NAFNet, NAFNetConfig
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+
+KODAK = Path(__file__).resolve().parents[1] / "nafnet_edge" / "data" / "kodak"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("NAFNET_EDGE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    model = randomize(NAFNet(NAFNetConfig(width=8, enc_blk_nums=(1, 1), middle_blk_num=1, dec_blk_nums=(1, 1))))
+    path = tmp_path / "tiny.pth"
+    torch.save({"params": model.state_dict()}, path)
+    return path
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    """Two real crops, one larger than the 64 px artifact (tiled), one smaller (padded)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(96, 120), (50, 40)]):
+        image = cv2.imread(str(sorted(KODAK.glob("*.png"))[i]))[100 : 100 + h, 80 : 80 + w]
+        cv2.imwrite(str(folder / f"crop{i}.png"), image)
+    return folder
+
+
+def convert(checkpoint: Path, out: Path, data: Path, *extra: str) -> int:
+    return main(["convert", str(checkpoint), "-o", str(out), "--input-size", "64", "--data", str(data), *extra])
+
+
+@pytest.mark.parametrize("target", ["onnx", "openvino"])
+def test_convert_writes_artifact_manifest_and_a_usage_note_whose_python_runs(
+    target: str, checkpoint: Path, data: Path, tmp_path: Path, capsys
+) -> None:
+    assert convert(checkpoint, tmp_path / "out", data, "--target", target) == 0
+    folder = tmp_path / "out" / target
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["target"] == target and manifest["precision"] == "fp32"
+    assert manifest["input"] == {
+        "name": "image",
+        "shape": [1, 3, 64, 64],
+        "layout": "NCHW",
+        "dtype": "float32",
+        "channels": "RGB",
+        "range": [0.0, 1.0],
+    }
+    assert manifest["padding_multiple"] == 4 and manifest["tiling"]["tile"] == [64, 64]
+    assert manifest["source"]["sha256"] == __import__("hashlib").sha256(checkpoint.read_bytes()).hexdigest()
+    assert "scale_residual_stream" in manifest["deploy"]["transformations"]
+    assert manifest["tools"]["torch"].startswith("2.13")
+    v = manifest["validation"]
+    assert v["passed"] and v["summary"]["images"] == 2
+    assert v["summary"]["fidelity_db_min"] >= 60.0 and v["summary"]["nonfinite"] == 0
+    assert [r["tiles"] for r in v["per_image"]] == [6, 1]  # 96x120: 2x3 tiles of 64 (overlap 32); 50x40: padded
+    assert v["per_image"][0]["tiling_db"] is not None  # tiling drift reported apart from precision drift
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    assert target in capsys.readouterr().out
+
+    # the usage note's Python, run as written in the artifact directory on a real photo
+    note = (folder / "USAGE.md").read_text()
+    code = note.split("```python\n")[1].split("```")[0]
+    shutil.copy(data / "crop0.png", folder / "photo.png")
+    cwd = os.getcwd()
+    try:
+        os.chdir(folder)
+        (folder / "snippet.py").write_text(code)
+        runpy.run_path(str(folder / "snippet.py"))
+    finally:
+        os.chdir(cwd)
+    restored = cv2.imread(str(folder / "restored.png"))
+    assert restored.shape == (64, 64, 3)  # the snippet crops to the photo (96x120 -> one 64x64 tile)
+
+
+def test_missed_budget_exits_3_and_keeps_the_artifact_marked_failed(
+    checkpoint: Path, data: Path, tmp_path: Path
+) -> None:
+    code = convert(checkpoint, tmp_path / "out", data, "--target", "onnx", "--min-fidelity", "400")
+    assert code == EXIT_BUDGET
+    manifest = json.loads((tmp_path / "out" / "onnx" / "manifest.json").read_text())
+    assert not manifest["validation"]["passed"]
+    assert "fidelity" in manifest["validation"]["failures"][0] and "--min-fidelity" in manifest["validation"]["failures"][0]
+    assert (tmp_path / "out" / "onnx" / "model.onnx").is_file()
+
+
+def test_validate_reruns_in_the_runtime_and_rewrites_the_manifest(checkpoint: Path, data: Path, tmp_path: Path) -> None:
+    assert convert(checkpoint, tmp_path / "out", data, "--target", "onnx", "--no-validate") == 0
+    folder = tmp_path / "out" / "onnx"
+    assert "validation" not in json.loads((folder / "manifest.json").read_text())
+    assert main(["validate", str(folder), "--data", str(data)]) == 0  # the checkpoint path is recorded
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["validation"]["passed"] and manifest["runtime"]["runtime"] == "onnxruntime"
+    assert main(["validate", str(folder), "--data", str(data), "--max-drift", "0", "--min-fidelity", "999"]) == 3
+
+
+def test_default_validation_scores_drift_against_ground_truth(checkpoint: Path, tmp_path: Path) -> None:
+    """Without --data: the shipped photos with seeded noise, clean photos as ground truth (task PSNR, SSIM)."""
+    assert main(["convert", str(checkpoint), "-o", str(tmp_path / "out"), "--target", "onnx"]) == 0
+    summary = json.loads((tmp_path / "out" / "onnx" / "manifest.json").read_text())["validation"]["summary"]
+    assert summary["images"] == 4
+    assert abs(summary["drift_db_mean"]) < 0.01
+    assert 0 < summary["artifact_ssim_mean"] <= 1
+
+
+def test_a_failing_export_leaves_nothing_and_keeps_the_previous_result(
+    checkpoint: Path, data: Path, tmp_path: Path, monkeypatch
+) -> None:
+    out = tmp_path / "out"
+    assert convert(checkpoint, out, data, "--target", "onnx", "--no-validate") == 0
+    before = (out / "onnx" / "manifest.json").read_text()
+
+    from nafnet_edge.converters.onnx import ONNXConverter
+
+    def broken(self, graph, out_dir, options):  # writes part of the artifact, then fails
+        (out_dir / "model.onnx").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ONNXConverter, "export", broken)
+    assert convert(checkpoint, out, data, "--target", "onnx") == 130
+    assert (out / "onnx" / "manifest.json").read_text() == before  # the previous result is untouched
+    assert sorted(p.name for p in out.iterdir()) == ["onnx"]  # and no temporary directory is left
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--target", "onnx", "--input-size", "66"], "multiple of 4"),
+        (["--target", "openvino", "--dynamic"], "--dynamic is for --target onnx"),
+        (["--target", "onnx", "--data", "nowhere"], "not a folder"),
+    ],
+)
+def test_bad_options_are_refused_before_anything_is_written(
+    extra: list[str], message: str, checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    code = main(["convert", str(checkpoint), "-o", str(tmp_path / "out"), *extra])
+    assert code in (EXIT_USAGE, 5)
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_reference_outputs_are_cached_by_checkpoint_and_image(checkpoint: Path, data: Path, tmp_path: Path) -> None:
+    assert convert(checkpoint, tmp_path / "out", data, "--target", "onnx") == 0
+    cached = sorted((tmp_path / "cache" / "reference").glob("*.npz"))
+    assert len(cached) == 2
+    stamp = [p.stat().st_mtime_ns for p in cached]
+    assert convert(checkpoint, tmp_path / "out", data, "--target", "openvino") == 0
+    assert [p.stat().st_mtime_ns for p in cached] == stamp  # reused, not recomputed
+    np.testing.assert_array_equal(np.load(cached[0])["tiled"].shape[2], 3)
