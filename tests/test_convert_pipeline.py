@@ -102,7 +102,8 @@ def test_missed_budget_exits_3_and_keeps_the_artifact_marked_failed(
     assert code == EXIT_BUDGET
     manifest = json.loads((tmp_path / "out" / "onnx" / "manifest.json").read_text())
     assert not manifest["validation"]["passed"]
-    assert "fidelity" in manifest["validation"]["failures"][0] and "--min-fidelity" in manifest["validation"]["failures"][0]
+    failure = manifest["validation"]["failures"][0]
+    assert "fidelity" in failure and "--min-fidelity" in failure
     assert (tmp_path / "out" / "onnx" / "model.onnx").is_file()
 
 
