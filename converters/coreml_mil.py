@@ -211,6 +211,17 @@ def _conv_f32(x: np.ndarray, w: np.ndarray, strides: list[int], dilations: list[
     """Grouped N-d convolution of float32 arrays, accumulated in float32 (no bias)."""
     n, c = x.shape[:2]
     c_out, cg, *kernel = w.shape
+    unit = all(s == 1 for s in strides) and all(d == 1 for d in dilations)
+    if unit and all(k == 1 for k in kernel) and groups == 1 and not any(any(p) for p in pads):  # 1x1: one matmul
+        return np.matmul(w.reshape(c_out, c), x.reshape(n, c, -1)).reshape(n, c_out, *x.shape[2:])
+    if unit and groups == c == c_out and x.ndim == 4:  # depthwise: a weighted sum of shifted views
+        xp = np.pad(x, [(0, 0), (0, 0), *pads])
+        out_h, out_w = xp.shape[2] - kernel[0] + 1, xp.shape[3] - kernel[1] + 1
+        out = np.zeros((n, c, out_h, out_w), np.float32)
+        for i in range(kernel[0]):
+            for j in range(kernel[1]):
+                out += w[None, :, 0, i, j, None, None] * xp[:, :, i : i + out_h, j : j + out_w]
+        return out
     win = _windows(x, kernel, strides, dilations, pads, 0.0)
     out_sp = win.shape[2 : 2 + len(kernel)]
     p, k = math.prod(out_sp), math.prod(kernel)
@@ -249,6 +260,16 @@ def _conv_transpose(a: Args) -> np.ndarray:
         raise NotImplementedError(f"conv_transpose pad_type {pad_type!r}")
     n, c_in, *spatial = x.shape
     og, kernel = w.shape[1], list(w.shape[2:])
+    if (
+        groups == 1
+        and x.ndim == 4
+        and strides == kernel
+        and dilations == [1, 1]
+        and pad_type == "valid"
+        and a.get("output_shape") is None
+    ):  # non-overlapping (upsampling): out[o, r*i+a, r*j+b] = w[:, o, a, b] x
+        y = np.einsum("nihw,ioab->nohawb", x, w, optimize=True)
+        return _add_bias(y.reshape(n, og, spatial[0] * kernel[0], spatial[1] * kernel[1]), a.get("bias"))
     up = np.zeros((n, c_in, *[(i - 1) * s + 1 for i, s in zip(spatial, strides, strict=True)]), np.float32)
     up[(slice(None), slice(None), *(slice(None, None, s) for s in strides))] = x
     wc = w.reshape(groups, c_in // groups, og, *kernel).swapaxes(1, 2).reshape(groups * og, c_in // groups, *kernel)

@@ -1,0 +1,140 @@
+"""ExecuTorch converter: one XNNPACK partition, the .pte runs in ExecuTorch's runtime like the PyTorch deploy
+graph, and the bundled program verifies itself in the runtime; options it cannot honour are refused.
+
+One module-scoped export (lowering takes most of this file's time) serves every test that needs an artifact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("executorch")
+
+import torch  # noqa: E402
+from helpers import randomize  # noqa: E402
+from nafnet_edge.converters import Converter, Exported, ExportOptions, get_converter  # noqa: E402
+
+from nafnet_edge.deploy import DeployNAFNet, deploy  # noqa: E402
+from nafnet_edge.images import read_image  # noqa: E402
+from nafnet_edge.model import NAFNet, NAFNetConfig  # noqa: E402
+
+KODAK = sorted(Path(str(resources.files("nafnet_edge") / "data" / "kodak")).glob("*.png"))
+CFG = NAFNetConfig(width=8, enc_blk_nums=(1, 1), middle_blk_num=1, dec_blk_nums=(1, 1))
+SIZE = (64, 64)
+MAX_ABS_ERR = 5e-6  # fp32 XNNPACK vs PyTorch; measured up to 9.5e-7 on these crops
+BUNDLE_TOLERANCE = 1e-5  # rtol and atol for the runtime's bundled check (its default atol 1e-8 is below fp32 noise)
+
+
+def photo(h: int, w: int, index: int = 0, top: int = 100) -> np.ndarray:
+    pixels = read_image(KODAK[index]).pixels[top : top + h, 50 : 50 + w]
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))[None]
+
+
+def reference(module: torch.nn.Module, a: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return module(torch.from_numpy(a)).numpy()
+
+
+def max_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b).max())
+
+
+@dataclass
+class Artifact:
+    converter: Converter
+    model: NAFNet
+    graph: DeployNAFNet
+    exported: Exported
+    out_dir: Path
+    test_inputs: tuple[np.ndarray, ...]
+    test_outputs: tuple[np.ndarray, ...]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
+    converter = get_converter("executorch")
+    converter.check_available()
+    model = randomize(NAFNet(CFG))
+    graph = deploy(model, target=converter.deploy_target, input_size=SIZE)  # type: ignore[arg-type]
+    inputs = (photo(*SIZE, 0), photo(*SIZE, 1))
+    outputs = tuple(reference(model, x) for x in inputs)  # what the pipeline bundles: the original model's outputs
+    options = ExportOptions(input_size=SIZE, bundle=True, test_inputs=inputs, test_outputs=outputs)
+    converter.check_options(options)
+    out_dir = tmp_path_factory.mktemp("executorch")
+    exported = converter.export(graph, out_dir, options)
+    return Artifact(converter, model, graph, exported, out_dir, inputs, outputs)
+
+
+def test_one_xnnpack_partition_and_nothing_outside(artifact: Artifact) -> None:
+    info = artifact.exported.info
+    assert artifact.exported.files == ["model.pte", "model.bpte"]
+    assert info["delegated_partitions"] == 1 and info["delegate_backends"] == ["XnnpackBackend"]
+    assert info["ops_outside_delegate"] == {}
+    assert info["program_bytes"] == (artifact.out_dir / "model.pte").stat().st_size
+    assert info["executorch_version"].startswith("1.")
+    assert info["bundled_test_cases"] == 2 and info["bundle_bytes"] == (artifact.out_dir / "model.bpte").stat().st_size
+
+
+def test_pte_matches_pytorch_in_the_executorch_runtime(artifact: Artifact) -> None:
+    runner = artifact.converter.load_runner(artifact.out_dir, {})
+    assert runner.info["runtime"] == "executorch" and runner.info["backend"] == "XnnpackBackend"
+    assert runner.info.get("threads", 1) >= 1
+    for index in range(len(KODAK)):
+        x = photo(*SIZE, index, top=200)
+        out = runner.run(x)
+        assert out.dtype == np.float32 and out.shape == x.shape
+        assert max_err(out, reference(artifact.graph, x)) <= MAX_ABS_ERR
+        assert max_err(out, reference(artifact.model, x)) <= MAX_ABS_ERR
+    with pytest.raises(ValueError, match=r"takes input \(1, 3, 64, 64\), got \(1, 3, 64, 80\)"):
+        runner.run(photo(64, 80))
+
+
+def test_bundled_program_verifies_itself_in_the_runtime(artifact: Artifact) -> None:
+    from executorch.devtools.bundled_program.serialize import deserialize_from_flatbuffer_to_bundled_program
+    from executorch.extension.pybindings.portable_lib import _load_bundled_program_from_buffer
+
+    data = (artifact.out_dir / "model.bpte").read_bytes()
+    bundle = _load_bundled_program_from_buffer(data)
+    for case in range(len(artifact.test_inputs)):
+        outputs = bundle.verify_result_with_bundled_expected_output(
+            "forward", case, rtol=BUNDLE_TOLERANCE, atol=BUNDLE_TOLERANCE
+        )
+        assert max_err(outputs[0].numpy(), artifact.test_outputs[case]) <= MAX_ABS_ERR
+
+    schema = deserialize_from_flatbuffer_to_bundled_program(data)
+    assert bytes(schema.program) == (artifact.out_dir / "model.pte").read_bytes()
+    (suite,) = schema.method_test_suites
+    assert suite.method_name == "forward" and len(suite.test_cases) == 2
+    for case, x, y in zip(suite.test_cases, artifact.test_inputs, artifact.test_outputs, strict=True):
+        (stored_in,), (stored_out,) = case.inputs, case.expected_outputs
+        assert list(stored_in.val.sizes) == list(x.shape) and list(stored_out.val.sizes) == list(y.shape)
+        assert np.array_equal(np.frombuffer(bytes(stored_in.val.data), np.float32).reshape(x.shape), x)
+        assert np.array_equal(np.frombuffer(bytes(stored_out.val.data), np.float32).reshape(y.shape), y)
+
+    with pytest.raises(RuntimeError, match="verification failed"):  # the check does compare: a zero tolerance fails
+        bundle.verify_result_with_bundled_expected_output("forward", 0, rtol=0.0, atol=0.0)
+
+
+def test_options_it_cannot_honour_are_refused(tmp_path: Path) -> None:
+    converter = get_converter("executorch")
+    assert converter.target == "executorch" and converter.artifact == "model.pte" and converter.precisions == ("fp32",)
+    for bad in (dict(dynamic=True), dict(extra_sizes=((128, 128),))):
+        with pytest.raises(ValueError, match="one fixed size per .pte.*tile larger images"):
+            converter.check_options(ExportOptions(input_size=SIZE, **bad))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="precision fp32, not fp16"):
+        converter.check_options(ExportOptions(input_size=SIZE, precision="fp16"))
+    bundle_without_inputs = ExportOptions(input_size=SIZE, bundle=True)
+    converter.check_options(bundle_without_inputs)  # the pipeline adds test inputs after this check ...
+    with pytest.raises(ValueError, match="needs test inputs"):  # ... export refuses before the (slow) lowering
+        converter.export(torch.nn.Identity(), tmp_path, bundle_without_inputs)
+    x = photo(*SIZE)
+    with pytest.raises(ValueError, match=r"must be \(1, C, 64, 64\).*got \(1, 3, 32, 64\)"):
+        converter.check_options(ExportOptions(input_size=SIZE, bundle=True, test_inputs=(x[..., :32, :],)))
+    with pytest.raises(ValueError, match="one output per input"):
+        converter.check_options(ExportOptions(input_size=SIZE, bundle=True, test_inputs=(x, x), test_outputs=(x,)))
+    assert list(tmp_path.iterdir()) == []
