@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-target", default="iOS17", metavar="OS", help="Core ML: iOS17 (default), iOS18, macOS14...")
     p.add_argument("--bundle", action="store_true", help="ExecuTorch: also a bundled program with test I/O")
     p.add_argument("--no-validate", action="store_true", help="export only")
+    p.add_argument("--force", action="store_true", help="replace OUT/<target> when it exists")
+    p.add_argument("--json", action="store_true", help="print one JSON object: artifacts, metrics, skipped")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
@@ -180,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("directory", type=Path, metavar="ARTIFACT_DIR", help="OUT/<target> written by convert")
     p.add_argument("--checkpoint", dest="checkpoint", metavar="CKPT", help="source checkpoint (default: recorded)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the metrics")
     p.set_defaults(func=cmd_validate)
     return parser
 
@@ -419,6 +422,19 @@ def _validation_settings(args: argparse.Namespace, channels: int) -> Any:
     )
 
 
+def _result_json(result: Any) -> dict[str, Any]:
+    v = result.validation
+    return {
+        "target": result.target,
+        "directory": str(result.directory),
+        "files": [str(result.directory / f) for f in result.manifest["files"]],
+        "precision": result.manifest["precision"],
+        "runtime": result.manifest.get("runtime"),
+        "passed": result.passed,
+        "validation": None if v is None else {"failures": v["failures"], **v["summary"]},
+    }
+
+
 def _print_result(result: Any) -> None:
     v = result.validation
     line = f"{result.target:<18} {result.manifest['precision']:<5} {result.directory}"
@@ -439,6 +455,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from nafnet_edge.errors import EXIT_BUDGET, MissingBackendError
 
     targets = list(TARGET_NAMES) if args.target == "all" else [args.target]
+    existing = [str(args.output / t) for t in targets if (args.output / t).exists()]
+    if existing and not args.force:
+        raise UsageError(f"{', '.join(existing)} exists; pass --force to replace it or choose another -o")
     loaded = _load(args, args.checkpoint)
     settings = None if args.no_validate else _validation_settings(args, loaded.config.img_channels)
     results, skipped = [], []
@@ -468,8 +487,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
                     raise e if isinstance(e, MissingBackendError) else UsageError(str(e)) from None
                 skipped.append(f"{target}: {e}")
             bar.update(done + steps - bar.n)
-    for result in results:
-        _print_result(result)
+    if args.json:
+        print(json.dumps({"artifacts": [_result_json(r) for r in results], "skipped": skipped}, indent=2))
+    else:
+        for result in results:
+            _print_result(result)
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     if not results:
@@ -491,7 +513,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     loaded = _load(args, checkpoint)
     settings = _validation_settings(args, loaded.config.img_channels)
     manifest, report = validate_directory(args.directory, loaded, settings)
-    _print_result(ConvertResult(manifest["target"], Path(args.directory), manifest))
+    result = ConvertResult(manifest["target"], Path(args.directory), manifest)
+    if args.json:
+        print(json.dumps(_result_json(result), indent=2))
+    else:
+        _print_result(result)
     return 0 if report.passed else EXIT_BUDGET
 
 

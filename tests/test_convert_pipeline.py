@@ -6,6 +6,7 @@ import json
 import os
 import runpy
 import shutil
+import sys
 from pathlib import Path
 
 import cv2
@@ -140,7 +141,7 @@ def test_a_failing_export_leaves_nothing_and_keeps_the_previous_result(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ONNXConverter, "export", broken)
-    assert convert(checkpoint, out, data, "--target", "onnx") == 130
+    assert convert(checkpoint, out, data, "--target", "onnx", "--force") == 130
     assert (out / "onnx" / "manifest.json").read_text() == before  # the previous result is untouched
     assert sorted(p.name for p in out.iterdir()) == ["onnx"]  # and no temporary directory is left
 
@@ -170,3 +171,50 @@ def test_reference_outputs_are_cached_by_checkpoint_and_image(checkpoint: Path, 
     assert convert(checkpoint, tmp_path / "out", data, "--target", "openvino") == 0
     assert [p.stat().st_mtime_ns for p in cached] == stamp  # reused, not recomputed
     np.testing.assert_array_equal(np.load(cached[0])["tiled"].shape[2], 3)
+
+
+def test_every_target_converts_and_validates_in_its_runtime(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """--target all on a tiny model: each artifact runs in its own runtime (Core ML through the ML-program
+    evaluator off Apple platforms) and meets the default budgets; --json gives one object."""
+    folder = tmp_path / "one"
+    folder.mkdir()
+    image = cv2.imread(str(sorted(KODAK.glob("*.png"))[2]))[60:140, 90:170]  # 80x80: 4 tiles of 64
+    cv2.imwrite(str(folder / "crop.png"), image)
+    code = convert(checkpoint, tmp_path / "out", folder, "--target", "all", "--json")
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0, report
+    got = {a["target"]: a for a in report["artifacts"]}
+    assert sorted(got) == ["coreml", "executorch", "executorch-coreml", "onnx", "openvino"], report["skipped"]
+    for target, artifact in got.items():
+        assert artifact["passed"] and artifact["validation"]["nonfinite"] == 0, target
+        assert all(Path(f).exists() for f in artifact["files"])
+        floor = 60.0 if artifact["precision"] == "fp32" else 45.0
+        assert artifact["validation"]["fidelity_db_min"] >= floor, (target, artifact["validation"])
+    assert got["coreml"]["precision"] == "fp16" and got["openvino"]["runtime"]["inference_precision"] == "f32"
+    assert got["executorch"]["runtime"]["runtime"] == "executorch"
+    assert got["onnx"]["runtime"]["runtime"] == "onnxruntime"
+    if sys.platform != "darwin":
+        assert got["coreml"]["runtime"]["runtime"] == "mil-numpy-evaluator"
+
+
+def test_an_existing_output_is_refused_without_force(checkpoint: Path, data: Path, tmp_path: Path, capsys) -> None:
+    assert convert(checkpoint, tmp_path / "out", data, "--target", "onnx", "--no-validate") == 0
+    capsys.readouterr()
+    assert convert(checkpoint, tmp_path / "out", data, "--target", "onnx", "--no-validate") == EXIT_USAGE
+    assert "pass --force" in capsys.readouterr().err
+    assert convert(checkpoint, tmp_path / "out", data, "--target", "onnx", "--no-validate", "--force") == 0
+
+
+def test_a_missing_backend_gives_a_one_line_install_hint(checkpoint: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    from nafnet_edge.converters.onnx import ONNXConverter
+
+    monkeypatch.setattr(ONNXConverter, "modules", ("no_such_runtime_module",))
+    assert main(["convert", str(checkpoint), "-o", str(tmp_path / "out"), "--target", "onnx"]) == 4
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'nafnet-edge[onnx]'" in err
+
+
+def test_an_unknown_target_is_a_usage_error(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["convert", "--target", "tflite"])
+    assert e.value.code == EXIT_USAGE and "invalid choice: 'tflite'" in capsys.readouterr().err

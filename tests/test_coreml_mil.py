@@ -158,6 +158,30 @@ def test_fp16_overflow_in_upstream_layernorm(tmp_path, image):
     assert np.isfinite(loud["restored"]).all()
 
 
+def test_fp16_program_of_the_deploy_graph_is_clean_where_upstream_overflows(tmp_path, image):
+    """A model whose residual stream is at trained-model magnitudes (|x| in the hundreds): the upstream form
+    overflows fp16 in its squares and misses 45 dB; the deploy graph (explicit squares too, form "generic")
+    keeps every intermediate finite and meets 45 dB against fp32 PyTorch."""
+    model = randomize(build_model(ONE_LEVEL))
+    with torch.no_grad():  # intro, beta, gamma x 400; ending / 400: same share of the stream per block
+        for name, p in model.named_parameters():
+            if name.startswith("intro.") or name.endswith(("beta", "gamma")):
+                p.mul_(400.0)
+        model.ending.weight.div_(400.0)
+    ref = _torch(model, image)
+    plain = _export(model, tmp_path / "plain.mlpackage", ct.precision.FLOAT16)
+    squares = [op.outputs[0] for op in plain.ops if op.type == "pow"]
+    out = plain.run({"image": image}, fetch=[*squares, "restored"])
+    assert any(np.isinf(out[name]).any() for name in squares)
+    assert _psnr(np.clip(out["restored"].astype(np.float32), 0, 1), ref.clip(0, 1)) < 45.0
+    graph = deploy(model, target="generic", input_size=(SIZE, SIZE))
+    program = _export(graph, tmp_path / "deploy.mlpackage", ct.precision.FLOAT16)
+    every = [name for op in program.ops for name in op.outputs]
+    values = program.run({"image": image}, fetch=every)
+    assert all(np.isfinite(v).all() for v in values.values())
+    assert _psnr(np.clip(values[program.outputs[0]].astype(np.float32), 0, 1), ref.clip(0, 1)) >= 45.0
+
+
 def test_tlc_local_pooling_program(tmp_path, image):
     # train_size 32x24 -> TLC kernels 48x36 and 24x18: smaller than both feature maps of a 64x64 input
     model = randomize(build_model(ONE_LEVEL.replace(arch="nafnet-local", train_size=(32, 24))))
