@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
 from nafnet_edge.converters.base import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -37,7 +38,6 @@ from nafnet_edge.converters.base import (
     LoadedRunner,
     Precision,
 )
-
 from nafnet_edge.errors import MissingBackendError
 
 MINIMUM_TARGET = "iOS17"  # ML program features the deploy graph relies on; macOS14 is the same spec version

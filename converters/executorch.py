@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from nafnet_edge.converters.base import Converter, Exported, ExportOptions, LoadedRunner
 
+from nafnet_edge.converters.base import Converter, Exported, ExportOptions, LoadedRunner
 from nafnet_edge.errors import MissingBackendError
 
 BACKEND = "XnnpackBackend"

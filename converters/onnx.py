@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
 from nafnet_edge.converters.base import INPUT_NAME, OUTPUT_NAME, Converter, Exported, ExportOptions, LoadedRunner
 
 ARCH_KEY, TLC_ARCH = "nafnet_edge.arch", "NAFNetLocal"  # set by the pipeline in the graph's manifest_metadata

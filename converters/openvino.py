@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
 from nafnet_edge.converters.base import (
     INPUT_NAME,
     OUTPUT_NAME,

@@ -225,16 +225,20 @@ def convert(
         if options.bundle and validation is not None and not options.test_inputs:
             options = _with_test_io(options, loaded, validation)
         say(f"{target}: export")
+        started = time.perf_counter()
         exported = converter.export(graph, tmp, options)
         overlap = validation.overlap_px if validation else DEFAULT_OVERLAP_PX
         manifest = build_manifest(loaded, target, options, graph, exported.files, exported.info, overlap)
+        manifest["seconds"] = {"export": round(time.perf_counter() - started, 2)}
         (tmp / USAGE).write_text(usage_note(target, manifest))
         if validation is not None:
             say(f"{target}: validate in its runtime")
+            started = time.perf_counter()
             runner = converter.load_runner(tmp, manifest)
             manifest["runtime"] = runner.info
             report = run_validation(loaded, runner.run, options, validation)
             manifest["validation"] = report.to_dict()
+            manifest["seconds"]["validate"] = round(time.perf_counter() - started, 2)
         write_json(tmp / MANIFEST, manifest)
     return ConvertResult(target, final, manifest)
 

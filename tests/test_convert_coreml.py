@@ -16,9 +16,9 @@ ct = pytest.importorskip("coremltools")
 
 import torch  # noqa: E402
 from helpers import randomize  # noqa: E402
+
 from nafnet_edge.converters import ExportOptions, get_converter  # noqa: E402
 from nafnet_edge.converters.coreml import CoreMLConverter, ExecuTorchCoreMLConverter  # noqa: E402
-
 from nafnet_edge.deploy import deploy  # noqa: E402
 from nafnet_edge.errors import MissingBackendError  # noqa: E402
 from nafnet_edge.images import read_image  # noqa: E402

@@ -17,8 +17,8 @@ pytest.importorskip("executorch")
 
 import torch  # noqa: E402
 from helpers import randomize  # noqa: E402
-from nafnet_edge.converters import Converter, Exported, ExportOptions, get_converter  # noqa: E402
 
+from nafnet_edge.converters import Converter, Exported, ExportOptions, get_converter  # noqa: E402
 from nafnet_edge.deploy import DeployNAFNet, deploy  # noqa: E402
 from nafnet_edge.images import read_image  # noqa: E402
 from nafnet_edge.model import NAFNet, NAFNetConfig  # noqa: E402

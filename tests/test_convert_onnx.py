@@ -15,8 +15,8 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 import onnx  # noqa: E402
-from nafnet_edge.converters import ExportOptions, get_converter  # noqa: E402
 
+from nafnet_edge.converters import ExportOptions, get_converter  # noqa: E402
 from nafnet_edge.deploy import deploy  # noqa: E402
 from nafnet_edge.images import read_image  # noqa: E402
 from nafnet_edge.model import NAFNet, NAFNetConfig, NAFNetLocal  # noqa: E402

@@ -17,9 +17,9 @@ ov = pytest.importorskip("openvino")
 
 import torch  # noqa: E402
 from helpers import randomize  # noqa: E402
+
 from nafnet_edge.converters import ExportOptions, get_converter  # noqa: E402
 from nafnet_edge.converters.openvino import OpenVINOConverter  # noqa: E402
-
 from nafnet_edge.deploy import deploy  # noqa: E402
 from nafnet_edge.images import read_image  # noqa: E402
 from nafnet_edge.model import NAFNetConfig, build_model  # noqa: E402

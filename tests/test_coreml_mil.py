@@ -22,8 +22,8 @@ import torch.nn.functional as F  # noqa: E402
 from coremltools.converters.mil import Builder as mb  # noqa: E402
 from coremltools.converters.mil.mil import types  # noqa: E402
 from helpers import randomize  # noqa: E402
-from nafnet_edge.converters.coreml_mil import OPS, MilProgram, load_program  # noqa: E402
 
+from nafnet_edge.converters.coreml_mil import OPS, MilProgram, load_program  # noqa: E402
 from nafnet_edge.deploy import deploy  # noqa: E402
 from nafnet_edge.images import read_image  # noqa: E402
 from nafnet_edge.model import NAFNetConfig, build_model  # noqa: E402
