@@ -465,13 +465,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     with tqdm(total=steps * len(targets), unit="step", disable=None, file=sys.stderr) as bar:
         for target in targets:
             converter = get_converter(target)
+            only = args.target != "all"  # with all, a target-specific option goes to its target only
             options = ExportOptions(
                 input_size=args.input_size,
                 precision=args.precision or converter.default_precision,
-                extra_sizes=tuple(args.sizes),
-                dynamic=args.dynamic,
+                extra_sizes=tuple(args.sizes) if only or target == "coreml" else (),
+                dynamic=args.dynamic and (only or target == "onnx"),
                 minimum_target=args.min_target,
-                bundle=args.bundle,
+                bundle=args.bundle and (only or target == "executorch"),
             )
             done = bar.n
 
