@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -536,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # clean up temporary files as for Ctrl-C
+    if not args.debug:  # the backends' deprecation chatter is for their developers, not for our users
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         return int(args.func(args))
     except NafnetEdgeError as e:
