@@ -25,7 +25,7 @@ import torch
 
 from nafnet_edge.errors import MissingBackendError
 
-Precision = Literal["fp32", "fp16"]
+Precision = Literal["fp32", "fp16", "int8"]
 Runner = Callable[[np.ndarray], np.ndarray]
 """float32 array (1, C, H, W) in [0, 1] at the artifact's input size -> float32 array of the same shape."""
 

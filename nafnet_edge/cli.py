@@ -61,6 +61,14 @@ def checkpoint_options() -> argparse.ArgumentParser:
     return p
 
 
+def _validation_knobs(g: Any) -> None:
+    g.add_argument("--reference-device", default="auto", choices=["auto", "cpu", "cuda"], help="fp32 reference on")
+    g.add_argument("--overlap", type=non_negative_int, default=32, metavar="PX", help="tile overlap (32)")
+    g.add_argument("--min-fidelity", type=float, metavar="DB", help="PSNR vs reference (fp32 60, fp16 45, int8 35)")
+    g.add_argument("--max-drift", type=float, metavar="DB", help="task PSNR loss vs ground truth (0.01/0.05/0.1)")
+    g.add_argument("--no-cache", action="store_true", help="recompute the reference outputs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nafnet-edge",
@@ -138,21 +146,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_reparam)
 
+    int8 = argparse.ArgumentParser(add_help=False)
+    g = int8.add_argument_group("int8")
+    g.add_argument("--method", choices=["qat", "ptq"], default="qat", help="fine-tune or calibrate only (qat)")
+    g.add_argument("--iters", type=positive_int, default=300, metavar="N", help="QAT steps (300)")
+    g.add_argument("--batch", type=positive_int, default=4, metavar="N", help="crops per step (4)")
+    g.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate, cosine decay (2e-5)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resume", action="store_true", help="continue from OUT/.<target>-train.pt")
+
+    validation_only = argparse.ArgumentParser(add_help=False)
+    g = validation_only.add_argument_group("validation")
+    g.add_argument("--val-data", dest="data", type=Path, metavar="DIR", help="validation images (default: shipped)")
+    g.add_argument("--val-pairs", dest="data_pairs", nargs=2, type=Path, metavar=("INPUTS", "TARGETS"))
+    _validation_knobs(g)
+
     validation = argparse.ArgumentParser(add_help=False)
     g = validation.add_argument_group("validation")
     g.add_argument("--data", type=Path, metavar="DIR", help="your images (default: shipped Kodak photos + noise)")
     g.add_argument(
         "--data-pairs", nargs=2, type=Path, metavar=("INPUTS", "TARGETS"), help="degraded/ground-truth folders"
     )
-    g.add_argument("--reference-device", default="auto", choices=["auto", "cpu", "cuda"], help="fp32 reference on")
-    g.add_argument("--overlap", type=non_negative_int, default=32, metavar="PX", help="tile overlap (32)")
-    g.add_argument("--min-fidelity", type=float, metavar="DB", help="PSNR vs reference (fp32 60, fp16 45)")
-    g.add_argument("--max-drift", type=float, metavar="DB", help="task PSNR loss with ground truth (0.01/0.05)")
-    g.add_argument("--no-cache", action="store_true", help="recompute the reference outputs")
+    _validation_knobs(g)
 
     p = sub.add_parser(
         "convert",
-        parents=[ckpt, validation],
+        parents=[ckpt, validation, int8],
         help="export Core ML, ExecuTorch, OpenVINO or ONNX artifacts and validate them in their runtimes",
         description="Export a checkpoint (default: the embedded model) through the deploy graph to one target "
         "or all, each into OUT/<target>/ with manifest.json and USAGE.md, then validate the artifact in its own "
@@ -162,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", metavar="CKPT", help="checkpoint file (default: the embedded model)")
     p.add_argument("--target", required=True, choices=[*TARGET_NAMES, "all"], help="what to produce")
     p.add_argument("-o", "--output", type=Path, default=Path("artifacts"), metavar="OUT", help="(./artifacts)")
-    p.add_argument("--precision", choices=["fp32", "fp16"], help="default: fp16 for Core ML, fp32 elsewhere")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="default: fp16 for Core ML, fp32 elsewhere")
+    p.add_argument("--train-data", type=Path, metavar="DIR", help="int8: images to calibrate / fine-tune on")
+    p.add_argument("--train-pairs", type=Path, metavar="CLEAN", help="int8: ground truth for --train-data")
     p.add_argument("--input-size", type=parse_size, default=(256, 256), metavar="PX", help="tile size (256)")
     p.add_argument("--sizes", type=parse_size, nargs="+", default=[], metavar="PX", help="Core ML: more sizes")
     p.add_argument("--dynamic", action="store_true", help="ONNX: symbolic height and width")
@@ -172,6 +193,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT/<target> when it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object: artifacts, metrics, skipped")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "quantize",
+        parents=[ckpt, int8, validation_only],
+        help="int8 artifact by PTQ or quantization-aware fine-tuning, validated like convert",
+        description="Quantize the deploy graph for a target's int8 runtime: calibrate (ptq) or fine-tune with "
+        "fake quantization (qat, the default) on your images, distilling from the fp32 model (or against "
+        "--pairs ground truth), export, and validate in the runtime. Runs data-parallel under torchrun.",
+        epilog=EPILOG,
+    )
+    p.add_argument("checkpoint", nargs="?", metavar="CKPT", help="checkpoint file (default: the embedded model)")
+    p.add_argument("--target", required=True, choices=["executorch", "openvino"], help="int8 runtime")
+    p.add_argument("--data", dest="train_data", required=True, type=Path, metavar="DIR", help="training images")
+    p.add_argument("--pairs", dest="train_pairs", type=Path, metavar="CLEAN", help="ground truth for --data")
+    p.add_argument("-o", "--out", "--output", dest="output", type=Path, default=Path("artifacts"), metavar="OUT")
+    p.add_argument("--input-size", type=parse_size, default=(256, 256), metavar="PX", help="tile and crop (256)")
+    p.add_argument("--force", action="store_true", help="replace OUT/<target> when it exists")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_quantize, no_validate=False)
 
     p = sub.add_parser(
         "validate",
@@ -461,6 +501,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError(f"{', '.join(existing)} exists; pass --force to replace it or choose another -o")
     loaded = _load(args, args.checkpoint)
     settings = None if args.no_validate else _validation_settings(args, loaded.config.img_channels)
+    int8 = _int8_settings(args, loaded) if args.precision == "int8" else None
     results, skipped = [], []
     steps = 2 if args.no_validate else 3
     with tqdm(total=steps * len(targets), unit="step", disable=None, file=sys.stderr) as bar:
@@ -483,12 +524,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
                     bar.update(1)
 
             try:
-                results.append(convert(loaded, target, args.output, options, validation=settings, step=step))
+                results.append(convert(loaded, target, args.output, options, validation=settings, int8=int8, step=step))
             except (MissingBackendError, ValueError) as e:
                 if args.target != "all":
                     raise e if isinstance(e, MissingBackendError) else UsageError(str(e)) from None
                 skipped.append(f"{target}: {e}")
             bar.update(done + steps - bar.n)
+    if int8 is not None and int8.rank != 0:
+        return 0  # torchrun: rank 0 exports, validates and reports
     if args.json:
         print(json.dumps({"artifacts": [_result_json(r) for r in results], "skipped": skipped}, indent=2))
     else:
@@ -499,6 +542,34 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if not results:
         raise UsageError("nothing could be built here: " + "; ".join(skipped))
     return EXIT_BUDGET if any(not r.passed for r in results) else 0
+
+
+def _int8_settings(args: argparse.Namespace, loaded: Any) -> Any:
+    from nafnet_edge.convert import Int8Settings
+    from nafnet_edge.quantization.train import TrainConfig, init_distributed, load_training_images
+
+    if args.train_data is None:
+        raise UsageError("--precision int8 needs images to calibrate on: --train-data DIR (nafnet-edge quantize)")
+    h, w = args.input_size
+    if h != w:
+        raise UsageError("int8 trains on square crops of the input size: give a square --input-size")
+    rank, _ = init_distributed()
+    images = load_training_images(args.train_data, h, pairs=args.train_pairs, channels=loaded.config.img_channels)
+    config = TrainConfig(method=args.method, iters=args.iters, batch=args.batch, lr=args.lr, seed=args.seed)
+    return Int8Settings(
+        images=images,
+        config=config,
+        data=f"{args.train_data}" + (f" (ground truth {args.train_pairs})" if args.train_pairs else " (distilled)"),
+        checkpoint=args.output / f".{args.target}-train.pt",
+        resume=args.resume,
+        progress=rank == 0,
+        rank=rank,
+    )
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    args.precision, args.sizes, args.dynamic, args.bundle, args.min_target = "int8", [], False, False, "iOS17"
+    return cmd_convert(args)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -57,6 +57,19 @@ class ValidationSettings:
     use_cache: bool = True
 
 
+@dataclass(frozen=True)
+class Int8Settings:
+    """What ``--precision int8`` needs: training images (see ``nafnet_edge.quantization.train``) and the loop."""
+
+    images: list[Any]  # nafnet_edge.quantization.train.TrainImage
+    config: Any  # nafnet_edge.quantization.train.TrainConfig
+    data: str  # how the images were chosen, for the manifest
+    checkpoint: Path | None = None  # training state, for --resume
+    resume: bool = False
+    progress: bool = True
+    rank: int = 0  # under torchrun every rank trains; only rank 0 exports
+
+
 @dataclass
 class ConvertResult:
     target: str
@@ -207,29 +220,56 @@ def convert(
     options: ExportOptions,
     *,
     validation: ValidationSettings | None,
+    int8: Int8Settings | None = None,
     step: Callable[[str], None] | None = None,
 ) -> ConvertResult:
-    """Export ``loaded`` for ``target`` into ``out_dir/target`` and validate it (unless ``validation`` is None)."""
+    """Export ``loaded`` for ``target`` into ``out_dir/target`` and validate it (unless ``validation`` is None).
+
+    With ``options.precision == "int8"`` the deploy graph goes through the target's quantizer and the shared
+    PTQ/QAT loop (``int8`` settings) before export."""
     converter = get_converter(target)
     converter.check_available()
-    converter.check_options(options)
+    quantizer = None
+    if options.precision == "int8":
+        from nafnet_edge.quantization import get_quantizer
+
+        quantizer = get_quantizer(target)
+        quantizer.check_available()
+        if int8 is None:
+            raise ValueError("int8 needs training or calibration images: --data DIR")
+        if options.bundle or options.dynamic or options.extra_sizes:
+            raise ValueError("int8 artifacts take none of --bundle, --dynamic, --sizes")
+    else:
+        converter.check_options(options)
     m = loaded.config.pad_multiple
     if options.input_size[0] % m or options.input_size[1] % m:
         raise ValueError(f"input size {options.input_size[0]}x{options.input_size[1]} must be a multiple of {m}")
     say = step or (lambda _: None)
     final = Path(out_dir) / target
+    if quantizer is not None and int8 is not None and int8.rank != 0:
+        graph = deploy(loaded.model, target=quantizer.deploy_target, input_size=options.input_size)  # type: ignore[arg-type]
+        _quantize(quantizer, graph, options, int8)
+        return ConvertResult(target, final, {})
     with staged_directory(final) as tmp:
         say(f"{target}: deploy graph")
         graph = deploy(loaded.model, target=converter.deploy_target, input_size=options.input_size)  # type: ignore[arg-type]
         graph.manifest_metadata = graph_metadata(loaded, target, options)
         if options.bundle and validation is not None and not options.test_inputs:
             options = _with_test_io(options, loaded, validation)
-        say(f"{target}: export")
         started = time.perf_counter()
-        exported = converter.export(graph, tmp, options)
+        quant_log = None
+        if quantizer is not None and int8 is not None:
+            say(f"{target}: int8 {int8.config.method}")
+            quant_log = _quantize(quantizer, graph, options, int8)
+            exported = quantizer.export(quant_log.pop("prepared"), tmp, quant_log.pop("example"))
+        else:
+            say(f"{target}: export")
+            exported = converter.export(graph, tmp, options)
         overlap = validation.overlap_px if validation else DEFAULT_OVERLAP_PX
         manifest = build_manifest(loaded, target, options, graph, exported.files, exported.info, overlap)
         manifest["seconds"] = {"export": round(time.perf_counter() - started, 2)}
+        if quant_log is not None and int8 is not None:
+            manifest["quantization"] = {"data": int8.data, **quant_log}
         (tmp / USAGE).write_text(usage_note(target, manifest))
         if validation is not None:
             say(f"{target}: validate in its runtime")
@@ -241,6 +281,26 @@ def convert(
             manifest["seconds"]["validate"] = round(time.perf_counter() - started, 2)
         write_json(tmp / MANIFEST, manifest)
     return ConvertResult(target, final, manifest)
+
+
+def _quantize(quantizer: Any, graph: torch.nn.Module, options: ExportOptions, int8: Int8Settings) -> dict[str, Any]:
+    from nafnet_edge.quantization.train import quantize_graph
+
+    h, w = options.input_size
+    if h != w:
+        raise ValueError("int8 training uses square crops: give a square --input-size")
+    prepared, log = quantize_graph(
+        quantizer,
+        graph,
+        int8.images,
+        h,
+        int8.config,
+        checkpoint=int8.checkpoint,
+        resume=int8.resume,
+        progress=int8.progress,
+    )
+    example = torch.rand(1, graph.intro.in_channels, h, w)
+    return {"prepared": prepared, "example": example, **log}
 
 
 def run_validation(

@@ -1,2 +1,28 @@
-"""INT8 quantization per target (installed as ``nafnet_edge.quantization``). The quantizers arrive with
-issue 5; this package holds no quantizer yet."""
+"""INT8 per target (installed as ``nafnet_edge.quantization``): one quantizer per runtime, one training loop.
+
+Quantization starts from the deploy graph. PTQ calibrates it; QAT then fine-tunes the fake-quantized graph
+against the fp32 teacher (or ground truth) before export. The artifacts run in the same runners as the fp32
+converters' (``nafnet_edge.converters``).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from nafnet_edge.quantization.base import Quantizer
+
+QUANTIZERS = {
+    "executorch": "nafnet_edge.quantization.xnnpack:XNNPACKQuantizer",
+    "openvino": "nafnet_edge.quantization.openvino:OpenVINOQuantizer",
+}
+
+
+def get_quantizer(target: str) -> Quantizer:
+    """The int8 quantizer for ``target`` (one of ``QUANTIZERS``)."""
+    if target not in QUANTIZERS:
+        raise ValueError(f"int8 is available for --target {' or '.join(QUANTIZERS)}, not {target}")
+    module, name = QUANTIZERS[target].split(":")
+    return getattr(importlib.import_module(module), name)()
+
+
+__all__ = ["QUANTIZERS", "Quantizer", "get_quantizer"]

@@ -1,0 +1,66 @@
+"""The interface every INT8 quantizer implements, so one training loop serves all targets.
+
+A quantizer starts from the deploy graph (never the raw model) and turns it into a *prepared* module: a
+PyTorch module with fake quantization that the shared loop (``nafnet_edge.quantization.train``) can calibrate
+(PTQ: forward passes only) and fine-tune (QAT: gradients through the fake quantizers). ``export`` then writes
+the real int8 artifact of its target, which the target's converter runner (``nafnet_edge.converters``) executes.
+
+    quantizer = get_quantizer("executorch")
+    prepared = quantizer.prepare(graph, example, qat=True)
+    ...  # calibrate / train prepared (same call signature as the graph: NCHW float in, NCHW float out)
+    exported = quantizer.export(prepared, out_dir, example)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from nafnet_edge.converters.base import Exported
+from nafnet_edge.errors import MissingBackendError
+
+
+class Quantizer(ABC):
+    """One target's int8 path. Subclasses set the class attributes and implement the three methods."""
+
+    target: ClassVar[str]  # the converter whose runner executes the artifact: executorch, openvino, coreml
+    deploy_target: ClassVar[str]  # the deploy graph's form for nafnet_edge.deploy
+    artifact: ClassVar[str]
+    modules: ClassVar[tuple[str, ...]] = ()
+    extra: ClassVar[str] = ""
+
+    def check_available(self) -> None:
+        missing = [m for m in self.modules if importlib.util.find_spec(m) is None]
+        if missing:
+            raise MissingBackendError(
+                f"int8 for {self.target} needs {', '.join(missing)}: pip install 'nafnet-edge[{self.extra}]'"
+            )
+
+    @abstractmethod
+    def prepare(
+        self,
+        graph: torch.nn.Module,
+        example: torch.Tensor,
+        *,
+        qat: bool,
+        calibration: Iterable[torch.Tensor] | None = None,
+    ) -> torch.nn.Module:
+        """A fake-quantized module computing ``graph``'s function (observers enabled), trainable when ``qat``.
+        ``calibration`` batches are for quantizers that calibrate inside ``prepare``; the loop also runs them
+        through the prepared module afterwards."""
+
+    def set_training(self, prepared: torch.nn.Module, training: bool) -> None:
+        """Switch the prepared module between training (QAT steps) and evaluation (calibration, export)."""
+        prepared.train(training)
+
+    def freeze_observers(self, prepared: torch.nn.Module) -> None:  # noqa: B027 - optional for a target
+        """Stop updating quantization ranges (late in QAT); the default does nothing."""
+
+    @abstractmethod
+    def export(self, prepared: torch.nn.Module, out_dir: Path, example: torch.Tensor) -> Exported:
+        """Convert the calibrated/trained module to the target's int8 artifact inside ``out_dir``."""

@@ -1,0 +1,228 @@
+"""One loop for every target: calibrate (PTQ) and fine-tune (QAT) a quantizer's prepared deploy graph.
+
+- Data: a folder of images. Without ground truth the fp32 deploy graph is the teacher (its outputs are the
+  targets: distillation, no labels needed); with ``pairs`` (degraded, clean) the clean images are the targets.
+  Random crops of the artifact's input size, random flips.
+- Loss: PSNR loss (10 log10 MSE). AdamW, small learning rate, cosine decay; the quantizer's observers are frozen
+  for the last part of training. A progress bar shows the current fidelity (PSNR of the prepared module against
+  the teacher on the batch, dB).
+- Checkpoint and resume: the prepared module, the optimizer and the step go to ``checkpoint`` every
+  ``save_every`` steps (atomically) and are picked up again by ``resume=True``.
+- Scale-out: under ``torchrun`` (``torch.distributed`` initialised from the environment; gloo on CPU, NCCL on
+  GPUs) each rank draws its own crops, gradients are averaged and rank 0's quantization state is broadcast every
+  step, so all ranks hold identical weights. Fixed seeds throughout.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nafnet_edge.atomic import atomic_path
+from nafnet_edge.errors import BadInputError
+from nafnet_edge.images import is_image_path, read_image
+from nafnet_edge.quantization.base import Quantizer
+
+Method = Literal["qat", "ptq"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: Method = "qat"
+    iters: int = 300
+    batch: int = 4
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    freeze_observers_at: float = 0.7  # fraction of iters after which quantization ranges stop moving
+    calibration_batches: int = 8
+    seed: int = 0
+    save_every: int = 50
+
+
+@dataclass(frozen=True)
+class TrainImage:
+    input: np.ndarray  # HxWxC float32 in [0, 1]
+    target: np.ndarray | None = None
+
+
+def load_training_images(
+    folder: str | Path, crop: int, *, pairs: Path | None = None, channels: int = 3
+) -> list[TrainImage]:
+    """Images of ``folder`` (and, with ``pairs``, the same-named clean images there), each at least ``crop``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BadInputError(f"--data {folder} is not a folder of images")
+    files = sorted(p for p in folder.iterdir() if is_image_path(p))
+    if not files:
+        raise BadInputError(f"--data {folder} holds no PNG, JPEG or TIFF images")
+    images = []
+    for path in files:
+        x = _as_channels(read_image(path).pixels, channels)
+        y = None
+        if pairs is not None:
+            match = [t for t in Path(pairs).glob(f"{path.stem}.*") if is_image_path(t)]
+            if not match:
+                raise BadInputError(f"no clean image for {path.name} in {pairs}: name them like the inputs")
+            y = _as_channels(read_image(match[0]).pixels, channels)
+            if y.shape != x.shape:
+                raise BadInputError(f"{path.name}: input {x.shape[:2]} and clean {y.shape[:2]} differ in size")
+        if min(x.shape[:2]) < crop:
+            raise BadInputError(
+                f"{path.name} is {x.shape[1]}x{x.shape[0]}, smaller than the {crop}-px training crop "
+                "(the artifact's input size): use larger images or a smaller --input-size"
+            )
+        images.append(TrainImage(x, y))
+    return images
+
+
+def _as_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
+    if pixels.shape[2] == channels:
+        return pixels
+    if channels == 3 and pixels.shape[2] == 1:
+        return np.repeat(pixels, 3, axis=2)
+    if channels == 1:
+        return pixels.mean(axis=2, keepdims=True)
+    raise BadInputError(f"cannot train a {channels}-channel model on {pixels.shape[2]}-channel images")
+
+
+def batches(
+    images: Sequence[TrainImage], crop: int, batch: int, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Endless random crops with random horizontal/vertical flips, as (input, target or None) NCHW batches."""
+    rng = np.random.default_rng(seed)
+    while True:
+        xs, ys = [], []
+        for _ in range(batch):
+            image = images[int(rng.integers(len(images)))]
+            h, w = image.input.shape[:2]
+            top, left = int(rng.integers(h - crop + 1)), int(rng.integers(w - crop + 1))
+            flips = (bool(rng.integers(2)), bool(rng.integers(2)))
+            for src, dst in ((image.input, xs), (image.target, ys)):
+                if src is None:
+                    continue
+                patch = src[top : top + crop, left : left + crop]
+                patch = patch[::-1] if flips[0] else patch
+                patch = patch[:, ::-1] if flips[1] else patch
+                dst.append(np.ascontiguousarray(patch.transpose(2, 0, 1)))
+        x = torch.from_numpy(np.stack(xs))
+        yield x, (torch.from_numpy(np.stack(ys)) if ys else None)
+
+
+def psnr_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """10 log10(MSE): minimising it maximises PSNR (data range 1)."""
+    return 10.0 * torch.log10(((output - target) ** 2).mean() + 1e-10)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group ``torchrun`` describes in the environment (a no-op for one process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return _world()
+
+
+def _sync_state(module: torch.nn.Module) -> None:
+    """Every rank takes rank 0's parameters and buffers (quantization ranges included)."""
+    if _world()[1] == 1:
+        return
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.data, src=0)
+
+
+def _average_gradients(module: torch.nn.Module) -> None:
+    world = _world()[1]
+    if world == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= world
+
+
+def quantize_graph(
+    quantizer: Quantizer,
+    graph: torch.nn.Module,
+    images: Sequence[TrainImage],
+    crop: int,
+    config: TrainConfig,
+    *,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Calibrate (and with QAT fine-tune) ``graph`` for ``quantizer``; returns the prepared module and a log."""
+    from tqdm import tqdm
+
+    rank, world = _world()
+    torch.manual_seed(config.seed)
+    teacher = copy.deepcopy(graph).eval()  # the fp32 function QAT distils from, untouched by training
+    example = torch.rand(1, images[0].input.shape[2], crop, crop)
+    calibration = [x for x, _ in _take(batches(images, crop, 1, config.seed), config.calibration_batches)]
+    prepared = quantizer.prepare(graph, example, qat=config.method == "qat", calibration=calibration)
+    quantizer.set_training(prepared, False)
+    with torch.no_grad():
+        for x in calibration:
+            prepared(x)
+    _sync_state(prepared)
+    log: dict[str, Any] = {"method": config.method, "calibration_batches": len(calibration), "world_size": world}
+    if config.method == "ptq":
+        return prepared, log
+
+    optimizer = torch.optim.AdamW(prepared.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, config.iters) / config.iters))
+    )
+    start = 0
+    if resume and checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=True)
+        prepared.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start = int(state["step"])
+    freeze_at = int(config.freeze_observers_at * config.iters)
+    stream = batches(images, crop, config.batch, config.seed + 1000 * (rank + 1) + start)
+    bar = tqdm(range(start, config.iters), disable=not progress or rank != 0, unit="it", desc=f"{config.method}")
+    fidelity = float("nan")
+    for step in bar:
+        if step >= freeze_at:
+            quantizer.freeze_observers(prepared)
+        x, y = next(stream)
+        with torch.no_grad():
+            teacher_out = teacher(x)
+        quantizer.set_training(prepared, True)
+        out = prepared(x)
+        loss = psnr_loss(out, y if y is not None else teacher_out)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _average_gradients(prepared)
+        optimizer.step()
+        schedule.step()
+        _sync_state(prepared)
+        with torch.no_grad():
+            fidelity = -float(psnr_loss(out.detach(), teacher_out))
+        bar.set_postfix(fidelity=f"{fidelity:.2f} dB")
+        if checkpoint is not None and rank == 0 and ((step + 1) % config.save_every == 0 or step + 1 == config.iters):
+            with atomic_path(checkpoint) as tmp:
+                state = {"model": prepared.state_dict(), "optimizer": optimizer.state_dict()}
+                torch.save({**state, "schedule": schedule.state_dict(), "step": step + 1}, tmp)
+    quantizer.set_training(prepared, False)
+    log.update(iters=config.iters, resumed_from=start, last_batch_fidelity_db=fidelity, lr=config.lr)
+    return prepared, log
+
+
+def _take(iterator: Iterator[Any], n: int) -> list[Any]:
+    return [next(iterator) for _ in range(n)]
