@@ -174,9 +174,8 @@ def quantize_graph(
     calibration = [x for x, _ in _take(batches(images, crop, 1, config.seed), config.calibration_batches)]
     prepared = quantizer.prepare(graph, example, qat=config.method == "qat", calibration=calibration)
     quantizer.set_training(prepared, False)
-    with torch.no_grad():
-        for x in calibration:
-            prepared(x)
+    with torch.no_grad():  # one batch of all calibration crops: QAT's moving-average observers start from the
+        prepared(torch.cat(calibration))  # range of every crop, not of the first one
     _sync_state(prepared)
     log: dict[str, Any] = {"method": config.method, "calibration_batches": len(calibration), "world_size": world}
     if config.method == "ptq":

@@ -1,0 +1,232 @@
+"""OpenVINO int8: NNCF post-training quantization of the deploy graph in PyTorch, fine-tunable, saved as an IR
+whose FakeQuantize nodes the CPU plugin runs as int8 kernels.
+
+``prepare`` runs ``nncf.quantize`` on the deploy graph (``nafnet_edge.deploy`` with ``target="openvino"``) with
+NNCF's PyTorch backend: ranges from min/max statistics over the calibration batches, fast bias correction, and
+NNCF's fake quantizers hooked into a copy of the graph (int8 symmetric per-channel weights; activations
+asymmetric with preset "mixed", symmetric with "performance"). Those quantizers have trainable ranges, so the
+same module is the QAT student: weights and ranges learn through straight-through gradients. NNCF has no
+observers: ranges are fixed by the statistics at ``prepare`` (pass the calibration batches there) and then move
+only by training. ``export`` traces the module with ``ov.convert_model``: each quantizer becomes a FakeQuantize
+node, weights are stored as i8 constants with a dequantizing multiply, and ``OpenVINOConverter``'s runner
+executes the IR.
+
+Two choices differ from plain ``nncf.quantize``:
+- The input quantizer is pinned to [0, 1] in 255 steps (the artifact's input contract): an image decoded from
+  8 bits passes exactly, and nothing is clipped. Calibrated on a few crops it takes their largest value
+  (0.76 on four Kodak crops) and clips every brighter pixel of other images: 30 dB instead of 45 dB output PSNR
+  against fp32 on the width-8 test model.
+- The channel norms stay unquantized inside (``fp32_norms``): quantizers between their mean, subtract, power
+  and square root split the pattern OpenVINO's frontend folds into one MVN op (SIDD-width32: 987 FakeQuantize
+  and no MVN, versus 627 FakeQuantize and 72 MVN), the placement NNCF's OpenVINO backend also chooses on the
+  fp32 IR. Latency and PSNR measured the same within noise either way; the IR is simpler this way. The
+  convolutions, the gate and attention multiplies and the residual adds run int8 either way.
+
+The CPU plugin runs the FakeQuantize-fed convolutions as u8 x i8 kernels whatever ``INFERENCE_PRECISION_HINT``
+says; the hint (pinned to f32 by the runner) decides what the rest runs in (the norms, the first and last ops).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import logging
+import os
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from nafnet_edge.converters.base import INPUT_NAME, OUTPUT_NAME, Exported, ExportOptions
+from nafnet_edge.converters.openvino import BIN, RT_INFO_SECTION, XML, ir_metadata
+from nafnet_edge.deploy.modules import ChannelNorm
+from nafnet_edge.quantization.base import Quantizer
+
+Preset = Literal["mixed", "performance"]
+INPUT_RANGE = (0.0, 1.0)  # the deploy graph's input contract: images in [0, 1]
+# NNCF compiles a C++ extension on first use (about 45 s on two cores) and raises, instead of falling back, when
+# that takes longer than NNCF_EXTENSION_LOAD_TIMEOUT (default 60 s); a busy machine needs more headroom.
+EXTENSION_LOAD_TIMEOUT_S = "600"
+
+
+class NotPreparedError(ValueError):
+    """``export`` was given a module that ``OpenVINOQuantizer.prepare`` did not make."""
+
+
+class OpenVINOQuantizer(Quantizer):
+    target: ClassVar[str] = "openvino"
+    deploy_target: ClassVar[str] = "openvino"
+    artifact: ClassVar[str] = XML
+    modules: ClassVar[tuple[str, ...]] = ("openvino", "nncf")
+    extra: ClassVar[str] = "openvino"
+
+    def __init__(self, *, preset: Preset = "mixed", fp32_norms: bool = True) -> None:
+        if preset not in ("mixed", "performance"):
+            raise ValueError(f"preset {preset!r}: choose mixed or performance")
+        self.preset: Preset = preset
+        self.fp32_norms = fp32_norms  # no quantizers inside the channel norms: they stay one MVN op in the IR
+
+    @property
+    def scheme(self) -> str:
+        activations = "asymmetric" if self.preset == "mixed" else "symmetric"
+        return (
+            f"NNCF PyTorch PTQ (nncf.quantize, preset {self.preset}, fast bias correction): int8 symmetric "
+            f"per-channel weights, int8 {activations} per-tensor activations, input pinned to [0, 1]"
+        )
+
+    def prepare(
+        self,
+        graph: torch.nn.Module,
+        example: torch.Tensor,
+        *,
+        qat: bool,
+        calibration: Iterable[torch.Tensor] | None = None,
+    ) -> torch.nn.Module:
+        """A quantized copy of ``graph`` (``graph`` itself is untouched), calibrated on ``calibration`` (NCHW
+        batches; ``[example]`` without it), in eval mode; its weights and ranges require gradients when ``qat``.
+        Forward passes after this do not change the ranges."""
+        import nncf
+
+        self.check_available()
+        os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", EXTENSION_LOAD_TIMEOUT_S)
+        samples = list(calibration) if calibration is not None else [example]
+        if not samples:
+            raise ValueError("calibration is empty: give at least one NCHW batch (or None to use the example)")
+        ignored = nncf.IgnoredScope(patterns=norm_patterns(graph)) if self.fp32_norms else None
+        input_name = next(iter(inspect.signature(graph.forward).parameters))
+        with torch.no_grad(), _nncf_log_level(logging.WARNING):  # not one INFO line per ignored node
+            prepared = nncf.quantize(
+                graph,
+                nncf.Dataset(samples),
+                preset=nncf.QuantizationPreset(self.preset),
+                subset_size=len(samples),
+                model_type=None,  # a CNN: no transformer patterns
+                ignored_scope=ignored,
+            )
+        pin_input_range(prepared, input_name, INPUT_RANGE)
+        for p in prepared.parameters():
+            if p.is_floating_point():  # NNCF keeps bit widths and flags as integer parameters: never trainable
+                p.requires_grad_(qat)
+        self.set_training(prepared, False)
+        return prepared
+
+    def set_training(self, prepared: torch.nn.Module, training: bool) -> None:
+        """NNCF's quantizers compute the same in both modes; the deploy graph has no dropout or batch norm."""
+        prepared.train(training)
+
+    def freeze_observers(self, prepared: torch.nn.Module) -> None:
+        """Stop training the quantization ranges; they keep quantizing with their current values."""
+        for quantizer in _quantizers(prepared):
+            quantizer.disable_gradients()
+
+    def export(self, prepared: torch.nn.Module, out_dir: Path, example: torch.Tensor) -> Exported:
+        """Trace ``prepared`` at ``example``'s size, batch 1, into ``model.xml`` + ``model.bin`` (tensors named
+        ``image`` and ``restored``, rt_info as ``OpenVINOConverter`` writes it with precision int8)."""
+        import nncf
+        import openvino as ov
+
+        quantizers = _quantizers(prepared)
+        if not quantizers:
+            raise NotPreparedError("export needs the module OpenVINOQuantizer.prepare returned (no NNCF quantizers)")
+        h, w = example.shape[-2:]
+        shape = [1, example.shape[1], h, w]
+        training = prepared.training
+        prepared.eval()
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                # torch.jit.trace warns for every quantizer NNCF evaluates in Python while tracing (1,600 lines)
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                ov_model = ov.convert_model(
+                    prepared, example_input=example[:1].contiguous(), input=ov.PartialShape(shape)
+                )
+        finally:
+            prepared.train(training)
+        ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})
+        ov_model.outputs[0].get_tensor().set_names({OUTPUT_NAME})
+        metadata = getattr(prepared, "manifest_metadata", {})
+        name = metadata.get(f"{RT_INFO_SECTION}.release") or metadata.get(f"{RT_INFO_SECTION}.arch")
+        ov_model.set_friendly_name(name or type(prepared).__name__)
+        entries = ir_metadata(prepared, ExportOptions(input_size=(int(h), int(w))), metadata)
+        entries.update(precision="int8", quantization_scheme=self.scheme)
+        for key, value in entries.items():
+            ov_model.set_rt_info(value, [RT_INFO_SECTION, key])
+
+        xml = Path(out_dir) / XML
+        ov.save_model(ov_model, str(xml), compress_to_fp16=False)
+        op_counts = Counter(op.get_type_name() for op in ov.Core().read_model(str(xml)).get_ops())
+        return Exported(
+            files=[XML, BIN],
+            info={
+                "openvino": ov.get_version(),
+                "nncf": nncf.__version__,
+                "torch": importlib.metadata.version("torch"),
+                "quantization_scheme": self.scheme,
+                "preset": self.preset,
+                "fp32_norms": self.fp32_norms,
+                "quantizers": len(quantizers),
+                "fake_quantize_nodes": op_counts.get("FakeQuantize", 0),
+                "weight_precision": "i8 (dequantized by a multiply the plugin fuses into the int8 convolution)",
+                "ops": dict(op_counts.most_common()),
+                "file_bytes": {f: (Path(out_dir) / f).stat().st_size for f in (XML, BIN)},
+            },
+        )
+
+
+def norm_patterns(graph: torch.nn.Module) -> list[str]:
+    """NNCF ignored-scope patterns matching the operations inside every ``ChannelNorm`` of ``graph``.
+
+    NNCF names an operation ``<scope>/<attribute>/<op>/<call>`` (``0/norm1/sub/3``), the scope of blocks inside
+    containers reduced to an index, so the pattern keys on the norms' attribute names."""
+    attributes = sorted({name.rsplit(".", 1)[-1] for name, m in graph.named_modules() if isinstance(m, ChannelNorm)})
+    return [rf"(.*/)?{attribute}/.*" for attribute in attributes]
+
+
+def pin_input_range(prepared: torch.nn.Module, input_name: str, value_range: tuple[float, float]) -> None:
+    """Set the quantizer on the graph input ``input_name`` (``forward``'s argument, as NNCF names the input
+    node) to ``value_range`` exactly: unsigned when symmetric, so [0, 1] in 255 steps."""
+    from nncf.torch.function_hook.hook_storage import decode_hook_name
+    from nncf.torch.function_hook.wrapper import get_hook_storage
+    from nncf.torch.quantization.layers import AsymmetricQuantizer, BaseQuantizer
+
+    low, high = value_range
+    inputs = [
+        module
+        for name, module in get_hook_storage(prepared).named_hooks()
+        if isinstance(module, BaseQuantizer) and decode_hook_name(name)[1] == input_name
+    ]
+    if not inputs:
+        raise RuntimeError(f"NNCF put no quantizer on the input {input_name!r}: its hook naming may have changed")
+    for quantizer in inputs:  # through the state dict: it maps log-scale storage and re-derives the levels
+        state = quantizer.state_dict()
+        if isinstance(quantizer, AsymmetricQuantizer):
+            state.update(input_low=torch.full_like(state["input_low"], low))
+            state.update(input_range=torch.full_like(state["input_range"], high - low))
+        else:
+            if low != 0.0:
+                raise ValueError(f"a symmetric unsigned quantizer starts at 0, not {low}")
+            state.update(
+                scale=torch.full_like(state["scale"], high), signed_tensor=torch.zeros_like(state["signed_tensor"])
+            )
+        quantizer.load_state_dict(state)
+
+
+def _quantizers(prepared: torch.nn.Module) -> list[Any]:
+    from nncf.torch.quantization.layers import BaseQuantizer
+
+    return [m for m in prepared.modules() if isinstance(m, BaseQuantizer)]
+
+
+@contextmanager
+def _nncf_log_level(level: int) -> Iterator[None]:
+    from nncf.common.logging import nncf_logger
+
+    previous = nncf_logger.level
+    nncf_logger.setLevel(level)
+    try:
+        yield
+    finally:
+        nncf_logger.setLevel(previous)
