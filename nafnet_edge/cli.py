@@ -364,7 +364,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Path]) -> int:
-    import torch
     from tqdm import tqdm
 
     from nafnet_edge.errors import ImageError
@@ -388,7 +387,6 @@ def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Pat
         f"tile {args.tile or 'off'}, overlap {args.overlap if args.tile else '-'}",
         file=sys.stderr,
     )
-    torch.set_grad_enabled(False)
     for src, dst in tqdm(list(zip(files, targets, strict=True)), desc="images", unit="img", disable=None):
         image = read_image(src)
         n = tile_count(

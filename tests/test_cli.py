@@ -114,6 +114,7 @@ def test_run_with_an_explicit_checkpoint_and_whole_image(tmp_path: Path, capsys)
     assert main(["run", str(path), str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--tile", "0"]) == 0
     # all-zero weights: the network is the identity through its global residual
     assert np.array_equal(cv2.imread(str(tmp_path / "o" / "a.png")), image)
+    assert torch.is_grad_enabled()  # main() is called from notebooks: it must not switch autograd off for them
 
 
 @pytest.mark.parametrize(
