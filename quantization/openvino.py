@@ -3,15 +3,15 @@ whose FakeQuantize nodes the CPU plugin runs as int8 kernels.
 
 ``prepare`` runs ``nncf.quantize`` on the deploy graph (``nafnet_edge.deploy`` with ``target="openvino"``) with
 NNCF's PyTorch backend: ranges from min/max statistics over the calibration batches, fast bias correction, and
-NNCF's fake quantizers hooked into a copy of the graph (int8 symmetric per-channel weights; activations
-asymmetric with preset "mixed", symmetric with "performance"). Those quantizers have trainable ranges, so the
-same module is the QAT student: weights and ranges learn through straight-through gradients. NNCF has no
-observers: ranges are fixed by the statistics at ``prepare`` (pass the calibration batches there) and then move
-only by training. ``export`` traces the module with ``ov.convert_model``: each quantizer becomes a FakeQuantize
-node, weights are stored as i8 constants with a dequantizing multiply, and ``OpenVINOConverter``'s runner
-executes the IR.
+NNCF's fake quantizers hooked into a copy of the graph (int8 symmetric per-channel weights; int8 per-tensor
+activations, symmetric with preset "performance", the default, asymmetric with "mixed"; per-channel into the
+depthwise convs). Those quantizers have trainable ranges, so the same module is the QAT student: weights and
+ranges learn through straight-through gradients. NNCF has no observers: ranges are fixed by the statistics at
+``prepare`` (pass the calibration batches there) and then move only by training. ``export`` traces the module
+with ``ov.convert_model``: each activation quantizer becomes a FakeQuantize node, weights are stored as i8
+constants with a dequantizing multiply, and ``OpenVINOConverter``'s runner executes the IR.
 
-Two choices differ from plain ``nncf.quantize``:
+Three choices differ from plain ``nncf.quantize``:
 - The input quantizer is pinned to [0, 1] in 255 steps (the artifact's input contract): an image decoded from
   8 bits passes exactly, and nothing is clipped. Calibrated on a few crops it takes their largest value
   (0.76 on four Kodak crops) and clips every brighter pixel of other images: 30 dB instead of 45 dB output PSNR
@@ -19,8 +19,11 @@ Two choices differ from plain ``nncf.quantize``:
 - The channel norms stay unquantized inside (``fp32_norms``): quantizers between their mean, subtract, power
   and square root split the pattern OpenVINO's frontend folds into one MVN op (SIDD-width32: 987 FakeQuantize
   and no MVN, versus 627 FakeQuantize and 72 MVN), the placement NNCF's OpenVINO backend also chooses on the
-  fp32 IR. Latency and PSNR measured the same within noise either way; the IR is simpler this way. The
-  convolutions, the gate and attention multiplies and the residual adds run int8 either way.
+  fp32 IR. Latency and PSNR measured the same within noise either way; the IR is simpler this way.
+- Preset "performance" (NNCF's own default for CNNs) rather than "mixed": with asymmetric activations the CPU
+  plugin runs the transposed-conv upsampling in f32, and the SIDD-width32 IR measured 8-14% slower (four
+  interleaved runs on a busy machine) at the same PSNR against fp32 (within 0.2 dB: random weights, and the
+  width-8 test models).
 
 The CPU plugin runs the FakeQuantize-fed convolutions as u8 x i8 kernels whatever ``INFERENCE_PRECISION_HINT``
 says; the hint (pinned to f32 by the runner) decides what the rest runs in (the norms, the first and last ops).
@@ -64,7 +67,7 @@ class OpenVINOQuantizer(Quantizer):
     modules: ClassVar[tuple[str, ...]] = ("openvino", "nncf")
     extra: ClassVar[str] = "openvino"
 
-    def __init__(self, *, preset: Preset = "mixed", fp32_norms: bool = True) -> None:
+    def __init__(self, *, preset: Preset = "performance", fp32_norms: bool = True) -> None:
         if preset not in ("mixed", "performance"):
             raise ValueError(f"preset {preset!r}: choose mixed or performance")
         self.preset: Preset = preset

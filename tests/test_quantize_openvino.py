@@ -87,7 +87,7 @@ def test_registry_and_class_facts():
     quantizer = get_quantizer("openvino")
     assert isinstance(quantizer, OpenVINOQuantizer)
     assert (quantizer.target, quantizer.deploy_target, quantizer.artifact) == ("openvino", "openvino", "model.xml")
-    assert (quantizer.modules, quantizer.extra, quantizer.preset) == (("openvino", "nncf"), "openvino", "mixed")
+    assert (quantizer.modules, quantizer.extra, quantizer.preset) == (("openvino", "nncf"), "openvino", "performance")
     quantizer.check_available()
     with pytest.raises(ValueError, match="choose mixed or performance"):
         OpenVINOQuantizer(preset="transformer")  # type: ignore[arg-type]
@@ -108,7 +108,7 @@ def _assert_input_range_is_pinned(prepared: torch.nn.Module) -> None:
 def test_prepared_module_is_a_calibrated_copy(ptq, graph, evaluation):
     assert ptq is not graph and not ptq.training
     assert not any(p.requires_grad for p in ptq.parameters())  # PTQ: nothing to train
-    _assert_input_range_is_pinned(ptq)  # asymmetric (preset mixed)
+    _assert_input_range_is_pinned(ptq)  # symmetric unsigned (preset performance)
     assert _psnr(_torch(ptq, evaluation), _torch(graph, evaluation)) > INT8_MIN_PSNR_DB
 
 
@@ -121,7 +121,7 @@ def test_exported_files_and_info(int8_ir, graph, tmp_path):
     import nncf
 
     assert info["nncf"] == nncf.__version__
-    assert "preset mixed" in info["quantization_scheme"] and info["preset"] == "mixed"
+    assert "preset performance" in info["quantization_scheme"] and info["preset"] == "performance"
     ops = info["ops"]
     assert ops["FakeQuantize"] == info["fake_quantize_nodes"] > 50
     assert ops["MVN"] == NORMS  # no quantizer inside a norm: the frontend still folds each into one MVN
@@ -159,7 +159,7 @@ def test_int8_ir_runs_int8_in_openvino(int8_ir, ptq, graph, evaluation):
 
 
 def test_qat_prepared_module_gets_gradients_and_freezes_ranges(graph, calibration):
-    quantizer = OpenVINOQuantizer(preset="performance")  # symmetric activations: the other kind of quantizer
+    quantizer = OpenVINOQuantizer(preset="mixed")  # asymmetric activations: the other kind of quantizer
     before = {k: v.clone() for k, v in graph.state_dict().items()}
     prepared = quantizer.prepare(graph, calibration[0], qat=True, calibration=calibration[:2])
     _assert_input_range_is_pinned(prepared)

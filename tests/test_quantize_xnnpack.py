@@ -35,6 +35,7 @@ CFG = NAFNetConfig(width=8, enc_blk_nums=(1, 1), middle_blk_num=1, dec_blk_nums=
 SIZE = (64, 64)
 MIN_PSNR_VS_FP32_DB = 38.0  # int8 .pte vs the fp32 deploy graph; measured 42.9-43.4 dB on these crops
 MIN_PSNR_VS_SIMULATION_DB = 43.0  # .pte vs PyTorch's quantize/dequantize simulation; measured 47.1-48.5 dB
+MIN_PSNR_QAT_VS_CONVERSION_DB = 60.0  # QAT fake quantizers vs their quantize/dequantize form; measured identical
 MAX_ABS_VS_SIMULATION = 0.05  # measured 0.0124: XNNPACK's requantization rounds a few values one step apart
 
 
@@ -155,4 +156,9 @@ def test_qat_prepared_module_trains_every_weight_and_freezes_its_ranges(graph: D
     with torch.no_grad():
         prepared(x * 3.0)  # ranges would grow if observers still ran
     assert all(torch.equal(m.scale, s) for m, s in zip(fake_quants, scales, strict=True))
+
+    # what QAT trains is what the program computes: the conversion keeps the fake quantizers' scales
     quantizer.set_training(prepared, False)
+    simulation = convert_pt2e(copy.deepcopy(prepared).requires_grad_(False))
+    with torch.no_grad():
+        assert psnr_db(simulation(held_out), prepared(held_out)) > MIN_PSNR_QAT_VS_CONVERSION_DB
