@@ -35,10 +35,11 @@ import importlib.metadata
 import inspect
 import logging
 import os
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -101,7 +102,8 @@ class OpenVINOQuantizer(Quantizer):
             raise ValueError("calibration is empty: give at least one NCHW batch (or None to use the example)")
         ignored = nncf.IgnoredScope(patterns=norm_patterns(graph)) if self.fp32_norms else None
         input_name = next(iter(inspect.signature(graph.forward).parameters))
-        with torch.no_grad(), _nncf_log_level(logging.WARNING):  # not one INFO line per ignored node
+        # NNCF's progress bars print to stdout: they go to stderr, so `quantize --json` prints only JSON
+        with torch.no_grad(), _nncf_log_level(logging.WARNING), redirect_stdout(sys.stderr):
             prepared = nncf.quantize(
                 graph,
                 nncf.Dataset(samples),

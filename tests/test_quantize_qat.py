@@ -72,7 +72,7 @@ def test_data_parallel_qat_under_torchrun_ends_with_identical_weights_on_both_ra
     script = tmp_path / "ddp.py"
     tests = str(Path(__file__).resolve().parent)
     script.write_text(DDP_SCRIPT.format(tests=tests, crop=CROP, kodak=str(KODAK_DIR), out=str(tmp_path)))
-    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
     result = subprocess.run([*run, str(script)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world 2" in result.stdout
