@@ -93,7 +93,7 @@ class CoreMLConverter(Converter):
             minimum_deployment_target=deployment_target(options.minimum_target),
         )
         metadata = {str(k): str(v) for k, v in getattr(graph, "manifest_metadata", {}).items()}
-        _describe(mlmodel, graph, sizes, metadata)
+        describe_io(mlmodel, graph, sizes, metadata)
         mlmodel.user_defined_metadata.update(metadata)
         mlmodel.user_defined_metadata.update(
             {
@@ -418,7 +418,7 @@ def _check_shape(x: np.ndarray, allowed: list[tuple[int, ...]]) -> None:
         raise ValueError(f"input shape {tuple(x.shape)} is not one the model accepts: {allowed}")
 
 
-def _describe(mlmodel: Any, graph: torch.nn.Module, sizes: list[tuple[int, int]], metadata: dict[str, str]) -> None:
+def describe_io(mlmodel: Any, graph: torch.nn.Module, sizes: list[tuple[int, int]], metadata: dict[str, str]) -> None:
     """Descriptions an app developer sees in Xcode's model viewer."""
     c, m = _channels(graph), graph.pad_multiple
     kind = "RGB" if c == 3 else "grayscale" if c == 1 else f"{c}-channel"

@@ -13,7 +13,14 @@ Precision model, so that an fp16 program is evaluated as fp16 hardware would com
 - convolutions, pooling, reductions and the normalization ops (layer_norm, batch_norm) accumulate in
   float32 and round their result once, like Core ML's fp16 GPU and Neural Engine paths, which accumulate
   wider than fp16 (so a sum can exceed 65504 on the way and still give a finite mean);
-- transcendental unary ops (sigmoid, rsqrt) are computed in float32 and rounded once.
+- transcendental unary ops (sigmoid, rsqrt) are computed in float32 and rounded once;
+- int8 (iOS 17 linear quantization, what W8A8 and weight-only int8 programs hold): ``quantize`` is
+  ``clip(round_half_even(x / scale) + zero_point)`` into the int8 or uint8 range, the quotient formed in the
+  input's dtype (fp16 in an fp16 program, as coremltools' own reference ``quantize_by_scale_and_zp`` does);
+  ``dequantize`` and the weights' ``constexpr_affine_dequantize`` are ``scale * (q - zero_point)`` computed in
+  float32 and rounded once to the declared dtype. ``scale`` and ``zero_point`` are scalars (per tensor) or
+  vectors along ``axis`` (per channel); a missing zero point is 0. Core ML's own kernels are not public: a
+  value within rounding error of a half step can land one int8 step away from this on a device.
 
 An op type without an evaluator raises ``NotImplementedError`` naming it before anything is computed, and
 every result's shape is checked against the shape the program declares, so an evaluator cannot silently
@@ -235,6 +242,16 @@ def _add_bias(y: np.ndarray, bias: Value | None) -> np.ndarray:
     return y if bias is None else y + _wide(bias).reshape(1, -1, *([1] * (y.ndim - 2)))
 
 
+def _along(v: Value, ndim: int, axis: Value | None) -> np.ndarray:
+    """A quantization parameter (scalar, or vector along ``axis``) shaped to broadcast over a rank-``ndim`` tensor."""
+    v = np.asarray(v)
+    if v.ndim == 0:
+        return v
+    shape = [1] * ndim
+    shape[int(axis) % ndim] = v.size
+    return v.reshape(shape)
+
+
 def _axes(a: Args, ndim: int) -> tuple[int, ...]:
     axes = a.get("axes")
     return tuple(range(ndim)) if axes is None else tuple(int(i) % ndim for i in _ints(axes))
@@ -301,6 +318,22 @@ def _pool(a: Args, average: bool) -> np.ndarray:
         valid = np.ones((1, 1, *x.shape[2:]), np.float32)
         return total / _windows(valid, kernel, strides, ones, pads, 0.0).sum(axis=k_axes)
     return total / np.float32(math.prod(kernel))
+
+
+def _quantize(a: Args) -> np.ndarray:
+    x, dtype = a["input"], DTYPES[str(a["output_dtype"])]
+    q = np.rint(np.divide(x, _along(a["scale"], x.ndim, a.get("axis")).astype(x.dtype)))  # rint: half to even
+    if a.get("zero_point") is not None:
+        q = q.astype(np.float32) + _along(a["zero_point"], x.ndim, a.get("axis")).astype(np.float32)
+    info = np.iinfo(dtype)
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def _dequantize(data: Value, scale: Value, zero_point: Value | None, axis: Value | None) -> np.ndarray:
+    q = np.asarray(data, dtype=np.float32)
+    if zero_point is not None:
+        q = q - _along(zero_point, q.ndim, axis).astype(np.float32)
+    return q * _along(scale, q.ndim, axis).astype(np.float32)
 
 
 def _layer_norm(a: Args) -> np.ndarray:
@@ -445,4 +478,7 @@ OPS: dict[str, Callable[[Args], Value]] = {
     "slice_by_size": _slice_by_size,
     "pixel_shuffle": _pixel_shuffle,
     "pixel_unshuffle": _pixel_unshuffle,
+    "quantize": _quantize,
+    "dequantize": lambda a: _dequantize(a["input"], a["scale"], a.get("zero_point"), a.get("axis")),
+    "constexpr_affine_dequantize": lambda a: _dequantize(a["quantized_data"], a["scale"], a["zero_point"], a["axis"]),
 }

@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     p.add_argument("checkpoint", nargs="?", metavar="CKPT", help="checkpoint file (default: the embedded model)")
-    p.add_argument("--target", required=True, choices=["executorch", "openvino"], help="int8 runtime")
+    p.add_argument("--target", required=True, choices=["coreml", "executorch", "openvino"], help="int8 runtime")
     p.add_argument("--data", dest="train_data", required=True, type=Path, metavar="DIR", help="training images")
     p.add_argument("--pairs", dest="train_pairs", type=Path, metavar="CLEAN", help="ground truth for --data")
     p.add_argument("-o", "--out", "--output", dest="output", type=Path, default=Path("artifacts"), metavar="OUT")

@@ -8,21 +8,24 @@ converters' (``nafnet_edge.converters``).
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from nafnet_edge.quantization.base import Quantizer
 
 QUANTIZERS = {
+    "coreml": "nafnet_edge.quantization.coreml:CoreMLQuantizer",
     "executorch": "nafnet_edge.quantization.xnnpack:XNNPACKQuantizer",
     "openvino": "nafnet_edge.quantization.openvino:OpenVINOQuantizer",
 }
 
 
-def get_quantizer(target: str) -> Quantizer:
-    """The int8 quantizer for ``target`` (one of ``QUANTIZERS``)."""
+def get_quantizer(target: str, **options: Any) -> Quantizer:
+    """The int8 quantizer for ``target`` (one of ``QUANTIZERS``); ``options`` go to its constructor
+    (``get_quantizer("coreml", mode="weights")``)."""
     if target not in QUANTIZERS:
         raise ValueError(f"int8 is available for --target {' or '.join(QUANTIZERS)}, not {target}")
     module, name = QUANTIZERS[target].split(":")
-    return getattr(importlib.import_module(module), name)()
+    return getattr(importlib.import_module(module), name)(**options)
 
 
 __all__ = ["QUANTIZERS", "Quantizer", "get_quantizer"]

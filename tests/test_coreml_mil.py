@@ -220,6 +220,9 @@ BIAS = _rng.standard_normal(6).astype(np.float32)
 GAMMA, BETA = _rng.standard_normal(5).astype(np.float32), _rng.standard_normal(5).astype(np.float32)
 MEAN, VAR = _rng.standard_normal(4).astype(np.float32), _rng.random(4).astype(np.float32) + 0.5
 T = torch.from_numpy
+Q_SCALE = np.array([0.01, 0.02, 0.05], np.float32)  # per channel of axis 1 (3 channels)
+Q_ZERO = np.array([0, -3, 5], np.int8)
+Q_DATA = _rng.integers(-128, 128, (4, 3, 2)).astype(np.int8)
 
 
 def _interleave(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -418,6 +421,35 @@ OP_CASES = [
         ),
         lambda x: (x[0, 1:4:2, :, 2:-1], x[:, :1], x[:, 1:], _interleave(x[:, :, :3], x[:, :, 3:])),
     ),
+    (
+        "quantize-dequantize-per-tensor-uint8",
+        [(1, 3, 4, 5)],
+        lambda x: (
+            q := mb.quantize(input=x, scale=np.float32(0.02), zero_point=np.uint8(128), output_dtype="uint8"),
+            mb.dequantize(input=q, scale=np.float32(0.02), zero_point=np.uint8(128)),
+        ),
+        lambda x: (q := np.clip(np.rint(x / np.float32(0.02)) + 128, 0, 255), (q - 128) * np.float32(0.02)),
+    ),
+    (
+        "quantize-dequantize-per-channel-int8",
+        [(1, 3, 4, 5)],
+        lambda x: (
+            q := mb.quantize(input=x, scale=Q_SCALE, axis=1, output_dtype="int8"),
+            mb.dequantize(input=q, scale=Q_SCALE, zero_point=Q_ZERO, axis=1),
+        ),
+        lambda x: (
+            q := np.clip(np.rint(x / Q_SCALE[:, None, None]), -128, 127),
+            (q - Q_ZERO[:, None, None]) * Q_SCALE[:, None, None],
+        ),
+    ),
+    (
+        "constexpr_affine_dequantize",
+        [(4, 3, 2)],
+        lambda x: mb.add(
+            x=x, y=mb.constexpr_affine_dequantize(quantized_data=Q_DATA, zero_point=Q_ZERO, scale=Q_SCALE, axis=1)
+        ),
+        lambda x: x + (Q_DATA.astype(np.float32) - Q_ZERO[:, None]) * Q_SCALE[:, None],
+    ),
 ]
 
 
@@ -469,3 +501,32 @@ def test_fp16_arithmetic():
     assert (plus_one == 2048).all()  # 2049 is not an fp16 number: rounds back to 2048
     assert np.isinf(total).all() and np.isinf(conv).all()  # 262144 overflows fp16 once rounded
     assert (mean == 2048).all()  # but the fp32 accumulator did not overflow on the way
+
+
+def test_quantize_rounds_half_to_even_saturates_and_matches_coremltools_reference():
+    """Ties go to the even integer, out-of-range values clip to the dtype's range, and an fp16 program forms the
+    quotient in fp16, exactly as coremltools' own reference (``quantize_by_scale_and_zp``) computes the op."""
+    from coremltools.optimize._utils import dequantize_by_scale_and_zp, quantize_by_scale_and_zp
+
+    scale = np.float32(0.5)
+    ties = np.array([[0.25, 0.75, 1.25, -0.25, -0.75, 100.0, -100.0]], np.float32)  # x / scale: .5, 1.5, 2.5 ...
+    program = _program([ties.shape], lambda x: mb.quantize(input=x, scale=scale, output_dtype="int8"))
+    (q,) = program.run({"x": ties}).values()
+    assert q.dtype == np.int8 and q.tolist() == [[0, 2, 2, 0, -2, 127, -128]]
+
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((1, 3, 8, 8)) * 4).astype(np.float16)
+    scale16, zero = np.array([0.013, 0.029, 0.031], np.float16), np.array([128, 120, 140], np.uint8)
+    program = _program(
+        [x.shape],
+        lambda v: (
+            q := mb.quantize(input=v, scale=scale16, zero_point=zero, axis=1, output_dtype="uint8"),
+            mb.dequantize(input=q, scale=scale16, zero_point=zero, axis=1),
+        ),
+        dtype=types.fp16,
+    )
+    q, y = program.run({"x": x}).values()
+    expected = quantize_by_scale_and_zp(x, scale16[:, None, None], zero[:, None, None], "uint8")
+    np.testing.assert_array_equal(q, expected)
+    np.testing.assert_array_equal(y, dequantize_by_scale_and_zp(expected, scale16, zero, axis=1))
+    assert y.dtype == np.float16

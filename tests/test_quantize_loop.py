@@ -73,5 +73,5 @@ def test_quantize_command_errors(tmp_path: Path, capsys) -> None:
     assert main(["convert", "--target", "onnx", "--precision", "int8", "-o", str(tmp_path / "o")]) == EXIT_USAGE
     assert "--train-data" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        main(["quantize", "--target", "coreml", "--data", str(tmp_path / "data")])
+        main(["quantize", "--target", "onnx", "--data", str(tmp_path / "data")])
     assert e.value.code == EXIT_USAGE
