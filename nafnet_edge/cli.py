@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", choices=["qat", "ptq"], default="qat", help="fine-tune or calibrate only (qat)")
     g.add_argument("--iters", type=positive_int, default=300, metavar="N", help="QAT steps (300)")
     g.add_argument("--batch", type=positive_int, default=4, metavar="N", help="crops per step (4)")
-    g.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate, cosine decay (2e-5)")
+    g.add_argument("--lr", type=float, default=1e-3, help="AdamW step relative to each tensor's RMS, cosine (1e-3)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resume", action="store_true", help="continue from OUT/.<target>-train.pt")
 

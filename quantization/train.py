@@ -40,7 +40,7 @@ class TrainConfig:
     method: Method = "qat"
     iters: int = 300
     batch: int = 4
-    lr: float = 2e-5
+    lr: float = 1e-3  # relative: each tensor's step is lr x its RMS (see _relative_groups)
     weight_decay: float = 0.0
     freeze_observers_at: float = 0.7  # fraction of iters after which quantization ranges stop moving
     calibration_batches: int = 8
@@ -181,7 +181,7 @@ def quantize_graph(
     if config.method == "ptq":
         return prepared, log
 
-    optimizer = torch.optim.AdamW(prepared.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(_relative_groups(prepared, config.lr), weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, config.iters) / config.iters))
     )
@@ -221,6 +221,23 @@ def quantize_graph(
     quantizer.set_training(prepared, False)
     log.update(iters=config.iters, resumed_from=start, last_batch_fidelity_db=fidelity, lr=config.lr)
     return prepared, log
+
+
+def _relative_groups(module: torch.nn.Module, lr: float) -> list[dict[str, Any]]:
+    """One optimizer group per trainable tensor, its learning rate ``lr`` times the tensor's RMS.
+
+    Adam moves every parameter by about its learning rate per step, whatever the parameter's size, and a deploy
+    graph's tensors span six orders of magnitude (weights writing the residual stream divided by its scale,
+    folded norms; the trained default denoiser has weight rows below 1e-5). One absolute rate either leaves the
+    large tensors untrained or randomizes the small ones: on that model 150 steps at 2e-5 took the int8 program
+    from 45.9 dB (PTQ) to 44.2 dB against fp32. Scaled per tensor, ``lr`` is a relative step size.
+    """
+    groups = []
+    for p in module.parameters():
+        if p.requires_grad:
+            rms = float(p.detach().float().pow(2).mean().sqrt()) if p.numel() else 0.0
+            groups.append({"params": [p], "lr": lr * max(rms, 1e-8)})
+    return groups
 
 
 def _take(iterator: Iterator[Any], n: int) -> list[Any]:

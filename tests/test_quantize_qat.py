@@ -16,7 +16,12 @@ from helpers import randomize
 pytest.importorskip("executorch")
 
 from nafnet_edge.cli import main  # noqa: E402
+from nafnet_edge.converters.executorch import ExecuTorchConverter  # noqa: E402
+from nafnet_edge.deploy import deploy  # noqa: E402
+from nafnet_edge.images import read_image  # noqa: E402
 from nafnet_edge.model import NAFNetConfig, build_model  # noqa: E402
+from nafnet_edge.quantization import get_quantizer  # noqa: E402
+from nafnet_edge.quantization.train import TrainConfig, load_training_images, quantize_graph  # noqa: E402
 
 KODAK_DIR = Path(__file__).resolve().parents[1] / "nafnet_edge" / "data" / "kodak"
 CONFIG = NAFNetConfig(width=8, enc_blk_nums=(1, 1), middle_blk_num=1, dec_blk_nums=(1, 1))
@@ -81,3 +86,33 @@ def test_data_parallel_qat_under_torchrun_ends_with_identical_weights_on_both_ra
     assert all(torch.equal(a[k], b[k]) for k in a)
     single = {k: v for k, v in a.items() if v.is_floating_point()}
     assert any(not np.allclose(v.numpy(), 0) for v in single.values())
+
+
+QAT_GAIN_DB = 0.5  # measured: PTQ .pte 43.43 dB, QAT (60 steps) .pte 44.66 dB against fp32 on these crops
+
+
+def test_qat_artifact_is_closer_to_fp32_than_the_ptq_artifact(tmp_path: Path) -> None:
+    """Same graph, same seed, same calibration crops: fine-tuning must pay off in the program ExecuTorch runs."""
+    size = 64
+    graph = deploy(randomize(build_model(CONFIG)), target="xnnpack", input_size=(size, size))
+    images = load_training_images(KODAK_DIR, size)
+    evaluation = [  # two fixed regions per photo (training draws random crops of the same photos)
+        torch.from_numpy(np.ascontiguousarray(read_image(p).pixels[t : t + size, x : x + size].transpose(2, 0, 1)))
+        for p in sorted(KODAK_DIR.glob("*.png"))
+        for t, x in ((300, 300), (50, 400))
+    ]
+    quantizer = get_quantizer("executorch")
+    fidelity = {}
+    for method in ("ptq", "qat"):
+        prepared, _ = quantize_graph(
+            quantizer, graph, images, size, TrainConfig(method=method, iters=60), progress=False
+        )
+        out = tmp_path / method
+        out.mkdir()
+        quantizer.export(prepared, out, evaluation[0][None])
+        runner = ExecuTorchConverter().load_runner(out, {"precision": "int8"})
+        with torch.no_grad():
+            fidelity[method] = np.mean(
+                [_psnr(torch.from_numpy(runner.run(x[None].numpy())), graph(x[None])) for x in evaluation]
+            )
+    assert fidelity["qat"] > fidelity["ptq"] + QAT_GAIN_DB, fidelity

@@ -1,0 +1,207 @@
+"""INT8 against fp32 in the same runtime, side by side in one run: ExecuTorch XNNPACK and OpenVINO CPU.
+
+For the NAFNet-SIDD-width32 and GoPro-width32 shapes at 256x256 (random weights: speed only). Per runtime, every
+variant is timed in the same interleaved rounds (one run of each, then the next round), medians in ms:
+
+- original fp32: the upstream graph, exported as is (OpenVINO also with the plugin's default precision hint,
+  bf16 where the CPU has it: the number an app team gets without asking for anything);
+- deploy fp32: the reparameterized graph (``nafnet_edge.deploy``);
+- naive PTQ: the upstream graph quantized the usual way (PT2E XNNPACKQuantizer, symmetric per-channel; NNCF
+  ``quantize`` of the OpenVINO model with its defaults), the baseline;
+- nafnet-edge int8: the artifact ``nafnet-edge quantize`` writes (our quantizer on the deploy graph, exported
+  and loaded through the converter's runner, as shipped; OpenVINO runs the rest of the graph in f32 as pinned
+  by the manifest). ``--qat-iters N`` fine-tunes it first; QAT changes values, not the op graph, so the default
+  times the PTQ-calibrated export of the same graph.
+
+Ratios are against the original fp32 graph of the same runtime; "floor" is the int8 compute floor, GMACs x 2 /
+(4 x the best fp32 sgemm probe of the run), the issue's definition (int8 dot products at 4x the fp32 rate).
+
+    python benchmarks/int8_speed.py [--runs 11] [--shapes SIDD-width32 GoPro-width32] [--skip openvino]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import random_release_shape
+from deploy_speed import Runner, openvino_runner, sgemm_gflops, xnnpack_runner
+
+from nafnet_edge.complexity import count_macs
+from nafnet_edge.deploy import deploy
+from nafnet_edge.images import read_image
+from nafnet_edge.quantization import get_quantizer
+from nafnet_edge.quantization.train import TrainConfig, TrainImage, quantize_graph
+from nafnet_edge.releases import RELEASE_SHAPES
+
+KODAK = Path(__file__).resolve().parents[1] / "nafnet_edge" / "data" / "kodak"
+CALIBRATION_CROPS = 2  # speed does not depend on the ranges; calibrating and tracing dominate the set-up time
+
+
+def calibration_images() -> list[TrainImage]:
+    return [TrainImage(read_image(p).pixels) for p in sorted(KODAK.glob("*.png"))]
+
+
+def calibration_crops(size: int, n: int = CALIBRATION_CROPS) -> list[torch.Tensor]:
+    rng = np.random.default_rng(0)
+    crops = []
+    for image in calibration_images() * (n // 4 + 1):
+        h, w = image.input.shape[:2]
+        top, left = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
+        patch = image.input[top : top + size, left : left + size].transpose(2, 0, 1)
+        crops.append(torch.from_numpy(np.ascontiguousarray(patch))[None])
+    return crops[:n]
+
+
+def ours_runner(target: str, model: torch.nn.Module, size: int, qat_iters: int, keep: list[object]) -> Runner:
+    """The int8 artifact as ``nafnet-edge quantize`` writes it, loaded by its converter's runner."""
+    from nafnet_edge.converters import get_converter
+
+    quantizer = get_quantizer(target)
+    graph = deploy(model, target=quantizer.deploy_target, input_size=(size, size))  # type: ignore[arg-type]
+    method = "qat" if qat_iters else "ptq"
+    config = TrainConfig(method=method, iters=max(qat_iters, 1), batch=1, calibration_batches=CALIBRATION_CROPS)
+    prepared, _ = quantize_graph(quantizer, graph, calibration_images(), size, config, progress=False)
+    out = Path(tempfile.mkdtemp(prefix="int8-speed-"))
+    keep.append(out)
+    quantizer.export(prepared, out, torch.rand(1, 3, size, size))
+    return get_converter(target).load_runner(out, {"precision": "int8"}).run
+
+
+def naive_xnnpack_runner(model: torch.nn.Module, x: torch.Tensor) -> Runner:
+    """PT2E PTQ of the upstream graph with ExecuTorch's XNNPACK quantizer, defaults, lowered to XNNPACK."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    prepared = prepare_pt2e(torch.export.export(model, (x,)).module(), quantizer)  # type: ignore[arg-type]
+    with torch.no_grad():
+        for crop in calibration_crops(x.shape[-1]):
+            prepared(crop)
+    return xnnpack_runner(convert_pt2e(prepared), x)
+
+
+def naive_openvino_runner(model: torch.nn.Module, x: torch.Tensor) -> Runner:
+    """NNCF PTQ of the upstream graph's OpenVINO model with NNCF's defaults, compiled with the default hint."""
+    import nncf
+    import openvino as ov
+
+    crops = [c.numpy() for c in calibration_crops(x.shape[-1])]
+    quantized = nncf.quantize(ov.convert_model(model, example_input=x), nncf.Dataset(crops), subset_size=len(crops))
+    request = ov.Core().compile_model(quantized, "CPU").create_infer_request()
+    return lambda a: request.infer({0: a})[0]
+
+
+def openvino_default_runner(model: torch.nn.Module, x: torch.Tensor) -> Runner:
+    import openvino as ov
+
+    request = ov.Core().compile_model(ov.convert_model(model, example_input=x), "CPU").create_infer_request()
+    return lambda a: request.infer({0: a})[0]
+
+
+def variants(runtime: str, model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace, keep: list[object]):
+    size = x.shape[-1]
+    if runtime == "xnnpack":
+        graph = deploy(model, target="xnnpack", input_size=(size, size))
+        return {
+            "original fp32": lambda: xnnpack_runner(model, x),
+            "deploy fp32": lambda: xnnpack_runner(graph, x),
+            "naive PTQ int8": lambda: naive_xnnpack_runner(model, x),
+            "nafnet-edge int8": lambda: ours_runner("executorch", model, size, args.qat_iters, keep),
+        }
+    graph = deploy(model, target="openvino", input_size=(size, size))
+    return {
+        "original fp32": lambda: openvino_runner(model, x),
+        "original default hint": lambda: openvino_default_runner(model, x),
+        "deploy fp32": lambda: openvino_runner(graph, x),
+        "naive PTQ int8": lambda: naive_openvino_runner(model, x),
+        "nafnet-edge int8": lambda: ours_runner("openvino", model, size, args.qat_iters, keep),
+    }
+
+
+LABELS = {"xnnpack": "ExecuTorch XNNPACK", "openvino": "OpenVINO CPU"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=11)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--shapes", nargs="+", default=["SIDD-width32", "GoPro-width32"], choices=list(RELEASE_SHAPES))
+    ap.add_argument("--skip", nargs="*", default=[], choices=list(LABELS))
+    ap.add_argument("--qat-iters", type=int, default=0, help="QAT steps before exporting ours (0: PTQ calibration)")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    peak = sgemm_gflops()
+    print(f"sgemm probe: {peak:.0f} GFLOP/s fp32; {args.runs} interleaved runs; medians in ms", flush=True)
+    rows = []
+    keep: list[object] = []
+    for shape in args.shapes:
+        model = random_release_shape(shape)
+        x = torch.rand(1, 3, args.size, args.size)
+        a = x.numpy()
+        macs = count_macs(model.config, args.size, args.size)
+        for runtime, label in LABELS.items():
+            if runtime in args.skip:
+                continue
+            runners = {name: make() for name, make in variants(runtime, model, x, args, keep).items()}
+            reference = runners["original fp32"](a)
+            drift = {k: float(10 * np.log10(1 / np.mean((r(a) - reference) ** 2))) for k, r in runners.items()}
+            times: dict[str, list[float]] = {k: [] for k in runners}
+            for _ in range(args.runs):
+                peak = max(peak, sgemm_gflops(repeats=1))
+                for k, run in runners.items():
+                    t = time.perf_counter()
+                    run(a)
+                    times[k].append((time.perf_counter() - t) * 1e3)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            for k in runners:
+                rows.append(
+                    {
+                        "shape": shape,
+                        "runtime": label,
+                        "variant": k,
+                        "ms": med[k],
+                        "ms_runs": times[k],
+                        "vs_original_fp32": med[k] / med["original fp32"],
+                        "psnr_vs_original_fp32_db": drift[k],
+                        "macs": macs,
+                    }
+                )
+            print(f"{shape} / {label}: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()), flush=True)
+    floor = {
+        shape: 2 * count_macs(RELEASE_SHAPES[shape], args.size, args.size) / (4 * peak * 1e9) * 1e3
+        for shape in args.shapes
+    }
+    print(f"\nint8 floor = GMACs x 2 / (4 x {peak:.0f} GFLOP/s), the best fp32 sgemm probe of the run")
+    header = (
+        f"{'shape':<14}{'runtime':<20}{'variant':<23}{'ms':>8}{'x orig fp32':>12}{'x floor':>9}{'PSNR vs fp32':>14}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        row["int8_floor_ms"] = floor[row["shape"]]
+        row["vs_int8_floor"] = row["ms"] / row["int8_floor_ms"]
+        psnr = row["psnr_vs_original_fp32_db"]
+        print(
+            f"{row['shape']:<14}{row['runtime']:<20}{row['variant']:<23}{row['ms']:>8.1f}{row['vs_original_fp32']:>11.2f}x"
+            f"{row['vs_int8_floor']:>8.2f}x{('exact' if psnr > 100 else f'{psnr:.1f} dB'):>14}"
+        )
+    print("(random weights: the PSNR column only shows which variants are quantized, not their quality)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"sgemm_gflops": peak, "runs": args.runs, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
