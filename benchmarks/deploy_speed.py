@@ -42,6 +42,20 @@ def sgemm_gflops(n: int = 2048, repeats: int = 3) -> float:
     return 2 * n**3 / min(times) / 1e9
 
 
+def time_interleaved(
+    runners: dict[str, Runner], a: np.ndarray, runs: int, times: dict[str, list[float]], peak: float
+) -> float:
+    """``runs`` rounds of one run of every runner, appending ms to ``times``; returns the best sgemm rate seen
+    (``peak`` or a probe taken between rounds)."""
+    for _ in range(runs):
+        peak = max(peak, sgemm_gflops(repeats=1))
+        for k, run in runners.items():
+            t = time.perf_counter()
+            run(a)
+            times[k].append((time.perf_counter() - t) * 1e3)
+    return peak
+
+
 def xnnpack_runner(model: torch.nn.Module, x: torch.Tensor) -> Runner:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
@@ -117,12 +131,7 @@ def main() -> None:
             times: dict[str, list[float]] = {k: [] for k in runners}
             for k in runners:  # warm-up
                 runners[k](a)
-            for _ in range(args.runs):
-                peak = max(peak, sgemm_gflops(repeats=1))
-                for k, run in runners.items():
-                    t = time.perf_counter()
-                    run(a)
-                    times[k].append((time.perf_counter() - t) * 1e3)
+            peak = time_interleaved(runners, a, args.runs, times, peak)
             med = {k: statistics.median(v) for k, v in times.items()}
             row = {
                 "shape": shape,

@@ -25,14 +25,13 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from common import random_release_shape
-from deploy_speed import Runner, openvino_runner, sgemm_gflops, xnnpack_runner
+from deploy_speed import Runner, openvino_runner, sgemm_gflops, time_interleaved, xnnpack_runner
 
 from nafnet_edge.complexity import count_macs
 from nafnet_edge.deploy import deploy
@@ -158,12 +157,7 @@ def main() -> None:
             reference = runners["original fp32"](a)
             drift = {k: float(10 * np.log10(1 / np.mean((r(a) - reference) ** 2))) for k, r in runners.items()}
             times: dict[str, list[float]] = {k: [] for k in runners}
-            for _ in range(args.runs):
-                peak = max(peak, sgemm_gflops(repeats=1))
-                for k, run in runners.items():
-                    t = time.perf_counter()
-                    run(a)
-                    times[k].append((time.perf_counter() - t) * 1e3)
+            peak = time_interleaved(runners, a, args.runs, times, peak)
             med = {k: statistics.median(v) for k, v in times.items()}
             for k in runners:
                 rows.append(
