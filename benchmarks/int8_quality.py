@@ -48,6 +48,8 @@ def run(argv: list[str]) -> tuple[int, dict]:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = nafnet_edge([*argv, "--json"])
+    if not out.getvalue().strip():
+        raise SystemExit(f"nafnet-edge {' '.join(argv)} printed no report (exit code {code})")
     report = json.loads(out.getvalue())
     return code, report["artifacts"][0] if "artifacts" in report else report
 
@@ -81,6 +83,8 @@ def main() -> None:
             t = time.perf_counter()
             code, report = run([*argv, "--target", target, "-o", str(work / name.split()[0] / target), *size])
             v = report["validation"]
+            manifest = json.loads((Path(report["directory"]) / "manifest.json").read_text())
+            search = manifest.get("quantization", {}).get("search", {})
             row = {
                 "target": target,
                 "variant": name,
@@ -92,6 +96,9 @@ def main() -> None:
                 "fidelity_db_min": v["fidelity_db_min"],
                 "ssim": v["artifact_ssim_mean"],
                 "seconds": time.perf_counter() - t,
+                "kept_float": manifest.get("quantization", {}).get("kept_float", []),
+                "search_rounds": search.get("rounds", []),
+                "kept_latency_ratio": search.get("latency_ms", {}).get("ratio"),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -103,6 +110,7 @@ def main() -> None:
             f"{r['target']:<12}{r['variant']:<10}{r['psnr_gt_db']:>10.3f}dB{r['reference_psnr_gt_db']:>8.3f}dB"
             f"{r['drift_db']:>+8.3f}{r['fidelity_db_min']:>8.1f}dB{r['ssim']:>8.4f}"
             + ("" if r["passed"] else "  (over budget)")
+            + (f"  float: {', '.join(r['kept_float'])} (latency x{r['kept_latency_ratio']})" if r["kept_float"] else "")
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

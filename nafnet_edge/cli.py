@@ -154,6 +154,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=1e-3, help="AdamW step relative to each tensor's RMS, cosine (1e-3)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resume", action="store_true", help="continue from OUT/.<target>-train.pt")
+    g.add_argument(
+        "--keep-float",
+        type=lambda text: tuple(u for u in text.split(",") if u),
+        default=(),
+        metavar="UNITS",
+        help="units to leave in float, comma-separated (intro, encoders.0.0, downs.0, middle_blks.0, ups.0, "
+        "decoders.0.0, ending, ...)",
+    )
+    g.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="Core ML: int8 weights with fp16 activations (post-training) instead of W8A8",
+    )
+    g.add_argument(
+        "--search-rounds",
+        type=int,
+        default=4,
+        metavar="N",
+        help="when the artifact misses --max-drift: up to N more rounds keeping the most sensitive units float "
+        "(1, 2, 4, ...); 0 turns the search off (4)",
+    )
 
     validation_only = argparse.ArgumentParser(add_help=False)
     g = validation_only.add_argument_group("validation")
@@ -516,9 +537,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
             )
             done = bar.n
 
-            def step(text: str) -> None:
+            def step(text: str, done: int = done) -> None:
                 bar.set_description(text)
-                if not text.endswith("deploy graph"):
+                if not text.endswith("deploy graph") and bar.n < done + steps - 1:  # int8 may take more rounds
                     bar.update(1)
 
             try:
@@ -551,9 +572,14 @@ def _int8_settings(args: argparse.Namespace, loaded: Any) -> Any:
     h, w = args.input_size
     if h != w:
         raise UsageError("int8 trains on square crops of the input size: give a square --input-size")
-    rank, _ = init_distributed()
+    if args.search_rounds < 0:
+        raise UsageError("--search-rounds takes 0 (no search) or more")
+    rank, world = init_distributed()
     images = load_training_images(args.train_data, h, pairs=args.train_pairs, channels=loaded.config.img_channels)
-    config = TrainConfig(method=args.method, iters=args.iters, batch=args.batch, lr=args.lr, seed=args.seed)
+    if args.weights_only and args.target != "coreml":
+        raise UsageError("--weights-only is a Core ML int8 mode; the other targets quantize weights and activations")
+    method = "ptq" if args.weights_only else args.method  # weight-only int8 has nothing to fine-tune
+    config = TrainConfig(method=method, iters=args.iters, batch=args.batch, lr=args.lr, seed=args.seed)
     return Int8Settings(
         images=images,
         config=config,
@@ -562,6 +588,9 @@ def _int8_settings(args: argparse.Namespace, loaded: Any) -> Any:
         resume=args.resume,
         progress=rank == 0,
         rank=rank,
+        keep_float=args.keep_float,
+        quantizer_options={"mode": "weights"} if args.weights_only else {},
+        search_rounds=args.search_rounds if world == 1 else 0,  # the ranks train together; rank 0 alone validates
     )
 
 

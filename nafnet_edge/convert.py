@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,9 @@ class Int8Settings:
     resume: bool = False
     progress: bool = True
     rank: int = 0  # under torchrun every rank trains; only rank 0 exports
+    keep_float: tuple[str, ...] = ()  # units to leave in float from the start
+    search_rounds: int = 4  # at most this many more rounds keeping sensitive units float to meet the budget
+    quantizer_options: dict[str, Any] = field(default_factory=dict)  # get_quantizer(target, **options)
 
 
 @dataclass
@@ -233,10 +236,10 @@ def convert(
     if options.precision == "int8":
         from nafnet_edge.quantization import get_quantizer
 
-        quantizer = get_quantizer(target)
-        quantizer.check_available()
         if int8 is None:
             raise ValueError("int8 needs training or calibration images: --data DIR")
+        quantizer = get_quantizer(target, **int8.quantizer_options)
+        quantizer.check_available()
         if options.bundle or options.dynamic or options.extra_sizes:
             raise ValueError("int8 artifacts take none of --bundle, --dynamic, --sizes")
     else:
@@ -248,6 +251,7 @@ def convert(
     final = Path(out_dir) / target
     if quantizer is not None and int8 is not None and int8.rank != 0:
         graph = deploy(loaded.model, target=quantizer.deploy_target, input_size=options.input_size)  # type: ignore[arg-type]
+        quantizer.keep_float = frozenset(int8.keep_float)
         _quantize(quantizer, graph, options, int8)
         return ConvertResult(target, final, {})
     with staged_directory(final) as tmp:
@@ -256,31 +260,141 @@ def convert(
         graph.manifest_metadata = graph_metadata(loaded, target, options)
         if options.bundle and validation is not None and not options.test_inputs:
             options = _with_test_io(options, loaded, validation)
-        started = time.perf_counter()
-        quant_log = None
+        stage = _Stage(loaded, target, converter, graph, options, validation, say)
         if quantizer is not None and int8 is not None:
-            say(f"{target}: int8 {int8.config.method}")
-            quant_log = _quantize(quantizer, graph, options, int8)
-            exported = quantizer.export(quant_log.pop("prepared"), tmp, quant_log.pop("example"))
+            manifest = _int8_search(stage, quantizer, int8, tmp)
         else:
             say(f"{target}: export")
-            exported = converter.export(graph, tmp, options)
-        overlap = validation.overlap_px if validation else DEFAULT_OVERLAP_PX
-        manifest = build_manifest(loaded, target, options, graph, exported.files, exported.info, overlap)
-        manifest["seconds"] = {"export": round(time.perf_counter() - started, 2)}
-        if quant_log is not None and int8 is not None:
-            manifest["quantization"] = {"data": int8.data, **quant_log}
+            manifest, _ = stage.export_and_validate(lambda d: converter.export(graph, d, options), tmp)
         (tmp / USAGE).write_text(usage_note(target, manifest))
-        if validation is not None:
-            say(f"{target}: validate in its runtime")
-            started = time.perf_counter()
-            runner = converter.load_runner(tmp, manifest)
-            manifest["runtime"] = runner.info
-            report = run_validation(loaded, runner.run, options, validation)
-            manifest["validation"] = report.to_dict()
-            manifest["seconds"]["validate"] = round(time.perf_counter() - started, 2)
         write_json(tmp / MANIFEST, manifest)
     return ConvertResult(target, final, manifest)
+
+
+@dataclass
+class _Stage:
+    """What exporting and validating one artifact needs."""
+
+    loaded: LoadedCheckpoint
+    target: str
+    converter: Any
+    graph: torch.nn.Module
+    options: ExportOptions
+    validation: ValidationSettings | None
+    say: Callable[[str], None]
+
+    def export_and_validate(self, export: Callable[[Path], Any], directory: Path) -> tuple[dict[str, Any], Any]:
+        """Export into ``directory`` and validate there; the manifest and the runner (None without validation)."""
+        started = time.perf_counter()
+        exported = export(directory)
+        overlap = self.validation.overlap_px if self.validation else DEFAULT_OVERLAP_PX
+        manifest = build_manifest(
+            self.loaded, self.target, self.options, self.graph, exported.files, exported.info, overlap
+        )
+        manifest["seconds"] = {"export": round(time.perf_counter() - started, 2)}
+        if self.validation is None:
+            return manifest, None
+        self.say(f"{self.target}: validate in its runtime")
+        started = time.perf_counter()
+        runner = self.converter.load_runner(directory, manifest)
+        manifest["runtime"] = runner.info
+        report = run_validation(self.loaded, runner.run, self.options, self.validation)
+        manifest["validation"] = report.to_dict()
+        manifest["seconds"]["validate"] = round(time.perf_counter() - started, 2)
+        return manifest, runner
+
+
+def _int8_search(stage: _Stage, quantizer: Any, int8: Int8Settings, tmp: Path) -> dict[str, Any]:
+    """Quantize, export and validate; while the artifact misses its budget, keep the next most sensitive units in
+    float (1, 2, 4, ... of them, ranked once by ``rank_units``) and go again, at most ``int8.search_rounds``
+    times. The last round's artifact stays in ``tmp``; the manifest records every round, the ranking and the
+    latency of the last round against the first, measured side by side."""
+    from dataclasses import replace
+
+    from nafnet_edge.quantization.sensitivity import (
+        SENSITIVITY_CROPS,
+        check_units,
+        interleaved_medians,
+        next_kept,
+        rank_units,
+    )
+    from nafnet_edge.quantization.train import calibration_crops, held_out_crops
+
+    check_units(stage.graph, int8.keep_float)
+    kept = list(int8.keep_float)
+    rounds: list[dict[str, Any]] = []
+    ranking: list[tuple[str, float]] | None = None
+    first_runner = None
+    stopped = ""
+    scratch = Path(tempfile.mkdtemp(prefix=".int8-rounds.", dir=tmp.parent))
+    try:
+        while True:
+            quantizer.keep_float = frozenset(kept)
+            note = f" keeping {len(kept)} unit(s) float" if kept else ""
+            stage.say(f"{stage.target}: int8 {int8.config.method}{note}")
+            settings = int8 if not rounds else replace(int8, resume=False)
+            started = time.perf_counter()
+            log = _quantize(quantizer, stage.graph, stage.options, settings)
+            seconds = round(time.perf_counter() - started, 2)
+            prepared, example = log.pop("prepared"), log.pop("example")
+            manifest, runner = stage.export_and_validate(
+                lambda d, p=prepared, e=example: quantizer.export(p, d, e), tmp
+            )
+            manifest["seconds"]["quantize"] = seconds
+            manifest["quantization"] = {"data": int8.data, **log, "kept_float": list(kept)}
+            if runner is None:
+                break
+            summary = manifest["validation"]["summary"]
+            rounds.append(
+                {
+                    "kept_float": list(kept),
+                    "passed": manifest["validation"]["passed"],
+                    "drift_db_mean": summary.get("drift_db_mean"),
+                    "fidelity_db_min": summary["fidelity_db_min"],
+                    "seconds": {**manifest["seconds"]},
+                }
+            )
+            if rounds[-1]["passed"] or len(rounds) > int8.search_rounds:
+                break
+            if ranking is None:
+                stage.say(f"{stage.target}: ranking units by int8 sensitivity")
+                h = stage.options.input_size[0]
+                crops = held_out_crops(int8.images, h, int8.config, SENSITIVITY_CROPS)
+                calibration = calibration_crops(int8.images, h, int8.config)
+                try:
+                    ranking = rank_units(quantizer, stage.graph, crops, calibration, exclude=kept)
+                except NotImplementedError as e:
+                    stopped = str(e)
+                    break
+            following = next_kept(kept, ranking)
+            if following == kept:
+                break  # everything is float already
+            kept = following
+            if first_runner is None:
+                first_runner = runner
+            for path in list(tmp.iterdir()):  # the first round's runner may still read its files
+                shutil.move(str(path), str(scratch / f"{len(rounds)}-{path.name}"))
+        search: dict[str, Any] = {"budget_rounds": int8.search_rounds, "rounds": rounds}
+        if stopped:
+            search["stopped"] = stopped
+        if ranking is not None:
+            search["sensitivity_db"] = {unit: round(gain, 3) for unit, gain in ranking}
+        if first_runner is not None and runner is not None:
+            stage.say(f"{stage.target}: latency of the kept units")
+            c = stage.loaded.config.img_channels
+            x = np.random.default_rng(0).random((1, c, *stage.options.input_size), dtype=np.float32)
+            medians = interleaved_medians({"first": first_runner.run, "last": runner.run}, x)
+            search["latency_ms"] = {
+                "first_round": medians["first"],
+                "last_round": medians["last"],
+                "ratio": round(medians["last"] / medians["first"], 3),
+                "input": list(x.shape),
+                "note": "medians of 7 interleaved runs on this machine",
+            }
+        manifest["quantization"]["search"] = search
+        return manifest
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _quantize(quantizer: Any, graph: torch.nn.Module, options: ExportOptions, int8: Int8Settings) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -33,6 +33,8 @@ class Quantizer(ABC):
     artifact: ClassVar[str]
     modules: ClassVar[tuple[str, ...]] = ()
     extra: ClassVar[str] = ""
+    # deploy-graph units (``nafnet_edge.quantization.sensitivity.graph_units``) that ``prepare`` leaves float
+    keep_float: frozenset[str] = frozenset()
 
     def check_available(self) -> None:
         missing = [m for m in self.modules if importlib.util.find_spec(m) is None]
@@ -60,6 +62,16 @@ class Quantizer(ABC):
 
     def freeze_observers(self, prepared: torch.nn.Module) -> None:  # noqa: B027 - optional for a target
         """Stop updating quantization ranges (late in QAT); the default does nothing."""
+
+    def unit_quantizers(
+        self, prepared: torch.nn.Module, units: Sequence[str], example: torch.Tensor
+    ) -> dict[str, list[torch.nn.Module]]:
+        """The quantizers of a QAT-prepared module that belong to each of ``units`` (for ``set_quantizers``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot switch quantizers per unit")
+
+    def set_quantizers(self, modules: Sequence[torch.nn.Module], enabled: bool) -> None:
+        """Switch fake quantization of ``modules`` (from ``unit_quantizers``) on or off."""
+        raise NotImplementedError(f"{type(self).__name__} cannot switch quantizers per unit")
 
     @abstractmethod
     def export(self, prepared: torch.nn.Module, out_dir: Path, example: torch.Tensor) -> Exported:

@@ -53,7 +53,7 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar, Literal
@@ -71,6 +71,7 @@ from nafnet_edge.converters.coreml import (
 )
 from nafnet_edge.errors import MissingBackendError
 from nafnet_edge.quantization.base import Quantizer
+from nafnet_edge.quantization.sensitivity import keeping_float, pt2e_unit_quantizers, set_pt2e_quantizers
 
 Mode = Literal["w8a8", "weights"]
 MODES: tuple[Mode, ...] = ("w8a8", "weights")
@@ -135,6 +136,8 @@ class CoreMLQuantizer(Quantizer):
             qat=qat,
         )
         if self.mode == "weights":
+            if self.keep_float:
+                raise ValueError("weight-only Core ML int8 cannot keep units in float; W8A8 (the default) can")
             if qat:
                 raise ValueError(
                     "weight-only Core ML int8 is post-training only (--method ptq); QAT needs W8A8 (the default)"
@@ -150,7 +153,7 @@ class CoreMLQuantizer(Quantizer):
         batch = torch.export.Dim("batch", min=1)
         # a copy: the exported module shares the graph's parameters, and QAT must not train the caller's graph
         exported = torch.export.export(copy.deepcopy(graph), (trace,), dynamic_shapes=({0: batch},)).module()
-        quantizer = _pt2e_quantizer(qat=qat, fp_global_residual=self.fp_global_residual)
+        quantizer = keeping_float(_pt2e_quantizer(qat=qat, fp_global_residual=self.fp_global_residual), self.keep_float)
         prepared = prepare_qat_pt2e(exported, quantizer) if qat else prepare_pt2e(exported, quantizer)
         prepared.requires_grad_(qat)  # the deploy graph comes frozen; QAT trains every weight and bias
         allow_exported_model_train_eval(prepared)
@@ -172,6 +175,16 @@ class CoreMLQuantizer(Quantizer):
             move_exported_model_to_train(prepared)  # type: ignore[arg-type]
         else:
             move_exported_model_to_eval(prepared)  # type: ignore[arg-type]
+
+    def unit_quantizers(
+        self, prepared: torch.nn.Module, units: Sequence[str], example: torch.Tensor
+    ) -> dict[str, list[torch.nn.Module]]:
+        if self.mode != "w8a8":
+            raise NotImplementedError("weight-only Core ML int8 has no fake quantizers to switch per unit")
+        return pt2e_unit_quantizers(prepared, units)  # type: ignore[arg-type]
+
+    def set_quantizers(self, modules: Sequence[torch.nn.Module], enabled: bool) -> None:
+        set_pt2e_quantizers(modules, enabled)
 
     def freeze_observers(self, prepared: torch.nn.Module) -> None:
         """Fix every range: the fake quantizers keep quantizing with the ranges observed so far."""
@@ -247,6 +260,7 @@ class CoreMLQuantizer(Quantizer):
                 "quantization_mode": self.mode,
                 "quantization_scheme": self.scheme,
                 "quantization_method": "qat" if facts.qat else "ptq",
+                "kept_float": sorted(self.keep_float),
                 **int8_summary(saved),
                 "mil_ops": dict(sorted(Counter(op.type for op in saved.ops).items())),
             }

@@ -38,7 +38,7 @@ import os
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -113,6 +113,9 @@ class OpenVINOQuantizer(Quantizer):
                 ignored_scope=ignored,
             )
         pin_input_range(prepared, input_name, INPUT_RANGE)
+        if self.keep_float:
+            groups = self.unit_quantizers(prepared, sorted(self.keep_float), example)
+            self.set_quantizers([q for unit in groups.values() for q in unit], False)
         for p in prepared.parameters():
             if p.is_floating_point():  # NNCF keeps bit widths and flags as integer parameters: never trainable
                 p.requires_grad_(qat)
@@ -122,6 +125,48 @@ class OpenVINOQuantizer(Quantizer):
     def set_training(self, prepared: torch.nn.Module, training: bool) -> None:
         """NNCF's quantizers compute the same in both modes; the deploy graph has no dropout or batch norm."""
         prepared.train(training)
+
+    def unit_quantizers(
+        self, prepared: torch.nn.Module, units: Sequence[str], example: torch.Tensor
+    ) -> dict[str, list[torch.nn.Module]]:
+        """NNCF's quantizers called while each unit's module runs (its weights, inputs and inner activations),
+        found by one forward pass with module hooks: NNCF names the operations of blocks held in containers
+        without the container (``0/conv1a/conv2d/2``), so its names do not say which block an operation is in."""
+        quantizers = _quantizers(prepared)
+        found: dict[str, list[torch.nn.Module]] = {u: [] for u in units}
+        active: list[str] = []
+        handles = []
+
+        def enter(unit: str) -> Callable[..., None]:
+            return lambda module, args: active.append(unit)
+
+        def leave(module: torch.nn.Module, args: Any, output: Any) -> None:
+            active.pop()  # a forward hook's return value would replace the module's output
+
+        for unit in units:
+            module = prepared.get_submodule(unit)
+            handles += [module.register_forward_pre_hook(enter(unit)), module.register_forward_hook(leave)]
+
+        def record(module: torch.nn.Module, args: Any) -> None:
+            for unit in active:
+                if not any(q is module for q in found[unit]):
+                    found[unit].append(module)
+
+        handles += [q.register_forward_pre_hook(record) for q in quantizers]
+        try:
+            with torch.no_grad():
+                prepared(example[:1])
+        finally:
+            for handle in handles:
+                handle.remove()
+        return found
+
+    def set_quantizers(self, modules: Sequence[torch.nn.Module], enabled: bool) -> None:
+        for quantizer in modules:
+            if enabled:
+                quantizer.enable_quantization()  # type: ignore[operator]
+            else:
+                quantizer.disable_quantization()  # type: ignore[operator]
 
     def freeze_observers(self, prepared: torch.nn.Module) -> None:
         """Stop training the quantization ranges; they keep quantizing with their current values."""
@@ -172,6 +217,7 @@ class OpenVINOQuantizer(Quantizer):
                 "quantization_scheme": self.scheme,
                 "preset": self.preset,
                 "fp32_norms": self.fp32_norms,
+                "kept_float": sorted(self.keep_float),
                 "quantizers": len(quantizers),
                 "fake_quantize_nodes": op_counts.get("FakeQuantize", 0),
                 "weight_precision": "i8 (dequantized by a multiply the plugin fuses into the int8 convolution)",

@@ -33,6 +33,7 @@ from nafnet_edge.images import is_image_path, read_image
 from nafnet_edge.quantization.base import Quantizer
 
 Method = Literal["qat", "ptq"]
+HELD_OUT_SEED_OFFSET = 7919  # training draws with seed + 1000 x (rank + 1) + step
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,16 @@ def batches(
         yield x, (torch.from_numpy(np.stack(ys)) if ys else None)
 
 
+def calibration_crops(images: Sequence[TrainImage], crop: int, config: TrainConfig) -> list[torch.Tensor]:
+    """The crops PTQ calibrates on (and QAT starts its ranges from), one per batch."""
+    return [x for x, _ in _take(batches(images, crop, 1, config.seed), config.calibration_batches)]
+
+
+def held_out_crops(images: Sequence[TrainImage], crop: int, config: TrainConfig, n: int) -> torch.Tensor:
+    """``n`` crops drawn with a seed of their own, apart from calibration's and training's (one NCHW batch)."""
+    return next(batches(images, crop, n, config.seed + HELD_OUT_SEED_OFFSET))[0]
+
+
 def psnr_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """10 log10(MSE): minimising it maximises PSNR (data range 1)."""
     return 10.0 * torch.log10(((output - target) ** 2).mean() + 1e-10)
@@ -171,7 +182,7 @@ def quantize_graph(
     torch.manual_seed(config.seed)
     teacher = copy.deepcopy(graph).eval()  # the fp32 function QAT distils from, untouched by training
     example = torch.rand(1, images[0].input.shape[2], crop, crop)
-    calibration = [x for x, _ in _take(batches(images, crop, 1, config.seed), config.calibration_batches)]
+    calibration = calibration_crops(images, crop, config)
     prepared = quantizer.prepare(graph, example, qat=config.method == "qat", calibration=calibration)
     quantizer.set_training(prepared, False)
     with torch.no_grad():  # one batch of all calibration crops: QAT's moving-average observers start from the

@@ -24,7 +24,7 @@ import copy
 import dataclasses
 import importlib.metadata
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,6 +34,7 @@ from nafnet_edge.converters.base import Exported
 from nafnet_edge.converters.executorch import BACKEND, delegation_summary
 from nafnet_edge.deploy.modules import ChannelNorm
 from nafnet_edge.quantization.base import Quantizer
+from nafnet_edge.quantization.sensitivity import keeping_float, pt2e_unit_quantizers, set_pt2e_quantizers
 
 SCHEME = "PT2E XNNPACKQuantizer, int8 symmetric per-channel weights, int8 per-tensor activations"
 QUANTIZE_OPS = frozenset({"quantize_per_tensor", "quantize_per_channel"})
@@ -108,7 +109,15 @@ class XNNPACKQuantizer(Quantizer):
             quantizer.set_module_type(torch.nn.ConvTranspose2d, per_tensor)
         if self.fp32_norms:
             quantizer.set_module_type(ChannelNorm, None)  # None: no annotation inside, excluded from the global
-        return quantizer
+        return keeping_float(quantizer, self.keep_float)
+
+    def unit_quantizers(
+        self, prepared: torch.nn.Module, units: Sequence[str], example: torch.Tensor
+    ) -> dict[str, list[torch.nn.Module]]:
+        return pt2e_unit_quantizers(prepared, units)  # type: ignore[arg-type]
+
+    def set_quantizers(self, modules: Sequence[torch.nn.Module], enabled: bool) -> None:
+        set_pt2e_quantizers(modules, enabled)
 
     def set_training(self, prepared: torch.nn.Module, training: bool) -> None:
         from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
@@ -150,6 +159,7 @@ class XNNPACKQuantizer(Quantizer):
             "quantization_scheme": SCHEME,
             "quantization_method": "qat" if qat else "ptq",
             "fp32_norms": self.fp32_norms,
+            "kept_float": sorted(self.keep_float),
             "delegated_partitions": len(backends),
             "delegate_backends": sorted(set(backends)),
             "ops_outside_delegate": {k: v for k, v in outside.items() if k not in outside_qdq},

@@ -31,6 +31,7 @@ from nafnet_edge.converters.base import Exported  # noqa: E402
 from nafnet_edge.converters.coreml import CoreMLConverter  # noqa: E402
 from nafnet_edge.converters.coreml_mil import MilProgram, load_program  # noqa: E402
 from nafnet_edge.deploy import DeployNAFNet, deploy  # noqa: E402
+from nafnet_edge.errors import EXIT_USAGE  # noqa: E402
 from nafnet_edge.images import read_image  # noqa: E402
 from nafnet_edge.model import NAFNetConfig, build_model  # noqa: E402
 from nafnet_edge.quantization import get_quantizer  # noqa: E402
@@ -212,16 +213,20 @@ def test_qat_prepared_module_trains_every_weight_and_freezes_its_ranges(graph, c
         assert psnr_db(simulation(x), prepared(x)) > MIN_PSNR_QAT_VS_CONVERSION_DB
 
 
-def test_quantize_command_writes_a_validated_coreml_int8_artifact(tmp_path: Path, capsys) -> None:
+def _quantize_tiny(tmp_path: Path, *options: str) -> int:
+    """``nafnet-edge quantize`` of a tiny random model for Core ML into tmp_path/out, validated on one crop."""
     path = tmp_path / "tiny.pth"
     torch.save({"params": randomize(build_model(CFG)).state_dict()}, path)
     val = tmp_path / "val"
     val.mkdir()
     cv2.imwrite(str(val / "crop.png"), cv2.imread(str(KODAK[1]))[200:264, 100:164])
+    argv = ["quantize", str(path), "--target", "coreml", "--data", str(KODAK_DIR), "-o", str(tmp_path / "out")]
+    return main([*argv, "--input-size", "64", "--val-data", str(val), "--json", *options])
+
+
+def test_quantize_command_writes_a_validated_coreml_int8_artifact(tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
-    argv = ["quantize", str(path), "--target", "coreml", "--method", "ptq", "--data", str(KODAK_DIR), "-o", str(out)]
-    argv += ["--input-size", "64", "--val-data", str(val), "--json", "--min-fidelity", "30"]
-    code = main(argv)
+    code = _quantize_tiny(tmp_path, "--method", "ptq", "--min-fidelity", "30")
     report = json.loads(capsys.readouterr().out)
     assert code == 0, report
     manifest = json.loads((out / "coreml" / "manifest.json").read_text())
@@ -232,3 +237,19 @@ def test_quantize_command_writes_a_validated_coreml_int8_artifact(tmp_path: Path
     summary = manifest["validation"]["summary"]
     assert manifest["validation"]["passed"] and 40.0 <= summary["fidelity_db_min"] < 60  # measured 50.6 dB
     assert summary["nonfinite"] == 0
+
+
+def test_quantize_command_writes_weight_only_coreml_int8(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    code = _quantize_tiny(tmp_path, "--weights-only", "--min-fidelity", "45")
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0, report
+    manifest = json.loads((out / "coreml" / "manifest.json").read_text())
+    assert manifest["quantization"]["method"] == "ptq"  # implied: nothing to fine-tune
+    # all 51 conv weights, the two transposed convs too (W8A8 leaves those fp16)
+    assert manifest["export"]["quantization_mode"] == "weights" and manifest["export"]["int8_weights"] == 51
+    # weight-only keeps fp16 activations: closer to fp32 than W8A8 (measured 50.7-51.8 dB on the tiny model)
+    assert manifest["validation"]["summary"]["fidelity_db_min"] >= 45.0
+
+    code = main(["quantize", "--target", "executorch", "--weights-only", "--data", str(KODAK_DIR)])
+    assert code == EXIT_USAGE and "--weights-only is a Core ML int8 mode" in capsys.readouterr().err
