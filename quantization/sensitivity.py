@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from nafnet_edge.quantization.base import Quantizer
+from nafnet_edge.validate import psnr
 
 SENSITIVITY_CROPS = 8  # held-out crops the ranking is measured on (``train.held_out_crops``)
 
@@ -133,7 +134,7 @@ def rank_units(
         teacher = graph(crops)
 
         def fidelity() -> float:
-            return _psnr_db(prepared(crops), teacher)
+            return psnr(prepared(crops).numpy(), teacher.numpy())
 
         base = fidelity()
         gains = []
@@ -148,11 +149,6 @@ def next_kept(kept: Sequence[str], ranking: Sequence[tuple[str, float]]) -> list
     """The next round's kept units: ``kept`` plus as many of the most sensitive others again (at least one)."""
     candidates = [unit for unit, _ in ranking if unit not in kept]
     return [*kept, *candidates[: max(1, len(kept))]]
-
-
-def _psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.double() - b.double()) ** 2).mean())
-    return float("inf") if mse == 0 else 10.0 * float(np.log10(1.0 / mse))
 
 
 # --- latency cost ---
