@@ -22,24 +22,12 @@ import numpy as np
 import torch
 from common import random_release_shape  # benchmarks/common.py: the script folder is on sys.path
 
+from nafnet_edge.bench import sgemm_gflops
 from nafnet_edge.complexity import count_macs
 from nafnet_edge.deploy import deploy
 from nafnet_edge.releases import RELEASE_SHAPES
 
 Runner = Callable[[np.ndarray], np.ndarray]
-
-
-def sgemm_gflops(n: int = 2048, repeats: int = 3) -> float:
-    """The machine's fp32 matmul rate (best of ``repeats``); probed again inside every timing round, the
-    best over the whole run is the peak the floor uses, so a busy moment at start-up cannot lower it."""
-    a, b = torch.rand(n, n), torch.rand(n, n)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / min(times) / 1e9
 
 
 def time_interleaved(

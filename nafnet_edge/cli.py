@@ -176,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(1, 2, 4, ...); 0 turns the search off (4)",
     )
 
+    bench = argparse.ArgumentParser(add_help=False)
+    g = bench.add_argument_group("benchmark")
+    g.add_argument("--bench", action="store_true", help="benchmark what was built (nafnet-edge bench --save)")
+    g.add_argument("--bench-iters", type=positive_int, default=20, metavar="N", help="timed runs with --bench (20)")
+
     validation_only = argparse.ArgumentParser(add_help=False)
     g = validation_only.add_argument_group("validation")
     g.add_argument("--val-data", dest="data", type=Path, metavar="DIR", help="validation images (default: shipped)")
@@ -192,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "convert",
-        parents=[ckpt, validation, int8],
+        parents=[ckpt, validation, int8, bench],
         help="export Core ML, ExecuTorch, OpenVINO or ONNX artifacts and validate them in their runtimes",
         description="Export a checkpoint (default: the embedded model) through the deploy graph to one target "
         "or all, each into OUT/<target>/ with manifest.json and USAGE.md, then validate the artifact in its own "
@@ -217,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "quantize",
-        parents=[ckpt, int8, validation_only],
+        parents=[ckpt, int8, validation_only, bench],
         help="int8 artifact by PTQ or quantization-aware fine-tuning, validated like convert",
         description="Quantize the deploy graph for a target's int8 runtime: calibrate (ptq) or fine-tune with "
         "fake quantization (qat, the default) on your images, distilling from the fp32 model (or against "
@@ -246,6 +251,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", dest="checkpoint", metavar="CKPT", help="source checkpoint (default: recorded)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the metrics")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "bench",
+        help="latency, throughput, memory and per-operator profile of artifacts in their runtimes",
+        description="Run artifact directories written by convert/quantize in their own runtimes on this machine "
+        "(OpenVINO latency and throughput hints, ExecuTorch XNNPACK, onnxruntime; Core ML on macOS) and the "
+        "original PyTorch fp32 model as the baseline: load and first-inference time, min/median/mean/p90/p99/std "
+        "latency after warm-up, frames/s, peak memory, GFLOP/s against this machine's matmul rate, the top "
+        "operators by time. Exit code 3 when a median exceeds --max-latency-ms.",
+        epilog=EPILOG,
+    )
+    p.add_argument("directories", nargs="+", type=Path, metavar="ARTIFACT_DIR", help="OUT/<target> or OUT")
+    p.add_argument(
+        "--iters", dest="bench_iters", type=positive_int, default=20, metavar="N", help="timed runs per artifact (20)"
+    )
+    p.add_argument("--warmup", type=non_negative_int, default=3, metavar="N", help="untimed runs first (3)")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="runtime threads (default: the runtime's)")
+    p.add_argument("--max-latency-ms", type=float, metavar="MS", help="exit 3 when an artifact's median exceeds MS")
+    p.add_argument(
+        "--frame",
+        type=parse_frame,
+        metavar="HxW|12MP",
+        help="also run one full frame through the artifact's tile, e.g. 3000x4000 or 12MP (4:3)",
+    )
+    p.add_argument(
+        "--overlap", dest="bench_overlap", type=non_negative_int, default=32, metavar="PX", help="full-frame overlap"
+    )
+    p.add_argument("--top", type=positive_int, default=8, metavar="N", help="operators listed per profile (8)")
+    p.add_argument("--no-profile", action="store_true", help="skip the per-operator profile")
+    p.add_argument("--no-baseline", action="store_true", help="skip the PyTorch fp32 baseline")
+    p.add_argument("--checkpoint", metavar="CKPT", help="source checkpoint for the baseline (default: recorded)")
+    p.add_argument(
+        "--compute-units",
+        default="ALL",
+        choices=["ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"],
+        help="Core ML on macOS (ALL)",
+    )
+    p.add_argument("--save", action="store_true", help="write bench.json into each artifact directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML page for a convert output directory: table, charts, image differences",
+        description="Write a single HTML file (no external resources) for a directory written by convert, or one "
+        "OUT/<target>: one row per artifact (target, precision, runtime, size, fidelity, drift, latency and "
+        "throughput from bench.json), charts of latency and of quality against latency, and for a few validation "
+        "images the input, the fp32 reference, each artifact's output in its runtime and the amplified difference.",
+        epilog=EPILOG,
+    )
+    p.add_argument("directory", type=Path, metavar="DIR", help="OUT (or OUT/<target>) written by convert")
+    p.add_argument("-o", "--output", type=Path, metavar="HTML", help="the page to write (DIR/report.html)")
+    p.add_argument(
+        "--images", type=non_negative_int, default=3, metavar="N", help="validation images to crop, 0 = none (3)"
+    )
+    p.add_argument("--data", type=Path, metavar="DIR", help="your images to crop (default: shipped Kodak + noise)")
+    p.add_argument("--checkpoint", metavar="CKPT", help="source checkpoint for the reference (default: recorded)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -551,11 +613,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
             bar.update(done + steps - bar.n)
     if int8 is not None and int8.rank != 0:
         return 0  # torchrun: rank 0 exports, validates and reports
+    benched = None
+    if args.bench and results:
+        benched = run_bench(bench_defaults(args), [r.directory for r in results], save=True)
     if args.json:
-        print(json.dumps({"artifacts": [_result_json(r) for r in results], "skipped": skipped}, indent=2))
+        artifacts = [_result_json(r) for r in results]
+        if benched is not None:
+            for artifact, measured in zip(artifacts, benched.artifacts, strict=True):
+                artifact["bench"] = measured.to_dict()
+        print(json.dumps({"artifacts": artifacts, "skipped": skipped}, indent=2))
     else:
         for result in results:
             _print_result(result)
+        if benched is not None:
+            from nafnet_edge.bench import format_table
+
+            print(format_table(benched))
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     if not results:
@@ -599,6 +672,97 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return cmd_convert(args)
 
 
+def parse_frame(text: str) -> tuple[int, int]:
+    """'12MP' -> a 4:3 frame of about 12 megapixels (3000x4000); '3000x4000' -> (3000, 4000) as height x width."""
+    if text.upper().endswith("MP"):
+        try:
+            megapixels = float(text[:-2])
+        except ValueError:
+            megapixels = 0.0
+        if not 0 < megapixels <= 200:
+            raise argparse.ArgumentTypeError(f"expected megapixels like 12MP (at most 200), got {text!r}")
+        height = round((megapixels * 1e6 * 3 / 4) ** 0.5)
+        return height, round(height * 4 / 3)
+    return parse_size(text)
+
+
+def _baseline_loader(args: argparse.Namespace) -> Any:
+    """Loads the source model of a manifest for the PyTorch baseline (None when it cannot be found)."""
+
+    def load(manifest: dict[str, Any]) -> Any:
+        source = manifest["source"]
+        checkpoint = args.checkpoint
+        if checkpoint is None and not source.get("embedded_default"):
+            checkpoint = source.get("path")
+            if not checkpoint or not Path(checkpoint).is_file():
+                return None
+        from nafnet_edge.checkpoint import load_checkpoint
+
+        config = source["config"]
+        return load_checkpoint(checkpoint, arch=config["arch"], train_size=tuple(config["train_size"])).model
+
+    return load
+
+
+def run_bench(args: argparse.Namespace, directories: list[Path], *, save: bool) -> Any:
+    """Benchmark ``directories`` with the bench options in ``args``; saves bench.json into each when asked."""
+    from nafnet_edge.bench import BenchSettings, bench_artifacts
+    from nafnet_edge.bench import save as save_bench
+
+    settings = BenchSettings(
+        iters=args.bench_iters,
+        warmup=args.warmup,
+        threads=args.threads,
+        profile=not args.no_profile,
+        top=args.top,
+        frame=args.frame,
+        overlap_px=args.bench_overlap,
+        compute_units=args.compute_units,
+    )
+    loader = None if args.no_baseline else _baseline_loader(args)
+    report = bench_artifacts(directories, settings, baseline_model=loader)
+    if save:
+        save_bench(report)
+    return report
+
+
+def bench_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """``bench``'s defaults for the options convert/quantize --bench do not expose."""
+    return argparse.Namespace(
+        bench_iters=args.bench_iters,
+        warmup=3,
+        threads=None,
+        no_profile=False,
+        top=8,
+        frame=None,
+        bench_overlap=32,
+        compute_units="ALL",
+        no_baseline=False,
+        checkpoint=args.checkpoint,
+    )
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from nafnet_edge.bench import artifact_directories, format_table
+    from nafnet_edge.errors import EXIT_BUDGET
+
+    if args.max_latency_ms is not None and args.max_latency_ms <= 0:
+        raise UsageError("--max-latency-ms takes a positive number of milliseconds")
+    report = run_bench(args, artifact_directories(args.directories), save=args.save)
+    over = [
+        f"{r.target} {r.precision}: median {r.median_ms:.1f} ms > {args.max_latency_ms:g} ms"
+        for r in report.artifacts
+        if args.max_latency_ms is not None and r.median_ms is not None and r.median_ms > args.max_latency_ms
+    ]
+    if args.json:
+        print(json.dumps({**report.to_dict(), "failures": over}, indent=2))
+    else:
+        print(format_table(report))
+    for line in over:
+        print(f"nafnet-edge: latency budget missed: {line}", file=sys.stderr)
+    return EXIT_BUDGET if over else 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from nafnet_edge.convert import ConvertResult, read_manifest, validate_directory
     from nafnet_edge.errors import EXIT_BUDGET
@@ -619,6 +783,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     else:
         _print_result(result)
     return 0 if report.passed else EXIT_BUDGET
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from nafnet_edge.report import write_report
+
+    path = write_report(
+        args.directory,
+        args.output,
+        images=args.images,
+        data=args.data,
+        checkpoint=args.checkpoint,
+        progress=lambda text: print(text, file=sys.stderr),
+    )
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
+    return 0
 
 
 def _kodak_dir() -> Path:

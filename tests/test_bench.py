@@ -1,0 +1,152 @@
+"""nafnet-edge bench: every artifact timed in its own runtime, with the statistics, profile and budget it promises."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import randomize
+
+from nafnet_edge.bench import BENCH_FILE, LatencyStats
+from nafnet_edge.cli import main, parse_frame
+from nafnet_edge.errors import EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_USAGE
+from nafnet_edge.model import NAFNet, NAFNetConfig
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+pytest.importorskip("executorch")
+pytest.importorskip("coremltools")
+
+TARGETS = ("executorch", "openvino", "onnx", "coreml")
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model converted for every runnable target, 64 px input, not validated (bench does not need it)."""
+    root = tmp_path_factory.mktemp("bench")
+    model = randomize(NAFNet(NAFNetConfig(width=8, enc_blk_nums=(1, 1), middle_blk_num=1, dec_blk_nums=(1, 1))))
+    checkpoint = root / "tiny.pth"
+    torch.save({"params": model.state_dict()}, checkpoint)
+    for target in TARGETS:
+        args = ["convert", str(checkpoint), "--target", target, "-o", str(root / "out"), "--input-size", "64"]
+        assert main([*args, "--no-validate"]) == 0
+    return root / "out"
+
+
+def bench_json(capsys, *args: str) -> tuple[int, dict]:
+    code = main(["bench", *args, "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_each_artifact_runs_in_its_runtime_with_full_statistics(artifacts: Path, capsys) -> None:
+    code, report = bench_json(capsys, str(artifacts), "--iters", "6", "--warmup", "1")
+    assert code == 0 and report["failures"] == []
+    got = {a["target"]: a for a in report["artifacts"]}
+    assert sorted(got) == sorted(TARGETS)
+    assert report["machine"]["sgemm_gflops"] > 1 and report["machine"]["cores"] >= 1
+    runtimes = {"executorch": "executorch", "openvino": "openvino", "onnx": "onnxruntime"}
+    for target, runtime in runtimes.items():
+        a = got[target]
+        assert a["runnable"] and a["runtime"] == runtime, a
+        lat = a["latency_ms"]
+        assert len(lat["runs"]) == 6
+        assert lat["min"] <= lat["median"] <= lat["p90"] <= lat["p99"] <= max(lat["runs"]) + 1e-3
+        assert lat["std"] >= 0 and a["load_s"] > 0 and a["first_inference_ms"] > 0
+        assert a["throughput"]["fps"] > 0 and a["peak_rss_mb"] > 0
+        # GFLOP/s is the model's work over the measured median, compared with the machine's matmul probe
+        expected = 2 * a["macs"] / 1e9 / (lat["median"] / 1e3)
+        assert a["gflops_per_s"] == pytest.approx(expected, rel=0.01)
+        assert a["peak_fraction"] == pytest.approx(a["gflops_per_s"] / report["machine"]["sgemm_gflops"], rel=0.01)
+        ops = a["profile"]["ops"]
+        assert ops and sum(op["share"] for op in ops) <= 1.0001 and all(op["ms"] >= 0 for op in ops)
+    assert got["openvino"]["info"]["inference_precision"] == "f32"
+    assert got["openvino"]["throughput"]["mode"] == "OpenVINO THROUGHPUT hint"
+    assert got["openvino"]["throughput"]["requests"] >= 1 and got["openvino"]["throughput"]["streams"] >= 1
+    assert any("Convolution" in op["op"] for op in got["openvino"]["profile"]["ops"])  # performance counters
+    assert any("NHWC" in op["op"] or "GEMM" in op["op"] for op in got["executorch"]["profile"]["ops"])  # ETDump
+    assert any(op["op"] == "Conv" for op in got["onnx"]["profile"]["ops"])
+    if sys.platform != "darwin":
+        assert not got["coreml"]["runnable"] and "macOS" in got["coreml"]["reason"]
+        assert got["coreml"]["latency_ms"] is None
+    baseline = report["baseline"]
+    assert baseline["runtime"] == "pytorch" and baseline["latency_ms"]["median"] > 0
+    assert any(op["op"].startswith("aten::") for op in baseline["profile"]["ops"])
+
+
+def test_the_table_shows_every_artifact_and_where_the_time_goes(artifacts: Path, capsys) -> None:
+    assert main(["bench", str(artifacts / "openvino"), str(artifacts / "coreml"), "--iters", "3"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert any(line.startswith("openvino") and "openvino" in line[18:] for line in lines)
+    assert any(line.startswith("coreml") and "not runnable here" in line for line in lines) or sys.platform == "darwin"
+    assert any(line.startswith("pytorch") and line.rstrip().endswith("1.00x") for line in lines)
+    assert "top operators (OpenVINO performance counters" in out
+
+
+def test_max_latency_gates_ci_with_exit_3(artifacts: Path, capsys) -> None:
+    directory = str(artifacts / "onnx")
+    code, report = bench_json(
+        capsys, directory, "--iters", "3", "--no-profile", "--no-baseline", "--max-latency-ms", "1e-6"
+    )
+    err = capsys.readouterr().err
+    assert code == EXIT_BUDGET and len(report["failures"]) == 1 and "onnx fp32: median" in report["failures"][0]
+    code, report = bench_json(
+        capsys, directory, "--iters", "3", "--no-profile", "--no-baseline", "--max-latency-ms", "1e6"
+    )
+    assert code == 0 and report["failures"] == [] and report["baseline"] is None
+    assert main(["bench", directory, "--max-latency-ms", "0"]) == EXIT_USAGE
+    assert "positive" in capsys.readouterr().err or err
+
+
+def test_save_writes_bench_json_beside_the_manifest(artifacts: Path, capsys) -> None:
+    directory = artifacts / "executorch"
+    (directory / BENCH_FILE).unlink(missing_ok=True)
+    code, report = bench_json(capsys, str(directory), "--iters", "3", "--no-profile", "--save")
+    assert code == 0
+    saved = json.loads((directory / BENCH_FILE).read_text())
+    assert saved["target"] == "executorch" and saved["latency_ms"] == report["artifacts"][0]["latency_ms"]
+    assert saved["machine"] == report["machine"] and saved["baseline"]["median_ms"] > 0
+    assert not list(directory.glob(".*partial*"))
+
+
+def test_a_full_frame_runs_through_the_tile(artifacts: Path, capsys) -> None:
+    code, report = bench_json(capsys, str(artifacts / "openvino"), "--iters", "2", "--no-profile", "--frame", "100x150")
+    frame = report["artifacts"][0]["frame"]
+    assert code == 0 and frame["height"] == 100 and frame["width"] == 150 and frame["tile"] == 64
+    assert frame["tiles"] >= math.ceil(100 / 64) * math.ceil(150 / 64)
+    assert frame["mp_per_s"] == pytest.approx(frame["megapixels"] / frame["seconds"], rel=0.05)
+
+
+def test_frame_sizes_parse() -> None:
+    assert parse_frame("3000x4000") == (3000, 4000)
+    h, w = parse_frame("12MP")
+    assert (h, w) == (3000, 4000) and abs(h * w - 12e6) < 1e4
+
+
+def test_bad_directories_are_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    assert main(["bench", str(tmp_path / "missing")]) == EXIT_BAD_INPUT
+    assert "is not a directory" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert "manifest.json" in err and "nafnet-edge convert" in err and len(err.splitlines()) == 1
+
+
+def test_latency_stats_are_the_usual_ones() -> None:
+    stats = LatencyStats.from_ms([4.0, 1.0, 3.0, 2.0, 100.0])
+    assert (stats.min, stats.median, stats.mean) == (1.0, 3.0, 22.0)
+    assert stats.p90 == pytest.approx(61.6) and stats.p99 == pytest.approx(96.16)
+
+
+def test_convert_with_bench_measures_what_it_built(artifacts: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("NAFNET_EDGE_CACHE", str(tmp_path / "cache"))
+    checkpoint = artifacts.parent / "tiny.pth"
+    args = ["convert", str(checkpoint), "--target", "onnx", "-o", str(tmp_path / "out"), "--input-size", "64"]
+    assert main([*args, "--no-validate", "--bench", "--bench-iters", "3", "--json"]) == 0
+    (artifact,) = json.loads(capsys.readouterr().out)["artifacts"]
+    assert artifact["bench"]["runtime"] == "onnxruntime" and len(artifact["bench"]["latency_ms"]["runs"]) == 3
+    saved = json.loads((tmp_path / "out" / "onnx" / BENCH_FILE).read_text())
+    assert saved["latency_ms"] == artifact["bench"]["latency_ms"]
