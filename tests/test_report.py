@@ -1,0 +1,213 @@
+"""nafnet-edge report: one self-contained HTML page per conversion directory, checked in a real headless browser.
+
+The browser is Debian's chromium (``.ci/run`` installs it), driven by the ``playwright`` package with
+``executable_path`` (never ``playwright install``: nothing is downloaded). Without chromium the browser test fails
+in CI (``CI=true``) and is skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import cv2
+import pytest
+import torch
+from helpers import randomize
+
+from nafnet_edge.cli import main
+from nafnet_edge.errors import EXIT_BAD_INPUT
+from nafnet_edge.model import NAFNet, NAFNetConfig
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+
+KODAK = Path(__file__).resolve().parents[1] / "nafnet_edge" / "data" / "kodak"
+# Core ML validates through the MIL numpy evaluator off macOS: a third runtime and an fp16 row when installed.
+TARGETS = ["onnx", "openvino"] + (["coreml"] if importlib.util.find_spec("coremltools") else [])
+IMAGES = 2
+
+BENCH = {  # bench.json as `nafnet-edge bench --save` writes it (schema: nafnet_edge/bench.py), by hand
+    "bench_version": 1,
+    "created": "2026-11-25T04:00:00Z",
+    "machine": {"cpu": "Test CPU", "cores": 2, "platform": "Linux", "sgemm_gflops": 185.3},
+    "settings": {"iters": 20, "warmup": 3, "threads": None, "frame": None},
+    "directory": "out/openvino",
+    "target": "openvino",
+    "precision": "fp32",
+    "runtime": "openvino",
+    "runnable": True,
+    "reason": None,
+    "input": [1, 3, 64, 64],
+    "info": {"inference_precision": "f32"},
+    "load_s": 0.41,
+    "first_inference_ms": 3.2,
+    "latency_ms": {"min": 1.1, "median": 1.375, "mean": 1.4, "p90": 1.6, "p99": 1.9, "std": 0.1, "runs": [1.4]},
+    "throughput": {"fps": 1400.5, "streams": 2, "requests": 2, "frames": 20},
+    "peak_rss_mb": 412.0,
+    "gmacs": 0.02,
+    "gflops_per_s": 30.8,
+    "peak_fraction": 0.17,
+    "frame": None,
+    "profile": {
+        "source": "OpenVINO performance counters",
+        "total_ms": 1.2,
+        "top": [{"op": "Convolution brgconv_avx512", "ms": 0.6, "share": 0.5, "count": 39}],
+    },
+    "baseline": {"runtime": "pytorch", "median_ms": 4.5},
+}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("NAFNET_EDGE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model converted to each target at 64 px, validated on two Kodak crops; openvino benchmarked."""
+    root = tmp_path_factory.mktemp("report")
+    model = randomize(NAFNet(NAFNetConfig(width=8, enc_blk_nums=(1, 1), middle_blk_num=1, dec_blk_nums=(1, 1))))
+    checkpoint = root / "tiny.pth"
+    torch.save({"params": model.state_dict()}, checkpoint)
+    data = root / "data"
+    data.mkdir()
+    for i, (h, w) in enumerate([(96, 120), (50, 40)]):
+        image = cv2.imread(str(sorted(KODAK.glob("*.png"))[i]))[100 : 100 + h, 80 : 80 + w]
+        cv2.imwrite(str(data / f"crop{i}.png"), image)
+    out = root / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NAFNET_EDGE_CACHE", str(root / "cache"))
+        for target in TARGETS:
+            args = ["convert", str(checkpoint), "--target", target, "-o", str(out), "--input-size", "64"]
+            assert main([*args, "--data", str(data)]) == 0
+    (out / "openvino" / "bench.json").write_text(json.dumps(BENCH))
+    return out
+
+
+def _rows(page: str) -> list[str]:
+    return re.findall(r'<tr class="artifact".*?</tr>', page, flags=re.S)
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        message = "chromium is not installed: apt-get install chromium (.ci/run does)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def test_report_is_one_self_contained_page_that_renders_in_chromium(converted: Path, tmp_path: Path) -> None:
+    html_path = tmp_path / "report.html"
+    assert main(["report", str(converted), "-o", str(html_path), "--images", str(IMAGES)]) == 0
+    page = html_path.read_text(encoding="utf-8")
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]  # written atomically
+
+    # one row per artifact, with what the manifests and bench.json say
+    rows = _rows(page)
+    assert [re.search(r'data-target="([^"]+)"', r)[1] for r in rows] == sorted(TARGETS)
+    by_target = dict(zip(sorted(TARGETS), rows, strict=True))
+    assert "1.4 ms" in by_target["openvino"] and "1400.5 fps" in by_target["openvino"]  # median 1.375, rounded
+    assert "not benchmarked (run <code>nafnet-edge bench" in by_target["onnx"]
+    for target, row in by_target.items():
+        manifest = json.loads((converted / target / "manifest.json").read_text())
+        assert f"{manifest['validation']['summary']['fidelity_db_min']:.1f} dB" in row
+        assert manifest["precision"] in row and "pass" in row and "KiB" in row
+
+    # self-contained: charts are inline SVG, images embedded PNGs, nothing refers to the network
+    assert page.count("<svg") == 2  # latency per artifact, quality against latency
+    images = re.findall(r"<img[^>]*>", page)
+    assert len(images) == IMAGES * (2 + 2 * len(TARGETS))  # input, reference; per artifact output, difference
+    assert all('src="data:image/png;base64,' in tag for tag in images)
+    without_namespaces = re.sub(r'xmlns(:\w+)?="http://www\.w3\.org/[^"]*"', "", page)
+    assert "http://" not in without_namespaces and "https://" not in without_namespaces
+    assert "<script" not in page.lower() and "<link" not in page.lower()
+    assert "scaled to its own maximum" in page  # the difference caption says how it is amplified
+
+    _check_in_chromium(html_path, tmp_path / "report.png", artifacts=len(TARGETS), images=len(images))
+
+
+def _check_in_chromium(html_path: Path, screenshot: Path, *, artifacts: int, images: int) -> None:
+    """Render the page in headless chromium: no console errors, no network request, one table row per artifact,
+    every image decoded; the full-page screenshot is kept next to the page."""
+    executable = _chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("playwright is missing: pip install -e '.[test]'")
+        pytest.skip("playwright is missing: pip install -e '.[test]'")
+    url = html_path.resolve().as_uri()
+    console: list[str] = []
+    requests: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on(
+                "console", lambda m: console.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None
+            )
+            page.on("pageerror", lambda e: console.append(f"page error: {e}"))
+            page.on("requestfailed", lambda r: console.append(f"request failed: {r.url}"))
+            page.on("request", lambda r: requests.append(r.url) if not r.url.startswith("data:") else None)
+            page.goto(url, wait_until="load")
+            rows = page.locator("table.artifacts tbody tr").count()
+            loaded = page.eval_on_selector_all(
+                "img", "imgs => imgs.map(i => i.complete && i.naturalWidth > 0 && i.naturalHeight > 0)"
+            )
+            charts = page.eval_on_selector_all("svg", "s => s.map(e => e.getBoundingClientRect().width)")
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    assert console == []
+    assert requests == [url]  # the page itself and nothing else
+    assert rows == artifacts
+    assert len(loaded) == images and all(loaded)
+    assert len(charts) == 2 and min(charts) > 200
+    shot = cv2.imread(str(screenshot))
+    assert shot is not None and shot.shape[1] == 1280 and shot.shape[0] > 900
+    print(f"screenshot: {screenshot}")
+
+
+def test_a_single_artifact_directory_without_bench_json_says_it_was_not_benchmarked(
+    converted: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "onnx"
+    shutil.copytree(converted / "onnx", folder)
+    assert main(["report", str(folder), "--images", "0"]) == 0
+    page = (folder / "report.html").read_text(encoding="utf-8")  # default output: DIR/report.html
+    (row,) = _rows(page)
+    assert 'data-target="onnx"' in row and "not benchmarked" in row
+    assert f"nafnet-edge bench {folder} --save" in page
+    assert "No latency chart" in page and "<img" not in page
+
+
+def test_an_artifact_that_cannot_run_here_keeps_its_row_with_the_reason(converted: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(converted / "onnx", out / "onnx")
+    shutil.copytree(converted / "openvino", out / "openvino")
+    (out / "onnx" / "model.onnx").write_bytes(b"not an onnx model")
+    assert main(["report", str(out), "--images", "1"]) == 0
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert len(_rows(page)) == 2
+    assert "onnx</strong>: no images, cannot run here" in page
+    assert len(re.findall(r"<img", page)) == 2 + 2  # input, reference and openvino's output and difference
+
+
+@pytest.mark.parametrize("kind", ["missing", "no manifest"])
+def test_a_directory_without_a_manifest_exits_5_with_one_line(kind: str, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "nothing-here"
+    if kind == "no manifest":
+        (folder / "onnx").mkdir(parents=True)
+        (folder / "onnx" / "model.onnx").write_bytes(b"")
+    assert main(["report", str(folder)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(folder) in err
+    assert "nafnet-edge convert" in err
+    assert not (folder / "report.html").exists()
