@@ -518,11 +518,11 @@ def measure(
         result.profile = profile
     if settings.frame is not None:
         tick("full frame")
-        result.frame = _full_frame(session.run, settings.frame, (h, w), settings.overlap_px, c)
+        result.frame = full_frame(session.run, settings.frame, (h, w), settings.overlap_px, c)
     return result
 
 
-def _full_frame(run: Runner, frame: tuple[int, int], tile: tuple[int, int], overlap: int, channels: int) -> dict:
+def full_frame(run: Runner, frame: tuple[int, int], tile: tuple[int, int], overlap: int, channels: int) -> dict:
     """One frame of ``frame`` (height, width) through the artifact's fixed tile, blended as ``run`` does it."""
     from nafnet_edge.tiling import run_tiled
 
