@@ -534,6 +534,7 @@ def main() -> None:
     ap.add_argument(
         "--frame-shapes", nargs="+", choices=list(RELEASE_SHAPES), help="shapes for the full frame (the first one)"
     )
+    ap.add_argument("--frame-only", action="store_true", help="only the full frame (no 256x256 table)")
     ap.add_argument("--json", type=Path, default=RESULTS / "headline.json")
     ap.add_argument("--png", type=Path, default=RESULTS / "headline.png")
     args = ap.parse_args()
@@ -557,6 +558,7 @@ def main() -> None:
             "frame_overlap": FRAME_OVERLAP,
             "frame_runs": args.frame_runs,
             "frame_shapes": frame_shapes,
+            "frame_only": args.frame_only,
             "weights": "random (speed only)",
             "reference": REFERENCE,
         },
@@ -566,7 +568,7 @@ def main() -> None:
         "skipped": [],
     }
     state = {**result, "peak": result["machine"]["sgemm_gflops"], "keep": []}
-    for shape in args.shapes:
+    for shape in [] if args.frame_only else args.shapes:
         run_shape(shape, args, state)
         gc.collect()
     for shape in frame_shapes:

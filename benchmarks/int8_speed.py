@@ -46,8 +46,19 @@ KODAK = Path(__file__).resolve().parents[1] / "nafnet_edge" / "data" / "kodak"
 CALIBRATION_CROPS = 2  # speed does not depend on the ranges; calibrating and tracing dominate the set-up time
 
 
-def calibration_images() -> list[TrainImage]:
-    return [TrainImage(read_image(p).pixels) for p in sorted(KODAK.glob("*.png"))]
+def calibration_images(min_size: int = 0) -> list[TrainImage]:
+    """The shipped Kodak crops, mirrored out to at least ``min_size`` (speed does not depend on the ranges;
+    tiles larger than the shipped crops still need a calibration crop of their size)."""
+    images = []
+    for path in sorted(KODAK.glob("*.png")):
+        pixels = read_image(path).pixels
+        while min(pixels.shape[:2]) < min_size:
+            h, w = pixels.shape[:2]
+            pixels = np.pad(
+                pixels, ((0, min(h, max(0, min_size - h))), (0, min(w, max(0, min_size - w))), (0, 0)), mode="symmetric"
+            )
+        images.append(TrainImage(pixels))
+    return images
 
 
 def calibration_crops(size: int, n: int = CALIBRATION_CROPS) -> list[torch.Tensor]:
@@ -73,7 +84,7 @@ def ours_runner(
     graph = deploy(model, target=quantizer.deploy_target, input_size=(size, size))  # type: ignore[arg-type]
     method = "qat" if qat_iters else "ptq"
     config = TrainConfig(method=method, iters=max(qat_iters, 1), batch=1, calibration_batches=CALIBRATION_CROPS)
-    prepared, _ = quantize_graph(quantizer, graph, calibration_images(), size, config, progress=False)
+    prepared, _ = quantize_graph(quantizer, graph, calibration_images(size), size, config, progress=False)
     out = Path(tempfile.mkdtemp(prefix="int8-speed-"))
     keep.append(out)
     quantizer.export(prepared, out, torch.rand(1, 3, size, size))
