@@ -570,24 +570,11 @@ def _first_output(out: Any) -> Any:
 
 
 def artifact_directories(paths: Sequence[str | Path]) -> list[Path]:
-    """Each path is an artifact directory (it has manifest.json) or a conversion output holding some."""
-    from nafnet_edge.convert import MANIFEST
+    """Each path is an artifact directory (it has manifest.json) or a conversion output holding some, found as
+    ``report`` finds them."""
+    from nafnet_edge.report import find_artifacts
 
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if not path.is_dir():
-            raise BadInputError(f"{path} is not a directory: give artifact directories written by nafnet-edge convert")
-        if (path / MANIFEST).is_file():
-            found.append(path)
-            continue
-        inside = sorted(p.parent for p in path.glob(f"*/{MANIFEST}"))
-        if not inside:
-            raise BadInputError(
-                f"{path} holds no {MANIFEST}: give OUT/<target> (or OUT) as written by nafnet-edge convert"
-            )
-        found.extend(inside)
-    return found
+    return [directory for path in paths for directory in find_artifacts(path)]
 
 
 @dataclass

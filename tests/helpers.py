@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from nafnet_edge.model import NAFNet
+from nafnet_edge.model import NAFNet, NAFNetConfig
 
 
 def randomize(model: NAFNet, seed: int = 0) -> NAFNet:
@@ -20,3 +22,10 @@ def randomize(model: NAFNet, seed: int = 0) -> NAFNet:
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5 / p[0].numel() ** 0.5)
     return model.eval()
+
+
+def save_tiny_checkpoint(path: Path) -> Path:
+    """A randomized width-8, two-level NAFNet saved as an official ``{'params': ...}`` file at ``path``."""
+    model = randomize(NAFNet(NAFNetConfig(width=8, enc_blk_nums=(1, 1), middle_blk_num=1, dec_blk_nums=(1, 1))))
+    torch.save({"params": model.state_dict()}, path)
+    return path

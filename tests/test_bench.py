@@ -8,13 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import randomize
+from helpers import save_tiny_checkpoint
 
 from nafnet_edge.bench import BENCH_FILE, LatencyStats
 from nafnet_edge.cli import main, parse_frame
 from nafnet_edge.errors import EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_USAGE
-from nafnet_edge.model import NAFNet, NAFNetConfig
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
@@ -28,9 +26,7 @@ TARGETS = ("executorch", "openvino", "onnx", "coreml")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model converted for every runnable target, 64 px input, not validated (bench does not need it)."""
     root = tmp_path_factory.mktemp("bench")
-    model = randomize(NAFNet(NAFNetConfig(width=8, enc_blk_nums=(1, 1), middle_blk_num=1, dec_blk_nums=(1, 1))))
-    checkpoint = root / "tiny.pth"
-    torch.save({"params": model.state_dict()}, checkpoint)
+    checkpoint = save_tiny_checkpoint(root / "tiny.pth")
     for target in TARGETS:
         args = ["convert", str(checkpoint), "--target", target, "-o", str(root / "out"), "--input-size", "64"]
         assert main([*args, "--no-validate"]) == 0

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import cv2
 import pytest
-import torch
-from helpers import randomize
+from helpers import save_tiny_checkpoint
 
 from nafnet_edge.cli import main
 from nafnet_edge.errors import EXIT_BAD_INPUT
-from nafnet_edge.model import NAFNet, NAFNetConfig
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
@@ -71,9 +69,7 @@ def _cache(tmp_path: Path, monkeypatch) -> None:
 def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model converted to each target at 64 px, validated on two Kodak crops; openvino benchmarked."""
     root = tmp_path_factory.mktemp("report")
-    model = randomize(NAFNet(NAFNetConfig(width=8, enc_blk_nums=(1, 1), middle_blk_num=1, dec_blk_nums=(1, 1))))
-    checkpoint = root / "tiny.pth"
-    torch.save({"params": model.state_dict()}, checkpoint)
+    checkpoint = save_tiny_checkpoint(root / "tiny.pth")
     data = root / "data"
     data.mkdir()
     for i, (h, w) in enumerate([(96, 120), (50, 40)]):
