@@ -12,6 +12,8 @@ import hashlib
 import json
 import pickle
 import re
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -34,6 +36,7 @@ from nafnet_edge.releases import Release, release_by_sha256, releases_with_shape
 DEFAULT_CHECKPOINT_NAME = "nafnet-edge-denoise-s.safetensors"
 WRAPPER_KEYS = ("params", "params_ema", "state_dict", "model_state_dict", "model", "net", "network")
 MAX_PARAMS = 2_000_000_000  # refuse configurations beyond this before allocating anything
+MAX_CHANNELS = 1 << 16  # the widest feature map a configuration may imply (width x 2**levels); releases: 1024
 
 ParamKey = Literal["auto", "params", "params_ema", "state_dict", "model_state_dict", "model", "net", "network"]
 ArchSource = Literal["flag", "release", "metadata", "shape", "default"]
@@ -97,6 +100,40 @@ def _is_safetensors(head: bytes, file_size: int) -> bool:
     return 0 < header_len <= file_size - 8 and head[8:9] == b"{"
 
 
+# What a file that is not a checkpoint usually is, from its first bytes, and what to do about it.
+_TEXT_FORMATS = (  # matched case-insensitively after leading whitespace
+    (b"version https://git-lfs", "a Git LFS pointer, not the weights: run `git lfs pull` in its repository"),
+    (b"<!doctype html", "an HTML page (a download link that returned a web page): download the file itself"),
+    (b"<html", "an HTML page (a download link that returned a web page): download the file itself"),
+    (b"{", "a JSON or text file, not a checkpoint"),
+)
+_BINARY_FORMATS = (
+    (b"\x89PNG", "a PNG image, not a checkpoint"),
+    (b"\xff\xd8\xff", "a JPEG image, not a checkpoint"),
+    (b"\x1f\x8b", "gzip-compressed: decompress it first (gunzip)"),
+    (b"BZh", "bzip2-compressed: decompress it first (bunzip2)"),
+    (b"\xfd7zXZ", "xz-compressed: decompress it first (unxz)"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed: decompress it first (unzstd)"),
+    (b"7z\xbc\xaf", "a 7-Zip archive: extract the checkpoint from it"),
+    (b"\x89HDF", "an HDF5 file (Keras/TensorFlow weights), not a PyTorch checkpoint"),
+    (b"\x93NUMPY", "a NumPy array file, not a state dict"),
+    (b"GGUF", "a GGUF file, not a PyTorch checkpoint"),
+)
+
+
+def _foreign_format(head: bytes) -> str | None:
+    text = head.lstrip().lower()
+    for magic, what in _TEXT_FORMATS:
+        if text.startswith(magic):
+            return what
+    for magic, what in _BINARY_FORMATS:
+        if head.startswith(magic):
+            return what
+    if head[257:262] == b"ustar":
+        return "a tar archive: extract the checkpoint from it"
+    return None
+
+
 def read_checkpoint(path: str | Path, *, param_key: ParamKey = "auto") -> RawCheckpoint:
     """Read the tensors of a checkpoint file, never executing code from it."""
     path = Path(path)
@@ -104,24 +141,35 @@ def read_checkpoint(path: str | Path, *, param_key: ParamKey = "auto") -> RawChe
         raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; pass the checkpoint file (.pth, .pt or .safetensors)")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file (a device, pipe or socket); pass the checkpoint file")
     size = path.stat().st_size
     if size == 0:
         raise CorruptCheckpointError(f"{path} is empty (0 bytes); the download or save did not complete")
-    with path.open("rb") as f:
-        head = f.read(16)
+    try:
+        with path.open("rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
 
     if _is_safetensors(head, size):
         return _read_safetensors(path)
     if head.startswith(b"PK\x03\x04"):
         file_format: Literal["torch-zip", "torch-legacy"] = "torch-zip"
+        _check_torch_zip(path)
     elif head[:1] == b"\x80":  # pickle protocol opcode: torch's legacy (pre-1.6) format
         file_format = "torch-legacy"
     else:
+        what = _foreign_format(head)
         raise CorruptCheckpointError(
-            f"{path} is neither a PyTorch checkpoint nor a safetensors file (starts with {head[:8]!r})"
+            f"{path} is {what}"
+            if what
+            else f"{path} is neither a PyTorch checkpoint nor a safetensors file (starts with {head[:8]!r})"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=file_format == "torch-zip")
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing; our message says it
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=file_format == "torch-zip")
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         if found:
@@ -130,11 +178,46 @@ def read_checkpoint(path: str | Path, *, param_key: ParamKey = "auto") -> RawChe
                 "from the file; nafnet-edge never does that. In an environment you trust, re-save just the "
                 "weights: torch.save({'params': model.state_dict()}, 'clean.pth') or use safetensors"
             ) from None
-        raise CorruptCheckpointError(f"{path} is not a readable PyTorch checkpoint: {str(e).splitlines()[0]}") from None
+        reason = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip() and "file an issue" not in ln), "")
+        raise CorruptCheckpointError(
+            f"{path} is not a torch.save file nafnet-edge can read safely (a plain pickle or another format"
+            f"{': ' + reason if reason else ''}); save the weights with torch.save or safetensors"
+        ) from None
     except (RuntimeError, EOFError, ValueError, OSError, UnicodeDecodeError, KeyError, AttributeError) as e:
         first = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
         raise CorruptCheckpointError(f"{path} is truncated or damaged ({first}); download or save it again") from None
-    return _unwrap(obj, path, param_key=param_key, file_format=file_format)
+    raw = _unwrap(obj, path, param_key=param_key, file_format=file_format)
+    _check_storage(raw.state_dict, path)
+    return raw
+
+
+def _check_torch_zip(path: Path) -> None:
+    """A zip that torch.save did not write (a zipped checkpoint, a dataset) gets named as such."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return  # truncated: torch.load says so below
+    if names and not any(n.endswith("data.pkl") for n in names):
+        raise CorruptCheckpointError(
+            f"{path} is a zip archive, not a torch.save file (it holds {_sample(names, 3)}); extract the "
+            "checkpoint from it"
+        )
+
+
+def _check_storage(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse tensors that claim more elements than the file stores (stride-0 or overlapping views).
+
+    A trained state dict never has them; a crafted file uses them to claim a terabyte-sized width in a few bytes,
+    which every later step would try to allocate.
+    """
+    for key, t in state_dict.items():
+        if t.numel() > MAX_PARAMS or (t.numel() and t.numel() * t.element_size() > t.untyped_storage().nbytes()):
+            raise CorruptCheckpointError(
+                f"{path}: {key!r} claims shape {list(t.shape)} ({t.numel():,} values) but the file stores "
+                f"{t.untyped_storage().nbytes():,} bytes for it; a crafted or damaged file, refused before "
+                "allocating it"
+            )
 
 
 def _read_safetensors(path: Path) -> RawCheckpoint:
@@ -226,6 +309,25 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> NAFNetConfig:
                 unexpected=[key],
             )
         counts[level] = max(counts[level], j + 1)
+    present = {m.group(0) for m in map(_BLOCK.match, state_dict) if m}
+    implied = [
+        f"{name}.{level}.{j}."
+        for name, counts in (("encoders", enc), ("decoders", dec))
+        for level, n in enumerate(counts)
+        for j in range(n)
+    ] + [f"middle_blks.{j}." for j in range(middle)]
+    absent = [b for b in implied if b not in present]
+    if absent:  # said before building anything: a key like encoders.0.99999.x must not build 100000 blocks
+        raise StateDictMismatchError(
+            f"blocks missing: {len(absent)} of the {len(implied)} blocks the key indices imply have no tensors "
+            f"({_sample([b + '*' for b in absent])}); the file is incomplete or its keys were renamed",
+            missing=absent,
+        )
+    if width * 2**levels > MAX_CHANNELS:
+        raise CheckpointError(
+            f"width {width} with {levels} downsampling levels means {width * 2**levels:,} channels at the "
+            f"bottom (more than {MAX_CHANNELS:,}); not a usable NAFNet, refused before building it"
+        )
     dw_expand = ffn_expand = 2
     norm_key = next((k for k in state_dict if k.endswith(".norm1.weight")), None)
     if norm_key is not None:  # expansions from the first block; every other block is checked against them
@@ -326,8 +428,12 @@ def load_checkpoint(
     is_default = path is None
     path = default_checkpoint_path() if path is None else Path(path)
     raw = read_checkpoint(path, param_key=param_key)
-    config = infer_config(raw.state_dict)
-    check_state_dict(raw.state_dict, config)
+    try:
+        config = infer_config(raw.state_dict)
+        check_state_dict(raw.state_dict, config)
+    except CheckpointError as e:  # name the file, as read_checkpoint's errors do
+        e.args = (f"{path}: {e.args[0]}", *e.args[1:])
+        raise
     sha256 = sha256_file(path)
     release = release_by_sha256(sha256)
     meta = _metadata_config(raw.metadata)

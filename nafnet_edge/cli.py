@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import signal
 import sys
+import threading
 import traceback
 import warnings
 from pathlib import Path
 from typing import Any
 
 from nafnet_edge import __version__
-from nafnet_edge.errors import EXIT_FAILURE, EXIT_INTERRUPTED, NafnetEdgeError, UsageError
+from nafnet_edge.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, NafnetEdgeError, UsageError
 
-EPILOG = "exit codes: 0 ok, 1 internal error, 2 usage, 3 budget missed, 4 missing backend, 5 bad input, 130 interrupted"
+EPILOG = (
+    "exit codes: 0 ok, 1 internal error, 2 usage, 3 budget missed, 4 missing backend, 5 bad input, "
+    "6 output not writable, 130 interrupted"
+)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: what is wrong and where the help is (exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -48,7 +61,7 @@ def positive_int(text: str) -> int:
 
 
 def checkpoint_options() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
+    p = Parser(add_help=False)
     g = p.add_argument_group("checkpoint")
     g.add_argument(
         "--param-key",
@@ -70,7 +83,7 @@ def _validation_knobs(g: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="nafnet-edge",
         description="Load, convert, validate and benchmark NAFNet image-restoration models for edge runtimes.",
         epilog=EPILOG,
@@ -146,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_reparam)
 
-    int8 = argparse.ArgumentParser(add_help=False)
+    int8 = Parser(add_help=False)
     g = int8.add_argument_group("int8")
     g.add_argument("--method", choices=["qat", "ptq"], default="qat", help="fine-tune or calibrate only (qat)")
     g.add_argument("--iters", type=positive_int, default=300, metavar="N", help="QAT steps (300)")
@@ -176,18 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(1, 2, 4, ...); 0 turns the search off (4)",
     )
 
-    bench = argparse.ArgumentParser(add_help=False)
+    bench = Parser(add_help=False)
     g = bench.add_argument_group("benchmark")
     g.add_argument("--bench", action="store_true", help="benchmark what was built (nafnet-edge bench --save)")
     g.add_argument("--bench-iters", type=positive_int, default=20, metavar="N", help="timed runs with --bench (20)")
 
-    validation_only = argparse.ArgumentParser(add_help=False)
+    validation_only = Parser(add_help=False)
     g = validation_only.add_argument_group("validation")
     g.add_argument("--val-data", dest="data", type=Path, metavar="DIR", help="validation images (default: shipped)")
     g.add_argument("--val-pairs", dest="data_pairs", nargs=2, type=Path, metavar=("INPUTS", "TARGETS"))
     _validation_knobs(g)
 
-    validation = argparse.ArgumentParser(add_help=False)
+    validation = Parser(add_help=False)
     g = validation.add_argument_group("validation")
     g.add_argument("--data", type=Path, metavar="DIR", help="your images (default: shipped Kodak photos + noise)")
     g.add_argument(
@@ -570,13 +583,23 @@ def _print_result(result: Any) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    targets = list(TARGET_NAMES) if args.target == "all" else [args.target]
+    with contextlib.ExitStack() as locks:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes artifacts
+            from nafnet_edge.atomic import output_lock
+
+            for target in targets:  # held from the existence check to the rename: --force races are impossible
+                locks.enter_context(output_lock(args.output / target))
+        return _convert_targets(args, targets)
+
+
+def _convert_targets(args: argparse.Namespace, targets: list[str]) -> int:
     from tqdm import tqdm
 
     from nafnet_edge.convert import convert
     from nafnet_edge.converters import ExportOptions, get_converter
     from nafnet_edge.errors import EXIT_BUDGET, MissingBackendError
 
-    targets = list(TARGET_NAMES) if args.target == "all" else [args.target]
     existing = [str(args.output / t) for t in targets if (args.output / t).exists()]
     if existing and not args.force:
         raise UsageError(f"{', '.join(existing)} exists; pass --force to replace it or choose another -o")
@@ -810,13 +833,31 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _catch_termination() -> dict[int, Any]:
+    """SIGTERM and SIGHUP end a command like Ctrl-C does, so temporary files are removed; Ctrl-C is restored too
+    when a parent shell started us with it ignored. Returns the previous handlers (main() restores them, since
+    notebooks call it). Signal handlers can only be set from the main thread; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for name, handler in (
+        ("SIGINT", signal.default_int_handler),
+        ("SIGTERM", _raise_keyboard_interrupt),
+        ("SIGHUP", _raise_keyboard_interrupt),
+    ):
+        if hasattr(signal, name):
+            number = getattr(signal, name)
+            previous[number] = signal.signal(number, handler)
+    return previous
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # clean up temporary files as for Ctrl-C
     if not args.debug:  # the backends' deprecation chatter is for their developers, not for our users
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+    previous = _catch_termination()
     try:
         return int(args.func(args))
     except NafnetEdgeError as e:
@@ -827,15 +868,33 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nafnet-edge: interrupted; no partial output was left in place", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as e:  # an unexpected failure is a bug: say so in one line unless --debug
+    except OSError as e:  # a write outside nafnet-edge's own checks (a backend's): say where and what to do
+        from nafnet_edge.atomic import output_error
+
+        error = output_error(e, e.filename or "the output")
+        if error is None:
+            return _internal_error(args, e)
         if args.debug:
             traceback.print_exc()
-        else:
-            print(
-                f"nafnet-edge: internal error: {type(e).__name__}: {e} (rerun with --debug for details)",
-                file=sys.stderr,
-            )
-        return EXIT_FAILURE
+        print(f"nafnet-edge: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except Exception as e:  # an unexpected failure is a bug: say so in one line unless --debug
+        return _internal_error(args, e)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _internal_error(args: argparse.Namespace, e: Exception) -> int:
+    if args.debug:
+        traceback.print_exc()
+    else:
+        message = " ".join(str(e).split())  # one line, whatever the exception carried
+        print(
+            f"nafnet-edge: internal error: {type(e).__name__}: {message} (rerun with --debug for details)",
+            file=sys.stderr,
+        )
+    return EXIT_FAILURE
 
 
 if __name__ == "__main__":

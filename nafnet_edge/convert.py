@@ -10,13 +10,11 @@ result, if any, is left untouched.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nafnet_edge.atomic import output_lock, staged_directory
 from nafnet_edge.checkpoint import LoadedCheckpoint
 from nafnet_edge.converters import INPUT_NAME, OUTPUT_NAME, ExportOptions, get_converter
 from nafnet_edge.deploy import DEFAULT_STREAM_SCALE, TRANSFORMATIONS, FixedPool, deploy
@@ -182,26 +181,6 @@ def graph_metadata(loaded: LoadedCheckpoint, target: str, options: ExportOptions
     }
 
 
-@contextmanager
-def staged_directory(final: Path) -> Iterator[Path]:
-    """A temporary directory beside ``final`` that replaces it when the block completes, else is removed."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)
-        old = None
-        if final.exists():
-            old = final.parent / f".{final.name}.{os.getpid()}.old"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
 
@@ -254,7 +233,7 @@ def convert(
         quantizer.keep_float = frozenset(int8.keep_float)
         _quantize(quantizer, graph, options, int8)
         return ConvertResult(target, final, {})
-    with staged_directory(final) as tmp:
+    with output_lock(final), staged_directory(final) as tmp:
         say(f"{target}: deploy graph")
         graph = deploy(loaded.model, target=converter.deploy_target, input_size=options.input_size)  # type: ignore[arg-type]
         graph.manifest_metadata = graph_metadata(loaded, target, options)

@@ -9,6 +9,7 @@ EXIT_USAGE = 2  # bad command line (argparse)
 EXIT_BUDGET = 3  # an artifact missed a validation or latency budget
 EXIT_MISSING_BACKEND = 4  # an optional backend (extra) is not installed
 EXIT_BAD_INPUT = 5  # a checkpoint, image or other input file is unusable
+EXIT_OUTPUT = 6  # the output cannot be written: permissions, disk full, or another nafnet-edge is writing it
 EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM; nothing half-written is left behind
 
 
@@ -65,6 +66,12 @@ class NonFiniteWeightsError(CheckpointError):
 
 class ImageError(BadInputError):
     """An input image cannot be read, or an output image cannot be written."""
+
+
+class OutputError(NafnetEdgeError):
+    """The output cannot be written (unwritable, no space left, locked by another nafnet-edge process)."""
+
+    exit_code = EXIT_OUTPUT
 
 
 class MissingBackendError(NafnetEdgeError):

@@ -1,0 +1,210 @@
+"""Hostile and careless checkpoint files: every one is refused in one line (exit 5) or loaded, nothing runs,
+nothing large is allocated. The basic cases (missing, empty, directory, truncated zip, random bytes, another
+network, wrong keys and shapes, NaN/Inf, a pickle with code) are in test_checkpoint.py."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import pickle
+import resource
+import struct
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save, save_file
+
+from nafnet_edge.checkpoint import load_checkpoint
+from nafnet_edge.cli import main
+from nafnet_edge.errors import EXIT_BAD_INPUT, CheckpointError, CorruptCheckpointError
+from nafnet_edge.model import NAFNet, NAFNetConfig
+
+TINY = NAFNetConfig(width=8, enc_blk_nums=(1, 1), middle_blk_num=1, dec_blk_nums=(1, 1))
+
+
+@pytest.fixture(scope="module")
+def tiny_sd() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {k: v.clone() for k, v in NAFNet(TINY).state_dict().items()}
+
+
+def refused(path: Path, capsys, *needles: str) -> str:
+    """``inspect`` exits 5 with one line naming the file and containing ``needles``."""
+    assert main(["inspect", str(path)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("nafnet-edge: error: ") and err.count("\n") == 1, err
+    assert path.name in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+class _System:
+    """Unpickling this would run a shell command that creates the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("layout", ["torch-legacy", "plain-pickle", "pickle-in-params"])
+def test_code_in_any_pickle_layout_never_runs(tmp_path: Path, capsys, layout: str) -> None:
+    marker = tmp_path / "code-ran"
+    payload = _System(marker)
+    path = tmp_path / "evil.pth"
+    good = {"intro.weight": torch.zeros(8, 3, 3, 3)}
+    if layout == "torch-legacy":
+        torch.save({"params": good, "hook": payload}, path, _use_new_zipfile_serialization=False)
+        refused(path, capsys, "posix.system", "never does that")
+    elif layout == "plain-pickle":
+        path.write_bytes(pickle.dumps({"params": good, "hook": payload}, protocol=pickle.HIGHEST_PROTOCOL))
+        refused(path, capsys, "save the weights with torch.save or safetensors")
+    else:  # the payload sits inside the state dict itself, where a loader would look for tensors
+        torch.save({"params": {**good, "downs.0.weight": payload}}, path)
+        refused(path, capsys, "posix.system")
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(payload))  # control: unpickled the unsafe way, the payload does create the marker
+    assert marker.exists()
+
+
+def _tar(path: Path, member: Path) -> None:
+    with tarfile.open(path, "w") as tf:
+        tf.add(member, arcname=member.name)
+
+
+def _zip(path: Path, member: Path) -> None:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.write(member, arcname=member.name)
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "needle"),
+    [
+        ("page.pth", lambda p, good: p.write_text("<!DOCTYPE html>\n<html><body>Sign in</body></html>"), "HTML page"),
+        (
+            "lfs.pth",
+            lambda p, good: p.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\n"),
+            "git lfs pull",
+        ),
+        ("weights.pth.gz", lambda p, good: p.write_bytes(gzip.compress(good.read_bytes())), "gunzip"),
+        ("weights.tar", lambda p, good: _tar(p, good), "tar archive"),
+        ("weights.zip", lambda p, good: _zip(p, good), "zip archive, not a torch.save file"),
+        ("photo.pth", lambda p, good: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64)), "a PNG image"),
+        ("config.pth", lambda p, good: p.write_text(json.dumps({"width": 32})), "JSON or text file"),
+        ("array.pth", lambda p, good: p.write_bytes(b"\x93NUMPY\x01\x00" + bytes(64)), "NumPy array"),
+    ],
+    ids=["html-page", "git-lfs-pointer", "gzip", "tar", "zip-of-checkpoint", "png", "json", "npy"],
+)
+def test_files_that_are_something_else_say_what_they_are(tmp_path: Path, tiny_sd, capsys, name, make, needle) -> None:
+    good = tmp_path / "good.pth"
+    torch.save({"params": tiny_sd}, good)
+    make(tmp_path / name, good)
+    refused(tmp_path / name, capsys, needle)
+
+
+@pytest.mark.parametrize("name", ["model.bin", "model.ckpt", "model", "model.safetensors.pth"])
+def test_the_extension_does_not_matter_the_content_does(tmp_path: Path, tiny_sd, name: str) -> None:
+    path = tmp_path / name
+    if "safetensors" in name:
+        save_file(tiny_sd, str(path))
+    else:
+        torch.save({"params": tiny_sd}, path)
+    loaded = load_checkpoint(path)
+    assert loaded.config.width == 8 and loaded.file_format == ("safetensors" if "safetensors" in name else "torch-zip")
+
+
+def test_special_files_are_refused_without_being_opened(tmp_path: Path, capsys) -> None:
+    fifo = tmp_path / "weights.pth"
+    os.mkfifo(fifo)  # opening it would block forever
+    refused(fifo, capsys, "not a regular file")
+    assert main(["inspect", "/dev/zero"]) == EXIT_BAD_INPUT
+    assert "not a regular file" in capsys.readouterr().err
+
+
+def _max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_a_terabyte_width_in_a_tiny_file_is_refused_before_allocating(tmp_path: Path, capsys) -> None:
+    # A stride-0 view: the file stores one float, the tensor claims 10^9 x 3 x 3 x 3 (108 GB as fp32).
+    claimed = torch.zeros(1).expand(10**9, 3, 3, 3)
+    path = tmp_path / "huge.pth"
+    torch.save({"params": {"intro.weight": claimed, "downs.0.weight": torch.zeros(16, 8, 2, 2)}}, path)
+    assert path.stat().st_size < 10_000
+    before = _max_rss_mb()
+    with pytest.raises(CorruptCheckpointError, match=r"claims shape \[1000000000, 3, 3, 3\]"):
+        load_checkpoint(path)
+    refused(path, capsys, "refused before allocating")
+    assert _max_rss_mb() - before < 200  # the process's high-water mark barely moved
+
+
+def test_configurations_implied_by_key_names_alone_are_refused_before_building(tmp_path: Path, capsys) -> None:
+    base = {"intro.weight": torch.zeros(8, 3, 3, 3)}
+    deep = {**base, **{f"downs.{i}.weight": torch.zeros(1) for i in range(40)}}  # 8 * 2**40 channels
+    torch.save(deep, tmp_path / "deep.pth")
+    refused(tmp_path / "deep.pth", capsys, "8,796,093,022,208 channels", "refused before building")
+    sparse = {**base, "downs.0.weight": torch.zeros(16, 8, 2, 2), "encoders.0.99999.norm1.weight": torch.zeros(8)}
+    torch.save(sparse, tmp_path / "sparse.pth")  # one key whose index implies 100000 blocks
+    refused(tmp_path / "sparse.pth", capsys, "99999 of the 100000 blocks", "'encoders.0.0.*'")
+
+
+def test_safetensors_header_claiming_more_than_the_file_holds(tmp_path: Path, capsys) -> None:
+    header = json.dumps({"intro.weight": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 4 * 10**12]}})
+    blob = header.encode() + b" " * (-len(header) % 8)
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(64))
+    before = _max_rss_mb()
+    refused(path, capsys, "damaged safetensors")
+    assert _max_rss_mb() - before < 200
+
+
+def test_views_of_a_larger_storage_still_load(tmp_path: Path, tiny_sd) -> None:
+    """The storage check refuses claims beyond the stored bytes, not legitimate views into a larger storage."""
+    big = torch.randn(64, 3, 3, 3)
+    sd = {**tiny_sd, "intro.weight": big[8:16]}
+    torch.save({"params": sd}, tmp_path / "view.pth")
+    torch.testing.assert_close(load_checkpoint(tmp_path / "view.pth").model.intro.weight, big[8:16])
+
+
+@pytest.mark.parametrize("content", [{}, {"params": {}}, {"params": {"intro.weight": "not a tensor"}}])
+def test_no_tensors(tmp_path: Path, capsys, content) -> None:
+    torch.save(content, tmp_path / "empty-dict.pth")
+    refused(tmp_path / "empty-dict.pth", capsys, "holds no tensors")
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory, tiny_sd) -> dict[str, bytes]:
+    buf = io.BytesIO()
+    torch.save({"params": tiny_sd}, buf)
+    return {"torch-zip": buf.getvalue(), "safetensors": save(tiny_sd)}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    layout=st.sampled_from(["torch-zip", "safetensors"]),
+    cut=st.one_of(st.none(), st.floats(0.0, 1.0)),
+    flips=st.lists(st.tuples(st.floats(0.0, 1.0), st.integers(1, 255)), max_size=6),
+)
+def test_damaged_files_never_crash_the_loader(tmp_path: Path, tiny_files, layout, cut, flips) -> None:
+    """Truncations and byte flips anywhere: the file loads or is refused as a checkpoint error, nothing else."""
+    data = bytearray(tiny_files[layout])
+    for where, xor in flips:
+        data[min(int(where * len(data)), len(data) - 1)] ^= xor
+    if cut is not None:
+        data = data[: int(cut * len(data))]
+    path = tmp_path / f"fuzz-{layout}.pth"
+    path.write_bytes(bytes(data))
+    try:
+        loaded = load_checkpoint(path)
+    except CheckpointError:
+        return
+    assert loaded.config.width == 8  # a flip in tensor data, or in bytes no reader looks at
