@@ -181,22 +181,29 @@ def test_no_tensors(tmp_path: Path, capsys, content) -> None:
     refused(tmp_path / "empty-dict.pth", capsys, "holds no tensors")
 
 
-@pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory, tiny_sd) -> dict[str, bytes]:
-    buf = io.BytesIO()
-    torch.save({"params": tiny_sd}, buf)
-    return {"torch-zip": buf.getvalue(), "safetensors": save(tiny_sd)}
+_FILES: dict[str, bytes] = {}
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def tiny_file(layout: str) -> bytes:
+    """The tiny checkpoint's bytes in ``layout`` (cached; not a fixture, so hypothesis does not print it)."""
+    if not _FILES:
+        torch.manual_seed(0)
+        sd = NAFNet(TINY).state_dict()
+        buf = io.BytesIO()
+        torch.save({"params": sd}, buf)
+        _FILES.update({"torch-zip": buf.getvalue(), "safetensors": save(sd)})
+    return _FILES[layout]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     layout=st.sampled_from(["torch-zip", "safetensors"]),
     cut=st.one_of(st.none(), st.floats(0.0, 1.0)),
     flips=st.lists(st.tuples(st.floats(0.0, 1.0), st.integers(1, 255)), max_size=6),
 )
-def test_damaged_files_never_crash_the_loader(tmp_path: Path, tiny_files, layout, cut, flips) -> None:
+def test_damaged_files_never_crash_the_loader(tmp_path: Path, layout, cut, flips) -> None:
     """Truncations and byte flips anywhere: the file loads or is refused as a checkpoint error, nothing else."""
-    data = bytearray(tiny_files[layout])
+    data = bytearray(tiny_file(layout))
     for where, xor in flips:
         data[min(int(where * len(data)), len(data) - 1)] ^= xor
     if cut is not None:
