@@ -1,0 +1,276 @@
+"""Interrupted and concurrent work, unwritable and full disks: the real `nafnet-edge` process, real signals, real
+file systems (a size-limited or read-only tmpfs in a private mount namespace). After every failure the output
+location holds what it held before (nothing, or the previous artifact intact) and a rerun succeeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from helpers import save_tiny_checkpoint
+
+from nafnet_edge.atomic import output_lock
+from nafnet_edge.errors import EXIT_INTERRUPTED, EXIT_OUTPUT
+
+CLI = [sys.executable, "-m", "nafnet_edge"]
+KODAK = Path(str(resources.files("nafnet_edge") / "data" / "kodak"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth")
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    log = open(cwd / f"stderr-{time.monotonic_ns()}.log", "w+")  # noqa: SIM115 (closed by finish)
+    proc = subprocess.Popen([*CLI, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    code = proc.wait(timeout)
+    proc.log.seek(0)  # type: ignore[attr-defined]
+    err = proc.log.read()  # type: ignore[attr-defined]
+    proc.log.close()  # type: ignore[attr-defined]
+    return code, err
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            _, err = finish(proc)
+            pytest.fail(f"the command ended (exit {proc.returncode}) before the moment to interrupt it:\n{err}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("timed out waiting for the moment to interrupt")
+        time.sleep(0.02)
+
+
+def entries(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+def run_ok(args: list[str], cwd: Path) -> str:
+    code, err = finish(start(args, cwd))
+    assert code == 0, err
+    return err
+
+
+def interrupted(proc: subprocess.Popen, signum: int) -> str:
+    proc.send_signal(signum)
+    code, err = finish(proc)
+    assert code == EXIT_INTERRUPTED, err
+    assert err.rstrip().splitlines()[-1] == "nafnet-edge: interrupted; no partial output was left in place", err
+    return err
+
+
+# ---- signals --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_convert_interrupted_leaves_nothing_and_keeps_a_previous_artifact(tmp_path: Path, ckpt: Path, signum) -> None:
+    out = tmp_path / "out"
+    convert = ["convert", str(ckpt), "--target", "onnx", "-o", str(out)]
+    proc = start(convert, tmp_path)
+    wait_for(lambda: any(out.glob(".onnx.*.partial")), proc)  # export under way
+    interrupted(proc, signum)
+    assert entries(out) == []  # no artifact, no staging directory, no lock file
+
+    run_ok(convert, tmp_path)  # the rerun succeeds
+    manifest = (out / "onnx" / "manifest.json").read_bytes()
+    assert entries(out) == ["onnx"]
+
+    proc = start([*convert, "--force"], tmp_path)  # replacing it, interrupted: the previous artifact stays whole
+    wait_for(lambda: any(out.glob(".onnx.*.partial")), proc)
+    interrupted(proc, signum)
+    assert entries(out) == ["onnx"]
+    assert (out / "onnx" / "manifest.json").read_bytes() == manifest
+    for name in json.loads(manifest)["files"]:
+        assert (out / "onnx" / name).is_file()
+
+
+def test_quantize_interrupted_in_training_resumes(tmp_path: Path, ckpt: Path) -> None:
+    out = tmp_path / "out"
+    base = ["quantize", str(ckpt), "--target", "executorch", "--data", str(KODAK), "--input-size", "64"]
+    base += ["--batch", "2", "-o", str(out)]
+    train_state = out / ".executorch-train.pt"
+    proc = start([*base, "--iters", "5000"], tmp_path)
+    wait_for(train_state.exists, proc)  # saved every 50 steps, atomically
+    interrupted(proc, signal.SIGTERM)
+    assert entries(out) == [".executorch-train.pt"]  # the resumable training state, nothing else
+    state = torch.load(train_state, weights_only=True)
+    assert state["step"] >= 50
+
+    run_ok([*base, "--iters", str(state["step"] + 2), "--resume"], tmp_path)
+    assert (out / "executorch" / "manifest.json").is_file()
+    assert not any(p.name.endswith(".partial") or p.name.endswith(".lock") for p in out.iterdir())
+
+
+def _noise_png(path: Path, size: int, seed: int) -> None:
+    cv2.imwrite(str(path), np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def test_run_interrupted_leaves_only_whole_images(tmp_path: Path, ckpt: Path) -> None:
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for i in range(8):
+        _noise_png(inputs / f"img{i}.png", 320, i)
+    command = ["run", str(ckpt), str(inputs), "-o", str(out), "--tile", "64", "--overlap", "16"]
+    proc = start(command, tmp_path)
+    wait_for(lambda: any(p.suffix == ".png" and not p.name.startswith(".") for p in entries_paths(out)), proc)
+    interrupted(proc, signal.SIGINT)
+    written = entries(out)
+    assert written and len(written) < 8 and not any(n.startswith(".") for n in written)
+    for name in written:  # every file that is there is a complete image
+        assert cv2.imread(str(out / name)).shape == (320, 320, 3)
+    run_ok(command, tmp_path)
+    assert entries(out) == [f"img{i}.png" for i in range(8)]
+
+
+def entries_paths(directory: Path) -> list[Path]:
+    return list(directory.iterdir()) if directory.exists() else []
+
+
+# ---- two writers ----------------------------------------------------------------------------------------------
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_output(tmp_path: Path, ckpt: Path) -> None:
+    out = tmp_path / "out"
+    convert = ["convert", str(ckpt), "--target", "onnx", "--no-validate", "-o", str(out)]
+    with output_lock(out / "onnx"):  # this test process plays the first writer
+        code, err = finish(start(convert, tmp_path))
+        assert code == EXIT_OUTPUT, err
+        assert err.strip() == (
+            f"nafnet-edge: error: {out / 'onnx'} is being written by another nafnet-edge process "
+            f"(pid {os.getpid()}); wait for it to finish or choose another output location"
+        )
+        assert entries(out) == [".onnx.lock"]
+    assert entries(out) == []
+    run_ok(convert, tmp_path)
+
+
+def test_two_conversions_at_once_never_corrupt_the_artifact(tmp_path: Path, ckpt: Path) -> None:
+    out = tmp_path / "out"
+    convert = ["convert", str(ckpt), "--target", "onnx", "--no-validate", "--force", "-o", str(out)]
+    results = [finish(p) for p in [start(convert, tmp_path), start(convert, tmp_path)]]
+    codes = sorted(code for code, _ in results)
+    assert codes in ([0, 0], [0, EXIT_OUTPUT]), results  # one after the other, or the second refused
+    manifest = json.loads((out / "onnx" / "manifest.json").read_text())
+    import onnx
+
+    onnx.checker.check_model(str(out / "onnx" / manifest["files"][0]))
+    assert entries(out) == ["onnx"]
+
+
+# ---- disks ----------------------------------------------------------------------------------------------------
+
+
+def _can_unshare() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-Urm", "true"], capture_output=True).returncode == 0
+
+
+UNSHARE = _can_unshare()
+
+
+def run_on_tmpfs(tmp_path: Path, mount_options: str, args: list[str]) -> tuple[int, str, list[str]]:
+    """Run the CLI with ``tmp_path/out`` on a fresh tmpfs (private mount namespace, gone afterwards); returns the
+    exit code, stderr and what the tmpfs held when the command had ended."""
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    listing = tmp_path / "listing.txt"
+    script = (
+        'mount -t tmpfs -o "$1" tmpfs "$2" || exit 99; shift 2; "$@"; code=$?; ls -A "$OUT" > "$LISTING"; exit $code'
+    )
+    env = {**os.environ, "OUT": str(out), "LISTING": str(listing)}
+    command = ["unshare", "-Urm", "sh", "-c", script, "sh", mount_options, str(out), *CLI, *args]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 99, proc.stderr
+    return proc.returncode, proc.stderr, listing.read_text().split()
+
+
+def _limited_file_size(limit: int):
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ: writes get EFBIG
+
+    return apply
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("nafnet-edge")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["run", "convert"])
+def test_full_disk(tmp_path: Path, ckpt: Path, command: str) -> None:
+    _noise_png(tmp_path / "noise.png", 400, 0)  # a ~480 KB PNG result
+    out = tmp_path / "out"
+    if command == "run":
+        args = ["run", str(ckpt), str(tmp_path / "noise.png"), "-o", str(out)]
+    else:
+        args = ["convert", str(ckpt), "--target", "onnx", "--no-validate", "-o", str(out)]
+    if UNSHARE:
+        code, err, left = run_on_tmpfs(tmp_path, "size=64k", args)
+        assert "no space left on the device" in one_error_line(err)
+    else:  # no mount namespaces here: a file-size limit makes the same writes fail (EFBIG)
+        proc = subprocess.run([*CLI, *args], cwd=tmp_path, capture_output=True, text=True,
+                              preexec_fn=_limited_file_size(64 * 1024))  # fmt: skip
+        code, err, left = proc.returncode, proc.stderr, entries(out)
+        assert "too large for this file system" in one_error_line(err)
+    assert code == EXIT_OUTPUT, err
+    assert left == []  # the partial file or staging directory was removed, and the lock
+    assert run_ok(args, tmp_path) is not None and entries(out)  # with space, the same command succeeds
+
+
+@pytest.mark.parametrize("command", ["run", "convert", "reparam"])
+def test_unwritable_output(tmp_path: Path, ckpt: Path, command: str) -> None:
+    _noise_png(tmp_path / "noise.png", 32, 0)
+    out = tmp_path / "out"
+    args = {
+        "run": ["run", str(ckpt), str(tmp_path / "noise.png"), "-o", str(out / "restored")],
+        "convert": ["convert", str(ckpt), "--target", "onnx", "--no-validate", "-o", str(out / "artifacts")],
+        "reparam": ["reparam", str(ckpt), "-o", str(out / "deploy.safetensors")],
+    }[command]
+    if UNSHARE:
+        code, err, left = run_on_tmpfs(tmp_path, "ro", args)
+        assert "read-only; choose another output location" in one_error_line(err)
+    elif os.geteuid() != 0:
+        out.mkdir()
+        out.chmod(0o555)
+        proc = subprocess.run([*CLI, *args], cwd=tmp_path, capture_output=True, text=True)
+        code, err, left = proc.returncode, proc.stderr, entries(out)
+        assert "permission denied" in one_error_line(err)
+    else:
+        pytest.skip("root without mount namespaces: no way to make a directory unwritable here")
+    assert code == EXIT_OUTPUT, err
+    assert left == []
+
+
+def test_output_path_through_a_file(tmp_path: Path, ckpt: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    _noise_png(tmp_path / "noise.png", 32, 0)
+    proc = subprocess.run(
+        [*CLI, "run", str(ckpt), str(tmp_path / "noise.png"), "-o", str(tmp_path / "afile" / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == EXIT_OUTPUT, proc.stderr
+    assert "a path component is a file, not a folder" in one_error_line(proc.stderr)
+    assert (tmp_path / "afile").read_text() == "x"
