@@ -670,10 +670,10 @@ def _int8_settings(args: argparse.Namespace, loaded: Any) -> Any:
         raise UsageError("int8 trains on square crops of the input size: give a square --input-size")
     if args.search_rounds < 0:
         raise UsageError("--search-rounds takes 0 (no search) or more")
-    rank, world = init_distributed()
-    images = load_training_images(args.train_data, h, pairs=args.train_pairs, channels=loaded.config.img_channels)
     if args.weights_only and args.target != "coreml":
         raise UsageError("--weights-only is a Core ML int8 mode; the other targets quantize weights and activations")
+    rank, world = init_distributed()
+    images = load_training_images(args.train_data, h, pairs=args.train_pairs, channels=loaded.config.img_channels)
     method = "ptq" if args.weights_only else args.method  # weight-only int8 has nothing to fine-tune
     config = TrainConfig(method=method, iters=args.iters, batch=args.batch, lr=args.lr, seed=args.seed)
     return Int8Settings(

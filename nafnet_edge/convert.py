@@ -29,6 +29,7 @@ from nafnet_edge.converters import INPUT_NAME, OUTPUT_NAME, ExportOptions, get_c
 from nafnet_edge.deploy import DEFAULT_STREAM_SCALE, TRANSFORMATIONS, FixedPool, deploy
 from nafnet_edge.errors import BadInputError
 from nafnet_edge.model import NAFNetLocal
+from nafnet_edge.report import read_manifest
 from nafnet_edge.usage import usage_note
 from nafnet_edge.validate import (
     DEFAULT_OVERLAP_PX,
@@ -442,16 +443,6 @@ def _with_test_io(options: ExportOptions, loaded: LoadedCheckpoint, settings: Va
     with torch.inference_mode():
         y = loaded.model.float().cpu()(torch.from_numpy(x)).numpy()
     return replace(options, test_inputs=(x,), test_outputs=(y,))
-
-
-def read_manifest(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise BadInputError(f"{directory} has no {MANIFEST}: point at a directory written by nafnet-edge convert")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise BadInputError(f"{path} is not valid JSON ({e}); convert again") from None
 
 
 def validate_directory(

@@ -178,17 +178,50 @@ def find_artifacts(directory: str | Path) -> list[Path]:
     return found
 
 
-def read_artifact(directory: Path) -> Artifact:
-    """Manifest, size on disk and ``bench.json`` of one artifact directory."""
-    path = directory / MANIFEST
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest of an artifact directory, checked for what every command reads from it.
+
+    Hand-edited or damaged manifests get a BadInputError naming the problem; ``files`` must name files inside
+    the directory, so a manifest cannot point a runtime at a file elsewhere.
+    """
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise BadInputError(f"{directory} has no {MANIFEST}: point at a directory written by nafnet-edge convert")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BadInputError(f"{path} is unreadable ({e}): convert again or remove the directory") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInputError(f"{path} is not valid JSON ({e}); convert again") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise BadInputError(f"{path} is not a manifest written by nafnet-edge convert ({problem}); convert again")
+    return manifest
+
+
+def _manifest_problem(manifest: Any) -> str | None:
     if not isinstance(manifest, dict):
-        raise BadInputError(f"{path} is not a manifest written by nafnet-edge convert: convert again")
+        return f"a JSON {type(manifest).__name__}, not an object"
+    for key, kind in (("target", str), ("precision", str), ("files", list), ("source", dict), ("input", dict)):
+        if not isinstance(manifest.get(key), kind):
+            return f"no {key!r} {kind.__name__}"
+    files = manifest["files"]
+    if not files or not all(isinstance(f, str) and f and not Path(f).is_absolute() for f in files):
+        return "'files' must list file names"
+    if any(".." in Path(f).parts for f in files):
+        return f"'files' points outside the directory: {files}"
+    source = manifest["source"]
+    if not isinstance(source.get("config"), dict) or not isinstance(source.get("sha256"), str):
+        return "'source' lacks the checkpoint's config and sha256"
+    shape = manifest["input"].get("shape")
+    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape)):
+        return "'input.shape' is not four positive integers"
+    return None
+
+
+def read_artifact(directory: Path) -> Artifact:
+    """Manifest, size on disk and ``bench.json`` of one artifact directory."""
+    manifest = read_manifest(directory)
     artifact = Artifact(directory, manifest)
-    artifact.size_bytes = disk_size(directory, manifest.get("files") or [])
+    artifact.size_bytes = disk_size(directory, manifest["files"])
     artifact.bench, artifact.bench_note = read_bench(directory)
     return artifact
 

@@ -1,0 +1,154 @@
+"""Every kind of CLI failure: one line on stderr saying what is wrong and what to do, the documented exit code, a
+traceback only with --debug. Commands run in-process through ``main`` (the subprocess behaviour, signals and
+disks, is in test_interrupts.py)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from helpers import save_tiny_checkpoint
+
+from nafnet_edge import cli
+from nafnet_edge.cli import main
+from nafnet_edge.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_MISSING_BACKEND,
+    EXIT_USAGE,
+)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("files")
+    save_tiny_checkpoint(root / "tiny.pth")
+    cv2.imwrite(str(root / "x.png"), np.zeros((8, 8, 3), np.uint8))
+    (root / "empty").mkdir()
+    escape = {"target": "onnx", "precision": "fp32", "files": ["../../x.onnx"], "input": {"shape": [1, 3, 16, 16]}}
+    escape["source"] = {"config": {}, "sha256": "0" * 64}
+    manifests = {"broken": "{not json", "tampered": json.dumps({"target": "onnx"}), "list": "[1, 2]"}
+    for name, manifest in {**manifests, "escape": json.dumps(escape)}.items():
+        (root / name).mkdir()
+        (root / name / "manifest.json").write_text(manifest)
+    (root / "exists" / "onnx").mkdir(parents=True)
+    return root
+
+
+CASES = [
+    # usage (2): argparse and impossible combinations
+    ("no-command", "", EXIT_USAGE, "the following arguments are required: COMMAND"),
+    ("unknown-command", "frobnicate", EXIT_USAGE, "invalid choice: 'frobnicate'"),
+    ("bad-choice", "convert --target tflite", EXIT_USAGE, "invalid choice: 'tflite'"),
+    ("negative-tile", "run {x.png} -o o --tile -3", EXIT_USAGE, "expected a non-negative integer"),
+    ("bad-size", "inspect --size 12xab", EXIT_USAGE, "expected a size like 256 or 512x768"),
+    ("missing-output", "run {x.png}", EXIT_USAGE, "-o/--output"),
+    ("overlap-over-tile", "run {x.png} -o o --tile 64 --overlap 64", EXIT_USAGE, "smaller than --tile"),
+    ("cuda-absent", "run {x.png} -o o --device cuda", EXIT_USAGE, "no CUDA device"),
+    ("exists-no-force", "convert {tiny.pth} --target onnx -o {exists}", EXIT_USAGE, "pass --force"),
+    ("data-and-pairs", "convert --target onnx -o {empty}/a --data {empty} --data-pairs {empty} {empty}",
+     EXIT_USAGE, "alternatives"),
+    ("int8-without-data", "convert --target onnx --precision int8 -o {empty}/b", EXIT_USAGE, "--train-data DIR"),
+    ("weights-only-off-coreml", "quantize --target openvino --data {empty} --weights-only -o {empty}/c",
+     EXIT_USAGE, "Core ML int8 mode"),
+    ("latency-zero", "bench {empty} --max-latency-ms 0", EXIT_USAGE, "positive number of milliseconds"),
+    ("reparam-size", "reparam -o {empty}/d.safetensors --input-size 100", EXIT_USAGE, "multiple of 16"),
+    # bad input (5)
+    ("missing-checkpoint", "inspect {empty}/nope.pth", EXIT_BAD_INPUT, "checkpoint not found"),
+    ("missing-image", "run {empty}/nope.png -o o", EXIT_BAD_INPUT, "input not found"),
+    ("folder-without-images", "run {empty} -o o", EXIT_BAD_INPUT, "contains no PNG, JPEG or TIFF"),
+    ("validate-no-manifest", "validate {empty}", EXIT_BAD_INPUT, "has no manifest.json"),
+    ("validate-broken-manifest", "validate {broken}", EXIT_BAD_INPUT, "is not valid JSON"),
+    ("validate-tampered-manifest", "validate {tampered}", EXIT_BAD_INPUT, "not a manifest written by nafnet-edge"),
+    ("validate-list-manifest", "validate {list}", EXIT_BAD_INPUT, "not a manifest written by nafnet-edge"),
+    ("bench-no-artifacts", "bench {empty}", EXIT_BAD_INPUT, "has no manifest.json"),
+    ("manifest-files-outside", "bench {escape}", EXIT_BAD_INPUT, "'files' points outside the directory"),
+    ("bench-tampered-manifest", "bench {tampered}", EXIT_BAD_INPUT, "not a manifest written by nafnet-edge"),
+    ("report-no-artifacts", "report {empty}", EXIT_BAD_INPUT, "manifest"),
+    ("train-data-empty", "quantize --target executorch --data {empty} -o {empty}/e",
+     EXIT_BAD_INPUT, "no PNG, JPEG or TIFF"),
+    ("val-data-missing", "convert --target onnx -o {empty}/f --data {empty}/nope", EXIT_BAD_INPUT, "nope"),
+]  # fmt: skip
+
+
+def expand(argv: list[str], root: Path) -> list[str]:
+    return [a.replace("{", str(root) + "/").replace("/}", "").replace("}", "") if "{" in a else a for a in argv]
+
+
+@pytest.mark.parametrize(("argv", "code", "needle"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_each_error_is_one_line_with_its_exit_code(files: Path, capsys, monkeypatch, argv, code, needle) -> None:
+    monkeypatch.chdir(files)
+    try:
+        got = main(expand(shlex.split(argv), files))
+    except SystemExit as e:  # argparse
+        got = e.code
+    err = capsys.readouterr().err
+    assert got == code, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(("nafnet-edge: error: ", "nafnet-edge ")) and "error: " in err, err
+    assert needle in err, err
+    assert not (files / "o").exists()  # nothing written for a refused command
+
+
+def test_missing_backend_names_the_extra(files: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if the onnx extra were not installed
+    assert (
+        main(["convert", str(files / "tiny.pth"), "--target", "onnx", "-o", str(files / "mb")]) == EXIT_MISSING_BACKEND
+    )
+    err = capsys.readouterr().err
+    assert err == "nafnet-edge: error: --target onnx needs onnx: pip install 'nafnet-edge[onnx]'\n"
+    assert not (files / "mb").exists()
+
+
+def _explode(args) -> int:
+    raise RuntimeError("unexpected\nover two lines")
+
+
+def test_an_internal_error_is_one_line_and_the_traceback_needs_debug(files: Path, capsys, monkeypatch) -> None:
+    argv = ["inspect", str(files / "tiny.pth")]
+    monkeypatch.setattr(cli, "build_parser", _parser_with(cli.build_parser, "inspect", _explode))
+    assert main(argv) == EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert (
+        err == "nafnet-edge: internal error: RuntimeError: unexpected over two lines (rerun with --debug for details)\n"
+    )
+    assert main(["--debug", *argv]) == EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and "RuntimeError: unexpected" in err
+
+
+def test_debug_shows_the_traceback_of_a_handled_error(files: Path, capsys) -> None:
+    assert main(["--debug", "inspect", str(files / "empty" / "nope.pth")]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "CheckpointNotFoundError" in err
+    assert err.rstrip().splitlines()[-1].startswith("nafnet-edge: error: checkpoint not found")
+
+
+def _interrupt(args) -> int:
+    raise KeyboardInterrupt
+
+
+def test_interrupt_exit_code_and_handlers_restored(files: Path, capsys, monkeypatch) -> None:
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    monkeypatch.setattr(cli, "build_parser", _parser_with(cli.build_parser, "inspect", _interrupt))
+    assert main(["inspect"]) == EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "nafnet-edge: interrupted; no partial output was left in place\n"
+    assert {s: signal.getsignal(s) for s in before} == before  # notebooks keep their own handlers
+
+
+def _parser_with(build, command: str, func):
+    def build_patched():
+        parser = build()
+        sub = next(a for a in parser._actions if a.dest == "command")
+        sub.choices[command].set_defaults(func=func)
+        return parser
+
+    return build_patched
