@@ -56,6 +56,53 @@ def test_pointwise_function_is_reproduced_exactly_and_batching_changes_nothing()
         torch.testing.assert_close(out, fn(image), atol=2e-6, rtol=0)
 
 
+geometries = {
+    "height": st.integers(1, 200),
+    "width": st.integers(1, 200),
+    "tile": st.integers(8, 96),  # tiles of 1-7 px: the 1-D grid test above; here they only cost time
+    "overlap_frac": st.floats(0, 0.9),
+    "batch": st.integers(1, 4),
+    "align": st.sampled_from([1, 16]),
+}
+
+
+def _geometry(height: int, width: int, tile: int, overlap_frac: float, align: int) -> tuple[int, int, int, int]:
+    if align > 1:  # as restore_tensor calls it: the frame padded and the tile on the multiple
+        height, width, tile = (-(-v // align) * align for v in (height, width, max(tile, align)))
+    return height, width, tile, min(int(tile * overlap_frac), tile - 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(**geometries)
+def test_any_geometry_gives_the_input_shape_and_weights_summing_to_one(height, width, tile, overlap_frac, batch, align):
+    """A pointwise function comes back exactly: at every pixel the 2-D blending weights sum to one."""
+    h, w, tile, overlap = _geometry(height, width, tile, overlap_frac, align)
+    image = torch.rand(1, 2, h, w, generator=torch.Generator().manual_seed(h * 1000 + w))
+    fn = lambda t: torch.sin(3 * t) + t * t  # noqa: E731
+    out = run_tiled(fn, image, tile_px=tile, overlap_px=overlap, batch=batch, align_px=align)
+    assert out.shape == image.shape
+    torch.testing.assert_close(out, fn(image), atol=1e-5, rtol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(**geometries)
+def test_no_seams_when_the_overlap_covers_the_receptive_field(height, width, tile, overlap_frac, batch, align):
+    """A zero-padded 3x3 convolution sees wrong values in the outer pixel of every tile. With an overlap of 4 px or
+    more the tiler gives that pixel weight 0 and the neighbour weight 1, so the tiled result equals the whole-frame
+    one: on a constant image (where any seam would show) and on noise."""
+    h, w, tile, overlap = _geometry(height, width, tile, overlap_frac, align)
+    overlap = max(min(overlap, tile // 2), 4)  # steps of half a tile or more keep the example fast
+    tile = max(tile, 32, 2 * overlap)
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+    torch.nn.init.normal_(conv.weight, std=0.3, generator=torch.Generator().manual_seed(1))
+    fn = lambda t: torch.tanh(conv(t))  # noqa: E731
+    for image in (torch.full((1, 2, h, w), 0.4), torch.rand(1, 2, h, w, generator=torch.Generator().manual_seed(2))):
+        with torch.no_grad():
+            whole = fn(image)
+        out = run_tiled(fn, image, tile_px=tile, overlap_px=overlap, batch=batch, align_px=align)
+        torch.testing.assert_close(out, whole, atol=1e-5, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def default_model():
     return load_checkpoint().model
