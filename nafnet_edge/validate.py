@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from nafnet_edge.atomic import atomic_path
-from nafnet_edge.errors import BadInputError
+from nafnet_edge.errors import BadInputError, NafnetEdgeError
 from nafnet_edge.images import is_image_path, read_image
 from nafnet_edge.tiling import run_tiled
 
@@ -261,9 +262,9 @@ def reference_outputs(
     for image in images:
         key = f"{checkpoint_sha256[:16]}-{image.digest[:16]}-{tile[0]}x{tile[1]}-o{overlap}"
         path = cache_dir() / f"{key}.npz"
-        if use_cache and path.is_file():
-            with np.load(path) as z:
-                results.append((z["tiled"], float(z["tiling_db"]) if z["tiling_db"].size else None))
+        cached = _read_cached(path, image.input.shape) if use_cache else None
+        if cached is not None:
+            results.append(cached)
             continue
         tiled, calls = apply_tiled(fn, image.input, tile, overlap, multiple)
         tiling_db = None
@@ -271,10 +272,39 @@ def reference_outputs(
             whole, _ = apply_tiled(fn, image.input, None, overlap, multiple)
             tiling_db = psnr(np.clip(tiled, 0, 1), np.clip(whole, 0, 1))
         if use_cache:
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.savez(f, tiled=tiled, tiling_db=np.array([] if tiling_db is None else tiling_db))
+            _write_cached(path, tiled, tiling_db)
         results.append((tiled, tiling_db))
     return results
+
+
+def _read_cached(path: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, float | None] | None:
+    """A cached reference, or None when absent, unreadable, or not what this image needs (then it is recomputed):
+    a damaged or edited cache file can cost time, never a wrong verdict or a crash."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            tiled, db = np.asarray(z["tiled"]), np.asarray(z["tiling_db"], np.float64)
+    except Exception:
+        return None
+    if tiled.shape != shape or tiled.dtype != np.float32 or not np.isfinite(tiled).all() or db.size > 1:
+        return None
+    return tiled, float(db.reshape(-1)[0]) if db.size else None
+
+
+_cache_warned = False
+
+
+def _write_cached(path: Path, tiled: np.ndarray, tiling_db: float | None) -> None:
+    """Best effort: a cache that cannot be written (read-only home, full disk) is said once, never an error."""
+    global _cache_warned
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, tiled=tiled, tiling_db=np.array([] if tiling_db is None else tiling_db))
+    except (OSError, NafnetEdgeError) as e:
+        if not _cache_warned:
+            _cache_warned = True
+            print(f"nafnet-edge: warning: reference outputs not cached ({e}); set NAFNET_EDGE_CACHE", file=sys.stderr)
 
 
 def validate_runner(

@@ -173,6 +173,29 @@ def test_reference_outputs_are_cached_by_checkpoint_and_image(checkpoint: Path, 
     np.testing.assert_array_equal(np.load(cached[0])["tiled"].shape[2], 3)
 
 
+def test_a_damaged_or_unwritable_cache_costs_time_not_correctness(
+    checkpoint: Path, data: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    def summary(out: Path) -> dict:
+        return json.loads((out / "onnx" / "manifest.json").read_text())["validation"]["summary"]
+
+    assert convert(checkpoint, tmp_path / "a", data, "--target", "onnx") == 0
+    cached = sorted((tmp_path / "cache" / "reference").glob("*.npz"))
+    cached[0].write_bytes(b"not an npz")  # damaged
+    np.savez(cached[1], tiled=np.zeros((2, 2, 3), np.float32), tiling_db=np.array([]))  # edited: wrong image
+    assert convert(checkpoint, tmp_path / "b", data, "--target", "onnx") == 0
+    assert summary(tmp_path / "b") == summary(tmp_path / "a")  # recomputed, the same verdict
+    assert np.load(cached[1])["tiled"].shape[:2] != (2, 2)  # and the cache repaired
+
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("NAFNET_EDGE_CACHE", str(tmp_path / "afile" / "cache"))  # cannot be created
+    capsys.readouterr()
+    assert convert(checkpoint, tmp_path / "c", data, "--target", "onnx") == 0
+    assert summary(tmp_path / "c") == summary(tmp_path / "a")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "reference outputs not cached" in warnings[0]
+
+
 def test_every_target_converts_and_validates_in_its_runtime(checkpoint: Path, tmp_path: Path, capsys) -> None:
     """--target all on a tiny model: each artifact runs in its own runtime (Core ML through the ML-program
     evaluator off Apple platforms) and meets the default budgets; --json gives one object."""
