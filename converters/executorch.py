@@ -82,7 +82,7 @@ class ExecuTorchConverter(Converter):
         if options.dynamic or options.extra_sizes:
             raise ValueError(
                 f"--target {self.target} exports one fixed size per .pte ({options.input_size[0]}x"
-                f"{options.input_size[1]}); drop --dynamic/--extra-sizes and tile larger images, or export one "
+                f"{options.input_size[1]}); drop --dynamic/--sizes and tile larger images, or export one "
                 ".pte per size"
             )
         if options.bundle:  # test inputs may still be missing here: the pipeline adds them after this check

@@ -58,7 +58,7 @@ class ONNXConverter(Converter):
         if options.extra_sizes:
             raise ValueError(
                 "--target onnx exports one size or any size: use --dynamic for symbolic height and width "
-                "instead of --extra-sizes"
+                "instead of --sizes"
             )
 
     def export(self, graph: torch.nn.Module, out_dir: Path, options: ExportOptions) -> Exported:

@@ -56,7 +56,7 @@ class OpenVINOConverter(Converter):
         if options.dynamic:
             raise ValueError("--dynamic is for --target onnx; OpenVINO IRs are exported at one fixed --input-size")
         if options.extra_sizes:
-            raise ValueError("--extra-sizes is for --target coreml; export one OpenVINO IR per --input-size instead")
+            raise ValueError("--sizes is for --target coreml; export one OpenVINO IR per --input-size instead")
         if options.bundle:
             raise ValueError("--bundle is for --target executorch; OpenVINO has no bundled-program format")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -60,6 +61,23 @@ def positive_int(text: str) -> int:
     return value
 
 
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def checkpoint_options() -> argparse.ArgumentParser:
     p = Parser(add_help=False)
     g = p.add_argument_group("checkpoint")
@@ -77,8 +95,12 @@ def checkpoint_options() -> argparse.ArgumentParser:
 def _validation_knobs(g: Any) -> None:
     g.add_argument("--reference-device", default="auto", choices=["auto", "cpu", "cuda"], help="fp32 reference on")
     g.add_argument("--overlap", type=non_negative_int, default=32, metavar="PX", help="tile overlap (32)")
-    g.add_argument("--min-fidelity", type=float, metavar="DB", help="PSNR vs reference (fp32 60, fp16 45, int8 35)")
-    g.add_argument("--max-drift", type=float, metavar="DB", help="task PSNR loss vs ground truth (0.01/0.05/0.1)")
+    g.add_argument(
+        "--min-fidelity", type=finite_float, metavar="DB", help="PSNR vs reference (fp32 60, fp16 45, int8 35)"
+    )
+    g.add_argument(
+        "--max-drift", type=finite_float, metavar="DB", help="task PSNR loss vs ground truth (0.01/0.05/0.1)"
+    )
     g.add_argument("--no-cache", action="store_true", help="recompute the reference outputs")
 
 
@@ -164,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", choices=["qat", "ptq"], default="qat", help="fine-tune or calibrate only (qat)")
     g.add_argument("--iters", type=positive_int, default=300, metavar="N", help="QAT steps (300)")
     g.add_argument("--batch", type=positive_int, default=4, metavar="N", help="crops per step (4)")
-    g.add_argument("--lr", type=float, default=1e-3, help="AdamW step relative to each tensor's RMS, cosine (1e-3)")
+    g.add_argument(
+        "--lr", type=positive_float, default=1e-3, help="AdamW step relative to each tensor's RMS, cosine (1e-3)"
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resume", action="store_true", help="continue from OUT/.<target>-train.pt")
     g.add_argument(
@@ -281,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--warmup", type=non_negative_int, default=3, metavar="N", help="untimed runs first (3)")
     p.add_argument("--threads", type=positive_int, metavar="N", help="runtime threads (default: the runtime's)")
-    p.add_argument("--max-latency-ms", type=float, metavar="MS", help="exit 3 when an artifact's median exceeds MS")
+    p.add_argument(
+        "--max-latency-ms", type=positive_float, metavar="MS", help="exit 3 when an artifact's median exceeds MS"
+    )
     p.add_argument(
         "--frame",
         type=parse_frame,
@@ -600,6 +626,11 @@ def _convert_targets(args: argparse.Namespace, targets: list[str]) -> int:
     from nafnet_edge.converters import ExportOptions, get_converter
     from nafnet_edge.errors import EXIT_BUDGET, MissingBackendError
 
+    if not args.no_validate and args.overlap >= min(args.input_size):
+        raise UsageError(
+            f"--overlap {args.overlap} must be smaller than the tile the artifact runs on (--input-size "
+            f"{args.input_size[0]}x{args.input_size[1]})"
+        )
     existing = [str(args.output / t) for t in targets if (args.output / t).exists()]
     if existing and not args.force:
         raise UsageError(f"{', '.join(existing)} exists; pass --force to replace it or choose another -o")
@@ -769,8 +800,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from nafnet_edge.bench import artifact_directories, format_table
     from nafnet_edge.errors import EXIT_BUDGET
 
-    if args.max_latency_ms is not None and args.max_latency_ms <= 0:
-        raise UsageError("--max-latency-ms takes a positive number of milliseconds")
     report = run_bench(args, artifact_directories(args.directories), save=args.save)
     over = [
         f"{r.target} {r.precision}: median {r.median_ms:.1f} ms > {args.max_latency_ms:g} ms"

@@ -57,7 +57,11 @@ CASES = [
     ("int8-without-data", "convert --target onnx --precision int8 -o {empty}/b", EXIT_USAGE, "--train-data DIR"),
     ("weights-only-off-coreml", "quantize --target openvino --data {empty} --weights-only -o {empty}/c",
      EXIT_USAGE, "Core ML int8 mode"),
-    ("latency-zero", "bench {empty} --max-latency-ms 0", EXIT_USAGE, "positive number of milliseconds"),
+    ("latency-zero", "bench {empty} --max-latency-ms 0", EXIT_USAGE, "expected a positive number, got '0'"),
+    ("budget-nan", "convert --target onnx -o {empty}/g --min-fidelity nan", EXIT_USAGE, "expected a finite number"),
+    ("lr-negative", "quantize --target openvino --data {empty} --lr -1", EXIT_USAGE, "expected a positive number"),
+    ("overlap-over-input", "convert --target onnx -o {empty}/h --input-size 32 --overlap 32", EXIT_USAGE,
+     "--overlap 32 must be smaller than the tile"),
     ("reparam-size", "reparam -o {empty}/d.safetensors --input-size 100", EXIT_USAGE, "multiple of 16"),
     # bad input (5)
     ("missing-checkpoint", "inspect {empty}/nope.pth", EXIT_BAD_INPUT, "checkpoint not found"),

@@ -91,7 +91,7 @@ def test_registry_and_class_facts():
     "options, message",
     [
         (ExportOptions(input_size=(SIZE, SIZE), dynamic=True), "--dynamic is for --target onnx"),
-        (ExportOptions(input_size=(SIZE, SIZE), extra_sizes=((32, 32),)), "--extra-sizes is for --target coreml"),
+        (ExportOptions(input_size=(SIZE, SIZE), extra_sizes=((32, 32),)), "--sizes is for --target coreml"),
         (ExportOptions(input_size=(SIZE, SIZE), bundle=True), "--bundle is for --target executorch"),
         (ExportOptions(input_size=(SIZE, SIZE), precision="int8"), "supports precision fp32, fp16"),  # type: ignore[arg-type]
     ],
