@@ -489,7 +489,7 @@ def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Pat
     from tqdm import tqdm
 
     from nafnet_edge.errors import ImageError
-    from nafnet_edge.images import output_suffix, read_image, write_image
+    from nafnet_edge.images import check_image_file, output_suffix, read_image, write_image
     from nafnet_edge.inference import resolve_device, restore_image, tile_count
 
     targets = [args.output / (f.stem + output_suffix(f, args.format)) for f in files]
@@ -500,6 +500,8 @@ def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Pat
         if dst.resolve() == src.resolve():
             raise ImageError(f"the output {dst} would overwrite its input; choose another --output folder")
         seen[dst] = src
+    for src in files:  # every input checked (header and structure, nothing decoded) before the model loads
+        check_image_file(src)
     device = resolve_device(args.device)
     loaded = _load(args, checkpoint, device=str(device))
     cfg = loaded.config
