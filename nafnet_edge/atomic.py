@@ -37,6 +37,7 @@ _WRITE_ERRNOS = {
     errno.EPERM: "operation not permitted; choose an output location you can write to",
     errno.ENOTDIR: "a path component is a file, not a folder; choose another output location",
     errno.EEXIST: "a file is in the way; remove it or choose another output location",
+    errno.ENOENT: "the folder cannot hold files (removed meanwhile, or a special file system); choose another",
 }
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
@@ -64,7 +65,8 @@ def _writing(path: Path, directory: Path) -> Iterator[None]:
     except NafnetEdgeError:
         raise
     except OSError as e:
-        raise (output_error(e, path) or e) from None
+        ours = e.filename is None or Path(os.path.abspath(e.filename)).is_relative_to(directory.absolute())
+        raise (output_error(e, path) if ours else None) or e from None  # a read elsewhere keeps its own error
     except Exception as e:
         if _disk_full(directory):  # backends (OpenVINO, Core ML) report ENOSPC in their own words
             raise OutputError(f"cannot write {path}: no space left on the device ({type(e).__name__}: {e})") from e

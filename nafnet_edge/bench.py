@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from nafnet_edge.errors import BadInputError
 
@@ -538,8 +539,10 @@ def full_frame(run: Runner, frame: tuple[int, int], tile: tuple[int, int], overl
         return torch.from_numpy(np.asarray(_first_output(run(np.ascontiguousarray(t.numpy()))), np.float32))
 
     overlap = min(overlap, size // 4)
+    # A frame smaller than the tile is padded to it, as an app would (the artifact's input size is fixed).
+    padded = F.pad(image, (0, max(0, size - frame[1]), 0, max(0, size - frame[0])))
     started = time.perf_counter()
-    run_tiled(fn, image, tile_px=size, overlap_px=overlap, align_px=16)
+    run_tiled(fn, padded, tile_px=size, overlap_px=overlap, align_px=16)
     seconds = time.perf_counter() - started
     megapixels = frame[0] * frame[1] / 1e6
     return {

@@ -822,6 +822,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from nafnet_edge.errors import EXIT_BUDGET
 
     manifest = read_manifest(args.directory)
+    tile = manifest["input"]["shape"][2:]
+    if args.overlap >= min(tile):
+        raise UsageError(f"--overlap {args.overlap} must be smaller than the artifact's {tile[0]}x{tile[1]} tile")
     checkpoint = args.checkpoint
     if checkpoint is None and not manifest["source"].get("embedded_default"):
         recorded = manifest["source"].get("path")

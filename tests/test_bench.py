@@ -118,6 +118,12 @@ def test_a_full_frame_runs_through_the_tile(artifacts: Path, capsys) -> None:
     assert frame["mp_per_s"] == pytest.approx(frame["megapixels"] / frame["seconds"], rel=0.05)
 
 
+def test_a_frame_smaller_than_the_tile_is_padded_to_it(artifacts: Path, capsys) -> None:
+    code, report = bench_json(capsys, str(artifacts / "openvino"), "--iters", "1", "--no-profile", "--frame", "1x1")
+    frame = report["artifacts"][0]["frame"]
+    assert code == 0 and frame["tiles"] == 1 and (frame["height"], frame["width"]) == (1, 1)
+
+
 def test_frame_sizes_parse() -> None:
     assert parse_frame("3000x4000") == (3000, 4000)
     h, w = parse_frame("12MP")

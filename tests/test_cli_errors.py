@@ -34,7 +34,8 @@ def files(tmp_path_factory) -> Path:
     escape = {"target": "onnx", "precision": "fp32", "files": ["../../x.onnx"], "input": {"shape": [1, 3, 16, 16]}}
     escape["source"] = {"config": {}, "sha256": "0" * 64}
     manifests = {"broken": "{not json", "tampered": json.dumps({"target": "onnx"}), "list": "[1, 2]"}
-    for name, manifest in {**manifests, "escape": json.dumps(escape)}.items():
+    valid = {**escape, "files": ["model.onnx"]}
+    for name, manifest in {**manifests, "escape": json.dumps(escape), "valid": json.dumps(valid)}.items():
         (root / name).mkdir()
         (root / name / "manifest.json").write_text(manifest)
     (root / "exists" / "onnx").mkdir(parents=True)
@@ -73,6 +74,7 @@ CASES = [
     ("validate-list-manifest", "validate {list}", EXIT_BAD_INPUT, "not a manifest written by nafnet-edge"),
     ("bench-no-artifacts", "bench {empty}", EXIT_BAD_INPUT, "has no manifest.json"),
     ("manifest-files-outside", "bench {escape}", EXIT_BAD_INPUT, "'files' points outside the directory"),
+    ("validate-overlap", "validate {valid} --overlap 16", EXIT_USAGE, "must be smaller than the artifact's 16x16"),
     ("bench-tampered-manifest", "bench {tampered}", EXIT_BAD_INPUT, "not a manifest written by nafnet-edge"),
     ("report-no-artifacts", "report {empty}", EXIT_BAD_INPUT, "manifest"),
     ("train-data-empty", "quantize --target executorch --data {empty} -o {empty}/e",

@@ -263,6 +263,14 @@ def test_unwritable_output(tmp_path: Path, ckpt: Path, command: str) -> None:
     assert left == []
 
 
+def test_output_on_a_file_system_that_cannot_hold_files(tmp_path: Path, ckpt: Path) -> None:
+    proc = subprocess.run(
+        [*CLI, "reparam", str(ckpt), "-o", "/proc/deploy.safetensors"], capture_output=True, text=True
+    )
+    assert proc.returncode == EXIT_OUTPUT, proc.stderr
+    assert "the folder cannot hold files" in one_error_line(proc.stderr)
+
+
 def test_output_path_through_a_file(tmp_path: Path, ckpt: Path) -> None:
     (tmp_path / "afile").write_text("x")
     _noise_png(tmp_path / "noise.png", 32, 0)
