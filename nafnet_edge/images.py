@@ -150,6 +150,11 @@ def _probe_image(path: Path, data: bytes) -> tuple[ImageFormat, int, int]:
         raise ImageError(f"{path}: cannot decode the image: the file is empty (0 bytes)")
     fmt = next((f for sig, f in _SIGNATURES.items() if data.startswith(sig)), None)
     if fmt is None:
+        if data.startswith(b"PK\x03\x04") and b"data.pkl" in data[:4096] or data[8:9] == b"{":
+            raise ImageError(  # a torch.save zip, or safetensors (8-byte length, then a JSON header)
+                f"{path}: this is a model checkpoint, not an image; name it .pth or .safetensors (`run` takes "
+                "arguments with image extensions for images)"
+            )
         other = next((f for f, (at, sig) in _OTHER_SIGNATURES.items() if data.startswith(sig, at)), None)
         content = f"it is a {other} file" if other else "its content is not PNG, JPEG or TIFF"
         raise ImageError(
