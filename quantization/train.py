@@ -198,11 +198,18 @@ def quantize_graph(
     )
     start = 0
     if resume and checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=True)
-        prepared.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        start = int(state["step"])
+        try:
+            state = torch.load(checkpoint, weights_only=True)
+            prepared.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            start = int(state["step"])
+        except Exception as e:  # damaged, or written for another model, target or --keep-float
+            reason = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
+            raise BadInputError(
+                f"--resume: {checkpoint} is damaged or belongs to another model or settings ({reason}); delete it "
+                "to start over, or resume with the settings it was trained with"
+            ) from None
     freeze_at = int(config.freeze_observers_at * config.iters)
     stream = batches(images, crop, config.batch, config.seed + 1000 * (rank + 1) + start)
     bar = tqdm(range(start, config.iters), disable=not progress or rank != 0, unit="it", desc=f"{config.method}")

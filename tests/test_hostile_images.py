@@ -164,8 +164,12 @@ BAD = [
     pytest.param("cut.jpg", encoded(".jpg", PHOTO)[:-600], "JPEG file is truncated", id="truncated-jpeg"),
     pytest.param("cut.tif", encoded(".tif", PHOTO)[:-600], "TIFF file is truncated", id="truncated-tiff"),
     pytest.param("bomb.png", png_with_header(100_000, 100_000), "over the limit", id="huge-header-png"),
-    pytest.param("weights.png", b"PK\x03\x04" + bytes(26) + b"archive/data.pkl", "is a model checkpoint, not an image",
-                 id="checkpoint-named-png"),  # fmt: skip
+    pytest.param(
+        "weights.png",
+        b"PK\x03\x04" + bytes(26) + b"archive/data.pkl",
+        "is a model checkpoint, not an image",
+        id="checkpoint-named-png",
+    ),  # fmt: skip
     pytest.param("flat.png", png_with_header(0, 5), "0x5 pixels", id="zero-width-png"),
     pytest.param("anim.gif", b"GIF89a" + b"\0" * 20, "unsupported image type; use PNG, JPEG or TIFF", id="gif"),
     pytest.param("old.bmp", encoded(".bmp", PHOTO), "unsupported image type; use PNG, JPEG or TIFF", id="bmp"),

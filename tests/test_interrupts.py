@@ -21,7 +21,7 @@ import torch
 from helpers import save_tiny_checkpoint
 
 from nafnet_edge.atomic import output_lock
-from nafnet_edge.errors import EXIT_INTERRUPTED, EXIT_OUTPUT
+from nafnet_edge.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OUTPUT
 
 CLI = [sys.executable, "-m", "nafnet_edge"]
 KODAK = Path(str(resources.files("nafnet_edge") / "data" / "kodak"))
@@ -113,6 +113,13 @@ def test_quantize_interrupted_in_training_resumes(tmp_path: Path, ckpt: Path) ->
     assert entries(out) == [".executorch-train.pt"]  # the resumable training state, nothing else
     state = torch.load(train_state, weights_only=True)
     assert state["step"] >= 50
+
+    saved = train_state.read_bytes()  # a damaged training state: refused in one line, left for the user to judge
+    train_state.write_bytes(saved[: len(saved) // 2])
+    code, err = finish(start([*base, "--iters", "60", "--resume"], tmp_path))
+    assert code == EXIT_BAD_INPUT, err
+    assert "--resume: " in one_error_line(err) and "is damaged or belongs to another model" in err
+    train_state.write_bytes(saved)
 
     run_ok([*base, "--iters", str(state["step"] + 2), "--resume"], tmp_path)
     assert (out / "executorch" / "manifest.json").is_file()
