@@ -169,6 +169,20 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_output(tmp_path: P
     run_ok(convert, tmp_path)
 
 
+def test_what_a_killed_process_leaves_is_cleaned_up_by_the_next_run(tmp_path: Path, ckpt: Path) -> None:
+    """SIGKILL cannot be caught: it can leave a hidden staging directory and a lock file (whose flock the kernel
+    released). The next conversion is not blocked by them and removes the stale staging directory."""
+    out = tmp_path / "out"
+    convert = ["convert", str(ckpt), "--target", "onnx", "--no-validate", "-o", str(out)]
+    proc = start(convert, tmp_path)
+    wait_for(lambda: any(out.glob(".onnx.*.partial")), proc)
+    proc.kill()
+    finish(proc)
+    assert any(out.glob(".onnx.*.partial")) and (out / ".onnx.lock").exists()
+    run_ok(convert, tmp_path)
+    assert entries(out) == ["onnx"]
+
+
 def test_two_conversions_at_once_never_corrupt_the_artifact(tmp_path: Path, ckpt: Path) -> None:
     out = tmp_path / "out"
     convert = ["convert", str(ckpt), "--target", "onnx", "--no-validate", "--force", "-o", str(out)]
