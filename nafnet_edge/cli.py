@@ -490,7 +490,7 @@ def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Pat
 
     from nafnet_edge.errors import ImageError
     from nafnet_edge.images import check_image_file, output_suffix, read_image, write_image
-    from nafnet_edge.inference import resolve_device, restore_image, tile_count
+    from nafnet_edge.inference import check_restore_memory, resolve_device, restore_image, tile_count
 
     targets = [args.output / (f.stem + output_suffix(f, args.format)) for f in files]
     seen: dict[Path, Path] = {}
@@ -500,10 +500,15 @@ def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Pat
         if dst.resolve() == src.resolve():
             raise ImageError(f"the output {dst} would overwrite its input; choose another --output folder")
         seen[dst] = src
-    for src in files:  # every input checked (header and structure, nothing decoded) before the model loads
-        check_image_file(src)
+    # Every input is checked (header and structure, nothing decoded) before the model loads, and against the
+    # memory its pass needs before anything runs: a bad file is reported at once, in one line.
+    sizes = [check_image_file(src)[1:] for src in files]
     device = resolve_device(args.device)
     loaded = _load(args, checkpoint, device=str(device))
+    for src, (width, height) in zip(files, sizes, strict=True):
+        check_restore_memory(
+            loaded.model, height, width, tile_px=args.tile, overlap_px=args.overlap, batch=args.batch, name=str(src)
+        )
     cfg = loaded.config
     name = loaded.release.name if loaded.release else ("embedded default" if loaded.is_default else loaded.path.name)
     print(

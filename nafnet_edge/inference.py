@@ -136,6 +136,23 @@ def check_forward_memory(
     raise ImageError(f"{message}; free some memory or use a smaller model")
 
 
+def check_restore_memory(
+    model: NAFNet, height: int, width: int, *, tile_px: int, overlap_px: int, batch: int, name: str
+) -> None:
+    """:func:`check_forward_memory` for what :func:`restore_tensor` would run on a ``height`` x ``width`` image."""
+    whole = tile_px == 0 or (height <= tile_px and width <= tile_px)
+    check_forward_memory(
+        model.config,
+        height if whole else min(tile_px, height),
+        width if whole else min(tile_px, width),
+        tiled=not whole,
+        batch=1 if whole else batch,
+        overlap_px=overlap_px,
+        device=next(model.parameters()).device,
+        name=name,
+    )
+
+
 @torch.inference_mode()
 def restore_tensor(
     model: NAFNet,
@@ -157,16 +174,7 @@ def restore_tensor(
     device = next(model.parameters()).device
     h, w = image.shape[-2:]
     whole = tile_px == 0 or (h <= tile_px and w <= tile_px)
-    check_forward_memory(
-        model.config,
-        h if whole else min(tile_px, h),
-        w if whole else min(tile_px, w),
-        tiled=not whole,
-        batch=1 if whole else batch,
-        overlap_px=overlap_px,
-        device=device,
-        name=name,
-    )
+    check_restore_memory(model, h, w, tile_px=tile_px, overlap_px=overlap_px, batch=batch, name=name)
     if whole:
         out = model(image.to(device)).float().cpu()
         if on_tile is not None:
