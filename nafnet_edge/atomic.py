@@ -111,15 +111,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def staged_directory(final: Path) -> Iterator[Path]:
     """A temporary directory beside ``final`` that replaces it when the block completes, else is removed.
 
-    Hold :func:`output_lock` for ``final`` around it when other processes may write there: staging directories
-    left by a killed process are then known to be stale and are removed first.
+    Hold :func:`output_lock` for ``final`` around it when other processes may write there: what a killed process
+    left is then known to be stale and is cleaned up first (:func:`recover`).
     """
     final = Path(final)
     with _writing(final, final.parent):
         final.parent.mkdir(parents=True, exist_ok=True)
         if _held.get(str(final.resolve())):
-            for stale in final.parent.glob(f".{final.name}.*.partial"):
-                shutil.rmtree(stale, ignore_errors=True)
+            recover(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
         try:
             yield tmp
@@ -135,6 +134,20 @@ def staged_directory(final: Path) -> Iterator[Path]:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def recover(final: Path) -> None:
+    """Undo what a killed writer of ``final`` left (call with :func:`output_lock` held: nobody else is writing).
+
+    A SIGKILL between the two renames of a replacement leaves the previous artifact as ``.<name>.<pid>.old`` and
+    no ``final``: it is put back. Staging directories (``.<name>.*.partial``) are removed.
+    """
+    if not final.exists():
+        olds = sorted(final.parent.glob(f".{final.name}.*.old"), key=lambda p: p.stat().st_mtime)
+        if olds:
+            os.replace(olds[-1], final)
+    for stale in [*final.parent.glob(f".{final.name}.*.partial"), *final.parent.glob(f".{final.name}.*.old")]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 _held: dict[str, int] = {}  # outputs this process has locked, with a count (the lock is re-entrant per process)

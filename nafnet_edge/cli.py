@@ -619,10 +619,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     targets = list(TARGET_NAMES) if args.target == "all" else [args.target]
     with contextlib.ExitStack() as locks:
         if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes artifacts
-            from nafnet_edge.atomic import output_lock
+            from nafnet_edge.atomic import output_lock, recover
 
             for target in targets:  # held from the existence check to the rename: --force races are impossible
                 locks.enter_context(output_lock(args.output / target))
+                recover(args.output / target)  # an artifact a killed --force run had moved aside is put back
         return _convert_targets(args, targets)
 
 

@@ -183,6 +183,21 @@ def test_what_a_killed_process_leaves_is_cleaned_up_by_the_next_run(tmp_path: Pa
     assert entries(out) == ["onnx"]
 
 
+def test_an_artifact_moved_aside_by_a_killed_replacement_is_put_back(tmp_path: Path, ckpt: Path) -> None:
+    """The one moment a SIGKILL can hurt a --force replacement: the old artifact renamed aside, the new one not yet
+    in place. The next command that takes the lock restores the old one (then refuses to replace it without
+    --force, as for any existing artifact)."""
+    out = tmp_path / "out"
+    convert = ["convert", str(ckpt), "--target", "onnx", "--no-validate", "-o", str(out)]
+    run_ok(convert, tmp_path)
+    manifest = (out / "onnx" / "manifest.json").read_bytes()
+    (out / "onnx").rename(out / ".onnx.4242.old")  # what the killed process left
+    (out / ".onnx.x1y2.partial").mkdir()
+    code, err = finish(start(convert, tmp_path))
+    assert code == 2 and "exists; pass --force" in err, err
+    assert entries(out) == ["onnx"] and (out / "onnx" / "manifest.json").read_bytes() == manifest
+
+
 def test_two_conversions_at_once_never_corrupt_the_artifact(tmp_path: Path, ckpt: Path) -> None:
     out = tmp_path / "out"
     convert = ["convert", str(ckpt), "--target", "onnx", "--no-validate", "--force", "-o", str(out)]
