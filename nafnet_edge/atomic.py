@@ -42,7 +42,7 @@ _WRITE_ERRNOS = {
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
-def output_error(error: OSError, path: str | Path) -> OutputError | None:
+def _output_error(error: OSError, path: str | Path) -> OutputError | None:
     """The OutputError for a failed write at ``path`` (None when ``error`` is not about the location)."""
     advice = _WRITE_ERRNOS.get(error.errno or 0)
     if advice is None:
@@ -66,7 +66,7 @@ def _writing(path: Path, directory: Path) -> Iterator[None]:
         raise
     except OSError as e:
         ours = e.filename is None or Path(os.path.abspath(e.filename)).is_relative_to(directory.absolute())
-        raise (output_error(e, path) if ours else None) or e from None  # a read elsewhere keeps its own error
+        raise (_output_error(e, path) if ours else None) or e from None  # a read elsewhere keeps its own error
     except Exception as e:
         if _disk_full(directory):  # backends (OpenVINO, Core ML) report ENOSPC in their own words
             raise OutputError(f"cannot write {path}: no space left on the device ({type(e).__name__}: {e})") from e
@@ -111,14 +111,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def staged_directory(final: Path) -> Iterator[Path]:
     """A temporary directory beside ``final`` that replaces it when the block completes, else is removed.
 
-    Hold :func:`output_lock` for ``final`` around it when other processes may write there: what a killed process
-    left is then known to be stale and is cleaned up first (:func:`recover`).
+    Hold :func:`output_lock` for ``final`` around it when other processes may write there (taking the lock also
+    cleans up what a killed writer left).
     """
     final = Path(final)
     with _writing(final, final.parent):
         final.parent.mkdir(parents=True, exist_ok=True)
-        if _held.get(str(final.resolve())):
-            recover(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
         try:
             yield tmp
@@ -136,8 +134,8 @@ def staged_directory(final: Path) -> Iterator[Path]:
             raise
 
 
-def recover(final: Path) -> None:
-    """Undo what a killed writer of ``final`` left (call with :func:`output_lock` held: nobody else is writing).
+def _recover(final: Path) -> None:
+    """Undo what a killed writer of ``final`` left (called by :func:`output_lock`: nobody else is writing).
 
     A SIGKILL between the two renames of a replacement leaves the previous artifact as ``.<name>.<pid>.old`` and
     no ``final``: it is put back. Staging directories (``.<name>.*.partial``) are removed.
@@ -159,8 +157,9 @@ def output_lock(final: str | Path) -> Iterator[None]:
     """Exclusive right to write ``final`` (an artifact directory) among nafnet-edge processes.
 
     An advisory ``flock`` on ``.<name>.lock`` beside it, released by the kernel when the process ends however it
-    ends, so a crash never leaves a stale lock. A second process is refused at once with the holder's pid. The
-    lock file is removed on release, and an output folder created only to hold it is removed again.
+    ends, so a crash never leaves a stale lock. A second process is refused at once with the holder's pid. Once
+    acquired, what a killed writer left is cleaned up (:func:`_recover`). The lock file is removed on release,
+    and an output folder created only to hold it is removed again.
     """
     final = Path(final)
     key = str(final.resolve())
@@ -180,6 +179,11 @@ def output_lock(final: str | Path) -> Iterator[None]:
     with _writing(lock_path, final.parent):
         final.parent.mkdir(parents=True, exist_ok=True)
         fd = _acquire(lock_path, final)
+        try:
+            _recover(final)
+        except BaseException:
+            os.close(fd)
+            raise
     with _held_lock:
         _held[key] = 1
     try:

@@ -619,11 +619,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     targets = list(TARGET_NAMES) if args.target == "all" else [args.target]
     with contextlib.ExitStack() as locks:
         if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes artifacts
-            from nafnet_edge.atomic import output_lock, recover
+            from nafnet_edge.atomic import output_lock
 
             for target in targets:  # held from the existence check to the rename: --force races are impossible
                 locks.enter_context(output_lock(args.output / target))
-                recover(args.output / target)  # an artifact a killed --force run had moved aside is put back
         return _convert_targets(args, targets)
 
 
@@ -908,33 +907,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nafnet-edge: interrupted; no partial output was left in place", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except OSError as e:  # a write outside nafnet-edge's own checks (a backend's): say where and what to do
-        from nafnet_edge.atomic import output_error
-
-        error = output_error(e, e.filename or "the output")
-        if error is None:
-            return _internal_error(args, e)
+    except Exception as e:  # an unexpected failure is a bug: say so in one line unless --debug
         if args.debug:
             traceback.print_exc()
-        print(f"nafnet-edge: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except Exception as e:  # an unexpected failure is a bug: say so in one line unless --debug
-        return _internal_error(args, e)
+        else:
+            message = " ".join(str(e).split())  # one line, whatever the exception carried
+            print(
+                f"nafnet-edge: internal error: {type(e).__name__}: {message} (rerun with --debug for details)",
+                file=sys.stderr,
+            )
+        return EXIT_FAILURE
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-
-
-def _internal_error(args: argparse.Namespace, e: Exception) -> int:
-    if args.debug:
-        traceback.print_exc()
-    else:
-        message = " ".join(str(e).split())  # one line, whatever the exception carried
-        print(
-            f"nafnet-edge: internal error: {type(e).__name__}: {message} (rerun with --debug for details)",
-            file=sys.stderr,
-        )
-    return EXIT_FAILURE
 
 
 if __name__ == "__main__":
