@@ -29,6 +29,7 @@ from nafnet_edge.errors import (
     NotNAFNetError,
     StateDictMismatchError,
     UnsafeCheckpointError,
+    first_sentence,
 )
 from nafnet_edge.model import ARCHS, Arch, NAFNet, NAFNetConfig, build_model
 from nafnet_edge.releases import Release, release_by_sha256, releases_with_shape
@@ -184,8 +185,9 @@ def read_checkpoint(path: str | Path, *, param_key: ParamKey = "auto") -> RawChe
             f"{': ' + reason if reason else ''}); save the weights with torch.save or safetensors"
         ) from None
     except Exception as e:  # a damaged pickle or zip fails in many ways (TypeError, IndexError, ...); all are ours
-        first = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
-        raise CorruptCheckpointError(f"{path} is truncated or damaged ({first}); download or save it again") from None
+        raise CorruptCheckpointError(
+            f"{path} is truncated or damaged ({first_sentence(e)}); download or save it again"
+        ) from None
     raw = _unwrap(obj, path, param_key=param_key, file_format=file_format)
     _check_storage(raw.state_dict, path)
     return raw

@@ -13,6 +13,12 @@ EXIT_OUTPUT = 6  # the output cannot be written: permissions, disk full, or anot
 EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM; nothing half-written is left behind
 
 
+def first_sentence(error: BaseException) -> str:
+    """The first sentence of a third-party exception's message (its class name when empty), for one-line errors."""
+    text = str(error)
+    return text.splitlines()[0].split(". ")[0] if text else type(error).__name__
+
+
 class NafnetEdgeError(Exception):
     """Base class of every error nafnet-edge raises on purpose."""
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from nafnet_edge.atomic import atomic_path
-from nafnet_edge.errors import BadInputError
+from nafnet_edge.errors import BadInputError, first_sentence
 from nafnet_edge.images import is_image_path, read_image
 from nafnet_edge.quantization.base import Quantizer
 
@@ -205,10 +205,9 @@ def quantize_graph(
             schedule.load_state_dict(state["schedule"])
             start = int(state["step"])
         except Exception as e:  # damaged, or written for another model, target or --keep-float
-            reason = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
             raise BadInputError(
-                f"--resume: {checkpoint} is damaged or belongs to another model or settings ({reason}); delete it "
-                "to start over, or resume with the settings it was trained with"
+                f"--resume: {checkpoint} is damaged or belongs to another model or settings ({first_sentence(e)}); "
+                "delete it to start over, or resume with the settings it was trained with"
             ) from None
     freeze_at = int(config.freeze_observers_at * config.iters)
     stream = batches(images, crop, config.batch, config.seed + 1000 * (rank + 1) + start)
