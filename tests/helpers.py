@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from nafnet_edge.cli import main
+from nafnet_edge.errors import EXIT_BAD_INPUT
 from nafnet_edge.model import NAFNet, NAFNetConfig
 
 
@@ -29,3 +31,14 @@ def save_tiny_checkpoint(path: Path) -> Path:
     model = randomize(NAFNet(NAFNetConfig(width=8, enc_blk_nums=(1, 1), middle_blk_num=1, dec_blk_nums=(1, 1))))
     torch.save({"params": model.state_dict()}, path)
     return path
+
+
+def inspect_refused(path: Path, capsys, *needles: str) -> str:
+    """``nafnet-edge inspect PATH`` exits 5 with one stderr line naming the file and containing ``needles``."""
+    assert main(["inspect", str(path)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("nafnet-edge: error: ") and err.count("\n") == 1, err
+    assert path.name in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import inspect_refused
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from nafnet_edge import checkpoint as ckpt_mod
 from nafnet_edge.checkpoint import infer_config, load_checkpoint
-from nafnet_edge.cli import main
 from nafnet_edge.errors import (
-    EXIT_BAD_INPUT,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     NonFiniteWeightsError,
@@ -165,22 +164,14 @@ def test_gopro_shaped_unknown_file_gets_tlc_from_its_shape(tmp_path: Path) -> No
 # ---- bad input ---------------------------------------------------------------------------------------------------
 
 
-def expect_cli_error(path: Path, capsys, *needles: str) -> None:
-    assert main(["inspect", str(path)]) == EXIT_BAD_INPUT
-    err = capsys.readouterr().err
-    assert err.startswith("nafnet-edge: error: ") and err.count("\n") == 1, err
-    for needle in needles:
-        assert needle in err, err
-
-
 def test_missing_file(tmp_path: Path, capsys) -> None:
     with pytest.raises(CheckpointNotFoundError, match="not found"):
         load_checkpoint(tmp_path / "nope.pth")
-    expect_cli_error(tmp_path / "nope.pth", capsys, "not found")
+    inspect_refused(tmp_path / "nope.pth", capsys, "not found")
 
 
 def test_directory_and_empty_file(tmp_path: Path, capsys) -> None:
-    expect_cli_error(tmp_path, capsys, "is a directory")
+    inspect_refused(tmp_path, capsys, "is a directory")
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")
     with pytest.raises(CorruptCheckpointError, match="empty"):
@@ -194,7 +185,7 @@ def test_truncated_zip_and_random_bytes(tmp_path: Path, tiny_sd: dict, capsys) -
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(CorruptCheckpointError, match="truncated or damaged"):
         load_checkpoint(truncated)
-    expect_cli_error(truncated, capsys, "truncated or damaged")
+    inspect_refused(truncated, capsys, "truncated or damaged")
     noise = tmp_path / "noise.pth"
     noise.write_bytes(os.urandom(4096).replace(b"\x80", b"\x81").replace(b"PK", b"QK"))
     with pytest.raises(CorruptCheckpointError, match="neither a PyTorch checkpoint nor a safetensors"):
@@ -224,7 +215,7 @@ def test_pickle_that_needs_code_execution_is_refused_and_nothing_runs(tmp_path: 
     assert not marker.exists()
     with pytest.raises(UnsafeCheckpointError, match="running code"):
         load_checkpoint(path)
-    expect_cli_error(path, capsys, "never does that", "safetensors")
+    inspect_refused(path, capsys, "never does that", "safetensors")
     assert not marker.exists()
     with zipfile.ZipFile(path) as zf:  # the file really carries the payload
         assert any(b"touch" in zf.read(n) for n in zf.namelist() if n.endswith("data.pkl"))
@@ -236,7 +227,7 @@ def test_state_dict_of_another_network(tmp_path: Path, capsys) -> None:
     torch.save(other.state_dict(), path)
     with pytest.raises(NotNAFNetError, match="no 'intro.weight'"):
         load_checkpoint(path)
-    expect_cli_error(path, capsys, "not a NAFNet state dict", "'0.weight'")
+    inspect_refused(path, capsys, "not a NAFNet state dict", "'0.weight'")
     torch.save([1, 2, 3], path)
     with pytest.raises(NotNAFNetError, match="holds a list"):
         load_checkpoint(path)
@@ -252,7 +243,7 @@ def test_missing_and_unexpected_keys(tmp_path: Path, tiny_sd: dict, capsys) -> N
         load_checkpoint(path)
     assert info.value.missing == ["encoders.1.0.conv2.bias"]
     assert info.value.unexpected == ["encoders.0.0.extra.weight"]
-    expect_cli_error(path, capsys, "missing keys: 'encoders.1.0.conv2.bias'", "unexpected keys: 'encoders.0.0.extra")
+    inspect_refused(path, capsys, "missing keys: 'encoders.1.0.conv2.bias'", "unexpected keys: 'encoders.0.0.extra")
 
 
 def test_wrong_shape_names_key_expected_and_found(tmp_path: Path, tiny_sd: dict, capsys) -> None:
@@ -263,7 +254,7 @@ def test_wrong_shape_names_key_expected_and_found(tmp_path: Path, tiny_sd: dict,
     with pytest.raises(StateDictMismatchError) as info:
         load_checkpoint(path)
     assert info.value.shape_mismatches == [("middle_blks.1.conv3.weight", (32, 32, 1, 1), (32, 16, 1, 1))]
-    expect_cli_error(path, capsys, "'middle_blks.1.conv3.weight': expected [32, 32, 1, 1], found [32, 16, 1, 1]")
+    inspect_refused(path, capsys, "'middle_blks.1.conv3.weight': expected [32, 32, 1, 1], found [32, 16, 1, 1]")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -275,7 +266,7 @@ def test_non_finite_weights(tmp_path: Path, tiny_sd: dict, capsys, bad: float) -
     torch.save({"params": sd}, path)
     with pytest.raises(NonFiniteWeightsError, match=r"'decoders.1.0.conv4.weight' \(1 values\)"):
         load_checkpoint(path)
-    expect_cli_error(path, capsys, "NaN or Inf", "decoders.1.0.conv4.weight")
+    inspect_refused(path, capsys, "NaN or Inf", "decoders.1.0.conv4.weight")
 
 
 @settings(max_examples=40, deadline=None)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import inspect_refused
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save, save_file
@@ -33,17 +34,6 @@ TINY = NAFNetConfig(width=8, enc_blk_nums=(1, 1), middle_blk_num=1, dec_blk_nums
 def tiny_sd() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     return {k: v.clone() for k, v in NAFNet(TINY).state_dict().items()}
-
-
-def refused(path: Path, capsys, *needles: str) -> str:
-    """``inspect`` exits 5 with one line naming the file and containing ``needles``."""
-    assert main(["inspect", str(path)]) == EXIT_BAD_INPUT
-    err = capsys.readouterr().err
-    assert err.startswith("nafnet-edge: error: ") and err.count("\n") == 1, err
-    assert path.name in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 class _System:
@@ -64,13 +54,13 @@ def test_code_in_any_pickle_layout_never_runs(tmp_path: Path, capsys, layout: st
     good = {"intro.weight": torch.zeros(8, 3, 3, 3)}
     if layout == "torch-legacy":
         torch.save({"params": good, "hook": payload}, path, _use_new_zipfile_serialization=False)
-        refused(path, capsys, "posix.system", "never does that")
+        inspect_refused(path, capsys, "posix.system", "never does that")
     elif layout == "plain-pickle":
         path.write_bytes(pickle.dumps({"params": good, "hook": payload}, protocol=pickle.HIGHEST_PROTOCOL))
-        refused(path, capsys, "save the weights with torch.save or safetensors")
+        inspect_refused(path, capsys, "save the weights with torch.save or safetensors")
     else:  # the payload sits inside the state dict itself, where a loader would look for tensors
         torch.save({"params": {**good, "downs.0.weight": payload}}, path)
-        refused(path, capsys, "posix.system")
+        inspect_refused(path, capsys, "posix.system")
     assert not marker.exists()
     pickle.loads(pickle.dumps(payload))  # control: unpickled the unsafe way, the payload does create the marker
     assert marker.exists()
@@ -108,7 +98,7 @@ def test_files_that_are_something_else_say_what_they_are(tmp_path: Path, tiny_sd
     good = tmp_path / "good.pth"
     torch.save({"params": tiny_sd}, good)
     make(tmp_path / name, good)
-    refused(tmp_path / name, capsys, needle)
+    inspect_refused(tmp_path / name, capsys, needle)
 
 
 @pytest.mark.parametrize("name", ["model.bin", "model.ckpt", "model", "model.safetensors.pth"])
@@ -125,7 +115,7 @@ def test_the_extension_does_not_matter_the_content_does(tmp_path: Path, tiny_sd,
 def test_special_files_are_refused_without_being_opened(tmp_path: Path, capsys) -> None:
     fifo = tmp_path / "weights.pth"
     os.mkfifo(fifo)  # opening it would block forever
-    refused(fifo, capsys, "not a regular file")
+    inspect_refused(fifo, capsys, "not a regular file")
     assert main(["inspect", "/dev/zero"]) == EXIT_BAD_INPUT
     assert "not a regular file" in capsys.readouterr().err
 
@@ -143,7 +133,7 @@ def test_a_terabyte_width_in_a_tiny_file_is_refused_before_allocating(tmp_path: 
     before = _max_rss_mb()
     with pytest.raises(CorruptCheckpointError, match=r"claims shape \[1000000000, 3, 3, 3\]"):
         load_checkpoint(path)
-    refused(path, capsys, "refused before allocating")
+    inspect_refused(path, capsys, "refused before allocating")
     assert _max_rss_mb() - before < 200  # the process's high-water mark barely moved
 
 
@@ -151,10 +141,10 @@ def test_configurations_implied_by_key_names_alone_are_refused_before_building(t
     base = {"intro.weight": torch.zeros(8, 3, 3, 3)}
     deep = {**base, **{f"downs.{i}.weight": torch.zeros(1) for i in range(40)}}  # 8 * 2**40 channels
     torch.save(deep, tmp_path / "deep.pth")
-    refused(tmp_path / "deep.pth", capsys, "8,796,093,022,208 channels", "refused before building")
+    inspect_refused(tmp_path / "deep.pth", capsys, "8,796,093,022,208 channels", "refused before building")
     sparse = {**base, "downs.0.weight": torch.zeros(16, 8, 2, 2), "encoders.0.99999.norm1.weight": torch.zeros(8)}
     torch.save(sparse, tmp_path / "sparse.pth")  # one key whose index implies 100000 blocks
-    refused(tmp_path / "sparse.pth", capsys, "99999 of the 100000 blocks", "'encoders.0.0.*'")
+    inspect_refused(tmp_path / "sparse.pth", capsys, "99999 of the 100000 blocks", "'encoders.0.0.*'")
 
 
 def test_safetensors_header_claiming_more_than_the_file_holds(tmp_path: Path, capsys) -> None:
@@ -163,7 +153,7 @@ def test_safetensors_header_claiming_more_than_the_file_holds(tmp_path: Path, ca
     path = tmp_path / "huge.safetensors"
     path.write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(64))
     before = _max_rss_mb()
-    refused(path, capsys, "damaged safetensors")
+    inspect_refused(path, capsys, "damaged safetensors")
     assert _max_rss_mb() - before < 200
 
 
@@ -178,7 +168,7 @@ def test_views_of_a_larger_storage_still_load(tmp_path: Path, tiny_sd) -> None:
 @pytest.mark.parametrize("content", [{}, {"params": {}}, {"params": {"intro.weight": "not a tensor"}}])
 def test_no_tensors(tmp_path: Path, capsys, content) -> None:
     torch.save(content, tmp_path / "empty-dict.pth")
-    refused(tmp_path / "empty-dict.pth", capsys, "holds no tensors")
+    inspect_refused(tmp_path / "empty-dict.pth", capsys, "holds no tensors")
 
 
 _FILES: dict[str, bytes] = {}

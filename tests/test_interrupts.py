@@ -137,7 +137,7 @@ def test_run_interrupted_leaves_only_whole_images(tmp_path: Path, ckpt: Path) ->
         _noise_png(inputs / f"img{i}.png", 320, i)
     command = ["run", str(ckpt), str(inputs), "-o", str(out), "--tile", "64", "--overlap", "16"]
     proc = start(command, tmp_path)
-    wait_for(lambda: any(p.suffix == ".png" and not p.name.startswith(".") for p in entries_paths(out)), proc)
+    wait_for(lambda: any(n.endswith(".png") and not n.startswith(".") for n in entries(out)), proc)
     interrupted(proc, signal.SIGINT)
     written = entries(out)
     assert written and len(written) < 8 and not any(n.startswith(".") for n in written)
@@ -145,10 +145,6 @@ def test_run_interrupted_leaves_only_whole_images(tmp_path: Path, ckpt: Path) ->
         assert cv2.imread(str(out / name)).shape == (320, 320, 3)
     run_ok(command, tmp_path)
     assert entries(out) == [f"img{i}.png" for i in range(8)]
-
-
-def entries_paths(directory: Path) -> list[Path]:
-    return list(directory.iterdir()) if directory.exists() else []
 
 
 # ---- two writers ----------------------------------------------------------------------------------------------
