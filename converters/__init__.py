@@ -16,6 +16,7 @@ from nafnet_edge.converters.base import (
     Precision,
     Runner,
 )
+from nafnet_edge.errors import OptionError
 
 TARGETS = {
     "coreml": "nafnet_edge.converters.coreml:CoreMLConverter",
@@ -29,7 +30,7 @@ TARGETS = {
 def get_converter(target: str) -> Converter:
     """The converter for ``target`` (one of ``TARGETS``)."""
     if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)} or all")
+        raise OptionError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)} or all")
     module, name = TARGETS[target].split(":")
     return getattr(importlib.import_module(module), name)()
 

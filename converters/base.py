@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-import torch
 
-from nafnet_edge.errors import MissingBackendError
+from nafnet_edge.artifact_files import artifact_file, loading
+from nafnet_edge.errors import MissingBackendError, OptionError
+
+if TYPE_CHECKING:  # torch is imported by the targets that export; the registry and file checks need none of it
+    import torch
 
 Precision = Literal["fp32", "fp16", "int8"]
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -73,6 +77,7 @@ class Converter(ABC):
     default_precision: ClassVar[Precision] = "fp32"
     modules: ClassVar[tuple[str, ...]] = ()  # Python modules needed to export
     extra: ClassVar[str] = ""  # the pip extra that installs them: nafnet-edge[coreml]
+    file_kind: ClassVar[str] = "model"  # what the artifact is, in error messages: "ONNX model"
 
     def check_available(self) -> None:
         """Raise ``MissingBackendError`` (exit code 4) naming the extra to install when a module is missing."""
@@ -83,9 +88,9 @@ class Converter(ABC):
             )
 
     def check_options(self, options: ExportOptions) -> None:
-        """Refuse options this target cannot honour (``ValueError`` with what to do instead)."""
+        """Refuse options this target cannot honour (``OptionError`` with what to do instead)."""
         if options.precision not in self.precisions:
-            raise ValueError(
+            raise OptionError(
                 f"--target {self.target} supports precision {', '.join(self.precisions)}, not {options.precision}"
             )
 
@@ -96,3 +101,19 @@ class Converter(ABC):
     @abstractmethod
     def load_runner(self, out_dir: Path, manifest: dict[str, Any]) -> LoadedRunner:
         """A runner executing the artifact in ``out_dir`` in its own runtime (never PyTorch)."""
+
+    def artifact_path(self, out_dir: Path) -> Path:
+        """The artifact in ``out_dir``, once every file its runtime will read is known to be a regular file (or
+        bundle) inside ``out_dir`` of a sane size (``nafnet_edge.artifact_files``); ``ArtifactError`` otherwise.
+        Targets whose runtime reads more than ``artifact`` check those files too."""
+        return artifact_file(out_dir, self.artifact)
+
+    def load_errors(self) -> tuple[type[BaseException], ...]:
+        """The exceptions this target's runtime raises for a file it cannot load."""
+        return (RuntimeError,)
+
+    @contextmanager
+    def loading(self, path: Path) -> Iterator[None]:
+        """Around a runtime loading ``path``: its refusal becomes an ``ArtifactError`` naming the file (exit 5)."""
+        with loading(path, self.file_kind, self.load_errors()):
+            yield

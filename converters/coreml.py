@@ -15,8 +15,10 @@ the ``.pte`` that program is the Core ML model embedded in the delegate payload,
 
 from __future__ import annotations
 
+import json
 import logging
 import operator
+import struct
 import sys
 import tempfile
 from collections import Counter
@@ -29,6 +31,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from nafnet_edge.artifact_files import artifact_file
 from nafnet_edge.converters.base import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -38,7 +41,7 @@ from nafnet_edge.converters.base import (
     LoadedRunner,
     Precision,
 )
-from nafnet_edge.errors import MissingBackendError
+from nafnet_edge.errors import ArtifactError, MissingBackendError, OptionError
 
 MINIMUM_TARGET = "iOS17"  # ML program features the deploy graph relies on; macOS14 is the same spec version
 DEFAULT_COMPUTE_UNITS = "ALL"
@@ -68,13 +71,23 @@ class CoreMLConverter(Converter):
     default_precision: ClassVar[Precision] = "fp16"
     modules: ClassVar[tuple[str, ...]] = ("coremltools",)
     extra: ClassVar[str] = "coreml"
+    file_kind: ClassVar[str] = "Core ML package"
+
+    def artifact_path(self, out_dir: Path) -> Path:
+        """The ``.mlpackage`` folder, every entry in it checked (see ``Converter.artifact_path``)."""
+        return artifact_file(out_dir, self.artifact, bundle=True)
+
+    def load_errors(self) -> tuple[type[BaseException], ...]:
+        from google.protobuf.message import DecodeError
+
+        return (RuntimeError, DecodeError, KeyError, json.JSONDecodeError, UnicodeDecodeError)
 
     def check_options(self, options: ExportOptions) -> None:
         super().check_options(options)
         if options.dynamic:
-            raise ValueError("--dynamic (symbolic height and width) is ONNX only; Core ML takes enumerated --sizes")
+            raise OptionError("--dynamic (symbolic height and width) is ONNX only; Core ML takes enumerated --sizes")
         if options.bundle:
-            raise ValueError("--bundle (a bundled program with test data) is ExecuTorch XNNPACK only")
+            raise OptionError("--bundle (a bundled program with test data) is ExecuTorch XNNPACK only")
         deployment_target(options.minimum_target)
 
     def export(self, graph: torch.nn.Module, out_dir: Path, options: ExportOptions) -> Exported:
@@ -127,9 +140,10 @@ class CoreMLConverter(Converter):
         ct = import_coremltools()
         from nafnet_edge.converters.coreml_mil import load_program
 
-        path = Path(out_dir) / self.artifact
-        allowed = _allowed_shapes(ct.utils.load_spec(str(path)))
-        program = load_program(path)
+        path = self.artifact_path(out_dir)
+        with self.loading(path):
+            allowed = _allowed_shapes(ct.utils.load_spec(str(path)))
+            program = load_program(path)
         precision = _program_precision(program)
         if sys.platform == "darwin":
             units = _compute_units(manifest)
@@ -166,6 +180,12 @@ class ExecuTorchCoreMLConverter(Converter):
     default_precision: ClassVar[Precision] = "fp16"
     modules: ClassVar[tuple[str, ...]] = ("coremltools", "executorch")
     extra: ClassVar[str] = "executorch,coreml"
+    file_kind: ClassVar[str] = "ExecuTorch program"
+
+    def load_errors(self) -> tuple[type[BaseException], ...]:
+        # Reading the program's flatbuffer in Python (no Core ML backend here) fails in struct, or in
+        # unpacking what a damaged file holds.
+        return (RuntimeError, struct.error, ValueError, IndexError, KeyError)
 
     def check_available(self) -> None:
         super().check_available()
@@ -181,11 +201,11 @@ class ExecuTorchCoreMLConverter(Converter):
     def check_options(self, options: ExportOptions) -> None:
         super().check_options(options)
         if options.dynamic:
-            raise ValueError("--dynamic (symbolic height and width) is ONNX only")
+            raise OptionError("--dynamic (symbolic height and width) is ONNX only")
         if options.bundle:
-            raise ValueError("--bundle (a bundled program with test data) is ExecuTorch XNNPACK only")
+            raise OptionError("--bundle (a bundled program with test data) is ExecuTorch XNNPACK only")
         if options.extra_sizes:
-            raise ValueError("--sizes (enumerated input sizes) is --target coreml only; export one .pte per size")
+            raise OptionError("--sizes (enumerated input sizes) is --target coreml only; export one .pte per size")
         deployment_target(options.minimum_target)
 
     def export(self, graph: torch.nn.Module, out_dir: Path, options: ExportOptions) -> Exported:
@@ -235,14 +255,15 @@ class ExecuTorchCoreMLConverter(Converter):
         )
 
     def load_runner(self, out_dir: Path, manifest: dict[str, Any]) -> LoadedRunner:
-        path = Path(out_dir) / self.artifact
         from executorch.runtime import Runtime
 
+        path = self.artifact_path(out_dir)
         runtime = Runtime.get()
         if runtime.backend_registry.is_available(COREML_BACKEND_ID):
-            method = runtime.load_program(str(path)).load_method("forward")
+            with self.loading(path):
+                method = runtime.load_program(str(path)).load_method("forward")
             if method is None:
-                raise RuntimeError(f"{path} has no forward method")
+                raise ArtifactError(f"{path} has no forward method; convert again")
 
             def run_executorch(x: np.ndarray) -> np.ndarray:
                 out = method.execute([torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))])
@@ -252,7 +273,8 @@ class ExecuTorchCoreMLConverter(Converter):
             return LoadedRunner(run_executorch, {"runtime": "executorch-coreml", "compute_precision": precision})
 
         import_coremltools()
-        payloads = _pte_coreml_payloads(path)
+        with self.loading(path):
+            payloads = _pte_coreml_payloads(path)
         with tempfile.TemporaryDirectory() as tmp:
             (package,) = unpack_coreml_payloads(payloads, Path(tmp))
             program = _load_program(package)
@@ -294,9 +316,9 @@ def deployment_target(name: str) -> Any:
     chosen = targets.get(name.lower())
     newest = ", ".join(n for n, t in ct.target.__members__.items() if t >= ct.target.iOS17 and n.lower() in targets)
     if chosen is None:
-        raise ValueError(f"unknown Core ML minimum target {name!r}; choose one of {newest}")
+        raise OptionError(f"unknown Core ML minimum target {name!r}; choose one of {newest}")
     if chosen < ct.target.iOS17:
-        raise ValueError(f"Core ML minimum target {name} is too old: {MINIMUM_TARGET} (macOS14) is the minimum")
+        raise OptionError(f"Core ML minimum target {name} is too old: {MINIMUM_TARGET} (macOS14) is the minimum")
     return chosen
 
 
@@ -306,14 +328,14 @@ def input_sizes(graph: torch.nn.Module, options: ExportOptions) -> list[tuple[in
     m = graph.pad_multiple
     for h, w in sizes:
         if h % m or w % m:
-            raise ValueError(f"input size {h}x{w} must be a multiple of the padding multiple {m}")
+            raise OptionError(f"input size {h}x{w} must be a multiple of the padding multiple {m}")
     if len(sizes) > 1:
         from nafnet_edge.deploy import FixedPool
 
         local = any(isinstance(p, FixedPool) and p.kernel_size is not None for p in graph.modules())
         arch = getattr(graph, "manifest_metadata", {}).get("nafnet_edge.arch")
         if local or arch == "NAFNetLocal":
-            raise ValueError(
+            raise OptionError(
                 "enumerated sizes need global channel-attention pooling; TLC (NAFNetLocal) pooling is fixed for "
                 "one input size: export one artifact per size"
             )
@@ -403,7 +425,7 @@ def _compute_units(manifest: dict[str, Any]) -> str:
     units = str(manifest.get("export", {}).get("compute_units", DEFAULT_COMPUTE_UNITS)).upper()
     choices = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
     if units not in choices:
-        raise ValueError(f"compute units {units!r} in the manifest; choose one of {', '.join(choices)}")
+        raise ArtifactError(f"compute units {units!r} in the manifest; choose one of {', '.join(choices)}")
     return units
 
 

@@ -39,6 +39,9 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from nafnet_edge.artifact_files import name_problem
+from nafnet_edge.errors import ArtifactError
+
 Value = Any  # np.ndarray, a numpy scalar, str or bool (const arguments), or a tuple of arrays (variadic inputs)
 Args = dict[str, Value]
 
@@ -159,10 +162,10 @@ def load_program(path: str | Path, function: str = "main") -> MilProgram:
 
     path = Path(path)
     if not (path / "Manifest.json").is_file():
-        raise ValueError(f"{path} is not an .mlpackage (no Manifest.json)")
+        raise ArtifactError(f"{path} is not an .mlpackage (no Manifest.json)")
     spec = ct.utils.load_spec(str(path))
     if spec.WhichOneof("Type") != "mlProgram":
-        raise ValueError(f"{path} holds a {spec.WhichOneof('Type')} model, not an ML program")
+        raise ArtifactError(f"{path} holds a {spec.WhichOneof('Type')} model, not an ML program")
     program = load_milproto(spec, spec.specificationVersion, str(_weights_dir(path)))
     return MilProgram.from_pymil(program, function)
 
@@ -171,7 +174,11 @@ def _weights_dir(package: Path) -> Path:
     """The package's weights folder, as its manifest names it (``Data/com.apple.CoreML/weights``)."""
     entries = json.loads((package / "Manifest.json").read_text())["itemInfoEntries"].values()
     paths = [e["path"] for e in entries if e.get("name") == "weights" and e.get("author") == "com.apple.CoreML"]
-    return package / "Data" / (paths[0] if paths else "com.apple.CoreML/weights")
+    path = str(paths[0]) if paths else "com.apple.CoreML/weights"
+    problem = name_problem(path)
+    if problem:
+        raise ArtifactError(f"{package}/Manifest.json names its weights folder badly: {problem}")
+    return package / "Data" / path
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from nafnet_edge.converters.base import Converter, Exported, ExportOptions, LoadedRunner
-from nafnet_edge.errors import MissingBackendError
+from nafnet_edge.errors import ArtifactError, MissingBackendError, OptionError
 
 BACKEND = "XnnpackBackend"
 METHOD = "forward"
@@ -76,24 +76,25 @@ class ExecuTorchConverter(Converter):
     precisions = ("fp32",)
     modules: ClassVar[tuple[str, ...]] = ("executorch",)
     extra: ClassVar[str] = "executorch"
+    file_kind: ClassVar[str] = "ExecuTorch program"
 
     def check_options(self, options: ExportOptions) -> None:
         super().check_options(options)
         if options.dynamic or options.extra_sizes:
-            raise ValueError(
+            raise OptionError(
                 f"--target {self.target} exports one fixed size per .pte ({options.input_size[0]}x"
                 f"{options.input_size[1]}); drop --dynamic/--sizes and tile larger images, or export one "
                 ".pte per size"
             )
         if options.bundle:  # test inputs may still be missing here: the pipeline adds them after this check
             if options.test_outputs and len(options.test_outputs) != len(options.test_inputs):
-                raise ValueError(
+                raise OptionError(
                     f"{len(options.test_inputs)} bundled test inputs but {len(options.test_outputs)} expected "
                     "outputs; give one output per input"
                 )
             for a in (*options.test_inputs, *options.test_outputs):
                 if a.ndim != 4 or a.shape[0] != 1 or tuple(a.shape[2:]) != tuple(options.input_size):
-                    raise ValueError(
+                    raise OptionError(
                         f"bundled test arrays must be (1, C, {options.input_size[0]}, {options.input_size[1]}) "
                         f"at the input size; got {a.shape}: pad or crop them to it"
                     )
@@ -104,7 +105,7 @@ class ExecuTorchConverter(Converter):
 
         self.check_options(options)
         if options.bundle and not options.test_inputs:
-            raise ValueError(
+            raise OptionError(
                 "a bundled program (--bundle) needs test inputs to carry and none were given: keep validation on "
                 "(the first validation image becomes the test case) or drop --bundle"
             )
@@ -162,11 +163,13 @@ class ExecuTorchConverter(Converter):
                 f"{', '.join(runtime.backend_registry.registered_backend_names)}); "
                 f"pip install 'nafnet-edge[{self.extra}]'"
             )
-        buffer = (out_dir / self.artifact).read_bytes()
-        program = runtime.load_program(buffer)
-        method = program.load_method(METHOD)
+        path = self.artifact_path(out_dir)
+        buffer = path.read_bytes()
+        with self.loading(path):
+            program = runtime.load_program(buffer)
+            method = program.load_method(METHOD)
         if method is None:
-            raise ValueError(f"{out_dir / self.artifact} has no {METHOD!r} method")
+            raise ArtifactError(f"{path} has no {METHOD!r} method; convert again")
         run = _ProgramRunner(buffer, program, method, tuple(method.metadata.input_tensor_meta(0).sizes()))
         info: dict[str, Any] = {"runtime": "executorch", "backend": BACKEND}
         threads = _threadpool_size()

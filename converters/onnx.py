@@ -22,7 +22,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from nafnet_edge.artifact_files import artifact_file, loading
 from nafnet_edge.converters.base import INPUT_NAME, OUTPUT_NAME, Converter, Exported, ExportOptions, LoadedRunner
+from nafnet_edge.errors import OptionError
 
 ARCH_KEY, TLC_ARCH = "nafnet_edge.arch", "NAFNetLocal"  # set by the pipeline in the graph's manifest_metadata
 PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")  # in order of preference, where available
@@ -49,14 +51,15 @@ class ONNXConverter(Converter):
     precisions = ("fp32",)
     modules: ClassVar[tuple[str, ...]] = ("onnx", "onnxruntime")
     extra: ClassVar[str] = "onnx"
+    file_kind: ClassVar[str] = "ONNX model"
     opset: ClassVar[int] = 17
 
     def check_options(self, options: ExportOptions) -> None:
         super().check_options(options)
         if options.bundle:
-            raise ValueError("--bundle is for --target executorch; an ONNX file carries no test cases")
+            raise OptionError("--bundle is for --target executorch; an ONNX file carries no test cases")
         if options.extra_sizes:
-            raise ValueError(
+            raise OptionError(
                 "--target onnx exports one size or any size: use --dynamic for symbolic height and width "
                 "instead of --sizes"
             )
@@ -69,13 +72,13 @@ class ONNXConverter(Converter):
         h, w = options.input_size
         metadata = {str(k): str(v) for k, v in getattr(graph, "manifest_metadata", {}).items()}
         if options.dynamic and (kernels := local_pooling(graph)):
-            raise ValueError(
+            raise OptionError(
                 f"--dynamic needs global pooling, but this TLC graph pools locally at {h}x{w} (kernels "
                 f"{sorted(set(kernels))}), which is fixed for that size; drop --dynamic (one file per size) and "
                 "tile larger images"
             )
         if options.dynamic and metadata.get(ARCH_KEY) == TLC_ARCH:
-            raise ValueError(
+            raise OptionError(
                 f"--dynamic cannot keep TLC: this {TLC_ARCH} pools globally at {h}x{w} but locally at larger sizes, "
                 "which one file cannot do; drop --dynamic (one file per size) and tile larger images"
             )
@@ -121,15 +124,54 @@ class ONNXConverter(Converter):
             },
         )
 
+    def artifact_path(self, out_dir: Path) -> Path:
+        """``model.onnx`` and every external data file it names, checked (see ``Converter.artifact_path``)."""
+        path = artifact_file(out_dir, self.artifact)
+        for location in external_data_locations(path):
+            artifact_file(out_dir, location)
+        return path
+
+    def load_errors(self) -> tuple[type[BaseException], ...]:
+        from google.protobuf.message import DecodeError
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+        names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NotImplemented")
+        return (DecodeError, *(getattr(ort_errors, n) for n in names if hasattr(ort_errors, n)))
+
     def load_runner(self, out_dir: Path, manifest: dict[str, Any]) -> LoadedRunner:
         import onnxruntime
 
+        path = self.artifact_path(out_dir)
         available = onnxruntime.get_available_providers()
         providers = [p for p in PROVIDERS if p in available]
-        session = onnxruntime.InferenceSession(str(out_dir / self.artifact), providers=providers)
+        with self.loading(path):
+            session = onnxruntime.InferenceSession(str(path), providers=providers)
 
         def run(a: np.ndarray) -> np.ndarray:
             out = session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(a, dtype=np.float32)})[0]
             return np.asarray(out, dtype=np.float32)
 
         return LoadedRunner(run=run, info={"runtime": "onnxruntime", "providers": session.get_providers()})
+
+
+def external_data_locations(path: Path) -> list[str]:
+    """The external data files an ONNX model names (relative to its folder), read from the graph alone."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    with loading(path, ONNXConverter.file_kind, (DecodeError,)):
+        model = onnx.load(str(path), load_external_data=False)
+    locations: list[str] = []
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        tensors = [*graph.initializer, *(s.values for s in graph.sparse_initializer)]
+        for node in graph.node:
+            for attribute in node.attribute:
+                tensors += [attribute.t, *attribute.tensors]
+                graphs += [attribute.g, *attribute.graphs]
+        for tensor in tensors:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                entries = {e.key: e.value for e in tensor.external_data}
+                locations.append(entries.get("location", ""))
+    return sorted(set(locations))

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from nafnet_edge.artifact_files import artifact_file
 from nafnet_edge.converters.base import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -31,6 +32,7 @@ from nafnet_edge.converters.base import (
     LoadedRunner,
     Precision,
 )
+from nafnet_edge.errors import ArtifactError, OptionError
 
 XML, BIN = "model.xml", "model.bin"
 RT_INFO_SECTION = "nafnet_edge"
@@ -50,15 +52,16 @@ class OpenVINOConverter(Converter):
     default_precision: ClassVar[Precision] = "fp32"
     modules: ClassVar[tuple[str, ...]] = ("openvino",)
     extra: ClassVar[str] = "openvino"
+    file_kind: ClassVar[str] = "OpenVINO IR"
 
     def check_options(self, options: ExportOptions) -> None:
         super().check_options(options)
         if options.dynamic:
-            raise ValueError("--dynamic is for --target onnx; OpenVINO IRs are exported at one fixed --input-size")
+            raise OptionError("--dynamic is for --target onnx; OpenVINO IRs are exported at one fixed --input-size")
         if options.extra_sizes:
-            raise ValueError("--sizes is for --target coreml; export one OpenVINO IR per --input-size instead")
+            raise OptionError("--sizes is for --target coreml; export one OpenVINO IR per --input-size instead")
         if options.bundle:
-            raise ValueError("--bundle is for --target executorch; OpenVINO has no bundled-program format")
+            raise OptionError("--bundle is for --target executorch; OpenVINO has no bundled-program format")
 
     def export(self, graph: torch.nn.Module, out_dir: Path, options: ExportOptions) -> Exported:
         import openvino as ov
@@ -91,22 +94,29 @@ class OpenVINOConverter(Converter):
             },
         )
 
+    def artifact_path(self, out_dir: Path) -> Path:
+        """``model.xml`` and the ``model.bin`` OpenVINO reads beside it, checked (see ``Converter.artifact_path``)."""
+        artifact_file(out_dir, BIN)
+        return artifact_file(out_dir, XML)
+
     def load_runner(self, out_dir: Path, manifest: dict[str, Any]) -> LoadedRunner:
         import openvino as ov
 
+        path = self.artifact_path(out_dir)
         requested = manifest.get("inference_precision", DEFAULT_INFERENCE_PRECISION)
         if requested not in INFERENCE_PRECISIONS:
-            raise ValueError(
+            raise ArtifactError(
                 f"inference_precision {requested!r} is not one of {', '.join(INFERENCE_PRECISIONS)} "
                 "(the CPU plugin's INFERENCE_PRECISION_HINT values)"
             )
         core = ov.Core()
-        compiled = core.compile_model(str(Path(out_dir) / XML), DEVICE, {"INFERENCE_PRECISION_HINT": requested})
+        with self.loading(path):
+            compiled = core.compile_model(str(path), DEVICE, {"INFERENCE_PRECISION_HINT": requested})
         used = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         if used != requested:
             capabilities = core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")
             supported = [p for p in INFERENCE_PRECISIONS if CAPABILITY_NAMES[p] in capabilities]
-            raise ValueError(
+            raise ArtifactError(
                 f"the OpenVINO CPU plugin was asked for {requested} inference but would run {used} on this CPU "
                 f"({core.get_property(DEVICE, 'FULL_DEVICE_NAME')}: {', '.join(capabilities)}); "
                 f"set inference_precision to {' or '.join(supported)}"

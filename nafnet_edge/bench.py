@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nafnet_edge.errors import BadInputError
+from nafnet_edge.errors import ArtifactError, BadInputError
 
 BENCH_FILE = "bench.json"
 BENCH_VERSION = 1
@@ -213,23 +213,25 @@ def _peak_rss_mb() -> float:
 
 
 def open_session(directory: Path, manifest: dict[str, Any], settings: BenchSettings) -> Session:
-    """Load the artifact in ``directory`` in its runtime (raises ``NotRunnable`` with the reason)."""
+    """Load the artifact in ``directory`` in its runtime (raises ``NotRunnable`` with the reason when it cannot run
+    on this machine, ``ArtifactError`` when its files cannot be used)."""
     from nafnet_edge.converters import get_converter
 
     target = manifest["target"]
     converter = get_converter(target)
     converter.check_available()
-    path = directory / converter.artifact
-    if target == "openvino":
-        return _openvino_session(path, manifest, settings)
-    if target == "executorch":
-        return _executorch_session(path, settings)
-    if target == "onnx":
-        return _onnxruntime_session(path, settings)
-    if target == "coreml":
-        return _coreml_session(path, settings)
-    if target == "executorch-coreml":
-        return _executorch_coreml_session(path, settings)
+    path = converter.artifact_path(directory)  # every file the runtime reads is checked before it opens one
+    with converter.loading(path):
+        if target == "openvino":
+            return _openvino_session(path, manifest, settings)
+        if target == "executorch":
+            return _executorch_session(path, settings)
+        if target == "onnx":
+            return _onnxruntime_session(path, settings)
+        if target == "coreml":
+            return _coreml_session(path, settings)
+        if target == "executorch-coreml":
+            return _executorch_coreml_session(path, settings)
     raise NotRunnable(f"no benchmark runner for target {target!r}")
 
 
@@ -307,6 +309,7 @@ def _executorch_session(path: Path, settings: BenchSettings) -> Session:
     if settings.threads:
         portable_lib._unsafe_reset_threadpool(settings.threads)
     module = portable_lib._load_for_executorch(str(path))
+    module.method_meta("forward")  # the program is read lazily: a damaged file fails here, while loading
     info = {"backend": "XnnpackBackend", "threads": int(portable_lib._threadpool_get_thread_count())}
 
     def run(x: np.ndarray) -> Any:
@@ -632,9 +635,9 @@ def bench_artifacts(
 
     from nafnet_edge.complexity import count_macs
     from nafnet_edge.convert import read_manifest
-    from nafnet_edge.model import NAFNetConfig
 
     manifests = [read_manifest(d) for d in directories]
+    configs = [_source_config(d, m) for d, m in zip(directories, manifests, strict=True)]  # all, before any runs
     info = machine()
     peak = info["sgemm_gflops"]
     per_artifact = settings.warmup + settings.iters
@@ -652,8 +655,7 @@ def bench_artifacts(
 
             return tick
 
-        for directory, manifest in zip(directories, manifests, strict=True):
-            config = NAFNetConfig(**manifest["source"]["config"])
+        for directory, manifest, config in zip(directories, manifests, configs, strict=True):
             shape = list(manifest["input"]["shape"])
             macs = count_macs(config, shape[2], shape[3])
             result = BenchResult(str(directory), manifest["target"], manifest["precision"], "", True, shape)
@@ -677,7 +679,7 @@ def bench_artifacts(
             else:
                 shape = list(manifests[0]["input"]["shape"])
                 baseline = BenchResult("", "pytorch", "fp32", "pytorch", True, shape)
-                macs = count_macs(NAFNetConfig(**manifests[0]["source"]["config"]), shape[2], shape[3])
+                macs = count_macs(configs[0], shape[2], shape[3])
                 measure(
                     baseline,
                     lambda: pytorch_session(model, settings),
@@ -687,6 +689,18 @@ def bench_artifacts(
                     tick=tick_for("pytorch fp32"),
                 )
     return BenchReport(info, settings, results, baseline, reason)
+
+
+def _source_config(directory: Path, manifest: dict[str, Any]) -> Any:
+    """The source model's ``NAFNetConfig`` recorded in the manifest."""
+    from nafnet_edge.model import NAFNetConfig
+
+    try:
+        return NAFNetConfig(**manifest["source"]["config"])
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(
+            f"{directory}/manifest.json records a source configuration NAFNet cannot have ({e}); convert again"
+        ) from None
 
 
 def save(report: BenchReport) -> list[Path]:

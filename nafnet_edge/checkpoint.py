@@ -9,7 +9,9 @@ Pickles are opened with ``torch.load(weights_only=True)``: a file that needs cod
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import numbers
 import pickle
 import re
 import warnings
@@ -33,11 +35,13 @@ from nafnet_edge.errors import (
 )
 from nafnet_edge.model import ARCHS, Arch, NAFNet, NAFNetConfig, build_model
 from nafnet_edge.releases import Release, release_by_sha256, releases_with_shape
+from nafnet_edge.sniff import looks_like_text
 
 DEFAULT_CHECKPOINT_NAME = "nafnet-edge-denoise-s.safetensors"
 WRAPPER_KEYS = ("params", "params_ema", "state_dict", "model_state_dict", "model", "net", "network")
 MAX_PARAMS = 2_000_000_000  # refuse configurations beyond this before allocating anything
 MAX_CHANNELS = 1 << 16  # the widest feature map a configuration may imply (width x 2**levels); releases: 1024
+MAX_WEIGHT = 2.0**64  # float32 squares of this overflow; a trained NAFNet's weights stay far below 1e3
 
 ParamKey = Literal["auto", "params", "params_ema", "state_dict", "model_state_dict", "model", "net", "network"]
 ArchSource = Literal["flag", "release", "metadata", "shape", "default"]
@@ -124,9 +128,11 @@ _BINARY_FORMATS = (
 
 def _foreign_format(head: bytes) -> str | None:
     text = head.lstrip().lower()
-    for magic, what in _TEXT_FORMATS:
-        if text.startswith(magic):
-            return what
+    if looks_like_text(head):  # random bytes that merely start with "{" are not text
+        for magic, what in _TEXT_FORMATS:
+            if text.startswith(magic):
+                return what
+        return "a text file, not a checkpoint"
     for magic, what in _BINARY_FORMATS:
         if head.startswith(magic):
             return what
@@ -188,6 +194,8 @@ def read_checkpoint(path: str | Path, *, param_key: ParamKey = "auto") -> RawChe
         raise CorruptCheckpointError(
             f"{path} is truncated or damaged ({first_sentence(e)}); download or save it again"
         ) from None
+    if file_format == "torch-zip":
+        _check_data_records(path)
     raw = _unwrap(obj, path, param_key=param_key, file_format=file_format)
     _check_storage(raw.state_dict, path)
     return raw
@@ -207,19 +215,156 @@ def _check_torch_zip(path: Path) -> None:
         )
 
 
-def _check_storage(state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    """Refuse tensors that claim more elements than the file stores (stride-0 or overlapping views).
+class _StorageType:
+    """A storage class named in a torch.save pickle (``torch.FloatStorage``, ...), kept for its element size."""
 
-    A trained state dict never has them; a crafted file uses them to claim a terabyte-sized width in a few bytes,
-    which every later step would try to allocate.
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @property
+    def element_size(self) -> int | None:
+        if self.name == "UntypedStorage":
+            return 1
+        try:
+            return torch.serialization.StorageType(self.name).dtype.itemsize
+        except (KeyError, AttributeError):
+            return None  # torch.load refuses a storage type it does not know
+
+
+class _Inert:
+    """Stands in for every object a torch.save pickle would build: accepts anything, runs nothing."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __call__(self, *args: object, **kwargs: object) -> _Inert:
+        return _Inert()
+
+    def __getattr__(self, name: str) -> _Inert:
+        return _Inert()
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+    def __setitem__(self, key: object, value: object) -> None:
+        pass
+
+    def append(self, item: object) -> None:
+        pass
+
+    def extend(self, items: object) -> None:
+        pass
+
+    def add(self, item: object) -> None:
+        pass
+
+
+class _StorageScanner(pickle.Unpickler):
+    """Reads which storage records a torch.save pickle refers to and the bytes each must hold, building nothing."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file)
+        self.record_bytes: dict[str, int] = {}
+
+    def find_class(self, module: str, name: str) -> object:
+        if module == "torch" and name.endswith("Storage"):
+            return _StorageType(name)
+        return _Inert
+
+    def persistent_load(self, pid: object) -> object:
+        # torch.save's reference to tensor data: ("storage", storage type, key, location, element count)
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage"):
+            storage_type, key, numel = pid[1], pid[2], pid[4]
+            size = storage_type.element_size if isinstance(storage_type, _StorageType) else None
+            if size is not None and isinstance(numel, int):
+                name = f"data/{key}"  # as torch.load names the record
+                self.record_bytes[name] = max(self.record_bytes.get(name, 0), numel * size)
+        return _Inert()
+
+
+def _check_data_records(path: Path) -> None:
+    """Refuse a data record shorter than the tensor data the pickle says it holds, or a compressed one.
+
+    torch.load(mmap=True) maps each record's bytes from the file as they lie, without its size check: a short
+    record would silently yield the bytes after it (other tensors, the zip directory, zeros) as weights, and a
+    compressed record the compressed bytes. Run after torch.load has read the file (mapping, not copying, its
+    data), so that a file torch.load refuses gets torch.load's reason.
     """
+    with zipfile.ZipFile(path) as zf:
+        _check_zip_records(path, zf)
+
+
+def _check_zip_records(path: Path, zf: zipfile.ZipFile) -> None:
+    names = zf.namelist()
+    if not names or "/" not in names[0]:
+        return  # torch.load refuses an archive without its top folder
+    prefix = names[0].split("/", 1)[0]  # torch.load reads the archive under its first entry's folder
+    try:
+        scanner = _StorageScanner(io.BytesIO(zf.read(f"{prefix}/data.pkl")))
+        scanner.load()
+    except KeyError:
+        return  # no data.pkl: torch.load names the file damaged
+    except Exception as e:  # a damaged pickle fails in many ways
+        raise CorruptCheckpointError(
+            f"{path} is truncated or damaged (its data.pkl cannot be read: {first_sentence(e)}); download or save it "
+            "again"
+        ) from None
+    file_size = path.stat().st_size
+    by_name: dict[str, list[zipfile.ZipInfo]] = {}
+    for info in zf.infolist():
+        by_name.setdefault(info.filename, []).append(info)
+    with path.open("rb") as f:
+        for record, needed in scanner.record_bytes.items():
+            name = f"{prefix}/{record}"
+            for info in by_name.get(name, []):  # a missing record: torch.load names the file damaged
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise CorruptCheckpointError(
+                        f"{path}: tensor data record {name!r} is compressed; torch.save stores tensor data "
+                        "uncompressed and nafnet-edge reads it in place: unzip the file's contents and zip them "
+                        "again without compression (zip -0), or save the weights again with torch.save"
+                    )
+                f.seek(info.header_offset)
+                header = f.read(30)  # the local file header: the data follows its name and extra field
+                start = info.header_offset + 30
+                if len(header) == 30 and header[:4] == b"PK\x03\x04":
+                    start += int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+                stored = max(0, min(info.file_size, file_size - start))
+                if stored < needed:
+                    raise CorruptCheckpointError(
+                        f"{path}: tensor data record {name!r} holds {stored:,} bytes but its tensor needs "
+                        f"{needed:,}; the file is truncated or damaged, download or save it again"
+                    )
+
+
+def _check_storage(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse tensors that claim more data than the file stores, alone or together.
+
+    One tensor: stride-0 or overlapping views claiming more elements than its storage holds. Together: several
+    keys viewing one storage, or storages overlapping in the file, each of which would be materialised on its
+    own. A trained state dict has neither; a crafted file uses them to make a few megabytes cost gigabytes (a
+    terabyte-sized width in a few bytes), which every later step would try to allocate.
+    """
+    claimed = 0
+    extents: list[tuple[int, int]] = []
     for key, t in state_dict.items():
-        if t.numel() > MAX_PARAMS or (t.numel() and t.numel() * t.element_size() > t.untyped_storage().nbytes()):
+        storage = t.untyped_storage()
+        if t.numel() > MAX_PARAMS or (t.numel() and t.numel() * t.element_size() > storage.nbytes()):
             raise CorruptCheckpointError(
                 f"{path}: {key!r} claims shape {list(t.shape)} ({t.numel():,} values) but the file stores "
-                f"{t.untyped_storage().nbytes():,} bytes for it; a crafted or damaged file, refused before "
-                "allocating it"
+                f"{storage.nbytes():,} bytes for it; a crafted or damaged file, refused before allocating it"
             )
+        claimed += t.numel() * t.element_size()
+        extents.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+    stored, end = 0, 0  # bytes covered by the union of the storages
+    for lo, hi in sorted(extents):
+        stored += max(0, hi - max(lo, end))
+        end = max(end, hi)
+    if claimed > stored:
+        raise CorruptCheckpointError(
+            f"{path}: its {len(state_dict)} tensors claim {claimed:,} bytes of data but the file stores "
+            f"{stored:,} bytes for them (tensors sharing or overlapping one storage); a crafted or damaged file, "
+            "refused before allocating it"
+        )
 
 
 def _read_safetensors(path: Path) -> RawCheckpoint:
@@ -396,13 +541,42 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], config: NAFNetConfig) 
         raise StateDictMismatchError(
             f"non-floating-point weights: {_sample(bad_dtype)} ({state_dict[bad_dtype[0]].dtype})"
         )
-    non_finite = [(k, int((~torch.isfinite(v)).sum())) for k, v in state_dict.items()]
-    non_finite = [(k, n) for k, n in non_finite if n]
+    _check_values(state_dict)
+
+
+def _check_values(state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse weights that are NaN or Inf once cast to float32, the precision the model computes in (float64
+    values beyond float32's range become Inf), or so large that float32 arithmetic overflows on them."""
+    non_finite: list[tuple[str, int, int]] = []  # key, values non-finite in float32, of which float64 overflows
+    huge: list[tuple[str, float]] = []
+    for k, v in state_dict.items():
+        if not v.numel():
+            continue
+        v32 = v.to(torch.float32)
+        low, high = (float(x) for x in torch.aminmax(v32))  # NaN propagates
+        if max(-low, high) < MAX_WEIGHT:
+            continue
+        bad = int((~torch.isfinite(v32)).sum())
+        if bad:
+            overflowed = bad - int((~torch.isfinite(v)).sum()) if v.dtype == torch.float64 else 0
+            non_finite.append((k, bad, overflowed))
+        else:
+            huge.append((k, max(-low, high)))
     if non_finite:
-        listed = ", ".join(f"{k!r} ({n} values)" for k, n in non_finite[:5])
+        listed = ", ".join(
+            f"{k!r} ({n} values{f', of which {o} overflow float32 from float64' if o else ''})"
+            for k, n, o in non_finite[:5]
+        )
         raise NonFiniteWeightsError(
-            f"NaN or Inf weights in {len(non_finite)} tensors: {listed}; the training run diverged or the file "
-            "is damaged, use an earlier checkpoint"
+            f"NaN or Inf weights in float32 in {len(non_finite)} tensors: {listed}; the training run diverged or "
+            "the file is damaged, use an earlier checkpoint"
+        )
+    if huge:
+        listed = ", ".join(f"{k!r} (up to {m:.3g})" for k, m in huge[:5])
+        raise NonFiniteWeightsError(
+            f"weights of magnitude {MAX_WEIGHT:.2g} or more in {len(huge)} tensors: {listed}; float32 arithmetic "
+            "overflows on them (a trained NAFNet's weights stay far below 1e3): the file is damaged or not a "
+            "trained model, use another checkpoint"
         )
 
 
@@ -412,6 +586,33 @@ def _metadata_config(metadata: dict[str, str]) -> dict[str, object]:
     except json.JSONDecodeError:
         return {}
     return cfg if isinstance(cfg, dict) else {}
+
+
+def _is_size(value: object) -> bool:
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in value)
+    )
+
+
+def _check_load_memory(state_dict: dict[str, torch.Tensor], path: Path, device: torch.device) -> None:
+    """Refuse, before allocating, a model whose float32 weights do not fit in the memory available.
+
+    The weights are copied to float32 on the CPU, then moved to ``device``; their size is that of the
+    configuration the keys imply (:func:`check_state_dict` has matched every tensor to it).
+    """
+    from nafnet_edge.inference import available_memory_bytes
+
+    needed = sum(t.numel() for t in state_dict.values()) * 4
+    for where in dict.fromkeys([torch.device("cpu"), device]):
+        available = available_memory_bytes(where)
+        if available is not None and needed > available:
+            raise CheckpointError(
+                f"{path}: its float32 weights need {needed / 1e9:.2f} GB of memory"
+                f"{'' if where.type == 'cpu' else f' on {where}'}, {available / 1e9:.2f} GB are available; free "
+                "some memory or use a machine with more"
+            )
 
 
 def load_checkpoint(
@@ -436,6 +637,7 @@ def load_checkpoint(
     except CheckpointError as e:  # name the file, as read_checkpoint's errors do
         e.args = (f"{path}: {e.args[0]}", *e.args[1:])
         raise
+    _check_load_memory(raw.state_dict, path, torch.device(device))
     sha256 = sha256_file(path)
     release = release_by_sha256(sha256)
     meta = _metadata_config(raw.metadata)
@@ -453,12 +655,17 @@ def load_checkpoint(
         arch, arch_source = "nafnet-local", "shape"
     else:
         arch, arch_source = "nafnet", "default"
-    if train_size is None:
-        meta_size = meta.get("train_size")
-        ok = isinstance(meta_size, list) and len(meta_size) == 2 and all(isinstance(v, int) for v in meta_size)
-        train_size = tuple(meta_size) if ok else (256, 256)  # type: ignore[arg-type,assignment]
-    if min(train_size) < 1:  # type: ignore[type-var]
-        raise CheckpointError(f"--train-size must be positive, got {train_size}")
+    if train_size is None and "train_size" in meta:
+        if not _is_size(meta["train_size"]):
+            raise CheckpointError(
+                f"{path}: its metadata gives train_size {meta['train_size']!r}; expected [height, width] in pixels "
+                "(two positive integers): fix the file's config metadata, or pass --train-size to override it"
+            )
+        train_size = tuple(meta["train_size"])  # type: ignore[arg-type,assignment]
+    elif train_size is None:
+        train_size = (256, 256)
+    elif not _is_size(train_size):
+        raise CheckpointError(f"train_size must be two positive integers (height, width), got {train_size!r}")
     config = config.replace(arch=arch, train_size=train_size)
 
     with torch.device("meta"):

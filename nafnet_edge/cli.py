@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nafnet_edge import __version__
-from nafnet_edge.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, NafnetEdgeError, UsageError
+from nafnet_edge.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, NafnetEdgeError, UsageError, printable
 
 EPILOG = (
     "exit codes: 0 ok, 1 internal error, 2 usage, 3 budget missed, 4 missing backend, 5 bad input, "
@@ -488,7 +488,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Path]) -> int:
     from tqdm import tqdm
 
-    from nafnet_edge.errors import ImageError
+    from nafnet_edge.errors import ImageError, display_path
     from nafnet_edge.images import check_image_file, output_suffix, read_image, write_image
     from nafnet_edge.inference import check_restore_memory, resolve_device, restore_image, tile_count
 
@@ -500,17 +500,34 @@ def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Pat
         if dst.resolve() == src.resolve():
             raise ImageError(f"the output {dst} would overwrite its input; choose another --output folder")
         seen[dst] = src
-    # Every input is checked (header and structure, nothing decoded) before the model loads, and against the
-    # memory its pass needs before anything runs: a bad file is reported at once, in one line.
-    sizes = [check_image_file(src)[1:] for src in files]
+    # Every input is checked (header and structure, nothing decoded) against what reading it and writing it in the
+    # chosen format accept before the model loads, then against the model's channels and the memory its pass
+    # needs: a bad file is reported at once, in one line, and before any output of the batch is written.
+    probes = [check_image_file(src, write_as=dst.suffix) for src, dst in zip(files, targets, strict=True)]
     device = resolve_device(args.device)
     loaded = _load(args, checkpoint, device=str(device))
-    for src, (width, height) in zip(files, sizes, strict=True):
+    model_channels = loaded.config.img_channels
+    for src, probe in zip(files, probes, strict=True):
+        if probe.channels != model_channels and not (probe.channels == 1 and model_channels == 3):
+            raise ImageError(
+                f"{src}: this checkpoint restores {model_channels}-channel images and the input has "
+                f"{probe.channels}; convert the input to grayscale first"
+            )
         check_restore_memory(
-            loaded.model, height, width, tile_px=args.tile, overlap_px=args.overlap, batch=args.batch, name=str(src)
+            loaded.model,
+            probe.height,
+            probe.width,
+            tile_px=args.tile,
+            overlap_px=args.overlap,
+            batch=args.batch,
+            name=str(src),
         )
     cfg = loaded.config
-    name = loaded.release.name if loaded.release else ("embedded default" if loaded.is_default else loaded.path.name)
+    name = (
+        loaded.release.name
+        if loaded.release
+        else ("embedded default" if loaded.is_default else display_path(loaded.path.name))
+    )
     print(
         f"model: {name} ({'NAFNetLocal' if cfg.arch == 'nafnet-local' else 'NAFNet'}, width {cfg.width}) on {device}; "
         f"tile {args.tile or 'off'}, overlap {args.overlap if args.tile else '-'}",
@@ -521,12 +538,13 @@ def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Pat
         n = tile_count(
             image.height, image.width, tile_px=args.tile, overlap_px=args.overlap, pad_multiple=cfg.pad_multiple
         )
-        with tqdm(total=n, desc=src.name, unit="tile", leave=False, disable=None if n > 1 else True) as bar:
+        label = display_path(src.name)
+        with tqdm(total=n, desc=label, unit="tile", leave=False, disable=None if n > 1 else True) as bar:
             result = restore_image(
                 loaded.model, image, tile_px=args.tile, overlap_px=args.overlap, batch=args.batch, on_tile=bar.update
             )
         write_image(dst, result)
-    print(f"wrote {len(files)} image(s) to {args.output}", file=sys.stderr)
+    print(f"wrote {len(files)} image(s) to {display_path(args.output)}", file=sys.stderr)
     return 0
 
 
@@ -631,7 +649,7 @@ def _convert_targets(args: argparse.Namespace, targets: list[str]) -> int:
 
     from nafnet_edge.convert import convert
     from nafnet_edge.converters import ExportOptions, get_converter
-    from nafnet_edge.errors import EXIT_BUDGET, MissingBackendError
+    from nafnet_edge.errors import EXIT_BUDGET, EXIT_MISSING_BACKEND, MissingBackendError
 
     if not args.no_validate and args.overlap >= min(args.input_size):
         raise UsageError(
@@ -645,6 +663,7 @@ def _convert_targets(args: argparse.Namespace, targets: list[str]) -> int:
     settings = None if args.no_validate else _validation_settings(args, loaded.config.img_channels)
     int8 = _int8_settings(args, loaded) if args.precision == "int8" else None
     results, skipped = [], []
+    missing = 0  # targets of --target all whose extra is not installed: exit 4 once the others are built
     steps = 2 if args.no_validate else 3
     with tqdm(total=steps * len(targets), unit="step", disable=None, file=sys.stderr) as bar:
         for target in targets:
@@ -667,10 +686,11 @@ def _convert_targets(args: argparse.Namespace, targets: list[str]) -> int:
 
             try:
                 results.append(convert(loaded, target, args.output, options, validation=settings, int8=int8, step=step))
-            except (MissingBackendError, ValueError) as e:
+            except (MissingBackendError, UsageError) as e:  # anything else is not the user's to fix: it propagates
                 if args.target != "all":
-                    raise e if isinstance(e, MissingBackendError) else UsageError(str(e)) from None
+                    raise
                 skipped.append(f"{target}: {e}")
+                missing += isinstance(e, MissingBackendError)
             bar.update(done + steps - bar.n)
     if int8 is not None and int8.rank != 0:
         return 0  # torchrun: rank 0 exports, validates and reports
@@ -693,8 +713,11 @@ def _convert_targets(args: argparse.Namespace, targets: list[str]) -> int:
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     if not results:
-        raise UsageError("nothing could be built here: " + "; ".join(skipped))
-    return EXIT_BUDGET if any(not r.passed for r in results) else 0
+        error = MissingBackendError if missing else UsageError
+        raise error("nothing could be built here: " + "; ".join(skipped))
+    if any(not r.passed for r in results):
+        return EXIT_BUDGET
+    return EXIT_MISSING_BACKEND if missing else 0
 
 
 def _int8_settings(args: argparse.Namespace, loaded: Any) -> Any:
@@ -823,6 +846,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from nafnet_edge.atomic import output_lock
+    from nafnet_edge.convert import read_manifest
+
+    if not args.directory.is_dir():
+        read_manifest(args.directory)  # its one-line "not an artifact directory" error, before any lock file
+    with output_lock(args.directory.resolve()):  # convert's lock: a concurrent convert --force is refused
+        return _validate_locked(args)
+
+
+def _validate_locked(args: argparse.Namespace) -> int:
     from nafnet_edge.convert import ConvertResult, read_manifest, validate_directory
     from nafnet_edge.errors import EXIT_BUDGET
 
@@ -836,6 +869,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if not recorded or not Path(recorded).is_file():
             raise UsageError(f"the source checkpoint is not at {recorded!r} any more: pass --checkpoint CKPT")
         checkpoint = recorded
+    _recorded_reference_defaults(args, manifest)
     loaded = _load(args, checkpoint)
     settings = _validation_settings(args, loaded.config.img_channels)
     manifest, report = validate_directory(args.directory, loaded, settings)
@@ -845,6 +879,47 @@ def cmd_validate(args: argparse.Namespace) -> int:
     else:
         _print_result(result)
     return 0 if report.passed else EXIT_BUDGET
+
+
+def _recorded_reference_defaults(args: argparse.Namespace, manifest: dict[str, Any]) -> None:
+    """Validate against the reference convert used: the class, TLC training size, checkpoint entry and device the
+    manifest records fill in the flags not given. A flag given with another value wins, and a note says so."""
+    import torch
+
+    from nafnet_edge.convert import recorded_reference
+
+    recorded = recorded_reference(manifest, args.directory)
+    given = {
+        "arch": args.arch,
+        "train_size": args.train_size,
+        "param_key": None if args.param_key == "auto" else args.param_key,
+        "device": None if args.reference_device == "auto" else args.reference_device,
+    }
+    flags = {"arch": "--arch", "train_size": "--train-size", "param_key": "--param-key", "device": "--reference-device"}
+
+    def shown(value: Any) -> str:
+        return f"{value[0]}x{value[1]}" if isinstance(value, tuple) else str(value)
+
+    for key, flag in flags.items():
+        if given[key] is not None and recorded[key] is not None and given[key] != recorded[key]:
+            print(
+                f"nafnet-edge: note: {flag} {shown(given[key])} differs from the manifest's reference "
+                f"({shown(recorded[key])}); validating with {flag} {shown(given[key])}",
+                file=sys.stderr,
+            )
+    args.arch = args.arch or recorded["arch"]
+    if args.train_size is None and args.arch == "nafnet-local":
+        args.train_size = recorded["train_size"]
+    if given["param_key"] is None and recorded["param_key"] is not None:
+        args.param_key = recorded["param_key"]
+    if given["device"] is None and recorded["device"] is not None:
+        if recorded["device"] == "cuda" and not torch.cuda.is_available():
+            print(
+                "nafnet-edge: note: the manifest's reference ran on cuda; no CUDA device here, so it runs on cpu",
+                file=sys.stderr,
+            )
+        else:
+            args.reference_device = recorded["device"]
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -868,26 +943,68 @@ def _kodak_dir() -> Path:
     return Path(str(resources.files("nafnet_edge") / "data" / "kodak"))
 
 
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+class _Interrupts:
+    """main()'s handler for SIGINT, SIGTERM and SIGHUP. The first signal raises KeyboardInterrupt, so the command
+    unwinds and removes its temporary files; later ones are only counted, so neither that clean-up nor the one
+    "interrupted" line can be cut short by a second traceback. ``armed`` is cleared once the command has ended."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.armed = True
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.received += 1
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
 
 
-def _catch_termination() -> dict[int, Any]:
-    """SIGTERM and SIGHUP end a command like Ctrl-C does, so temporary files are removed; Ctrl-C is restored too
-    when a parent shell started us with it ignored. Returns the previous handlers (main() restores them, since
-    notebooks call it). Signal handlers can only be set from the main thread; elsewhere nothing changes."""
+def _catch_termination(handler: Any) -> dict[int, Any]:
+    """Ctrl-C, SIGTERM and SIGHUP all go to ``handler``: they end a command alike, so temporary files are removed
+    (Ctrl-C too when a parent shell started us with it ignored). Returns the previous handlers (main() restores
+    them, since notebooks call it). Signal handlers can only be set from the main thread; elsewhere nothing
+    changes."""
     if threading.current_thread() is not threading.main_thread():
         return {}
     previous = {}
-    for name, handler in (
-        ("SIGINT", signal.default_int_handler),
-        ("SIGTERM", _raise_keyboard_interrupt),
-        ("SIGHUP", _raise_keyboard_interrupt),
-    ):
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             number = getattr(signal, name)
             previous[number] = signal.signal(number, handler)
     return previous
+
+
+def _say(*lines: str, debug: bool = False) -> None:
+    """Print lines to stderr whole (after the traceback being handled when ``debug``): a signal arriving while
+    they are written waits until they are."""
+    from nafnet_edge.atomic import _signals_deferred
+
+    text = "".join([traceback.format_exc() if debug else "", *(line + "\n" for line in lines)])
+    with _signals_deferred():
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+
+def _run_command(args: argparse.Namespace, interrupts: _Interrupts) -> int:
+    """The command's exit code; its failures reported in one line (a traceback too with --debug). A failure that
+    follows an interrupt (a native call cut short, a KeyboardInterrupt a library turned into its own error) is the
+    interrupt: KeyboardInterrupt is raised instead of reporting it."""
+    try:
+        return int(args.func(args))
+    except NafnetEdgeError as e:
+        if interrupts.received:
+            raise KeyboardInterrupt from None
+        _say(f"nafnet-edge: error: {printable(str(e))}", debug=args.debug)
+        return e.exit_code
+    except Exception as e:  # an unexpected failure is a bug: say so in one line unless --debug
+        if interrupts.received:
+            raise KeyboardInterrupt from None
+        if args.debug:
+            _say(debug=True)
+        else:
+            message = " ".join(str(e).split())  # one line, whatever the exception carried
+            _say(f"nafnet-edge: internal error: {type(e).__name__}: {message} (rerun with --debug for details)")
+        return EXIT_FAILURE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -896,27 +1013,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:  # the backends' deprecation chatter is for their developers, not for our users
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-    previous = _catch_termination()
+    interrupts = _Interrupts()
+    previous = _catch_termination(interrupts)
     try:
-        return int(args.func(args))
-    except NafnetEdgeError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"nafnet-edge: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("nafnet-edge: interrupted; no partial output was left in place", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as e:  # an unexpected failure is a bug: say so in one line unless --debug
-        if args.debug:
-            traceback.print_exc()
-        else:
-            message = " ".join(str(e).split())  # one line, whatever the exception carried
-            print(
-                f"nafnet-edge: internal error: {type(e).__name__}: {message} (rerun with --debug for details)",
-                file=sys.stderr,
-            )
-        return EXIT_FAILURE
+        try:
+            code = _run_command(args, interrupts)
+            interrupts.armed = False  # the command has ended: a signal from here on changes nothing
+            return code
+        except KeyboardInterrupt:  # raised in the command, or while it was reporting a failure: one line either way
+            interrupts.armed = False
+            _say("nafnet-edge: interrupted; no partial output was left in place")
+            return EXIT_INTERRUPTED
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
-import tempfile
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from nafnet_edge.atomic import output_lock, staged_directory
-from nafnet_edge.checkpoint import LoadedCheckpoint
+from nafnet_edge.checkpoint import WRAPPER_KEYS, LoadedCheckpoint
 from nafnet_edge.converters import INPUT_NAME, OUTPUT_NAME, ExportOptions, get_converter
 from nafnet_edge.deploy import DEFAULT_STREAM_SCALE, TRANSFORMATIONS, FixedPool, deploy
-from nafnet_edge.errors import BadInputError
+from nafnet_edge.errors import BadInputError, OptionError
 from nafnet_edge.model import NAFNetLocal
 from nafnet_edge.report import read_manifest
-from nafnet_edge.usage import usage_note
+from nafnet_edge.usage import budget_advice, usage_note
 from nafnet_edge.validate import (
     DEFAULT_OVERLAP_PX,
     Budgets,
@@ -111,6 +111,65 @@ def tlc_settings(loaded: LoadedCheckpoint, graph: torch.nn.Module) -> dict[str, 
     }
 
 
+def reference_settings(loaded: LoadedCheckpoint, device: str | None) -> dict[str, Any]:
+    """The effective settings of the fp32 reference the artifact is validated against; ``validate`` loads the
+    checkpoint with them again unless a flag says otherwise."""
+    local = loaded.config.arch == "nafnet-local"
+    return {
+        "arch": loaded.config.arch,
+        "train_size": list(loaded.config.train_size) if local else None,
+        "param_key": loaded.raw_param_key,
+        "device": device,
+        "precision": "fp32",
+    }
+
+
+def recorded_reference(manifest: dict[str, Any], directory: str | Path) -> dict[str, Any]:
+    """The reference settings a manifest records (:func:`reference_settings`; manifests without them give the
+    class and TLC training size of their source config); a damaged section is a BadInputError."""
+    section = manifest.get("reference")
+    if section is None:
+        config = manifest["source"]["config"]
+        arch, size = config.get("arch"), config.get("train_size")
+        local = arch == "nafnet-local" and _is_size(size)
+        return {
+            "arch": arch if arch in ("nafnet", "nafnet-local") else None,
+            "train_size": tuple(size) if local else None,
+            "param_key": None,
+            "device": None,
+        }
+    problem = None
+    if not isinstance(section, dict):
+        problem = "not an object"
+    elif section.get("arch") not in ("nafnet", "nafnet-local"):
+        problem = f"arch {section.get('arch')!r}"
+    elif section.get("train_size") is not None and not _is_size(section["train_size"]):
+        problem = f"train_size {section['train_size']!r}"
+    elif section.get("param_key") is not None and section["param_key"] not in WRAPPER_KEYS:
+        problem = f"param_key {section['param_key']!r}"
+    elif section.get("device") not in (None, "cpu", "cuda"):
+        problem = f"device {section.get('device')!r}"
+    if problem:
+        raise BadInputError(
+            f"{Path(directory) / MANIFEST} has a damaged 'reference' section ({problem}); convert again"
+        )
+    size = section.get("train_size")
+    return {
+        "arch": section["arch"],
+        "train_size": tuple(size) if size is not None else None,
+        "param_key": section.get("param_key"),
+        "device": section.get("device"),
+    }
+
+
+def _is_size(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    )
+
+
 def build_manifest(
     loaded: LoadedCheckpoint,
     target: str,
@@ -119,6 +178,8 @@ def build_manifest(
     exported_files: list[str],
     export_info: dict[str, Any],
     overlap_px: int,
+    *,
+    reference_device: str | None = None,
 ) -> dict[str, Any]:
     h, w = options.input_size
     c = loaded.config.img_channels
@@ -146,6 +207,7 @@ def build_manifest(
         "padding_multiple": loaded.config.pad_multiple,
         "tiling": {"tile": [h, w], "overlap_px": overlap_px, "blend": "raised cosine, weights sum to one"},
         "tlc": tlc_settings(loaded, graph),
+        "reference": reference_settings(loaded, reference_device),
         "source": {
             "checkpoint": loaded.path.name,
             "path": None if loaded.is_default else str(loaded.path.resolve()),
@@ -217,16 +279,16 @@ def convert(
         from nafnet_edge.quantization import get_quantizer
 
         if int8 is None:
-            raise ValueError("int8 needs training or calibration images: --data DIR")
+            raise OptionError("int8 needs training or calibration images: --data DIR")
         quantizer = get_quantizer(target, **int8.quantizer_options)
         quantizer.check_available()
         if options.bundle or options.dynamic or options.extra_sizes:
-            raise ValueError("int8 artifacts take none of --bundle, --dynamic, --sizes")
+            raise OptionError("int8 artifacts take none of --bundle, --dynamic, --sizes")
     else:
         converter.check_options(options)
     m = loaded.config.pad_multiple
     if options.input_size[0] % m or options.input_size[1] % m:
-        raise ValueError(f"input size {options.input_size[0]}x{options.input_size[1]} must be a multiple of {m}")
+        raise OptionError(f"input size {options.input_size[0]}x{options.input_size[1]} must be a multiple of {m}")
     say = step or (lambda _: None)
     final = Path(out_dir) / target
     if quantizer is not None and int8 is not None and int8.rank != 0:
@@ -268,8 +330,16 @@ class _Stage:
         started = time.perf_counter()
         exported = export(directory)
         overlap = self.validation.overlap_px if self.validation else DEFAULT_OVERLAP_PX
+        device = str(self.validation.reference_device) if self.validation else None
         manifest = build_manifest(
-            self.loaded, self.target, self.options, self.graph, exported.files, exported.info, overlap
+            self.loaded,
+            self.target,
+            self.options,
+            self.graph,
+            exported.files,
+            exported.info,
+            overlap,
+            reference_device=device,
         )
         manifest["seconds"] = {"export": round(time.perf_counter() - started, 2)}
         if self.validation is None:
@@ -284,11 +354,58 @@ class _Stage:
         return manifest, runner
 
 
+@dataclass
+class _Round:
+    """One quantize-export-validate round of the int8 search; its files live in ``directory`` until it is kept."""
+
+    number: int  # 1-based, as the progress lines say
+    kept_float: list[str]
+    directory: Path
+    manifest: dict[str, Any]
+    runner: Any  # None when the artifact is not validated
+
+    def record(self) -> dict[str, Any]:
+        """The round's entry in the manifest's ``quantization.search.rounds``."""
+        summary = self.manifest["validation"]["summary"]
+        return {
+            "kept_float": list(self.kept_float),
+            "passed": self.manifest["validation"]["passed"],
+            "drift_db_mean": summary.get("drift_db_mean"),
+            "fidelity_db_min": summary["fidelity_db_min"],
+            "seconds": {**self.manifest["seconds"]},
+        }
+
+
+def _round_order(entry: dict[str, Any]) -> tuple[bool, float]:
+    """Sort key of a round's entry, best first: passed before failed, then the lowest drift where drift is
+    measured (ground-truth pairs), otherwise the highest minimum fidelity."""
+    drift = entry["drift_db_mean"]
+    return not entry["passed"], drift if drift is not None else -entry["fidelity_db_min"]
+
+
+def _round_line(target: str, number: int, total: int, entry: dict[str, Any], verdict: str) -> str:
+    kept = entry["kept_float"]
+    units = f"{len(kept)} unit(s) float ({', '.join(kept)})" if kept else "all units int8"
+    drift = entry["drift_db_mean"]
+    measured = (f"drift {drift:+.3f} dB, " if drift is not None else "") + f"fidelity {entry['fidelity_db_min']:.1f} dB"
+    return f"{target} int8 round {number}/{total}: {units}: {measured} - {verdict}"
+
+
+def _tell(line: str) -> None:
+    """One line on stderr, above the progress bar when one is shown."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
 def _int8_search(stage: _Stage, quantizer: Any, int8: Int8Settings, tmp: Path) -> dict[str, Any]:
     """Quantize, export and validate; while the artifact misses its budget, keep the next most sensitive units in
-    float (1, 2, 4, ... of them, ranked once by ``rank_units``) and go again, at most ``int8.search_rounds``
-    times. The last round's artifact stays in ``tmp``; the manifest records every round, the ranking and the
-    latency of the last round against the first, measured side by side."""
+    float (1, 2, 4, ... more of them, ranked once by ``rank_units``) and go again, at most ``int8.search_rounds``
+    times, stopping early at the first round worse than the best so far (``_round_order``). Each round is
+    exported into its own folder under ``tmp`` and reported on stderr as it finishes; the best round's files
+    are moved into ``tmp`` at the end and its manifest is returned. The manifest records every round, which
+    one was kept (``kept_round``, an index into ``rounds``), why the search stopped, the ranking and the latency
+    of the kept round against the first, measured side by side."""
     from dataclasses import replace
 
     from nafnet_edge.quantization.sensitivity import (
@@ -302,13 +419,16 @@ def _int8_search(stage: _Stage, quantizer: Any, int8: Int8Settings, tmp: Path) -
 
     check_units(stage.graph, int8.keep_float)
     kept = list(int8.keep_float)
+    total = int8.search_rounds + 1
     rounds: list[dict[str, Any]] = []
     ranking: list[tuple[str, float]] | None = None
-    first_runner = None
+    first: _Round | None = None
+    best: _Round | None = None
     stopped = ""
-    scratch = Path(tempfile.mkdtemp(prefix=".int8-rounds.", dir=tmp.parent))
+    scratch = tmp / ".int8-rounds"
     try:
         while True:
+            number = len(rounds) + 1
             quantizer.keep_float = frozenset(kept)
             note = f" keeping {len(kept)} unit(s) float" if kept else ""
             stage.say(f"{stage.target}: int8 {int8.config.method}{note}")
@@ -317,24 +437,42 @@ def _int8_search(stage: _Stage, quantizer: Any, int8: Int8Settings, tmp: Path) -
             log = _quantize(quantizer, stage.graph, stage.options, settings)
             seconds = round(time.perf_counter() - started, 2)
             prepared, example = log.pop("prepared"), log.pop("example")
+            directory = scratch / str(number)
+            directory.mkdir(parents=True)
             manifest, runner = stage.export_and_validate(
-                lambda d, p=prepared, e=example: quantizer.export(p, d, e), tmp
+                lambda d, p=prepared, e=example: quantizer.export(p, d, e), directory
             )
             manifest["seconds"]["quantize"] = seconds
             manifest["quantization"] = {"data": int8.data, **log, "kept_float": list(kept)}
-            if runner is None:
+            this = _Round(number, list(kept), directory, manifest, runner)
+            if runner is None:  # not validated: nothing to compare rounds by
+                best = this
                 break
-            summary = manifest["validation"]["summary"]
-            rounds.append(
-                {
-                    "kept_float": list(kept),
-                    "passed": manifest["validation"]["passed"],
-                    "drift_db_mean": summary.get("drift_db_mean"),
-                    "fidelity_db_min": summary["fidelity_db_min"],
-                    "seconds": {**manifest["seconds"]},
-                }
-            )
-            if rounds[-1]["passed"] or len(rounds) > int8.search_rounds:
+            rounds.append(this.record())
+            first = first or this
+            previous = best
+            if best is None or _round_order(rounds[-1]) < _round_order(best.record()):
+                best = this
+            if rounds[-1]["passed"]:
+                verdict, stopped = "meets the budget", "met the budget"
+            elif previous is None:
+                verdict = "misses the budget"
+            elif best is this:
+                verdict = "misses the budget, best so far"
+            elif _round_order(rounds[-1]) > _round_order(previous.record()):
+                verdict = f"worse than round {previous.number}: stopping, keeping round {previous.number}"
+                stopped = f"round {number} was worse than round {previous.number}"
+            else:
+                verdict = f"no better than round {previous.number}"
+            _tell(_round_line(stage.target, number, total, rounds[-1], verdict))
+            if previous is not None and previous is not best and previous is not first:
+                shutil.rmtree(previous.directory)  # superseded: only the first (for latency) and the best stay
+            if this is not best and this is not first:
+                shutil.rmtree(this.directory)
+            if stopped:
+                break
+            if number == total:
+                stopped = f"--search-rounds {int8.search_rounds} spent" if int8.search_rounds else "search off"
                 break
             if ranking is None:
                 stage.say(f"{stage.target}: ranking units by int8 sensitivity")
@@ -348,30 +486,41 @@ def _int8_search(stage: _Stage, quantizer: Any, int8: Int8Settings, tmp: Path) -
                     break
             following = next_kept(kept, ranking)
             if following == kept:
-                break  # everything is float already
+                stopped = "every unit is float already"
+                break
             kept = following
-            if first_runner is None:
-                first_runner = runner
-            for path in list(tmp.iterdir()):  # the first round's runner may still read its files
-                shutil.move(str(path), str(scratch / f"{len(rounds)}-{path.name}"))
-        search: dict[str, Any] = {"budget_rounds": int8.search_rounds, "rounds": rounds}
-        if stopped:
-            search["stopped"] = stopped
-        if ranking is not None:
-            search["sensitivity_db"] = {unit: round(gain, 3) for unit, gain in ranking}
-        if first_runner is not None and runner is not None:
-            stage.say(f"{stage.target}: latency of the kept units")
-            c = stage.loaded.config.img_channels
-            x = np.random.default_rng(0).random((1, c, *stage.options.input_size), dtype=np.float32)
-            medians = interleaved_medians({"first": first_runner.run, "last": runner.run}, x)
-            search["latency_ms"] = {
-                "first_round": medians["first"],
-                "last_round": medians["last"],
-                "ratio": round(medians["last"] / medians["first"], 3),
-                "input": list(x.shape),
-                "note": "medians of 7 interleaved runs on this machine",
+        assert best is not None  # every way out of the loop above has one
+        manifest = best.manifest
+        if rounds:
+            search: dict[str, Any] = {
+                "budget_rounds": int8.search_rounds,
+                "rounds": rounds,
+                "kept_round": best.number - 1,
+                "stopped": stopped,
             }
-        manifest["quantization"]["search"] = search
+            if ranking is not None:
+                search["sensitivity_db"] = {unit: round(gain, 3) for unit, gain in ranking}
+            if first is not None and first is not best:
+                stage.say(f"{stage.target}: latency of the kept units")
+                c = stage.loaded.config.img_channels
+                x = np.random.default_rng(0).random((1, c, *stage.options.input_size), dtype=np.float32)
+                medians = interleaved_medians({"first": first.runner.run, "kept": best.runner.run}, x)
+                search["latency_ms"] = {
+                    "first_round": medians["first"],
+                    "kept_round": medians["kept"],
+                    "ratio": round(medians["kept"] / medians["first"], 3) if medians["first"] > 0 else None,
+                    "input": list(x.shape),
+                    "note": "medians of 7 interleaved runs on this machine",
+                }
+            manifest["quantization"]["search"] = search
+            if not manifest["validation"]["passed"]:
+                failures = "; ".join(manifest["validation"]["failures"])
+                _tell(
+                    f"{stage.target} int8 missed its budget in {len(rounds)} round(s) ({stopped}); kept round "
+                    f"{best.number}: {failures}. Try next: {budget_advice(manifest)}"
+                )
+        for path in list(best.directory.iterdir()):
+            shutil.move(str(path), str(tmp / path.name))
         return manifest
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -382,7 +531,7 @@ def _quantize(quantizer: Any, graph: torch.nn.Module, options: ExportOptions, in
 
     h, w = options.input_size
     if h != w:
-        raise ValueError("int8 training uses square crops: give a square --input-size")
+        raise OptionError("int8 training uses square crops: give a square --input-size")
     prepared, log = quantize_graph(
         quantizer,
         graph,
@@ -414,12 +563,13 @@ def run_validation(
         overlap=settings.overlap_px,
         device=settings.reference_device,
         use_cache=settings.use_cache,
+        param_key=loaded.raw_param_key,
     )
     loaded.model.cpu()
     budgets = Budgets.for_precision(
         options.precision, min_fidelity_db=settings.min_fidelity_db, max_drift_db=settings.max_drift_db
     )
-    return validate_runner(
+    report = validate_runner(
         run,
         refs,
         settings.images,
@@ -430,6 +580,8 @@ def run_validation(
         reference_device=str(settings.reference_device),
         data=settings.data,
     )
+    report.reference_settings = reference_settings(loaded, str(settings.reference_device))
+    return report
 
 
 def _with_test_io(options: ExportOptions, loaded: LoadedCheckpoint, settings: ValidationSettings) -> ExportOptions:
@@ -448,24 +600,28 @@ def _with_test_io(options: ExportOptions, loaded: LoadedCheckpoint, settings: Va
 def validate_directory(
     directory: str | Path, loaded: LoadedCheckpoint, settings: ValidationSettings
 ) -> tuple[dict[str, Any], ValidationReport]:
-    """Re-validate an artifact directory; the manifest's validation section is rewritten atomically."""
+    """Re-validate an artifact directory; the manifest's validation section is rewritten atomically.
+
+    Holds the artifact's :func:`output_lock` from reading the manifest to writing it, so a concurrent
+    ``convert --force`` of the same artifact is refused rather than interleaved."""
     from nafnet_edge.atomic import atomic_path
 
     directory = Path(directory)
-    manifest = read_manifest(directory)
-    if manifest["source"]["sha256"] != loaded.sha256:
-        raise BadInputError(
-            f"{directory} was converted from a checkpoint with sha256 {manifest['source']['sha256'][:12]}..., "
-            f"not {loaded.sha256[:12]}...: pass the checkpoint it came from"
-        )
-    converter = get_converter(manifest["target"])
-    converter.check_available()
-    runner = converter.load_runner(directory, manifest)
-    h, w = manifest["input"]["shape"][2:]
-    options = ExportOptions(input_size=(h, w), precision=manifest["precision"])
-    report = run_validation(loaded, runner.run, options, settings)
-    manifest["runtime"] = runner.info
-    manifest["validation"] = report.to_dict()
-    with atomic_path(directory / MANIFEST) as tmp:
-        write_json(tmp, manifest)
+    with output_lock(directory.resolve()):
+        manifest = read_manifest(directory)
+        if manifest["source"]["sha256"] != loaded.sha256:
+            raise BadInputError(
+                f"{directory} was converted from a checkpoint with sha256 {manifest['source']['sha256'][:12]}..., "
+                f"not {loaded.sha256[:12]}...: pass the checkpoint it came from"
+            )
+        converter = get_converter(manifest["target"])
+        converter.check_available()
+        runner = converter.load_runner(directory, manifest)
+        h, w = manifest["input"]["shape"][2:]
+        options = ExportOptions(input_size=(h, w), precision=manifest["precision"])
+        report = run_validation(loaded, runner.run, options, settings)
+        manifest["runtime"] = runner.info
+        manifest["validation"] = report.to_dict()
+        with atomic_path(directory / MANIFEST) as tmp:
+            write_json(tmp, manifest)
     return manifest, report

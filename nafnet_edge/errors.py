@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 # Exit codes of the `nafnet-edge` command (documented in the README).
 EXIT_OK = 0
 EXIT_FAILURE = 1  # an unexpected internal error (a bug: please report it with --debug output)
@@ -11,6 +13,22 @@ EXIT_MISSING_BACKEND = 4  # an optional backend (extra) is not installed
 EXIT_BAD_INPUT = 5  # a checkpoint, image or other input file is unusable
 EXIT_OUTPUT = 6  # the output cannot be written: permissions, disk full, or another nafnet-edge is writing it
 EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM; nothing half-written is left behind
+
+
+def display_path(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
+    """A file name safe to print on a terminal: as is when it is plain, else quoted with escapes as ``repr`` does.
+
+    Control characters (newlines, ESC of terminal escape sequences), other non-printable characters and the lone
+    surrogates that stand for undecodable bytes of a non-UTF-8 name are shown as escapes (``'a\\x1b[31m.png'``), so a
+    hostile name can neither fake output lines nor change the terminal.
+    """
+    text = os.fsdecode(path)
+    return text if text.isprintable() else repr(text)
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character escaped as ``repr`` does (no quotes): a message for one line."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def first_sentence(error: BaseException) -> str:
@@ -88,3 +106,13 @@ class UsageError(NafnetEdgeError):
     """A combination of options that cannot work (argparse catches the rest)."""
 
     exit_code = EXIT_USAGE
+
+
+class OptionError(UsageError, ValueError):
+    """Options a target or the pipeline cannot honour (--dynamic for OpenVINO, fp16 for ONNX, an input size that
+    is not a multiple of the padding): the user's to change. Also a ValueError for callers of the Python API."""
+
+
+class ArtifactError(BadInputError, ValueError):
+    """An artifact directory, or a file in it, that cannot be used: damaged, hand-edited, or pointing elsewhere.
+    Also a ValueError for callers of the Python API."""

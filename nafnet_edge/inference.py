@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nafnet_edge.errors import ImageError, UsageError
+from nafnet_edge.errors import CheckpointError, ImageError, UsageError
 from nafnet_edge.images import RGBImage
 from nafnet_edge.model import NAFNet, NAFNetConfig
 from nafnet_edge.tiling import DEFAULT_OVERLAP_PX, DEFAULT_TILE_PX, make_grid, run_tiled
@@ -169,7 +169,8 @@ def restore_tensor(
     Tiled runs first zero-pad the frame to the model's multiple, as the whole-image run does, and place tiles
     on that multiple, so tiles see the same padding and downsampling grid and follow whole-image output closely.
     Returns the raw (unclamped) float32 CPU output, as the official code does before saving. Raises an
-    :class:`ImageError` starting with ``name``, before any work, when a forward pass would not fit in memory.
+    :class:`ImageError` starting with ``name``, before any work, when a forward pass would not fit in memory,
+    and a :class:`CheckpointError` starting with ``name`` when the output holds NaN or Inf.
     """
     device = next(model.parameters()).device
     h, w = image.shape[-2:]
@@ -179,13 +180,27 @@ def restore_tensor(
         out = model(image.to(device)).float().cpu()
         if on_tile is not None:
             on_tile(1)
-        return out
-    m = model.pad_multiple
-    padded = F.pad(image, (0, (m - w % m) % m, 0, (m - h % m) % m))
-    out = run_tiled(
-        model, padded, tile_px=tile_px, overlap_px=overlap_px, batch=batch, device=device, on_tile=on_tile, align_px=m
+    else:
+        m = model.pad_multiple
+        padded = F.pad(image, (0, (m - w % m) % m, 0, (m - h % m) % m))
+        out = run_tiled(
+            model, padded, tile_px=tile_px, overlap_px=overlap_px, batch=batch, device=device, on_tile=on_tile,
+            align_px=m,
+        )[..., :h, :w]
+    check_finite_output(out, name=name)
+    return out
+
+
+def check_finite_output(output: torch.Tensor, *, name: str) -> None:
+    """Refuse an output holding NaN or Inf: the weights overflow float32 on this input, and clamped to [0, 1]
+    such an output would become a black or saturated image that looks like a result."""
+    if bool(torch.isfinite(output).all()):
+        return
+    bad = int((~torch.isfinite(output)).sum())
+    raise CheckpointError(
+        f"{name}: the checkpoint produced non-finite values (NaN or Inf) in {bad:,} of {output.numel():,} output "
+        "values, so no image was written for it; its weights overflow float32 on this input: use another checkpoint"
     )
-    return out[..., :h, :w]
 
 
 def restore_image(
@@ -199,8 +214,8 @@ def restore_image(
 ) -> RGBImage:
     """Restore an image read by :func:`nafnet_edge.images.read_image`; the result is clamped to [0, 1].
 
-    Grayscale images given to an RGB model are replicated to three channels and averaged back; alpha is
-    carried over unchanged.
+    Grayscale images given to an RGB model are replicated to three channels and averaged back; alpha and the
+    file metadata (ICC profile, EXIF, dpi) are carried over unchanged.
     """
     model_channels = model.config.img_channels
     pixels = image.pixels
@@ -219,4 +234,9 @@ def restore_image(
     out = y[0].clamp(0.0, 1.0).permute(1, 2, 0).numpy()
     if gray_in and out.shape[2] == 3:
         out = out.mean(axis=2, keepdims=True)
-    return RGBImage(pixels=np.ascontiguousarray(out, dtype=np.float32), alpha=image.alpha, bit_depth=image.bit_depth)
+    return RGBImage(
+        pixels=np.ascontiguousarray(out, dtype=np.float32),
+        alpha=image.alpha,
+        bit_depth=image.bit_depth,
+        metadata=image.metadata,
+    )

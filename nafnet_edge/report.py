@@ -18,21 +18,24 @@ why instead of showing images; nothing in one artifact directory can stop the pa
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
 import math
+import os
 import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
+from nafnet_edge.artifact_files import MAX_PATH_CHARS, MAX_RECORD_BYTES, artifact_file, artifact_size, name_problem
 from nafnet_edge.atomic import atomic_path
-from nafnet_edge.errors import BadInputError, NafnetEdgeError
+from nafnet_edge.errors import ArtifactError, BadInputError, NafnetEdgeError, OutputError
 
 MANIFEST = "manifest.json"  # the same name as nafnet_edge.convert.MANIFEST (not imported: that pulls in torch)
 BENCH = "bench.json"
@@ -165,11 +168,9 @@ def find_artifacts(directory: str | Path) -> list[Path]:
             f"{directory} is not a directory: give the output directory of nafnet-edge convert (-o OUT) "
             "or one artifact directory OUT/<target>"
         )
-    if (directory / MANIFEST).is_file():
+    if os.path.lexists(directory / MANIFEST):  # read_manifest says what is wrong with one that is not a file
         return [directory]
-    found = sorted(
-        p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()
-    )
+    found = sorted(p for p in _subdirectories(directory) if os.path.lexists(p / MANIFEST))
     if not found:
         raise BadInputError(
             f"{directory} has no {MANIFEST}, nor any subdirectory with one: point at the output directory of "
@@ -178,43 +179,111 @@ def find_artifacts(directory: str | Path) -> list[Path]:
     return found
 
 
+def _subdirectories(directory: Path) -> list[Path]:
+    """The visible subdirectories of ``directory``; a link among them is followed only when it resolves inside
+    ``directory`` (a link to ``/`` or to another tree is not this directory's artifact)."""
+    root = directory.resolve()
+    found = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            if entry.is_symlink():
+                with contextlib.suppress(OSError, RuntimeError):  # broken or looping links are no artifacts
+                    if path.resolve(strict=True).is_relative_to(root) and path.is_dir():
+                        found.append(path)
+            elif entry.is_dir(follow_symlinks=False):
+                found.append(path)
+    return found
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     """The manifest of an artifact directory, checked for what every command reads from it.
 
-    Hand-edited or damaged manifests get a BadInputError naming the problem; ``files`` must name files inside
-    the directory, so a manifest cannot point a runtime at a file elsewhere.
+    Hand-edited or damaged manifests get an ArtifactError naming the problem: ``manifest.json`` itself must be a
+    regular file of a sane size inside the directory (never a link elsewhere, a pipe or a device, which are not
+    opened), and ``files`` must name files inside the directory, so a manifest cannot point a runtime at a file
+    elsewhere.
     """
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not os.path.lexists(path):
         raise BadInputError(f"{directory} has no {MANIFEST}: point at a directory written by nafnet-edge convert")
+    artifact_file(directory, MANIFEST, max_bytes=MAX_RECORD_BYTES)
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadInputError(f"{path} is not valid JSON ({e}); convert again") from None
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ArtifactError(f"{path} is not valid JSON ({_one_line(e)}); convert again") from None
     problem = _manifest_problem(manifest)
     if problem:
-        raise BadInputError(f"{path} is not a manifest written by nafnet-edge convert ({problem}); convert again")
+        raise ArtifactError(f"{path} is not a manifest written by nafnet-edge convert ({problem}); convert again")
     return manifest
 
 
+PRECISIONS = ("fp32", "fp16", "int8")
+MAX_CHANNELS = 4  # RGB or gray models; RGBA at most
+MAX_SIDE_PX = 16384  # an artifact's fixed input size (tiles); larger frames are tiled
+MAX_INPUT_PIXELS = 64 << 20  # 8192 x 8192: one input tensor of 0.75 GiB in float32 RGB
+MAX_FILES = 64
+SECTIONS = ("output", "tiling", "tlc", "deploy", "export", "runtime", "validation", "quantization", "seconds")
+
+
 def _manifest_problem(manifest: Any) -> str | None:
+    """What makes ``manifest`` unusable (None when nothing does): every value a command reads is checked for its
+    type and range here, so a hand-edited manifest is refused in one line instead of failing somewhere later."""
+    from nafnet_edge.converters import TARGETS
+
     if not isinstance(manifest, dict):
         return f"a JSON {type(manifest).__name__}, not an object"
     for key, kind in (("target", str), ("precision", str), ("files", list), ("source", dict), ("input", dict)):
         if not isinstance(manifest.get(key), kind):
             return f"no {key!r} {kind.__name__}"
+    if manifest["target"] not in TARGETS:
+        return f"unknown target {_short(manifest['target'])}; this nafnet-edge knows {', '.join(TARGETS)}"
+    if manifest["precision"] not in PRECISIONS:
+        return f"unknown precision {_short(manifest['precision'])}; one of {', '.join(PRECISIONS)}"
     files = manifest["files"]
-    if not files or not all(isinstance(f, str) and f and not Path(f).is_absolute() for f in files):
-        return "'files' must list file names"
-    if any(".." in Path(f).parts for f in files):
-        return f"'files' points outside the directory: {files}"
+    if not files or len(files) > MAX_FILES or not all(isinstance(f, str) and f for f in files):
+        return f"'files' must list file names (1 to {MAX_FILES})"
+    for name in files:
+        problem = name_problem(name)
+        if problem and len(name) <= MAX_PATH_CHARS and ".." in PurePosixPath(name).parts:
+            return f"'files' points outside the directory: {_short(name)}"
+        if problem:
+            return f"'files' holds {problem}"
     source = manifest["source"]
     if not isinstance(source.get("config"), dict) or not isinstance(source.get("sha256"), str):
         return "'source' lacks the checkpoint's config and sha256"
+    for key, kinds in (("path", (str, type(None))), ("checkpoint", (str,)), ("embedded_default", (bool,))):
+        if key in source and not isinstance(source[key], kinds):
+            return f"'source.{key}' is a JSON {type(source[key]).__name__}"
     shape = manifest["input"].get("shape")
-    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape)):
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 4
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
+    ):
         return "'input.shape' is not four positive integers"
+    n, c, h, w = shape
+    if n != 1 or c > MAX_CHANNELS or max(h, w) > MAX_SIDE_PX or h * w > MAX_INPUT_PIXELS:
+        return (
+            f"'input.shape' {shape} is not one nafnet-edge exports: batch 1, 1 to {MAX_CHANNELS} channels, height "
+            f"and width at most {MAX_SIDE_PX} and {MAX_INPUT_PIXELS >> 20} megapixels together"
+        )
+    for key in SECTIONS:
+        if key in manifest and not isinstance(manifest[key], dict):
+            return f"{key!r} is a JSON {type(manifest[key]).__name__}, not an object"
     return None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def read_artifact(directory: Path) -> Artifact:
@@ -227,29 +296,26 @@ def read_artifact(directory: Path) -> Artifact:
 
 
 def disk_size(directory: Path, files: Sequence[str]) -> int | None:
-    """Bytes on disk of the artifact's files (bundles such as ``.mlpackage`` summed over their contents); None
-    when none of them is there."""
-    total, seen = 0, False
-    for name in files:
-        p = directory / name
-        if p.is_dir():
-            total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-            seen = True
-        elif p.is_file():
-            total += p.stat().st_size
-            seen = True
-    return total if seen else None
+    """Bytes on disk of the artifact's files (bundles such as ``.mlpackage`` summed over their contents, walked
+    without following links); None when none of them is there. A file that is not a regular file inside the
+    directory (a link elsewhere, a pipe, a device) is refused with an ArtifactError, never opened or walked."""
+    sizes = [artifact_size(directory, name) for name in files]
+    present = [size for size in sizes if size is not None]
+    return sum(present) if present else None
 
 
 def read_bench(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
     """``bench.json`` (schema: ``nafnet_edge.bench``) and, when it exists but cannot be used, why."""
     path = directory / BENCH
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None, None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return None, f"{BENCH} is unreadable ({e}); benchmark again"
+        artifact_file(directory, BENCH, max_bytes=MAX_RECORD_BYTES)
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ArtifactError as e:
+        return None, f"{BENCH} is not used: {e}"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        return None, f"{BENCH} is unreadable ({_one_line(e)}); benchmark again"
     if not isinstance(data, dict):
         return None, f"{BENCH} is not a benchmark record; benchmark again"
     return data, None
@@ -981,19 +1047,25 @@ def write_report(
     ``data``: a folder of images to crop instead of the shipped Kodak photos with seeded noise.
     ``checkpoint``: the source checkpoint for the fp32 reference when the one recorded in the manifests moved.
     ``progress``: called with a line of text before each slow step.
-    Raises ``BadInputError`` when ``directory`` is missing or holds no manifest.
+    Raises ``BadInputError`` when ``directory`` is missing or holds no manifest (``ArtifactError`` when one is
+    damaged or a file in it is not a regular file inside it), ``OutputError`` when ``output`` is a directory.
     """
     if images < 0:
         raise ValueError("images must be 0 or more")
     root = Path(directory)
     if data is not None and not Path(data).is_dir():
         raise BadInputError(f"--data {data} is not a folder of images")
+    path = Path(output) if output is not None else root / REPORT
+    if path.is_dir():
+        raise OutputError(
+            f"cannot write the report to {path}: it is a directory; give a file name, e.g. -o {path / REPORT}"
+        )
     artifacts = [read_artifact(p) for p in find_artifacts(root)]
     groups = (
         compare_images(artifacts, images=images, data=data, checkpoint=checkpoint, progress=progress) if images else []
     )
     page = render_html(artifacts, groups, root, images)
-    path = Path(output) if output is not None else root / REPORT
     with atomic_path(path) as tmp:
-        tmp.write_text(page, encoding="utf-8")
+        # A name that is not UTF-8 on disk (its bytes held as surrogates) is shown with escapes, e.g. \udcff.
+        tmp.write_text(page, encoding="utf-8", errors="backslashreplace")
     return path

@@ -162,8 +162,49 @@ y = session.run(["{out}"], {{"{inp}": x}})[0]
 }
 
 
+FAILED = """\
+> **FAILED its accuracy budget** in validation in its runtime (`manifest.json`, `validation`): {failures}.
+> Try next: {advice}.
+
+"""
+
+
+def budget_advice(manifest: dict[str, Any]) -> str:
+    """What to try when the artifact described by ``manifest`` misses its validation budget, as one sentence."""
+    precision = manifest["precision"]
+    if precision == "fp32":
+        return (
+            "an fp32 artifact should match the PyTorch reference, so re-run `nafnet-edge validate` on this folder; "
+            "if it still fails, the runtime (`runtime` in manifest.json) computes differently: report it with "
+            "manifest.json"
+        )
+    if precision != "int8":
+        return "convert with --precision fp32, or accept a looser --max-drift / --min-fidelity"
+    quantization = manifest.get("quantization", {})
+    tries = []
+    if manifest.get("export", {}).get("quantization_mode") == "weights":
+        tries.append("W8A8 with QAT (without --weights-only) or --precision fp16 (convert)")
+    elif quantization.get("method") == "ptq":
+        tries.append("QAT (--method qat)")
+    else:
+        tries.append(f"longer QAT (--iters {2 * quantization.get('iters', 300)})")
+    tries.append("more or more representative --data (images like the ones it will restore, degradation included)")
+    search = quantization.get("search", {})
+    kept = list(quantization.get("kept_float", []))
+    others = [u for u in search.get("sensitivity_db", {}) if u not in kept]
+    following = [*kept, *others[: max(1, len(kept))]]
+    if others and following not in [r["kept_float"] for r in search.get("rounds", [])]:
+        tries.append(f"--keep-float {','.join(following)} (the next most sensitive units)")
+    elif kept:
+        tries.append(f"either of those with --keep-float {','.join(kept)} (the units this artifact keeps float)")
+    else:
+        tries.append("--keep-float UNITS (units to leave float; --search-rounds N picks the most sensitive)")
+    return "; ".join(tries) + "; or accept a looser --max-drift / --min-fidelity"
+
+
 def usage_note(target: str, manifest: dict[str, Any]) -> str:
-    """The USAGE.md text for an artifact described by ``manifest``."""
+    """The USAGE.md text for an artifact described by ``manifest``; one that missed its validation budget says so
+    first, with the failures and what to try."""
     title, body = TARGET_NOTES[target]
     _, c, h, w = manifest["input"]["shape"]
     fields = {
@@ -185,4 +226,8 @@ def usage_note(target: str, manifest: dict[str, Any]) -> str:
     }
     python_io = PYTHON_IO.format(**fields).rstrip("\n")
     python_save = PYTHON_SAVE
-    return COMMON.format(**fields) + "\n" + body.format(**fields, python_io=python_io, python_save=python_save)
+    note = COMMON.format(**fields) + "\n" + body.format(**fields, python_io=python_io, python_save=python_save)
+    validation = manifest.get("validation")
+    if validation is not None and not validation["passed"]:
+        note = FAILED.format(failures="; ".join(validation["failures"]), advice=budget_advice(manifest)) + note
+    return note

@@ -3,7 +3,8 @@
 - Reference: the original (not reparameterized) model in fp32, on CUDA when there is one, through the same
   tiler as the artifact (tile = the artifact's input size), so fidelity measures the artifact's drift alone.
   Tiling drift (tiled vs whole-image reference) is reported on its own line. References are cached on disk,
-  keyed by checkpoint, image and tiling.
+  keyed by everything that decides them (see ``cache_key``); an entry is used only when its HMAC, made with a
+  private per-user key, checks out, so nothing planted in the cache can turn a failure into a pass.
 - Images: the Kodak photos shipped with the package with seeded Gaussian noise (sigma 25/255) as inputs and
   the clean photos as ground truth, or the user's folder (``--data``), or input/target folder pairs
   (``--data-pairs``).
@@ -14,10 +15,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import hmac
+import json
 import math
 import os
+import secrets
+import stat
+import struct
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -28,8 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nafnet_edge.atomic import atomic_path
-from nafnet_edge.errors import BadInputError, NafnetEdgeError
+from nafnet_edge import __version__
+from nafnet_edge.errors import BadInputError
 from nafnet_edge.images import is_image_path, read_image
 from nafnet_edge.tiling import run_tiled
 
@@ -89,6 +97,7 @@ class ValidationReport:
     reference_device: str
     data: str
     failures: list[str] = field(default_factory=list)
+    reference_settings: dict[str, Any] | None = None  # how the reference model was loaded and run
 
     @property
     def passed(self) -> bool:
@@ -118,6 +127,7 @@ class ValidationReport:
             "failures": self.failures,
             "budgets": asdict(self.budgets),
             "reference": f"original model, fp32 PyTorch on {self.reference_device}, same tiling as the artifact",
+            "reference_settings": self.reference_settings,
             "data": self.data,
             "summary": self.summary(),
             "per_image": [asdict(r) for r in self.images],
@@ -233,11 +243,77 @@ def runner_fn(run: Callable[[np.ndarray], np.ndarray]) -> Callable[[torch.Tensor
     return fn
 
 
+# --- reference cache -------------------------------------------------------------------------------------------
+#
+# One file per (reference settings, image, tiling): a fixed header, the output as raw little-endian float32 and an
+# HMAC-SHA256 over the key material, header and payload. The file name is the SHA-256 of the key material, so an
+# entry written for other settings is never found; its size is known from the image before anything is read, and
+# its HMAC needs a key only this user can read, so neither a planted nor a stale entry can change a verdict.
+
+CACHE_FORMAT = 2
+_ENTRY_SUFFIX = ".ref"
+_ENTRY_MAGIC = b"NEREF\x00\x02\x00"
+_ENTRY_HEADER = struct.Struct("<8s3IB3xd")  # magic, height, width, channels, has tiling_db, tiling_db
+_MAC_BYTES = 32
+_SECRET_NAME = "hmac.key"
+_SECRET_BYTES = 32
+
+
 def cache_dir() -> Path:
     root = os.environ.get("NAFNET_EDGE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nafnet-edge"
     )
     return Path(root) / "reference"
+
+
+def reference_identity(
+    model: torch.nn.Module, *, checkpoint_sha256: str, param_key: str | None, device: torch.device
+) -> dict[str, Any]:
+    """Everything besides the image and the tiling that decides the fp32 reference outputs: the tool versions,
+    the checkpoint and the entry read from it, the class and configuration (TLC settings included), the module
+    structure, the weights themselves, and where and at which precision the reference runs."""
+    weights = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu", torch.float32).contiguous()
+        weights.update(f"{name}:{list(t.shape)};".encode())
+        weights.update(t.numpy().tobytes())
+    config = getattr(model, "config", None)
+    identity: dict[str, Any] = {
+        "format": CACHE_FORMAT,
+        "nafnet_edge": __version__,
+        "torch": torch.__version__,
+        "checkpoint_sha256": checkpoint_sha256,
+        "param_key": param_key,
+        "class": type(model).__name__,
+        "config": config.to_dict() if hasattr(config, "to_dict") else None,
+        "structure": hashlib.sha256(str(model).encode()).hexdigest(),
+        "weights": weights.hexdigest(),
+        "device": device.type,
+        "precision": "fp32",
+    }
+    if device.type == "cuda":
+        identity["device_name"] = torch.cuda.get_device_name(device)
+        identity["tf32"] = [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
+    return identity
+
+
+def cache_key(
+    identity: dict[str, Any], image: ValidationImage, *, tile: tuple[int, int], overlap: int
+) -> tuple[str, bytes]:
+    """The entry's file name and the key material its HMAC covers, for one image and tiling."""
+    pixels = np.ascontiguousarray(image.input)
+    material = json.dumps(
+        {
+            **identity,
+            "image": hashlib.sha256(pixels.tobytes()).hexdigest(),
+            "image_shape": list(pixels.shape),
+            "image_dtype": pixels.dtype.str,
+            "tile": list(tile),
+            "overlap": overlap,
+        },
+        sort_keys=True,
+    ).encode()
+    return hashlib.sha256(material).hexdigest() + _ENTRY_SUFFIX, material
 
 
 def reference_outputs(
@@ -249,8 +325,13 @@ def reference_outputs(
     overlap: int,
     device: torch.device,
     use_cache: bool = True,
+    param_key: str | None = None,
 ) -> list[tuple[np.ndarray, float | None]]:
     """fp32 outputs of the original model, tiled like the artifact, and the tiling drift (tiled vs whole, dB)."""
+    secret = _cache_secret(cache_dir()) if use_cache else None
+    identity = None
+    if secret is not None:  # hashing the weights is worth it only when there is a cache to look in
+        identity = reference_identity(model, checkpoint_sha256=checkpoint_sha256, param_key=param_key, device=device)
     model = model.float().to(device).eval()
     multiple = model.pad_multiple
 
@@ -260,51 +341,169 @@ def reference_outputs(
 
     results = []
     for image in images:
-        key = f"{checkpoint_sha256[:16]}-{image.digest[:16]}-{tile[0]}x{tile[1]}-o{overlap}"
-        path = cache_dir() / f"{key}.npz"
-        cached = _read_cached(path, image.input.shape) if use_cache else None
-        if cached is not None:
-            results.append(cached)
-            continue
+        path, material = None, b""
+        if secret is not None and identity is not None:
+            name, material = cache_key(identity, image, tile=tile, overlap=overlap)
+            path = cache_dir() / name
+            cached = _read_cached(path, image.input.shape, secret, material)
+            if cached is not None:
+                results.append(cached)
+                continue
         tiled, calls = apply_tiled(fn, image.input, tile, overlap, multiple)
         tiling_db = None
         if calls > 1:
             whole, _ = apply_tiled(fn, image.input, None, overlap, multiple)
             tiling_db = psnr(np.clip(tiled, 0, 1), np.clip(whole, 0, 1))
-        if use_cache:
-            _write_cached(path, tiled, tiling_db)
+        if secret is not None and path is not None:
+            _write_cached(path, tiled, tiling_db, secret, material)
         results.append((tiled, tiling_db))
     return results
 
 
-def _read_cached(path: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, float | None] | None:
-    """A cached reference, or None when absent, unreadable, or not what this image needs (then it is recomputed):
-    a damaged or edited cache file can cost time, never a wrong verdict or a crash."""
-    if not path.is_file():
+def _entry_bytes(shape: tuple[int, ...]) -> int:
+    return _ENTRY_HEADER.size + 4 * math.prod(shape) + _MAC_BYTES
+
+
+def _read_cached(
+    path: Path, shape: tuple[int, ...], secret: bytes, material: bytes
+) -> tuple[np.ndarray, float | None] | None:
+    """A cached reference, or None when absent or not exactly what this image needs: not a regular file, not the
+    size the image implies (checked before reading a byte), not authenticated by ``secret`` over ``material``,
+    or not finite. A damaged, stale or planted entry costs a recomputation, never a wrong verdict; reading one
+    costs no more memory than the image's own output."""
+    if len(shape) != 3:
         return None
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            tiled, db = np.asarray(z["tiled"]), np.asarray(z["tiling_db"], np.float64)
-    except Exception:
+        fd = os.open(path, flags)
+    except OSError:
         return None
-    if tiled.shape != shape or tiled.dtype != np.float32 or not np.isfinite(tiled).all() or db.size > 1:
+    with open(fd, "rb", buffering=0) as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != _entry_bytes(shape):
+            return None
+        header = _read_exactly(f, bytearray(_ENTRY_HEADER.size))
+        if header is None:
+            return None
+        magic, h, w, c, has_db, db = _ENTRY_HEADER.unpack(header)
+        if magic != _ENTRY_MAGIC or (h, w, c) != tuple(shape) or has_db not in (0, 1):
+            return None
+        tiled = np.empty(shape, "<f4")
+        mac = bytearray(_MAC_BYTES)
+        if _read_exactly(f, memoryview(tiled).cast("B")) is None or _read_exactly(f, mac) is None:
+            return None
+    expected = hmac.new(secret, material, hashlib.sha256)
+    expected.update(header)
+    expected.update(memoryview(tiled).cast("B"))
+    if not hmac.compare_digest(expected.digest(), bytes(mac)):
         return None
-    return tiled, float(db.reshape(-1)[0]) if db.size else None
+    if not np.isfinite(tiled).all() or math.isnan(db):
+        return None
+    return tiled.astype(np.float32, copy=False), float(db) if has_db else None
+
+
+def _read_exactly(f: Any, buffer: bytearray | memoryview) -> bytearray | memoryview | None:
+    view = memoryview(buffer)
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            return None
+        done += n
+    return buffer
+
+
+def _write_cached(path: Path, tiled: np.ndarray, tiling_db: float | None, secret: bytes, material: bytes) -> None:
+    """Best effort: a cache that cannot be written (read-only home, full disk) is said once, never an error."""
+    payload = np.ascontiguousarray(tiled, "<f4")
+    header = _ENTRY_HEADER.pack(_ENTRY_MAGIC, *payload.shape, tiling_db is not None, tiling_db or 0.0)
+    mac = hmac.new(secret, material, hashlib.sha256)
+    mac.update(header)
+    mac.update(memoryview(payload).cast("B"))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".partial", dir=path.parent)  # private (0600) from the start
+        try:
+            with open(fd, "wb") as f:
+                f.write(header)
+                f.write(memoryview(payload).cast("B"))
+                f.write(mac.digest())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        _warn_uncached(str(e))
 
 
 _cache_warned = False
 
 
-def _write_cached(path: Path, tiled: np.ndarray, tiling_db: float | None) -> None:
-    """Best effort: a cache that cannot be written (read-only home, full disk) is said once, never an error."""
+def _warn_uncached(reason: str) -> None:
     global _cache_warned
+    if not _cache_warned:
+        _cache_warned = True
+        print(f"nafnet-edge: warning: reference outputs not cached ({reason}); set NAFNET_EDGE_CACHE", file=sys.stderr)
+
+
+def _cache_secret(directory: Path) -> bytes | None:
+    """The HMAC key of this user's cache in ``directory``, created on first use; None (said once) when the folder
+    or the key cannot be trusted or made: then references are computed without the cache.
+
+    The folder must be a real folder (not a link) owned by this user; the key a regular file of 32 bytes owned by
+    this user with mode 0600. A new key is written to a private temporary file and linked into place, which
+    fails when a key exists, so concurrent first runs agree on one key and no one ever reads a partial key."""
     try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, tiled=tiled, tiling_db=np.array([] if tiling_db is None else tiling_db))
-    except (OSError, NafnetEdgeError) as e:
-        if not _cache_warned:
-            _cache_warned = True
-            print(f"nafnet-edge: warning: reference outputs not cached ({e}); set NAFNET_EDGE_CACHE", file=sys.stderr)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        problem = _not_private(os.lstat(directory), directory, is_dir=True)
+        if problem:
+            _warn_uncached(problem)
+            return None
+        path = directory / _SECRET_NAME
+        if not os.path.lexists(path):
+            _create_secret(path)
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        fd = os.open(path, flags)
+        with open(fd, "rb", buffering=0) as f:
+            problem = _not_private(os.fstat(fd), path, is_dir=False)
+            secret = f.read(_SECRET_BYTES + 1) if not problem else b""
+    except OSError as e:
+        _warn_uncached(f"{e.strerror or e}: {e.filename or directory}")
+        return None
+    if not problem and len(secret) != _SECRET_BYTES:
+        problem = f"{path} is not a {_SECRET_BYTES}-byte key"
+    if problem:
+        _warn_uncached(f"{problem}; remove it to make a new one")
+        return None
+    return secret
+
+
+def _not_private(st: os.stat_result, path: Path, *, is_dir: bool) -> str | None:
+    """Why ``st`` (of ``path``) cannot hold or be the cache's key, or None."""
+    if not (stat.S_ISDIR(st.st_mode) if is_dir else stat.S_ISREG(st.st_mode)):
+        return f"{path} is not a {'folder' if is_dir else 'regular file'}"
+    if os.name != "posix":
+        return None
+    if st.st_uid != os.getuid():
+        return f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()})"
+    if not is_dir and stat.S_IMODE(st.st_mode) != 0o600:
+        return f"{path} has mode {stat.S_IMODE(st.st_mode):04o}, not 0600"
+    return None
+
+
+def _create_secret(path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.partial")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        with open(fd, "wb") as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), 0o600)  # exactly 0600, whatever the umask
+            f.write(secrets.token_bytes(_SECRET_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):  # a key exists: the first one made stays
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def validate_runner(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from nafnet_edge.errors import OptionError
 from nafnet_edge.quantization.base import Quantizer
 
 QUANTIZERS = {
@@ -23,7 +24,7 @@ def get_quantizer(target: str, **options: Any) -> Quantizer:
     """The int8 quantizer for ``target`` (one of ``QUANTIZERS``); ``options`` go to its constructor
     (``get_quantizer("coreml", mode="weights")``)."""
     if target not in QUANTIZERS:
-        raise ValueError(f"int8 is available for --target {' or '.join(QUANTIZERS)}, not {target}")
+        raise OptionError(f"int8 is available for --target {' or '.join(QUANTIZERS)}, not {target}")
     module, name = QUANTIZERS[target].split(":")
     return getattr(importlib.import_module(module), name)(**options)
 

@@ -69,7 +69,7 @@ from nafnet_edge.converters.coreml import (
     describe_io,
     import_coremltools,
 )
-from nafnet_edge.errors import MissingBackendError
+from nafnet_edge.errors import MissingBackendError, OptionError
 from nafnet_edge.quantization.base import Quantizer
 from nafnet_edge.quantization.sensitivity import keeping_float, pt2e_unit_quantizers, set_pt2e_quantizers
 
@@ -137,9 +137,9 @@ class CoreMLQuantizer(Quantizer):
         )
         if self.mode == "weights":
             if self.keep_float:
-                raise ValueError("weight-only Core ML int8 cannot keep units in float; W8A8 (the default) can")
+                raise OptionError("weight-only Core ML int8 cannot keep units in float; W8A8 (the default) can")
             if qat:
-                raise ValueError(
+                raise OptionError(
                     "weight-only Core ML int8 is post-training only (--method ptq); QAT needs W8A8 (the default)"
                 )
             prepared = copy.deepcopy(graph).eval().requires_grad_(False)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nafnet_edge.errors import OptionError
 from nafnet_edge.quantization.base import Quantizer
 from nafnet_edge.validate import psnr
 
@@ -45,7 +46,7 @@ def check_units(graph: torch.nn.Module, names: Collection[str]) -> None:
     units = graph_units(graph)
     unknown = sorted(set(names) - set(units))
     if unknown:
-        raise ValueError(f"--keep-float {', '.join(unknown)}: no such unit; this model has {', '.join(units)}")
+        raise OptionError(f"--keep-float {', '.join(unknown)}: no such unit; this model has {', '.join(units)}")
 
 
 # --- PT2E (ExecuTorch XNNPACK, Core ML W8A8) ---

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import random
 import zipfile
 from pathlib import Path
 
@@ -187,9 +187,10 @@ def test_truncated_zip_and_random_bytes(tmp_path: Path, tiny_sd: dict, capsys) -
         load_checkpoint(truncated)
     inspect_refused(truncated, capsys, "truncated or damaged")
     noise = tmp_path / "noise.pth"
-    noise.write_bytes(os.urandom(4096).replace(b"\x80", b"\x81").replace(b"PK", b"QK"))
-    with pytest.raises(CorruptCheckpointError, match="neither a PyTorch checkpoint nor a safetensors"):
-        load_checkpoint(noise)
+    for seed in range(200):  # random bytes that happen to start with "{" (or whitespace and "{") are not text
+        noise.write_bytes(random.Random(seed).randbytes(4096).replace(b"\x80", b"\x81").replace(b"PK", b"QK"))
+        with pytest.raises(CorruptCheckpointError, match="neither a PyTorch checkpoint nor a safetensors"):
+            load_checkpoint(noise)
     broken_st = tmp_path / "broken.safetensors"
     save_file(tiny_sd, str(broken_st))
     broken_st.write_bytes(broken_st.read_bytes()[:-100])

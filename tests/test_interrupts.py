@@ -25,6 +25,8 @@ from nafnet_edge.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OUTPUT
 
 CLI = [sys.executable, "-m", "nafnet_edge"]
 KODAK = Path(str(resources.files("nafnet_edge") / "data" / "kodak"))
+PAUSED_CLI = Path(__file__).with_name("paused_cli.py")
+ONNX_EXPORT = "nafnet_edge.converters.onnx:ONNXConverter.export"
 
 
 @pytest.fixture(scope="module")
@@ -32,31 +34,69 @@ def ckpt(tmp_path_factory) -> Path:
     return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth")
 
 
-def start(args: list[str], cwd: Path) -> subprocess.Popen:
+_started: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test():
+    """A test that fails while a process it started is stopped at a pause point does not leave it behind."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.kill()
+            finish(proc)
+
+
+def start(args: list[str], cwd: Path, *, prefix: list[str] = CLI, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
     log = open(cwd / f"stderr-{time.monotonic_ns()}.log", "w+")  # noqa: SIM115 (closed by finish)
-    proc = subprocess.Popen([*CLI, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc = subprocess.Popen(
+        [*prefix, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=log, text=True, pass_fds=pass_fds
+    )
     proc.log = log  # type: ignore[attr-defined]
+    _started.append(proc)
     return proc
 
 
-def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
-    code = proc.wait(timeout)
-    proc.log.seek(0)  # type: ignore[attr-defined]
-    err = proc.log.read()  # type: ignore[attr-defined]
-    proc.log.close()  # type: ignore[attr-defined]
-    return code, err
+def start_paused(args: list[str], cwd: Path, *, at: str, when: str, call: int = 1) -> subprocess.Popen:
+    """Start the CLI with the function ``at`` (``module:name``) made to stop at its ``call``-th call, at the point
+    ``when`` names (see tests/paused_cli.py), and return once the process has stopped there. It stays stopped
+    until it is signalled or :func:`resume` d, so a signal always lands in that phase."""
+    ready_r, ready_w = os.pipe()
+    resume_r, resume_w = os.pipe()
+    prefix = [sys.executable, str(PAUSED_CLI), at, when, str(call), str(ready_w), str(resume_r), "--"]
+    try:
+        proc = start(args, cwd, prefix=prefix, pass_fds=(ready_w, resume_r))
+    finally:
+        os.close(ready_w)
+        os.close(resume_r)
+    proc.resume_fd = resume_w  # type: ignore[attr-defined]
+    with os.fdopen(ready_r, "rb") as ready:
+        said = ready.readline()  # b"" when the process ended without stopping there
+    if said != b"paused\n":
+        code, err = finish(proc)
+        reason = said.decode().strip() or f"it ended with exit {code} first"
+        pytest.fail(f"the command did not stop at {at} ({when}, call {call}): {reason}\n{err}")
+    return proc
 
 
-def wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            _, err = finish(proc)
-            pytest.fail(f"the command ended (exit {proc.returncode}) before the moment to interrupt it:\n{err}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("timed out waiting for the moment to interrupt")
-        time.sleep(0.02)
+def resume(proc: subprocess.Popen) -> None:
+    """Let a process started by :func:`start_paused` go on from its pause point."""
+    os.write(proc.resume_fd, b"g")  # type: ignore[attr-defined]
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    """Wait for the process to end (no time limit: under load a command may take long, and a test that waits on
+    wall time fails by chance); its exit code and stderr."""
+    code = proc.wait()
+    if getattr(proc, "resume_fd", None) is not None:
+        os.close(proc.resume_fd)  # type: ignore[attr-defined]
+        proc.resume_fd = None  # type: ignore[attr-defined]
+    if not proc.log.closed:  # type: ignore[attr-defined]
+        proc.log.seek(0)  # type: ignore[attr-defined]
+        proc.err = proc.log.read()  # type: ignore[attr-defined]
+        proc.log.close()  # type: ignore[attr-defined]
+    return code, proc.err  # type: ignore[attr-defined]
 
 
 def entries(directory: Path) -> list[str]:
@@ -84,8 +124,9 @@ def interrupted(proc: subprocess.Popen, signum: int) -> str:
 def test_convert_interrupted_leaves_nothing_and_keeps_a_previous_artifact(tmp_path: Path, ckpt: Path, signum) -> None:
     out = tmp_path / "out"
     convert = ["convert", str(ckpt), "--target", "onnx", "-o", str(out)]
-    proc = start(convert, tmp_path)
-    wait_for(lambda: any(out.glob(".onnx.*.partial")), proc)  # export under way
+    proc = start_paused(convert, tmp_path, at=ONNX_EXPORT, when="return")  # exported, not yet validated
+    (staging,) = out.glob(".onnx.*.partial")
+    assert entries(staging) == ["model.onnx"]
     interrupted(proc, signum)
     assert entries(out) == []  # no artifact, no staging directory, no lock file
 
@@ -93,8 +134,10 @@ def test_convert_interrupted_leaves_nothing_and_keeps_a_previous_artifact(tmp_pa
     manifest = (out / "onnx" / "manifest.json").read_bytes()
     assert entries(out) == ["onnx"]
 
-    proc = start([*convert, "--force"], tmp_path)  # replacing it, interrupted: the previous artifact stays whole
-    wait_for(lambda: any(out.glob(".onnx.*.partial")), proc)
+    # replacing it, interrupted: the previous artifact stays whole
+    proc = start_paused([*convert, "--force"], tmp_path, at=ONNX_EXPORT, when="return")
+    (staging,) = out.glob(".onnx.*.partial")
+    assert entries(staging) == ["model.onnx"]
     interrupted(proc, signum)
     assert entries(out) == ["onnx"]
     assert (out / "onnx" / "manifest.json").read_bytes() == manifest
@@ -107,12 +150,13 @@ def test_quantize_interrupted_in_training_resumes(tmp_path: Path, ckpt: Path) ->
     base = ["quantize", str(ckpt), "--target", "executorch", "--data", str(KODAK), "--input-size", "64"]
     base += ["--batch", "2", "-o", str(out)]
     train_state = out / ".executorch-train.pt"
-    proc = start([*base, "--iters", "5000"], tmp_path)
-    wait_for(train_state.exists, proc)  # saved every 50 steps, atomically
+    # stopped once the first training state (saved every 50 steps, atomically) is in place
+    saving = "nafnet_edge.quantization.train:atomic_path"
+    proc = start_paused([*base, "--iters", "200"], tmp_path, at=saving, when="exit")
     interrupted(proc, signal.SIGTERM)
     assert entries(out) == [".executorch-train.pt"]  # the resumable training state, nothing else
     state = torch.load(train_state, weights_only=True)
-    assert state["step"] >= 50
+    assert state["step"] == 50
 
     saved = train_state.read_bytes()  # a damaged training state: refused in one line, left for the user to judge
     train_state.write_bytes(saved[: len(saved) // 2])
@@ -133,18 +177,18 @@ def _noise_png(path: Path, size: int, seed: int) -> None:
 def test_run_interrupted_leaves_only_whole_images(tmp_path: Path, ckpt: Path) -> None:
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
-    for i in range(8):
-        _noise_png(inputs / f"img{i}.png", 320, i)
+    for i in range(3):
+        _noise_png(inputs / f"img{i}.png", 128, i)
     command = ["run", str(ckpt), str(inputs), "-o", str(out), "--tile", "64", "--overlap", "16"]
-    proc = start(command, tmp_path)
-    wait_for(lambda: any(n.endswith(".png") and not n.startswith(".") for n in entries(out)), proc)
+    # stopped while the second image is being written: the first is in place, the second's temporary file exists
+    proc = start_paused(command, tmp_path, at="nafnet_edge.images:atomic_path", when="enter", call=2)
+    (partial,) = [n for n in entries(out) if n.startswith(".")]
+    assert partial.startswith(".img1.") and partial.endswith(".png"), entries(out)
     interrupted(proc, signal.SIGINT)
-    written = entries(out)
-    assert written and len(written) < 8 and not any(n.startswith(".") for n in written)
-    for name in written:  # every file that is there is a complete image
-        assert cv2.imread(str(out / name)).shape == (320, 320, 3)
+    assert entries(out) == ["img0.png"]  # no partial file left
+    assert cv2.imread(str(out / "img0.png")).shape == (128, 128, 3)  # and the image written before is complete
     run_ok(command, tmp_path)
-    assert entries(out) == [f"img{i}.png" for i in range(8)]
+    assert entries(out) == [f"img{i}.png" for i in range(3)]
 
 
 # ---- two writers ----------------------------------------------------------------------------------------------
@@ -170,8 +214,7 @@ def test_what_a_killed_process_leaves_is_cleaned_up_by_the_next_run(tmp_path: Pa
     released). The next conversion is not blocked by them and removes the stale staging directory."""
     out = tmp_path / "out"
     convert = ["convert", str(ckpt), "--target", "onnx", "--no-validate", "-o", str(out)]
-    proc = start(convert, tmp_path)
-    wait_for(lambda: any(out.glob(".onnx.*.partial")), proc)
+    proc = start_paused(convert, tmp_path, at=ONNX_EXPORT, when="return")
     proc.kill()
     finish(proc)
     assert any(out.glob(".onnx.*.partial")) and (out / ".onnx.lock").exists()
@@ -195,11 +238,20 @@ def test_an_artifact_moved_aside_by_a_killed_replacement_is_put_back(tmp_path: P
 
 
 def test_two_conversions_at_once_never_corrupt_the_artifact(tmp_path: Path, ckpt: Path) -> None:
+    """A second conversion started while a first one is half-way through writing the same artifact is refused
+    with the first's pid; the first then completes a whole artifact."""
     out = tmp_path / "out"
     convert = ["convert", str(ckpt), "--target", "onnx", "--no-validate", "--force", "-o", str(out)]
-    results = [finish(p) for p in [start(convert, tmp_path), start(convert, tmp_path)]]
-    codes = sorted(code for code, _ in results)
-    assert codes in ([0, 0], [0, EXIT_OUTPUT]), results  # one after the other, or the second refused
+    first = start_paused(convert, tmp_path, at=ONNX_EXPORT, when="return")  # holds the lock, the model file staged
+    code, err = finish(start(convert, tmp_path))
+    assert code == EXIT_OUTPUT, err
+    assert err.strip() == (
+        f"nafnet-edge: error: {out / 'onnx'} is being written by another nafnet-edge process "
+        f"(pid {first.pid}); wait for it to finish or choose another output location"
+    )
+    resume(first)
+    code, err = finish(first)
+    assert code == 0, err
     manifest = json.loads((out / "onnx" / "manifest.json").read_text())
     import onnx
 
@@ -230,7 +282,7 @@ def run_on_tmpfs(tmp_path: Path, mount_options: str, args: list[str]) -> tuple[i
     )
     env = {**os.environ, "OUT": str(out), "LISTING": str(listing)}
     command = ["unshare", "-Urm", "sh", "-c", script, "sh", mount_options, str(out), *CLI, *args]
-    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode != 99, proc.stderr
     return proc.returncode, proc.stderr, listing.read_text().split()
 

@@ -209,3 +209,218 @@ def test_search_keeps_sensitive_units_float_until_the_artifact_meets_its_budget(
     assert manifest["validation"]["summary"]["fidelity_db_min"] >= all_int8 + MIN_SEARCH_GAIN_DB
     latency = search["latency_ms"]
     assert latency["first_round"] > 0 and latency["last_round"] > 0 and latency["ratio"] > 0
+
+
+# --- which round lands: the search's bookkeeping, with rounds faked (no quantizer, runtime or validation run) ---
+
+
+class _FakeRounds:
+    """Stands in for quantizing, exporting, loading and validating: round N (1-based) exports ``model.pte`` naming
+    itself and its float units, and validates as ``measured[N - 1]`` = (drift dB or None, min fidelity dB)."""
+
+    deploy_target = "xnnpack"
+    artifact = "model.pte"
+
+    def __init__(self, measured: list[tuple[float | None, float]], *, max_drift_db: float) -> None:
+        self.measured = measured
+        self.max_drift_db = max_drift_db
+        self.keep_float: frozenset[str] = frozenset()
+        self.number = 0
+
+    def check_available(self) -> None:
+        pass
+
+    def quantize(self, *_: object) -> dict:
+        self.number += 1
+        return {"prepared": None, "example": None, "method": "ptq", "calibration_batches": 1, "world_size": 1}
+
+    def export(self, prepared: object, out_dir: Path, example: object) -> object:
+        from nafnet_edge.converters import Exported
+
+        (out_dir / self.artifact).write_text(f"round {self.number}: {sorted(self.keep_float)}")
+        return Exported(files=[self.artifact], info={"kept_float": sorted(self.keep_float)})
+
+    def load_runner(self, out_dir: Path, manifest: dict) -> object:
+        from nafnet_edge.converters import LoadedRunner
+
+        return LoadedRunner(run=lambda x: np.sort(np.tile(x, 16), axis=None), info={"runtime": "fake"})
+
+    def validate(self, *_: object) -> object:
+        drift, fidelity = self.measured[self.number - 1]
+        summary = {"fidelity_db_min": fidelity, "max_abs_error": 0.01}
+        failures = []
+        if drift is not None:
+            summary["drift_db_mean"] = drift
+            if drift > self.max_drift_db:
+                failures.append(f"drift {drift:.3f} dB > budget {self.max_drift_db:g} dB (--max-drift)")
+        elif fidelity < 45.0:
+            failures.append(f"fidelity {fidelity:.2f} dB < budget 45 dB (--min-fidelity)")
+        report = {"passed": not failures, "failures": failures, "summary": summary}
+        return type("Report", (), {"to_dict": lambda self: report})()
+
+
+RANKED = ["decoders.1.0", "ending", "encoders.0.0", "intro", "ups.1", "decoders.0.0", "middle_blks.0"]
+
+
+def _search(
+    root: Path, monkeypatch: pytest.MonkeyPatch, measured: list[tuple[float | None, float]], *extra: str
+) -> tuple[int, _FakeRounds]:
+    import nafnet_edge.convert as convert_module
+    import nafnet_edge.quantization as quantization_module
+    import nafnet_edge.quantization.sensitivity as sensitivity_module
+    from helpers import save_tiny_checkpoint
+
+    fake = _FakeRounds(measured, max_drift_db=0.1)
+    monkeypatch.setattr(convert_module, "get_converter", lambda target: fake)
+    monkeypatch.setattr(quantization_module, "get_quantizer", lambda target, **options: fake)
+    monkeypatch.setattr(convert_module, "_quantize", fake.quantize)
+    monkeypatch.setattr(convert_module, "run_validation", fake.validate)
+    ranking = [(unit, 1.0 / (i + 1)) for i, unit in enumerate(RANKED)]
+    monkeypatch.setattr(sensitivity_module, "rank_units", lambda *args, exclude=(): ranking)
+    checkpoint = save_tiny_checkpoint(root / "tiny.pth")
+    argv = ["quantize", str(checkpoint), "--target", "executorch", "--method", "ptq", "--data", str(KODAK_DIR)]
+    argv += ["-o", str(root / "out"), "--input-size", str(SIZE), "--max-drift", "0.1"]
+    return main([*argv, *extra]), fake
+
+
+def _landed(root: Path) -> tuple[str, dict, str]:
+    directory = root / "out" / "executorch"
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert sorted(p.name for p in directory.iterdir()) == ["USAGE.md", "manifest.json", "model.pte"]
+    return (directory / "model.pte").read_text(), manifest, (directory / "USAGE.md").read_text()
+
+
+def test_search_keeps_its_best_round_and_stops_at_a_worse_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nafnet_edge.errors import EXIT_BUDGET
+
+    drifts = [0.525, 0.505, 0.483, 0.461, 1.639, 0.01, 0.01]  # the last two are never reached
+    code, fake = _search(tmp_path, monkeypatch, [(d, 40.0) for d in drifts], "--search-rounds", "6")
+    err = capsys.readouterr().err
+    assert code == EXIT_BUDGET and fake.number == 5, err
+    pte, manifest, usage = _landed(tmp_path)
+    kept = ["decoders.1.0", "ending", "encoders.0.0", "intro"]  # round 4: 1, 2, 4 more units after round 1
+    assert pte == f"round 4: {sorted(kept)}"
+    assert manifest["quantization"]["kept_float"] == kept and manifest["export"]["kept_float"] == sorted(kept)
+    assert manifest["validation"]["summary"]["drift_db_mean"] == 0.461
+    search = manifest["quantization"]["search"]
+    assert [r["drift_db_mean"] for r in search["rounds"]] == drifts[:5]
+    assert search["kept_round"] == 3 and search["rounds"][3]["kept_float"] == kept
+    assert search["stopped"] == "round 5 was worse than round 4"
+    assert "latency_ms" in search and search["latency_ms"]["kept_round"] > 0
+
+    lines = err.splitlines()
+    rounds = [line for line in lines if line.startswith("executorch int8 round ")]
+    assert rounds == [
+        "executorch int8 round 1/7: all units int8: drift +0.525 dB, fidelity 40.0 dB - misses the budget",
+        "executorch int8 round 2/7: 1 unit(s) float (decoders.1.0): drift +0.505 dB, fidelity 40.0 dB - misses the "
+        "budget, best so far",
+        "executorch int8 round 3/7: 2 unit(s) float (decoders.1.0, ending): drift +0.483 dB, fidelity 40.0 dB - "
+        "misses the budget, best so far",
+        "executorch int8 round 4/7: 4 unit(s) float (decoders.1.0, ending, encoders.0.0, intro): drift +0.461 dB, "
+        "fidelity 40.0 dB - misses the budget, best so far",
+        "executorch int8 round 5/7: 7 unit(s) float (decoders.1.0, ending, encoders.0.0, intro, ups.1, "
+        "decoders.0.0, middle_blks.0): drift +1.639 dB, fidelity 40.0 dB - worse than round 4: stopping, keeping "
+        "round 4",
+    ]
+    advice = [line for line in lines if "Try next:" in line]
+    assert advice == [
+        "executorch int8 missed its budget in 5 round(s) (round 5 was worse than round 4); kept round 4: drift "
+        "0.461 dB > budget 0.1 dB (--max-drift). Try next: QAT (--method qat); more or more representative --data "
+        "(images like the ones it will restore, degradation included); either of those with --keep-float "
+        "decoders.1.0,ending,encoders.0.0,intro (the units this artifact keeps float); or accept a looser "
+        "--max-drift / --min-fidelity"
+    ]
+    assert usage.startswith(
+        "> **FAILED its accuracy budget** in validation in its runtime (`manifest.json`, `validation`): drift "
+        "0.461 dB > budget 0.1 dB (--max-drift).\n> Try next: QAT (--method qat); "
+    )
+    assert "\n# ExecuTorch (XNNPACK): how to run this artifact\n" in usage
+
+
+def test_search_stops_at_the_round_that_meets_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nafnet_edge.usage import usage_note
+
+    code, fake = _search(tmp_path, monkeypatch, [(0.3, 40.0), (0.2, 41.0), (0.05, 44.0), (0.01, 50.0)])
+    err = capsys.readouterr().err
+    assert code == 0 and fake.number == 3, err
+    pte, manifest, usage = _landed(tmp_path)
+    assert pte == "round 3: ['decoders.1.0', 'ending']" and manifest["validation"]["passed"]
+    assert manifest["quantization"]["search"]["kept_round"] == 2
+    assert manifest["quantization"]["search"]["stopped"] == "met the budget"
+    assert err.splitlines()[-1] == (
+        "executorch int8 round 3/5: 2 unit(s) float (decoders.1.0, ending): drift +0.050 dB, fidelity 44.0 dB - "
+        "meets the budget"
+    )
+    assert "Try next" not in err and usage.startswith("# ExecuTorch (XNNPACK): how to run this artifact\n")
+
+    # any precision's USAGE.md leads with a missed budget
+    manifest["precision"] = "fp16"
+    manifest["validation"].update(passed=False, failures=["fidelity 51.20 dB < budget 60 dB (--min-fidelity)"])
+    assert usage_note("onnx", manifest).startswith(
+        "> **FAILED its accuracy budget** in validation in its runtime (`manifest.json`, `validation`): fidelity "
+        "51.20 dB < budget 60 dB (--min-fidelity).\n> Try next: convert with --precision fp32, or accept a looser "
+        "--max-drift / --min-fidelity.\n\n# ONNX: how to run this artifact\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("measured", "extra", "ran", "kept", "stopped", "keep_float_advice"),
+    [
+        pytest.param(  # without ground truth, rounds compare by their minimum fidelity
+            [(None, 40.0), (None, 42.0), (None, 41.5), (None, 50.0)],
+            (),
+            3,
+            ["decoders.1.0"],
+            "round 3 was worse than round 2",
+            "either of those with --keep-float decoders.1.0 (the units this artifact keeps float)",
+            id="fidelity",
+        ),
+        pytest.param(
+            [(0.5, 40.0), (0.4, 40.0), (0.01, 50.0)],
+            ("--search-rounds", "1"),
+            2,
+            ["decoders.1.0"],
+            "--search-rounds 1 spent",
+            "--keep-float decoders.1.0,ending (the next most sensitive units)",
+            id="rounds-spent",
+        ),
+        pytest.param(
+            [(0.5, 40.0), (0.4, 40.0)],
+            ("--search-rounds", "0"),
+            1,
+            [],
+            "search off",
+            "--keep-float UNITS (units to leave float; --search-rounds N picks the most sensitive)",
+            id="search-off",
+        ),
+    ],
+)
+def test_search_misses_keep_the_best_round_and_say_what_to_try(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    measured: list[tuple[float | None, float]],
+    extra: tuple[str, ...],
+    ran: int,
+    kept: list[str],
+    stopped: str,
+    keep_float_advice: str,
+) -> None:
+    from nafnet_edge.errors import EXIT_BUDGET
+
+    code, fake = _search(tmp_path, monkeypatch, measured, *extra)
+    err = capsys.readouterr().err
+    assert code == EXIT_BUDGET and fake.number == ran, err
+    pte, manifest, usage = _landed(tmp_path)
+    assert pte == f"round {len(kept) + 1}: {kept}" and manifest["quantization"]["kept_float"] == kept
+    search = manifest["quantization"]["search"]
+    assert len(search["rounds"]) == ran and search["kept_round"] == len(kept) and search["stopped"] == stopped
+    assert len([line for line in err.splitlines() if line.startswith("executorch int8 round ")]) == ran
+    advice = [line for line in err.splitlines() if "Try next:" in line]
+    assert len(advice) == 1 and f"({stopped}); kept round {len(kept) + 1}: " in advice[0], err
+    assert f"; {keep_float_advice}; or accept a looser --max-drift / --min-fidelity" in advice[0]
+    assert usage.startswith("> **FAILED its accuracy budget**") and keep_float_advice in usage.splitlines()[1]
