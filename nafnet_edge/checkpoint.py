@@ -290,7 +290,13 @@ def _check_data_records(path: Path) -> None:
     compressed record the compressed bytes. Run after torch.load has read the file (mapping, not copying, its
     data), so that a file torch.load refuses gets torch.load's reason.
     """
-    with zipfile.ZipFile(path) as zf:
+    try:
+        zf = zipfile.ZipFile(path)
+    except Exception as e:  # torch.load's reader is more lenient than zipfile's: the tensor data cannot be checked
+        raise CorruptCheckpointError(
+            f"{path} is truncated or damaged ({first_sentence(e)}); download or save it again"
+        ) from None
+    with zf:
         _check_zip_records(path, zf)
 
 

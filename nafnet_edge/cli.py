@@ -933,7 +933,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         progress=lambda text: print(text, file=sys.stderr),
     )
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
+    from nafnet_edge.errors import display_path
+
+    print(f"wrote {display_path(path)} ({path.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
     return 0
 
 
@@ -974,36 +976,37 @@ def _catch_termination(handler: Any) -> dict[int, Any]:
     return previous
 
 
-def _say(*lines: str, debug: bool = False) -> None:
-    """Print lines to stderr whole (after the traceback being handled when ``debug``): a signal arriving while
-    they are written waits until they are."""
+def _write_whole(text: str) -> None:
+    """Write ``text`` to stderr in one piece: a signal arriving meanwhile waits until it is written."""
     from nafnet_edge.atomic import _signals_deferred
 
-    text = "".join([traceback.format_exc() if debug else "", *(line + "\n" for line in lines)])
     with _signals_deferred():
         sys.stderr.write(text)
         sys.stderr.flush()
 
 
+def _report_failure(interrupts: _Interrupts, line: str | None, *, debug: bool) -> None:
+    """Print a failure: the traceback being handled when ``debug``, then ``line``. A failure that comes with an
+    interrupt (a native call cut short, a KeyboardInterrupt a library turned into its own error, a signal while
+    the message was being put together) is the interrupt: KeyboardInterrupt is raised instead, and main() prints
+    its one line."""
+    text = (traceback.format_exc() if debug else "") + (line + "\n" if line else "")
+    if interrupts.received:
+        raise KeyboardInterrupt
+    _write_whole(text)
+
+
 def _run_command(args: argparse.Namespace, interrupts: _Interrupts) -> int:
-    """The command's exit code; its failures reported in one line (a traceback too with --debug). A failure that
-    follows an interrupt (a native call cut short, a KeyboardInterrupt a library turned into its own error) is the
-    interrupt: KeyboardInterrupt is raised instead of reporting it."""
+    """The command's exit code, its failure reported in one line (after the traceback with --debug)."""
     try:
         return int(args.func(args))
     except NafnetEdgeError as e:
-        if interrupts.received:
-            raise KeyboardInterrupt from None
-        _say(f"nafnet-edge: error: {printable(str(e))}", debug=args.debug)
+        _report_failure(interrupts, f"nafnet-edge: error: {printable(str(e))}", debug=args.debug)
         return e.exit_code
     except Exception as e:  # an unexpected failure is a bug: say so in one line unless --debug
-        if interrupts.received:
-            raise KeyboardInterrupt from None
-        if args.debug:
-            _say(debug=True)
-        else:
-            message = " ".join(str(e).split())  # one line, whatever the exception carried
-            _say(f"nafnet-edge: internal error: {type(e).__name__}: {message} (rerun with --debug for details)")
+        message = " ".join(str(e).split())  # one line, whatever the exception carried
+        line = f"nafnet-edge: internal error: {type(e).__name__}: {message} (rerun with --debug for details)"
+        _report_failure(interrupts, None if args.debug else line, debug=args.debug)
         return EXIT_FAILURE
 
 
@@ -1022,7 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
             return code
         except KeyboardInterrupt:  # raised in the command, or while it was reporting a failure: one line either way
             interrupts.armed = False
-            _say("nafnet-edge: interrupted; no partial output was left in place")
+            _write_whole("nafnet-edge: interrupted; no partial output was left in place\n")
             return EXIT_INTERRUPTED
     finally:
         for number, handler in previous.items():

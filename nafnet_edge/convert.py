@@ -423,7 +423,7 @@ def _int8_search(stage: _Stage, quantizer: Any, int8: Int8Settings, tmp: Path) -
     rounds: list[dict[str, Any]] = []
     ranking: list[tuple[str, float]] | None = None
     first: _Round | None = None
-    best: _Round | None = None
+    best: _Round  # set by the first round
     stopped = ""
     scratch = tmp / ".int8-rounds"
     try:
@@ -450,8 +450,8 @@ def _int8_search(stage: _Stage, quantizer: Any, int8: Int8Settings, tmp: Path) -
                 break
             rounds.append(this.record())
             first = first or this
-            previous = best
-            if best is None or _round_order(rounds[-1]) < _round_order(best.record()):
+            previous = best if len(rounds) > 1 else None
+            if previous is None or _round_order(rounds[-1]) < _round_order(previous.record()):
                 best = this
             if rounds[-1]["passed"]:
                 verdict, stopped = "meets the budget", "met the budget"
@@ -489,7 +489,6 @@ def _int8_search(stage: _Stage, quantizer: Any, int8: Int8Settings, tmp: Path) -
                 stopped = "every unit is float already"
                 break
             kept = following
-        assert best is not None  # every way out of the loop above has one
         manifest = best.manifest
         if rounds:
             search: dict[str, Any] = {

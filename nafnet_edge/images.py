@@ -251,8 +251,10 @@ def _png_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-# A marker: 0xFF (plus fill bytes) and a code; FF00 is a stuffed data byte inside entropy-coded scans.
-_JPEG_MARKER = re.compile(rb"\xff+([^\x00\xff])")
+# A marker: 0xFF and a code; FF00 is a stuffed data byte inside entropy-coded scans. Fill bytes (more 0xFF
+# before the code) need no pattern of their own: the search finds the last 0xFF of a run. A single 0xFF, not
+# ``\xff+``, keeps the search linear: ``\xff+`` retried from every byte of a long 0xFF run is quadratic.
+_JPEG_MARKER = re.compile(rb"\xff([^\x00\xff])")
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start of frame; C4/C8/CC are DHT, JPG, DAC
 
 

@@ -14,7 +14,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from nafnet_edge.errors import CheckpointError, ImageError, UsageError
 from nafnet_edge.images import RGBImage
@@ -33,6 +32,11 @@ DeviceName = Literal["auto", "cpu", "cuda"]
 _FORWARD_BYTES_FIXED = 128 << 20
 _FORWARD_BYTES_PER_PIXEL = 80
 _FORWARD_BYTES_PER_CHANNEL = {"per_dw_expand": 10, "per_ffn_expand": 10, "base": 14, "tlc_per_dw_expand": 4}
+# Peak memory of `run` for one image besides the forward passes, per pixel: reading (the file, the decoded
+# 8/16-bit array, two float32 copies while it is scaled), restoring (the float32 input and the float32 output
+# accumulator, which the tiler fills in place) and writing (the input and the result, the quantizer's float32
+# temporaries, the 8/16-bit array and the encoded file). PLACEHOLDER
+_FRAME_BYTES_PER_PIXEL = 60
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,11 +66,37 @@ def forward_peak_bytes(config: NAFNetConfig, height: int, width: int, *, batch: 
     return _FORWARD_BYTES_FIXED + pixels * (config.width * per_channel + _FORWARD_BYTES_PER_PIXEL)
 
 
+def frame_peak_bytes(height: int, width: int) -> int:
+    """Estimated peak memory of reading, restoring and writing a ``height`` x ``width`` image, besides the
+    forward passes: the whole-image buffers, which tiling does not shrink (errs high: RGB with alpha, 16 bits)."""
+    return height * width * _FRAME_BYTES_PER_PIXEL
+
+
+def check_tiling(tile_px: int, overlap_px: int, *, pad_multiple: int) -> None:
+    """Refuse tiles that make no useful progress: smaller than the model's padding multiple (the model pads each
+    to it anyway) or advancing by less than it (a 64-pixel tile with 63 pixels of overlap costs 64 model calls
+    per tile width). ``tile_px=0`` (the whole image at once) is always fine."""
+    if tile_px == 0:
+        return
+    if overlap_px >= tile_px:
+        raise UsageError(f"--overlap ({overlap_px}) must be smaller than --tile ({tile_px})")
+    if tile_px < pad_multiple:
+        raise UsageError(
+            f"--tile {tile_px} is smaller than this model's padding multiple ({pad_multiple} px): "
+            f"use --tile {max(pad_multiple, DEFAULT_TILE_PX)} or --tile 0 (the whole image)"
+        )
+    if tile_px - overlap_px < pad_multiple:
+        raise UsageError(
+            f"--tile {tile_px} with --overlap {overlap_px} advances by {tile_px - overlap_px} px, less than this "
+            f"model's padding multiple ({pad_multiple} px): use --overlap {tile_px - pad_multiple} or less"
+        )
+
+
 def available_memory_bytes(device: torch.device) -> int | None:
     """Memory a forward pass on ``device`` can still use; None where this cannot be told (then nothing is checked).
 
     CUDA: free device memory plus what PyTorch's cache holds unused. CPU on Linux: MemAvailable, capped by a
-    cgroup v2 memory limit (containers) when there is one.
+    cgroup v2 memory limit (containers) and by the address space left under ``ulimit -v`` when there is one.
     """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -78,8 +108,24 @@ def available_memory_bytes(device: torch.device) -> int | None:
         available = int(meminfo["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None
-    limit = cgroup_available_bytes()
-    return available if limit is None else min(available, limit)
+    for limit in (cgroup_available_bytes(), address_space_left_bytes()):
+        available = available if limit is None else min(available, limit)
+    return available
+
+
+def address_space_left_bytes() -> int | None:
+    """The soft RLIMIT_AS (``ulimit -v``) minus this process's virtual size; None when unlimited."""
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit == resource.RLIM_INFINITY:
+        return None
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        size = int(next(line for line in status if line.startswith("VmSize:")).split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+    return max(0, limit - size)
 
 
 def cgroup_available_bytes(root: Path = Path("/sys/fs/cgroup")) -> int | None:
@@ -111,11 +157,14 @@ def check_forward_memory(
     overlap_px: int,
     device: torch.device,
     name: str,
+    frame: tuple[int, int] | None = None,
+    frame_bytes: int = 0,
 ) -> None:
     """Refuse, saying which option fixes it, a forward pass on ``height`` x ``width`` (``batch`` tiles of that
-    size when ``tiled``) that cannot fit in the memory available on ``device``."""
+    size when ``tiled``) that cannot fit in the memory available on ``device`` next to ``frame_bytes`` of
+    whole-image buffers (of a ``frame`` = (height, width) image). The advice is only ever something that fits."""
     available = available_memory_bytes(device)
-    needed = forward_peak_bytes(config, height, width, batch=batch)
+    needed = frame_bytes + forward_peak_bytes(config, height, width, batch=batch)
     if available is None or needed <= available:
         return
     if not tiled:
@@ -124,32 +173,75 @@ def check_forward_memory(
         what = f"{batch} tiles of {height}x{width} per pass"
     else:
         what = f"{height}x{width} tiles"
-    message = f"{name}: restoring {what} needs about {_size_text(needed)}, {_size_text(available)} are available"
-    if tiled and batch > 1 and forward_peak_bytes(config, height, width) <= available:
+    if tiled and frame is not None:
+        what = f"{frame[0]}x{frame[1]} in {what}"
+    need = _size_text(needed) + (f" ({_size_text(frame_bytes)} of it for the whole image)" if frame_bytes else "")
+    message = f"{name}: restoring {what} needs about {need}, {_size_text(available)} are available"
+
+    def fits(tile_h: int, tile_w: int, n: int = 1) -> bool:
+        return frame_bytes + forward_peak_bytes(config, tile_h, tile_w, batch=n) <= available
+
+    if tiled and batch > 1 and fits(height, width):
         raise ImageError(f"{message}; fewer tiles per pass: --batch 1")
+    m = config.pad_multiple
     for tile in (DEFAULT_TILE_PX, 256, 128, 64):
-        if tile < max(height, width) and forward_peak_bytes(config, min(tile, height), min(tile, width)) <= available:
+        if m <= tile < max(height, width) and fits(min(tile, height), min(tile, width)):
             advice = f"--tile {tile}" + (" (the default)" if tile == DEFAULT_TILE_PX else "")
-            advice += f" --overlap {tile // 4}" if overlap_px >= tile else ""
+            advice += f" --overlap {min(tile // 4, tile - m)}" if tile - overlap_px < m else ""
             advice += " --batch 1" if batch > 1 else ""
             raise ImageError(f"{message}; {'smaller tiles' if tiled else 'tile it'}: {advice}")
+    room = available - forward_peak_bytes(config, DEFAULT_TILE_PX, DEFAULT_TILE_PX)
+    if frame_bytes and room >= 1e6 * _FRAME_BYTES_PER_PIXEL:
+        raise ImageError(
+            f"{message}; the image is too large for this machine's memory: crop it into parts of at most "
+            f"{room / _FRAME_BYTES_PER_PIXEL / 1e6:,.0f} megapixels"
+        )
     raise ImageError(f"{message}; free some memory or use a smaller model")
 
 
 def check_restore_memory(
-    model: NAFNet, height: int, width: int, *, tile_px: int, overlap_px: int, batch: int, name: str
+    model: NAFNet,
+    height: int,
+    width: int,
+    *,
+    tile_px: int,
+    overlap_px: int,
+    batch: int,
+    name: str,
+    in_memory: bool = False,
 ) -> None:
-    """:func:`check_forward_memory` for what :func:`restore_tensor` would run on a ``height`` x ``width`` image."""
+    """Refuse, before anything is decoded or run, restoring a ``height`` x ``width`` image that does not fit in
+    memory: the whole-image buffers of :func:`frame_peak_bytes` (with ``in_memory``, the image is already
+    decoded and only the output is still to come) plus the forward passes :func:`restore_tensor` would run.
+    Tile settings that make no progress are refused first (:func:`check_tiling`); ``batch`` counts only the
+    tiles there are."""
+    config = model.config
+    check_tiling(tile_px, overlap_px, pad_multiple=config.pad_multiple)
     whole = tile_px == 0 or (height <= tile_px and width <= tile_px)
+    tiles = tile_count(height, width, tile_px=tile_px, overlap_px=overlap_px, pad_multiple=config.pad_multiple)
+    device = next(model.parameters()).device
+    # The output accumulator (float32, C channels) and the finiteness mask stay to come when the input is read.
+    frame_bytes = height * width * (4 * config.img_channels + 1) if in_memory else frame_peak_bytes(height, width)
+    if device.type != "cpu":  # the whole image stays in host memory; only the tiles go to the device
+        host = available_memory_bytes(torch.device("cpu"))
+        if host is not None and frame_bytes > host:
+            raise ImageError(
+                f"{name}: restoring {height}x{width} needs about {_size_text(frame_bytes)} of host memory for the "
+                f"whole image, {_size_text(host)} are available; the image is too large for this machine's memory: "
+                f"crop it into parts of at most {max(1, host // _FRAME_BYTES_PER_PIXEL) / 1e6:,.1f} megapixels"
+            )
+        frame_bytes = 0
     check_forward_memory(
-        model.config,
+        config,
         height if whole else min(tile_px, height),
         width if whole else min(tile_px, width),
         tiled=not whole,
-        batch=1 if whole else batch,
+        batch=1 if whole else min(batch, tiles),
         overlap_px=overlap_px,
-        device=next(model.parameters()).device,
+        device=device,
         name=name,
+        frame=(height, width),
+        frame_bytes=frame_bytes,
     )
 
 
@@ -166,27 +258,34 @@ def restore_tensor(
 ) -> torch.Tensor:
     """Run ``model`` on a 1xCxHxW CPU float tensor; ``tile_px=0`` runs the whole image at once.
 
-    Tiled runs first zero-pad the frame to the model's multiple, as the whole-image run does, and place tiles
-    on that multiple, so tiles see the same padding and downsampling grid and follow whole-image output closely.
-    Returns the raw (unclamped) float32 CPU output, as the official code does before saving. Raises an
+    Tiled runs tile the frame as if zero-padded to the model's multiple, as the whole-image run pads it, and place
+    tiles on that multiple, so tiles see the same padding and downsampling grid and follow whole-image output
+    closely; no padded copy of the frame is made. Returns the raw (unclamped) float32 CPU output, as the official
+    code does before saving (tiled: its memory in HxWxC order, see :func:`run_tiled`). Raises an
     :class:`ImageError` starting with ``name``, before any work, when a forward pass would not fit in memory,
     and a :class:`CheckpointError` starting with ``name`` when the output holds NaN or Inf.
     """
     device = next(model.parameters()).device
     h, w = image.shape[-2:]
     whole = tile_px == 0 or (h <= tile_px and w <= tile_px)
-    check_restore_memory(model, h, w, tile_px=tile_px, overlap_px=overlap_px, batch=batch, name=name)
+    check_restore_memory(model, h, w, tile_px=tile_px, overlap_px=overlap_px, batch=batch, name=name, in_memory=True)
     if whole:
-        out = model(image.to(device)).float().cpu()
+        out = model(image.to(device).contiguous()).float().cpu()
         if on_tile is not None:
             on_tile(1)
     else:
         m = model.pad_multiple
-        padded = F.pad(image, (0, (m - w % m) % m, 0, (m - h % m) % m))
         out = run_tiled(
-            model, padded, tile_px=tile_px, overlap_px=overlap_px, batch=batch, device=device, on_tile=on_tile,
+            model,
+            image,
+            tile_px=tile_px,
+            overlap_px=overlap_px,
+            batch=batch,
+            device=device,
+            on_tile=on_tile,
             align_px=m,
-        )[..., :h, :w]
+            pad_multiple=m,
+        )
     check_finite_output(out, name=name)
     return out
 
@@ -194,7 +293,8 @@ def restore_tensor(
 def check_finite_output(output: torch.Tensor, *, name: str) -> None:
     """Refuse an output holding NaN or Inf: the weights overflow float32 on this input, and clamped to [0, 1]
     such an output would become a black or saturated image that looks like a result."""
-    if bool(torch.isfinite(output).all()):
+    # Row by row: torch.isfinite over a whole frame allocates about 20 bytes per pixel of temporaries.
+    if all(bool(torch.isfinite(rows).all()) for rows in output.split(64, dim=-2)):
         return
     bad = int((~torch.isfinite(output)).sum())
     raise CheckpointError(
@@ -220,18 +320,17 @@ def restore_image(
     model_channels = model.config.img_channels
     pixels = image.pixels
     gray_in = pixels.shape[2] == 1
-    if pixels.shape[2] != model_channels:
-        if gray_in and model_channels == 3:
-            pixels = np.repeat(pixels, 3, axis=2)
-        else:
-            raise ImageError(
-                f"this checkpoint restores {model_channels}-channel images and the input has {pixels.shape[2]}; "
-                "convert the input to grayscale first"
-            )
-    x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None]
+    if pixels.shape[2] != model_channels and not (gray_in and model_channels == 3):
+        raise ImageError(
+            f"this checkpoint restores {model_channels}-channel images and the input has {pixels.shape[2]}; "
+            "convert the input to grayscale first"
+        )
+    # A view of the pixels (the tiler copies tiles out of it); gray is replicated to RGB as a view, too.
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].expand(-1, model_channels, -1, -1)
     name = str(image.path) if image.path is not None else "the image"
     y = restore_tensor(model, x, tile_px=tile_px, overlap_px=overlap_px, batch=batch, on_tile=on_tile, name=name)
-    out = y[0].clamp(0.0, 1.0).permute(1, 2, 0).numpy()
+    out = y[0].permute(1, 2, 0).numpy()  # a view of the tiler's HxWxC accumulator: clamped in place
+    np.clip(out, 0.0, 1.0, out=out)
     if gray_in and out.shape[2] == 3:
         out = out.mean(axis=2, keepdims=True)
     return RGBImage(

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 DEFAULT_TILE_PX = 512
 DEFAULT_OVERLAP_PX = 64
@@ -117,30 +118,39 @@ def run_tiled(
     device: torch.device | str = "cpu",
     on_tile: Callable[[int], None] | None = None,
     align_px: int = 1,
+    pad_multiple: int = 1,
 ) -> torch.Tensor:
     """Apply ``fn`` (NCHW -> NCHW, same size) to a 1xCxHxW CPU image tile by tile and blend the results.
 
-    Tiles are sent to ``device`` ``batch`` at a time; the result is a float32 CPU tensor of the input shape.
+    With ``pad_multiple`` > 1 the frame is tiled as if zero-padded on the right and bottom to that multiple; only
+    the tiles at the border are padded, the frame is never copied. Tiles are sent to ``device`` ``batch`` at a time.
+    The result is a float32 CPU tensor of the input's shape whose memory is in HxWxC order (an image array is a
+    view of it); besides the input, it is the only full-frame buffer.
     """
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"expected a 1xCxHxW image, got {tuple(image.shape)}")
     _, c, h, w = image.shape
-    grid = make_grid(h, w, tile_px=tile_px, overlap_px=overlap_px, align_px=align_px)
-    wy = axis_weights(h, grid.tile_h, grid.ys)
-    wx = axis_weights(w, grid.tile_w, grid.xs)
-    out = torch.zeros(1, c, h, w, dtype=torch.float32)
+    ph, pw = -(-h // pad_multiple) * pad_multiple, -(-w // pad_multiple) * pad_multiple
+    grid = make_grid(ph, pw, tile_px=tile_px, overlap_px=overlap_px, align_px=align_px)
+    wy = axis_weights(ph, grid.tile_h, grid.ys)
+    wx = axis_weights(pw, grid.tile_w, grid.xs)
+    out = torch.zeros(h, w, c, dtype=torch.float32)
+    th, tw = grid.tile_h, grid.tile_w
     positions = [(iy, ix) for iy in range(len(grid.ys)) for ix in range(len(grid.xs))]
     for first in range(0, len(positions), max(1, batch)):
         chunk = positions[first : first + max(1, batch)]
-        th, tw = grid.tile_h, grid.tile_w
-        tiles = torch.cat(
-            [image[:, :, grid.ys[iy] : grid.ys[iy] + th, grid.xs[ix] : grid.xs[ix] + tw] for iy, ix in chunk]
-        )
-        result = fn(tiles.to(device)).float().cpu()
+        tiles = []
+        for iy, ix in chunk:
+            tile = image[:, :, grid.ys[iy] : grid.ys[iy] + th, grid.xs[ix] : grid.xs[ix] + tw]
+            tiles.append(F.pad(tile, (0, tw - tile.shape[3], 0, th - tile.shape[2])))
+        result = fn(torch.cat(tiles).to(device)).float().cpu()
         for k, (iy, ix) in enumerate(chunk):
             y, x = grid.ys[iy], grid.xs[ix]
-            weight = wy[iy][:, None] * wx[ix][None, :]
-            out[0, :, y : y + th, x : x + tw] += result[k] * weight
+            vh, vw = min(th, h - y), min(tw, w - x)  # the part of the tile inside the frame
+            if vh <= 0 or vw <= 0:
+                continue
+            weight = wy[iy][:vh, None] * wx[ix][None, :vw]
+            out[y : y + vh, x : x + vw] += (result[k, :, :vh, :vw] * weight).permute(1, 2, 0)
         if on_tile is not None:
             on_tile(len(chunk))
-    return out
+    return out.permute(2, 0, 1)[None]

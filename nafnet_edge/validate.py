@@ -257,6 +257,8 @@ _ENTRY_HEADER = struct.Struct("<8s3IB3xd")  # magic, height, width, channels, ha
 _MAC_BYTES = 32
 _SECRET_NAME = "hmac.key"
 _SECRET_BYTES = 32
+# Never follow a link, never block on a FIFO: a cache file is opened as what it is, then checked with fstat.
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
 
 
 def cache_dir() -> Path:
@@ -341,7 +343,8 @@ def reference_outputs(
 
     results = []
     for image in images:
-        path, material = None, b""
+        path: Path | None = None
+        material = b""
         if secret is not None and identity is not None:
             name, material = cache_key(identity, image, tile=tile, overlap=overlap)
             path = cache_dir() / name
@@ -373,9 +376,8 @@ def _read_cached(
     costs no more memory than the image's own output."""
     if len(shape) != 3:
         return None
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, _READ_FLAGS)
     except OSError:
         return None
     with open(fd, "rb", buffering=0) as f:
@@ -438,41 +440,44 @@ def _write_cached(path: Path, tiled: np.ndarray, tiling_db: float | None, secret
 _cache_warned = False
 
 
-def _warn_uncached(reason: str) -> None:
+def _warn_uncached(reason: str, advice: str = "set NAFNET_EDGE_CACHE to a folder you can write") -> None:
     global _cache_warned
     if not _cache_warned:
         _cache_warned = True
-        print(f"nafnet-edge: warning: reference outputs not cached ({reason}); set NAFNET_EDGE_CACHE", file=sys.stderr)
+        print(f"nafnet-edge: warning: reference outputs not cached ({reason}); {advice}", file=sys.stderr)
 
 
 def _cache_secret(directory: Path) -> bytes | None:
     """The HMAC key of this user's cache in ``directory``, created on first use; None (said once) when the folder
     or the key cannot be trusted or made: then references are computed without the cache.
 
-    The folder must be a real folder (not a link) owned by this user; the key a regular file of 32 bytes owned by
-    this user with mode 0600. A new key is written to a private temporary file and linked into place, which
-    fails when a key exists, so concurrent first runs agree on one key and no one ever reads a partial key."""
+    The folder must be a real folder (not a link) owned by this user; the key a regular file (not a link) of 32
+    bytes owned by this user with mode 0600, checked on the open file itself. A new key is written to a private
+    temporary file and linked into place, which fails when a key exists, so concurrent first runs agree on one
+    key and no one ever reads a partial key."""
+    path = directory / _SECRET_NAME
+    secret = b""
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         problem = _not_private(os.lstat(directory), directory, is_dir=True)
         if problem:
-            _warn_uncached(problem)
+            _warn_uncached(problem, "set NAFNET_EDGE_CACHE to a folder of yours")
             return None
-        path = directory / _SECRET_NAME
         if not os.path.lexists(path):
             _create_secret(path)
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-        fd = os.open(path, flags)
-        with open(fd, "rb", buffering=0) as f:
-            problem = _not_private(os.fstat(fd), path, is_dir=False)
-            secret = f.read(_SECRET_BYTES + 1) if not problem else b""
+        problem = _not_private(os.lstat(path), path, is_dir=False)  # names a link for what it is
+        if not problem:
+            fd = os.open(path, _READ_FLAGS)
+            with open(fd, "rb", buffering=0) as f:
+                problem = _not_private(os.fstat(fd), path, is_dir=False)  # the file read, not what the name was
+                secret = b"" if problem else f.read(_SECRET_BYTES + 1)
     except OSError as e:
         _warn_uncached(f"{e.strerror or e}: {e.filename or directory}")
         return None
     if not problem and len(secret) != _SECRET_BYTES:
         problem = f"{path} is not a {_SECRET_BYTES}-byte key"
     if problem:
-        _warn_uncached(f"{problem}; remove it to make a new one")
+        _warn_uncached(problem, "remove it to make a new one")
         return None
     return secret
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 import torch
 from helpers import randomize
@@ -165,12 +164,13 @@ def test_bad_options_are_refused_before_anything_is_written(
 
 def test_reference_outputs_are_cached_by_checkpoint_and_image(checkpoint: Path, data: Path, tmp_path: Path) -> None:
     assert convert(checkpoint, tmp_path / "out", data, "--target", "onnx") == 0
-    cached = sorted((tmp_path / "cache" / "reference").glob("*.npz"))
+    cached = sorted((tmp_path / "cache" / "reference").glob("*.ref"))
     assert len(cached) == 2
     stamp = [p.stat().st_mtime_ns for p in cached]
     assert convert(checkpoint, tmp_path / "out", data, "--target", "openvino") == 0
     assert [p.stat().st_mtime_ns for p in cached] == stamp  # reused, not recomputed
-    np.testing.assert_array_equal(np.load(cached[0])["tiled"].shape[2], 3)
+    # header (32 bytes) + float32 HxWx3 + HMAC (32 bytes) for the 50x40 and the 96x120 crop
+    assert sorted(p.stat().st_size for p in cached) == [64 + 4 * 50 * 40 * 3, 64 + 4 * 96 * 120 * 3]
 
 
 def test_a_damaged_or_unwritable_cache_costs_time_not_correctness(
@@ -179,13 +179,15 @@ def test_a_damaged_or_unwritable_cache_costs_time_not_correctness(
     def summary(out: Path) -> dict:
         return json.loads((out / "onnx" / "manifest.json").read_text())["validation"]["summary"]
 
+    monkeypatch.setattr("nafnet_edge.validate._cache_warned", False)
     assert convert(checkpoint, tmp_path / "a", data, "--target", "onnx") == 0
-    cached = sorted((tmp_path / "cache" / "reference").glob("*.npz"))
-    cached[0].write_bytes(b"not an npz")  # damaged
-    np.savez(cached[1], tiled=np.zeros((2, 2, 3), np.float32), tiling_db=np.array([]))  # edited: wrong image
+    cached = sorted((tmp_path / "cache" / "reference").glob("*.ref"))
+    sizes = [p.stat().st_size for p in cached]
+    cached[0].write_bytes(b"not an entry")  # damaged
+    cached[1].write_bytes(cached[1].read_bytes()[: sizes[1] // 2])  # truncated
     assert convert(checkpoint, tmp_path / "b", data, "--target", "onnx") == 0
     assert summary(tmp_path / "b") == summary(tmp_path / "a")  # recomputed, the same verdict
-    assert np.load(cached[1])["tiled"].shape[:2] != (2, 2)  # and the cache repaired
+    assert [p.stat().st_size for p in cached] == sizes  # and the cache repaired
 
     (tmp_path / "afile").write_text("")
     monkeypatch.setenv("NAFNET_EDGE_CACHE", str(tmp_path / "afile" / "cache"))  # cannot be created

@@ -165,15 +165,15 @@ def test_a_device_is_refused_for_what_it_is(name: str) -> None:
         artifact_file(Path("/dev"), name)
 
 
-@pytest.mark.parametrize("where", ["listed", "inside-a-listed-folder"])
+@pytest.mark.parametrize("where", ["listed", "inside-a-bundle"])
 def test_report_never_walks_a_link_to_the_root(artifact: Path, built: Path, capsys, monkeypatch, where) -> None:
     if where == "listed":
         edit_manifest(artifact, files=["model.onnx", "root"])
         (artifact / "root").symlink_to("/")
     else:
-        edit_manifest(artifact, files=["model.onnx", "extra"])
-        (artifact / "extra").mkdir()
-        (artifact / "extra" / "up").symlink_to("/")
+        edit_manifest(artifact, files=["model.onnx", "extra.mlpackage"])  # a bundle is walked, never through links
+        (artifact / "extra.mlpackage" / "Data").mkdir(parents=True)
+        (artifact / "extra.mlpackage" / "Data" / "up").symlink_to("/")
     listed: list[str] = []
     listdir = os.listdir
     monkeypatch.setattr(os, "listdir", lambda p=".": listed.append(str(p)) or listdir(p))
@@ -357,9 +357,9 @@ class _BugInterruptedWhileReported(RuntimeError):
         return "a bug"
 
 
-def _fails_with(error: BaseException):
+def _fails_with(error: type[BaseException]):
     def func(args) -> int:
-        raise error
+        raise error()
 
     return func
 
@@ -376,8 +376,8 @@ def _native_call_interrupted(args) -> int:
 @pytest.mark.parametrize(
     "func",
     [
-        _fails_with(_InterruptedWhileReported()),
-        _fails_with(_BugInterruptedWhileReported()),
+        _fails_with(_InterruptedWhileReported),
+        _fails_with(_BugInterruptedWhileReported),
         _native_call_interrupted,
     ],
     ids=["error", "internal-error", "native-call"],

@@ -15,11 +15,13 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import inspect_refused
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from safetensors.torch import save, save_file
 
 from nafnet_edge.checkpoint import load_checkpoint
@@ -205,3 +207,161 @@ def test_damaged_files_never_crash_the_loader(tmp_path: Path, layout, cut, flips
     except CheckpointError:
         return
     assert loaded.config.width == 8  # a flip in tensor data, or in bytes no reader looks at
+
+
+def _rewrite_zip(src: Path, dst: Path, *, record: str | None = None, keep_bytes: int = 0, deflate: bool = False):
+    """``src`` rezipped to ``dst``: ``record`` cut to its first ``keep_bytes`` bytes, or data records deflated."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename == record:
+                data = data[:keep_bytes]
+            compressed = deflate and "/data/" in info.filename
+            zout.writestr(info.filename, data, zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED)
+
+
+def _largest_record(path: Path) -> zipfile.ZipInfo:
+    with zipfile.ZipFile(path) as zf:
+        return max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0], ids=["half", "empty"])
+def test_a_data_record_shorter_than_its_tensor_is_refused(tmp_path: Path, tiny_sd, capsys, keep: float) -> None:
+    good = tmp_path / "good.pth"
+    torch.save({"params": tiny_sd}, good)
+    record = _largest_record(good)
+    short = tmp_path / "short.pth"
+    _rewrite_zip(good, short, record=record.filename, keep_bytes=int(record.file_size * keep))
+    inspect_refused(
+        short,
+        capsys,
+        f"record {record.filename!r} holds {int(record.file_size * keep):,} bytes but its tensor needs "
+        f"{record.file_size:,}",
+    )
+    _rewrite_zip(good, tmp_path / "rezipped.pth")  # control: the same rewrite without the cut loads
+    assert load_checkpoint(tmp_path / "rezipped.pth").config.width == 8
+
+
+def test_a_compressed_data_record_is_refused(tmp_path: Path, tiny_sd, capsys) -> None:
+    torch.save({"params": tiny_sd}, tmp_path / "good.pth")
+    _rewrite_zip(tmp_path / "good.pth", tmp_path / "deflated.pth", deflate=True)
+    inspect_refused(tmp_path / "deflated.pth", capsys, "'good/data/0' is compressed", "zip -0")
+
+
+def _with(sd: dict[str, torch.Tensor], key: str, dtype: torch.dtype, index: int, value: float) -> dict:
+    t = sd[key].to(dtype).clone()
+    t.view(-1)[index] = value
+    return {**sd, key: t}
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "needle"),
+    [
+        (torch.float64, 1e300, "'ending.bias' (1 values, of which 1 overflow float32 from float64)"),
+        (torch.float64, -1e39, "'ending.bias' (1 values, of which 1 overflow float32 from float64)"),
+        (torch.float16, float("inf"), "NaN or Inf weights in float32 in 1 tensors: 'ending.bias' (1 values)"),
+        (torch.bfloat16, float("-inf"), "NaN or Inf weights in float32 in 1 tensors: 'ending.bias' (1 values)"),
+        (torch.bfloat16, float("nan"), "NaN or Inf weights in float32 in 1 tensors: 'ending.bias' (1 values)"),
+        (torch.float32, 1e38, "weights of magnitude 1.8e+19 or more in 1 tensors: 'ending.bias' (up to 1e+38)"),
+        (torch.float64, -1e25, "weights of magnitude 1.8e+19 or more in 1 tensors: 'ending.bias' (up to 1e+25)"),
+    ],
+    ids=["fp64-1e300", "fp64-minus-1e39", "fp16-inf", "bf16-minus-inf", "bf16-nan", "fp32-1e38", "fp64-1e25"],
+)
+@pytest.mark.parametrize("layout", ["torch-zip", "safetensors"])
+def test_weights_that_overflow_float32_are_refused(tmp_path: Path, tiny_sd, capsys, layout, dtype, value, needle):
+    sd = _with(tiny_sd, "ending.bias", dtype, 1, value)
+    path = tmp_path / ("bad.safetensors" if layout == "safetensors" else "bad.pth")
+    if layout == "safetensors":
+        save_file(sd, str(path))
+    else:
+        torch.save({"params": sd}, path)
+    inspect_refused(path, capsys, needle)
+
+
+def test_float64_and_float16_weights_within_range_load(tmp_path: Path, tiny_sd) -> None:
+    sd = {k: v.to(torch.float64 if i % 2 else torch.float16) for i, (k, v) in enumerate(tiny_sd.items())}
+    sd = _with(sd, "ending.bias", torch.float64, 1, 1e15)  # large, but float32 holds it and its square
+    torch.save({"params": sd}, tmp_path / "mixed.pth")
+    loaded = load_checkpoint(tmp_path / "mixed.pth")
+    assert loaded.model.ending.bias[1].item() == pytest.approx(1e15)
+
+
+def _tensor_shapes(config: NAFNetConfig) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        return {k: v.shape for k, v in NAFNet(config).state_dict().items()}
+
+
+WIDE = NAFNetConfig(width=32, enc_blk_nums=(1, 1), middle_blk_num=40, dec_blk_nums=(1, 1))
+
+
+@pytest.mark.parametrize("trick", ["views-of-one-storage", "expanded-one-value", "same-tensor-every-key"])
+def test_tensors_sharing_one_storage_are_refused_before_allocating(tmp_path: Path, capsys, trick: str) -> None:
+    shapes = _tensor_shapes(WIDE)
+    stored = torch.randn(max(s.numel() for s in shapes.values())) * 0.01
+    if trick == "views-of-one-storage":
+        sd = {k: stored[: s.numel()].view(s) for k, s in shapes.items()}
+    elif trick == "expanded-one-value":  # stride 0: each tensor alone claims no more than the storage holds
+        sd = {k: stored[:1].expand(s) if len(s) else stored[0] for k, s in shapes.items()}
+    else:
+        same = {s: stored[: s.numel()].view(s) for s in set(shapes.values())}
+        sd = {k: same[s] for k, s in shapes.items()}
+    path = tmp_path / "shared.pth"
+    torch.save({"params": sd}, path)
+    claimed = sum(s.numel() for s in shapes.values()) * 4
+    assert path.stat().st_size * 20 < claimed
+    before = _max_rss_mb()
+    inspect_refused(
+        path, capsys, f"tensors claim {claimed:,} bytes", f"stores {stored.numel() * 4:,} bytes for them", "sharing"
+    )
+    assert _max_rss_mb() - before < 20
+
+
+def test_tensors_in_separate_parts_of_one_storage_still_load(tmp_path: Path, tiny_sd) -> None:
+    """A flat parameter buffer, every tensor a slice of its own: nothing overlaps, nothing is refused."""
+    flat = torch.cat([v.reshape(-1) for v in tiny_sd.values()])
+    sd, start = {}, 0
+    for k, v in tiny_sd.items():
+        sd[k] = flat[start : start + v.numel()].view(v.shape)
+        start += v.numel()
+    torch.save({"params": sd}, tmp_path / "flat.pth")
+    loaded = load_checkpoint(tmp_path / "flat.pth")
+    torch.testing.assert_close(loaded.model.state_dict(), tiny_sd)
+
+
+def test_weights_larger_than_the_memory_available_are_refused(tmp_path: Path, tiny_sd, capsys, monkeypatch) -> None:
+    torch.save({"params": tiny_sd}, tmp_path / "good.pth")
+    needed = sum(v.numel() for v in tiny_sd.values()) * 4
+    monkeypatch.setattr("nafnet_edge.inference.available_memory_bytes", lambda device: needed - 1)
+    inspect_refused(
+        tmp_path / "good.pth", capsys, f"float32 weights need {needed / 1e9:.2f} GB of memory", "GB are available"
+    )
+    monkeypatch.setattr("nafnet_edge.inference.available_memory_bytes", lambda device: needed)
+    assert main(["inspect", str(tmp_path / "good.pth")]) == 0
+
+
+@pytest.mark.parametrize("tile", ["0", "32"], ids=["whole", "tiled"])
+def test_run_refuses_an_output_with_nan_and_writes_no_image(tmp_path: Path, tiny_sd, capsys, tile: str) -> None:
+    # Finite weights a million times too large: the forward pass overflows float32 into NaN.
+    sd = {k: v * 1e6 if ".conv" in k and k.endswith("weight") else v for k, v in tiny_sd.items()}
+    ckpt = tmp_path / "overflows.pth"
+    torch.save({"params": sd}, ckpt)
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "out"
+    assert main(["run", str(ckpt), str(image), "-o", str(out), "--tile", tile, "--overlap", "8"]) == EXIT_BAD_INPUT
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nafnet-edge:")]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"nafnet-edge: error: {image}: the checkpoint produced non-finite values (NaN or Inf)")
+    assert "of 6,720 output values, so no image was written for it" in errors[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("train_size", [[0, 256], [-256, 256], "256x256", [256], [256.5, 256], [True, 256]])
+def test_a_bad_train_size_in_metadata_names_the_file(tmp_path: Path, tiny_sd, capsys, train_size) -> None:
+    path = tmp_path / "tlc.safetensors"
+    config = {"arch": "nafnet-local", "train_size": train_size}
+    save_file(tiny_sd, str(path), metadata={"config": json.dumps(config)})
+    err = inspect_refused(path, capsys, f"its metadata gives train_size {train_size!r}", "pass --train-size")
+    assert "--train-size must" not in err
+    assert main(["inspect", str(path), "--train-size", "128", "--json"]) == 0  # the flag overrides the metadata
+    assert json.loads(capsys.readouterr().out)["train_size"] == [128, 128]

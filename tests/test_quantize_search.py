@@ -202,13 +202,14 @@ def test_search_keeps_sensitive_units_float_until_the_artifact_meets_its_budget(
     assert code == 0 and manifest["validation"]["passed"], rounds
     assert np.isclose(rounds[0]["fidelity_db_min"], all_int8)  # the same all-int8 artifact first
     assert not rounds[0]["passed"] and rounds[-1]["passed"] and len(rounds) >= 2
+    assert search["kept_round"] == len(rounds) - 1 and search["stopped"] == "met the budget"
     assert [len(r["kept_float"]) for r in rounds] == [0, 1, 2, 4][: len(rounds)]
     ranked = list(search["sensitivity_db"])
     assert rounds[-1]["kept_float"] == manifest["quantization"]["kept_float"] == ranked[: len(rounds[-1]["kept_float"])]
     assert manifest["export"]["kept_float"] == sorted(rounds[-1]["kept_float"])
     assert manifest["validation"]["summary"]["fidelity_db_min"] >= all_int8 + MIN_SEARCH_GAIN_DB
     latency = search["latency_ms"]
-    assert latency["first_round"] > 0 and latency["last_round"] > 0 and latency["ratio"] > 0
+    assert latency["first_round"] > 0 and latency["kept_round"] > 0 and latency["ratio"] > 0
 
 
 # --- which round lands: the search's bookkeeping, with rounds faked (no quantizer, runtime or validation run) ---
