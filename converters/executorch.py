@@ -88,13 +88,13 @@ class ExecuTorchConverter(Converter):
             )
         if options.bundle:  # test inputs may still be missing here: the pipeline adds them after this check
             if options.test_outputs and len(options.test_outputs) != len(options.test_inputs):
-                raise OptionError(
+                raise ValueError(
                     f"{len(options.test_inputs)} bundled test inputs but {len(options.test_outputs)} expected "
                     "outputs; give one output per input"
                 )
             for a in (*options.test_inputs, *options.test_outputs):
                 if a.ndim != 4 or a.shape[0] != 1 or tuple(a.shape[2:]) != tuple(options.input_size):
-                    raise OptionError(
+                    raise ValueError(
                         f"bundled test arrays must be (1, C, {options.input_size[0]}, {options.input_size[1]}) "
                         f"at the input size; got {a.shape}: pad or crop them to it"
                     )

@@ -12,6 +12,7 @@ import sys
 import threading
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,10 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'256' -> (256, 256); '512x768' -> (512, 768) as (height, width)."""
+def parse_size(text: str, *, max_side: int | None = None) -> tuple[int, int]:
+    """'256' -> (256, 256); '512x768' -> (512, 768) as (height, width); each side at most ``max_side``
+    (default :data:`MAX_SIDE_PX`)."""
+    max_side = MAX_SIDE_PX if max_side is None else max_side
     try:
         parts = [int(p) for p in text.lower().split("x")]
     except ValueError:
@@ -41,6 +44,8 @@ def parse_size(text: str) -> tuple[int, int]:
         parts *= 2
     if len(parts) != 2 or min(parts) < 1:
         raise argparse.ArgumentTypeError(f"expected a size like 256 or 512x768 (height x width), got {text!r}")
+    if max(parts) > max_side:
+        raise argparse.ArgumentTypeError(f"expected at most {max_side} px per side, got {text!r}")
     return parts[0], parts[1]
 
 
@@ -78,6 +83,55 @@ def positive_float(text: str) -> float:
     return value
 
 
+# Upper bounds of the numeric options: past them a command runs out of memory or time rather than doing more of
+# what was asked. A model input side (tile, export shape, training crop) of 16384 px already needs hundreds of GB
+# for one forward pass of the official models; full frames may be larger, up to the image reader's pixel limit.
+MAX_SIDE_PX = 16384
+MAX_FRAME_SIDE_PX = 65535  # the largest side JPEG, and so most cameras' files, can hold
+MAX_FRAME_PIXELS = 1 << 30  # images.MAX_IMAGE_PIXELS, OpenCV's default limit
+MAX_BATCH = 1024
+MAX_ITERS = 1_000_000
+MAX_SEED = 2**32 - 1  # numpy's and every runtime's seed range
+MAX_SEARCH_ROUNDS = 16  # round k keeps 2^(k-1) units float: 16 rounds cover any NAFNet's units
+MAX_LISTED = 1000  # profile rows, report images
+STREAM_SCALES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def bounded(parse: Callable[[str], Any], high: float | Callable[[], float], what: str = "") -> Callable[[str], Any]:
+    """An argparse type: ``parse`` (which sets the lower bound), then at most ``high`` (a number, or a function
+    for a limit of this machine), saying ``what`` the limit is."""
+
+    def parse_bounded(text: str) -> Any:
+        value = parse(text)
+        limit = high() if callable(high) else high
+        if value > limit:
+            shown = f"{limit:g}" if isinstance(limit, float) else str(limit)
+            raise argparse.ArgumentTypeError(f"expected at most {shown}{f' ({what})' if what else ''}, got {text!r}")
+        return value
+
+    return parse_bounded
+
+
+def cpu_count() -> int:
+    """The CPU cores this process may run on (the affinity mask where there is one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def stream_scale(text: str) -> float:
+    value = finite_float(text)
+    if value not in STREAM_SCALES:
+        raise argparse.ArgumentTypeError(f"expected a power of two from 1 to 64, got {text!r}")
+    return value
+
+
+SIDE_OR_ZERO = bounded(non_negative_int, MAX_SIDE_PX, "px, the largest model input side")
+BATCH = bounded(positive_int, MAX_BATCH)
+ITERS = bounded(positive_int, MAX_ITERS)
+
+
 def checkpoint_options() -> argparse.ArgumentParser:
     p = Parser(add_help=False)
     g = p.add_argument_group("checkpoint")
@@ -94,7 +148,7 @@ def checkpoint_options() -> argparse.ArgumentParser:
 
 def _validation_knobs(g: Any) -> None:
     g.add_argument("--reference-device", default="auto", choices=["auto", "cpu", "cuda"], help="fp32 reference on")
-    g.add_argument("--overlap", type=non_negative_int, default=32, metavar="PX", help="tile overlap (32)")
+    g.add_argument("--overlap", type=SIDE_OR_ZERO, default=32, metavar="PX", help="tile overlap (32)")
     g.add_argument(
         "--min-fidelity", type=finite_float, metavar="DB", help="PSNR vs reference (fp32 60, fp16 45, int8 35)"
     )
@@ -138,9 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="+", metavar="[CKPT] INPUT", help="optional checkpoint, then images or folders")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR", help="folder for the results")
-    p.add_argument("--tile", type=non_negative_int, default=512, metavar="PX", help="tile size, 0 = whole image (512)")
-    p.add_argument("--overlap", type=non_negative_int, default=64, metavar="PX", help="tile overlap (64)")
-    p.add_argument("--batch", type=positive_int, default=1, metavar="N", help="tiles per forward pass (1)")
+    p.add_argument("--tile", type=SIDE_OR_ZERO, default=512, metavar="PX", help="tile size, 0 = whole image (512)")
+    p.add_argument("--overlap", type=SIDE_OR_ZERO, default=64, metavar="PX", help="tile overlap (64)")
+    p.add_argument("--batch", type=BATCH, default=1, metavar="N", help="tiles per forward pass (1)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when present")
     p.add_argument(
         "--format",
@@ -175,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--stream-scale",
-        type=float,
+        type=stream_scale,
         default=16.0,
         help="power of two (1-64) dividing the residual stream so fp16 norms cannot overflow (default 16)",
     )
@@ -184,12 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
     int8 = Parser(add_help=False)
     g = int8.add_argument_group("int8")
     g.add_argument("--method", choices=["qat", "ptq"], default="qat", help="fine-tune or calibrate only (qat)")
-    g.add_argument("--iters", type=positive_int, default=300, metavar="N", help="QAT steps (300)")
-    g.add_argument("--batch", type=positive_int, default=4, metavar="N", help="crops per step (4)")
+    g.add_argument("--iters", type=bounded(positive_int, MAX_ITERS), default=300, metavar="N", help="QAT steps (300)")
+    g.add_argument("--batch", type=BATCH, default=4, metavar="N", help="crops per step (4)")
     g.add_argument(
-        "--lr", type=positive_float, default=1e-3, help="AdamW step relative to each tensor's RMS, cosine (1e-3)"
+        "--lr",
+        type=bounded(positive_float, 1.0, "a step as large as the weights"),
+        default=1e-3,
+        help="AdamW step relative to each tensor's RMS, cosine (1e-3)",
     )
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=bounded(non_negative_int, MAX_SEED), default=0, metavar="N", help="(0)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/.<target>-train.pt")
     g.add_argument(
         "--keep-float",
@@ -206,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--search-rounds",
-        type=int,
+        type=bounded(non_negative_int, MAX_SEARCH_ROUNDS),
         default=4,
         metavar="N",
         help="when the artifact misses --max-drift: up to N more rounds keeping the most sensitive units float "
@@ -216,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = Parser(add_help=False)
     g = bench.add_argument_group("benchmark")
     g.add_argument("--bench", action="store_true", help="benchmark what was built (nafnet-edge bench --save)")
-    g.add_argument("--bench-iters", type=positive_int, default=20, metavar="N", help="timed runs with --bench (20)")
+    g.add_argument("--bench-iters", type=ITERS, default=20, metavar="N", help="timed runs with --bench (20)")
 
     validation_only = Parser(add_help=False)
     g = validation_only.add_argument_group("validation")
@@ -301,10 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("directories", nargs="+", type=Path, metavar="ARTIFACT_DIR", help="OUT/<target> or OUT")
     p.add_argument(
-        "--iters", dest="bench_iters", type=positive_int, default=20, metavar="N", help="timed runs per artifact (20)"
+        "--iters", dest="bench_iters", type=ITERS, default=20, metavar="N", help="timed runs per artifact (20)"
     )
-    p.add_argument("--warmup", type=non_negative_int, default=3, metavar="N", help="untimed runs first (3)")
-    p.add_argument("--threads", type=positive_int, metavar="N", help="runtime threads (default: the runtime's)")
+    p.add_argument(
+        "--warmup", type=bounded(non_negative_int, MAX_ITERS), default=3, metavar="N", help="untimed runs first (3)"
+    )
+    p.add_argument(
+        "--threads",
+        type=bounded(positive_int, cpu_count, "the CPU cores here"),
+        metavar="N",
+        help="runtime threads (default: the runtime's)",
+    )
     p.add_argument(
         "--max-latency-ms", type=positive_float, metavar="MS", help="exit 3 when an artifact's median exceeds MS"
     )
@@ -315,9 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run one full frame through the artifact's tile, e.g. 3000x4000 or 12MP (4:3)",
     )
     p.add_argument(
-        "--overlap", dest="bench_overlap", type=non_negative_int, default=32, metavar="PX", help="full-frame overlap"
+        "--overlap", dest="bench_overlap", type=SIDE_OR_ZERO, default=32, metavar="PX", help="full-frame overlap"
     )
-    p.add_argument("--top", type=positive_int, default=8, metavar="N", help="operators listed per profile (8)")
+    p.add_argument(
+        "--top", type=bounded(positive_int, MAX_LISTED), default=8, metavar="N", help="operators listed per profile (8)"
+    )
     p.add_argument("--no-profile", action="store_true", help="skip the per-operator profile")
     p.add_argument("--no-baseline", action="store_true", help="skip the PyTorch fp32 baseline")
     p.add_argument("--checkpoint", metavar="CKPT", help="source checkpoint for the baseline (default: recorded)")
@@ -342,7 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", type=Path, metavar="DIR", help="OUT (or OUT/<target>) written by convert")
     p.add_argument("-o", "--output", type=Path, metavar="HTML", help="the page to write (DIR/report.html)")
     p.add_argument(
-        "--images", type=non_negative_int, default=3, metavar="N", help="validation images to crop, 0 = none (3)"
+        "--images",
+        type=bounded(non_negative_int, MAX_LISTED),
+        default=3,
+        metavar="N",
+        help="validation images to crop, 0 = none (3)",
     )
     p.add_argument("--data", type=Path, metavar="DIR", help="your images to crop (default: shipped Kodak + noise)")
     p.add_argument("--checkpoint", metavar="CKPT", help="source checkpoint for the reference (default: recorded)")
@@ -521,6 +591,9 @@ def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Pat
             overlap_px=args.overlap,
             batch=args.batch,
             name=str(src),
+            channels=probe.channels,
+            alpha=probe.has_alpha,
+            bit_depth=probe.bit_depth,
         )
     cfg = loaded.config
     name = (
@@ -548,6 +621,14 @@ def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Pat
     return 0
 
 
+def _check_input_sizes(config: Any, sizes: list[tuple[int, int]]) -> None:
+    """Refuse (exit 2) fixed model input sizes whose forward pass does not fit in this machine's memory."""
+    from nafnet_edge.inference import check_input_size_memory
+
+    check_input_size_memory(config, sizes[:1], option="--input-size")
+    check_input_size_memory(config, sizes[1:], option="--sizes")
+
+
 def cmd_reparam(args: argparse.Namespace) -> int:
     import torch
 
@@ -559,6 +640,7 @@ def cmd_reparam(args: argparse.Namespace) -> int:
     m = loaded.config.pad_multiple
     if args.input_size and (args.input_size[0] % m or args.input_size[1] % m):
         raise UsageError(f"--input-size {args.input_size[0]}x{args.input_size[1]} must be a multiple of {m}")
+    _check_input_sizes(loaded.config, [args.input_size or (256, 256)])
     try:
         graph = deploy(loaded.model, target=args.target, input_size=args.input_size, stream_scale=args.stream_scale)
     except ValueError as e:
@@ -660,6 +742,7 @@ def _convert_targets(args: argparse.Namespace, targets: list[str]) -> int:
     if existing and not args.force:
         raise UsageError(f"{', '.join(existing)} exists; pass --force to replace it or choose another -o")
     loaded = _load(args, args.checkpoint)
+    _check_input_sizes(loaded.config, [args.input_size, *args.sizes])
     settings = None if args.no_validate else _validation_settings(args, loaded.config.img_channels)
     int8 = _int8_settings(args, loaded) if args.precision == "int8" else None
     results, skipped = [], []
@@ -765,9 +848,14 @@ def parse_frame(text: str) -> tuple[int, int]:
             megapixels = 0.0
         if not 0 < megapixels <= 200:
             raise argparse.ArgumentTypeError(f"expected megapixels like 12MP (at most 200), got {text!r}")
-        height = round((megapixels * 1e6 * 3 / 4) ** 0.5)
-        return height, round(height * 4 / 3)
-    return parse_size(text)
+        height = max(1, round((megapixels * 1e6 * 3 / 4) ** 0.5))
+        return height, max(1, round(height * 4 / 3))
+    height, width = parse_size(text, max_side=MAX_FRAME_SIDE_PX)
+    if height * width > MAX_FRAME_PIXELS:
+        raise argparse.ArgumentTypeError(
+            f"expected at most {MAX_FRAME_PIXELS / 1e6:.0f} megapixels (the image reader's limit), got {text!r}"
+        )
+    return height, width
 
 
 def _baseline_loader(args: argparse.Namespace) -> Any:
@@ -826,10 +914,33 @@ def bench_defaults(args: argparse.Namespace) -> argparse.Namespace:
     )
 
 
+# bench --frame holds three float32 copies of an RGB frame (the random input, its padded copy and the output):
+# 36 bytes per pixel measured (peak RSS at 6 MP); one more copy for the runtime's own buffers and slack.
+FRAME_BYTES_PER_PIXEL = 4 * 3 * 4
+
+
+def _check_frame_memory(frame: tuple[int, int]) -> None:
+    """Refuse (exit 2) a --frame whose buffers do not fit in this machine's memory, naming the largest that does."""
+    import torch
+
+    from nafnet_edge.inference import available_memory_bytes
+
+    available = available_memory_bytes(torch.device("cpu"))
+    needed = frame[0] * frame[1] * FRAME_BYTES_PER_PIXEL
+    if available is not None and needed > available:
+        height = int(math.sqrt(available / FRAME_BYTES_PER_PIXEL * 3 / 4))  # the largest 4:3 frame that fits
+        raise UsageError(
+            f"--frame {frame[0]}x{frame[1]} needs about {needed / 1e9:.1f} GB for the frame, {available / 1e9:.1f} GB "
+            f"are available; use --frame {height}x{height * 4 // 3} or smaller"
+        )
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from nafnet_edge.bench import artifact_directories, format_table
     from nafnet_edge.errors import EXIT_BUDGET
 
+    if args.frame is not None:
+        _check_frame_memory(args.frame)
     report = run_bench(args, artifact_directories(args.directories), save=args.save)
     over = [
         f"{r.target} {r.precision}: median {r.median_ms:.1f} ms > {args.max_latency_ms:g} ms"

@@ -7,8 +7,9 @@ frame with tiling off, say) it refuses with the option that fixes it, instead of
 
 from __future__ import annotations
 
+import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -32,11 +33,14 @@ DeviceName = Literal["auto", "cpu", "cuda"]
 _FORWARD_BYTES_FIXED = 128 << 20
 _FORWARD_BYTES_PER_PIXEL = 80
 _FORWARD_BYTES_PER_CHANNEL = {"per_dw_expand": 10, "per_ffn_expand": 10, "base": 14, "tlc_per_dw_expand": 4}
-# Peak memory of `run` for one image besides the forward passes, per pixel: reading (the file, the decoded
-# 8/16-bit array, two float32 copies while it is scaled), restoring (the float32 input and the float32 output
-# accumulator, which the tiler fills in place) and writing (the input and the result, the quantizer's float32
-# temporaries, the 8/16-bit array and the encoded file). PLACEHOLDER
-_FRAME_BYTES_PER_PIXEL = 60
+# Peak memory of `run` for one image besides the forward passes, per pixel, is at writing: the float32 input
+# (colour and alpha) and result, the quantizer's float32 temporaries (two per output channel), the 8/16-bit
+# samples and copies of the encoded file; reading (the decoded samples and two float32 copies) and restoring (the
+# input and the tiler's output accumulator, filled in place) stay under it. Measured as the rise of the peak RSS
+# (VmHWM) over read_image, restore_image and write_image of noise images (incompressible) of 3 to 12 megapixels,
+# with an RGB model, against the estimate: RGB 8-bit PNG 52 (72), JPEG 62 (72), RGB 16-bit PNG 75 (96), RGBA
+# 8-bit PNG 68 (84), RGBA 16-bit PNG 100 (116) and TIFF 74 (116), gray 8-bit PNG 24 (48) bytes per pixel.
+_FRAME_BYTES = {"per_input_channel": 4, "per_output_channel": 12, "per_sample_byte": 8}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,10 +70,20 @@ def forward_peak_bytes(config: NAFNetConfig, height: int, width: int, *, batch: 
     return _FORWARD_BYTES_FIXED + pixels * (config.width * per_channel + _FORWARD_BYTES_PER_PIXEL)
 
 
-def frame_peak_bytes(height: int, width: int) -> int:
-    """Estimated peak memory of reading, restoring and writing a ``height`` x ``width`` image, besides the
-    forward passes: the whole-image buffers, which tiling does not shrink (errs high: RGB with alpha, 16 bits)."""
-    return height * width * _FRAME_BYTES_PER_PIXEL
+def frame_peak_bytes(
+    height: int, width: int, *, channels: int = 3, alpha: bool = True, bit_depth: int = 16, model_channels: int = 3
+) -> int:
+    """Estimated peak memory of reading, restoring and writing a ``height`` x ``width`` image besides the forward
+    passes: the whole-image buffers, which tiling does not shrink. ``channels``, ``alpha`` and ``bit_depth`` are
+    the image's (:class:`nafnet_edge.images.ImageProbe` has them); the defaults are the largest (errs high)."""
+    k = _FRAME_BYTES
+    stored = channels + alpha
+    per_pixel = (
+        k["per_input_channel"] * stored
+        + k["per_output_channel"] * max(channels, model_channels)
+        + k["per_sample_byte"] * stored * bit_depth // 8
+    )
+    return height * width * per_pixel
 
 
 def check_tiling(tile_px: int, overlap_px: int, *, pad_multiple: int) -> None:
@@ -191,10 +205,11 @@ def check_forward_memory(
             advice += " --batch 1" if batch > 1 else ""
             raise ImageError(f"{message}; {'smaller tiles' if tiled else 'tile it'}: {advice}")
     room = available - forward_peak_bytes(config, DEFAULT_TILE_PX, DEFAULT_TILE_PX)
-    if frame_bytes and room >= 1e6 * _FRAME_BYTES_PER_PIXEL:
+    per_pixel = frame_bytes / (frame[0] * frame[1]) if frame is not None else 0
+    if per_pixel and room >= 1e6 * per_pixel:
         raise ImageError(
             f"{message}; the image is too large for this machine's memory: crop it into parts of at most "
-            f"{room / _FRAME_BYTES_PER_PIXEL / 1e6:,.0f} megapixels"
+            f"{room / per_pixel / 1e6:,.0f} megapixels"
         )
     raise ImageError(f"{message}; free some memory or use a smaller model")
 
@@ -208,27 +223,34 @@ def check_restore_memory(
     overlap_px: int,
     batch: int,
     name: str,
+    channels: int = 3,
+    alpha: bool = True,
+    bit_depth: int = 16,
     in_memory: bool = False,
 ) -> None:
     """Refuse, before anything is decoded or run, restoring a ``height`` x ``width`` image that does not fit in
-    memory: the whole-image buffers of :func:`frame_peak_bytes` (with ``in_memory``, the image is already
-    decoded and only the output is still to come) plus the forward passes :func:`restore_tensor` would run.
-    Tile settings that make no progress are refused first (:func:`check_tiling`); ``batch`` counts only the
-    tiles there are."""
+    memory: the whole-image buffers of :func:`frame_peak_bytes` (for an image of ``channels``, ``alpha`` and
+    ``bit_depth``; with ``in_memory``, the image is already decoded and only the output is still to come) plus
+    the forward passes :func:`restore_tensor` would run. Tile settings that make no progress are refused first
+    (:func:`check_tiling`); ``batch`` counts only the tiles there are."""
     config = model.config
     check_tiling(tile_px, overlap_px, pad_multiple=config.pad_multiple)
     whole = tile_px == 0 or (height <= tile_px and width <= tile_px)
     tiles = tile_count(height, width, tile_px=tile_px, overlap_px=overlap_px, pad_multiple=config.pad_multiple)
     device = next(model.parameters()).device
-    # The output accumulator (float32, C channels) and the finiteness mask stay to come when the input is read.
-    frame_bytes = height * width * (4 * config.img_channels + 1) if in_memory else frame_peak_bytes(height, width)
+    if in_memory:  # the input is there already; the output accumulator (float32) is still to come
+        frame_bytes = height * width * 4 * config.img_channels
+    else:
+        frame_bytes = frame_peak_bytes(
+            height, width, channels=channels, alpha=alpha, bit_depth=bit_depth, model_channels=config.img_channels
+        )
     if device.type != "cpu":  # the whole image stays in host memory; only the tiles go to the device
         host = available_memory_bytes(torch.device("cpu"))
         if host is not None and frame_bytes > host:
             raise ImageError(
                 f"{name}: restoring {height}x{width} needs about {_size_text(frame_bytes)} of host memory for the "
                 f"whole image, {_size_text(host)} are available; the image is too large for this machine's memory: "
-                f"crop it into parts of at most {max(1, host // _FRAME_BYTES_PER_PIXEL) / 1e6:,.1f} megapixels"
+                f"crop it into parts of at most {host / (frame_bytes / (height * width)) / 1e6:,.0f} megapixels"
             )
         frame_bytes = 0
     check_forward_memory(
@@ -243,6 +265,26 @@ def check_restore_memory(
         frame=(height, width),
         frame_bytes=frame_bytes,
     )
+
+
+def check_input_size_memory(
+    config: NAFNetConfig, sizes: Iterable[tuple[int, int]], *, option: str = "--input-size"
+) -> None:
+    """Refuse, as a usage error naming the largest square size that fits, fixed model input sizes (height, width)
+    whose forward pass cannot fit in the memory here: exporting traces one, validating runs them."""
+    available = available_memory_bytes(torch.device("cpu"))
+    m = config.pad_multiple
+    for height, width in sizes:
+        needed = forward_peak_bytes(config, height, width)
+        if available is None or needed <= available:
+            continue
+        per_pixel = (forward_peak_bytes(config, m, m) - _FORWARD_BYTES_FIXED) / (m * m)
+        side = int(math.sqrt(max(0, available - _FORWARD_BYTES_FIXED) / per_pixel)) // m * m
+        advice = f"use {option} {side} or smaller" if side >= m else "free some memory or use a smaller model"
+        raise UsageError(
+            f"{option} {height}x{width}: one forward pass of this model at that size needs about "
+            f"{_size_text(needed)}, {_size_text(available)} are available; {advice}"
+        )
 
 
 @torch.inference_mode()

@@ -27,7 +27,12 @@ from nafnet_edge import inference
 from nafnet_edge.cli import main
 from nafnet_edge.errors import EXIT_BAD_INPUT, ImageError
 from nafnet_edge.images import MAX_IMAGE_PIXELS, check_image_file, read_image
-from nafnet_edge.inference import cgroup_available_bytes, check_forward_memory, forward_peak_bytes
+from nafnet_edge.inference import (
+    cgroup_available_bytes,
+    check_forward_memory,
+    forward_peak_bytes,
+    frame_peak_bytes,
+)
 from nafnet_edge.model import NAFNet, NAFNetConfig
 
 TILE_32 = ("--tile", "32", "--overlap", "8")
@@ -274,7 +279,8 @@ def test_whole_image_beyond_memory_is_refused_with_the_flag_that_fixes_it(
     src = tmp_path / "big.png"
     image = pattern(520, 530, 3)
     cv2.imwrite(str(src), image)
-    available = forward_peak_bytes(TINY, 512, 512)  # one default tile fits, the whole image does not
+    # One default tile fits next to the image's own buffers, the whole image does not.
+    available = forward_peak_bytes(TINY, 512, 512) + frame_peak_bytes(520, 530, alpha=False, bit_depth=8)
     monkeypatch.setattr(inference, "available_memory_bytes", lambda device: available)
     out = tmp_path / "out"
     code = run(zero_ckpt, [src], out, "--tile", "0")

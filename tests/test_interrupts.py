@@ -147,8 +147,11 @@ def test_convert_interrupted_leaves_nothing_and_keeps_a_previous_artifact(tmp_pa
 
 def test_quantize_interrupted_in_training_resumes(tmp_path: Path, ckpt: Path) -> None:
     out = tmp_path / "out"
+    val = tmp_path / "val"  # validating on one Kodak crop, not the four whole images: same checks, far fewer tiles
+    val.mkdir()
+    cv2.imwrite(str(val / "crop.png"), cv2.imread(str(KODAK / "kodim23.png"))[128:256, 256:384])
     base = ["quantize", str(ckpt), "--target", "executorch", "--data", str(KODAK), "--input-size", "64"]
-    base += ["--batch", "2", "-o", str(out)]
+    base += ["--batch", "2", "--val-data", str(val), "-o", str(out)]
     train_state = out / ".executorch-train.pt"
     # stopped once the first training state (saved every 50 steps, atomically) is in place
     saving = "nafnet_edge.quantization.train:atomic_path"
