@@ -198,19 +198,23 @@ def check_forward_memory(
     if tiled and batch > 1 and fits(height, width):
         raise ImageError(f"{message}; fewer tiles per pass: --batch 1")
     m = config.pad_multiple
+
+    def tile_options(tile: int) -> str:
+        text = f"--tile {tile}" + (" (the default)" if tile == DEFAULT_TILE_PX else "")
+        text += f" --overlap {min(tile // 4, tile - m)}" if tile - overlap_px < m else ""
+        return text + (" --batch 1" if batch > 1 else "")
+
     for tile in (DEFAULT_TILE_PX, 256, 128, 64):
         if m <= tile < max(height, width) and fits(min(tile, height), min(tile, width)):
-            advice = f"--tile {tile}" + (" (the default)" if tile == DEFAULT_TILE_PX else "")
-            advice += f" --overlap {min(tile // 4, tile - m)}" if tile - overlap_px < m else ""
-            advice += " --batch 1" if batch > 1 else ""
-            raise ImageError(f"{message}; {'smaller tiles' if tiled else 'tile it'}: {advice}")
-    room = available - forward_peak_bytes(config, DEFAULT_TILE_PX, DEFAULT_TILE_PX)
+            raise ImageError(f"{message}; {'smaller tiles' if tiled else 'tile it'}: {tile_options(tile)}")
     per_pixel = frame_bytes / (frame[0] * frame[1]) if frame is not None else 0
-    if per_pixel and room >= 1e6 * per_pixel:
-        raise ImageError(
-            f"{message}; the image is too large for this machine's memory: crop it into parts of at most "
-            f"{room / per_pixel / 1e6:,.0f} megapixels"
-        )
+    for tile in (DEFAULT_TILE_PX, 256, 128, 64) if per_pixel else ():
+        room = available - forward_peak_bytes(config, tile, tile)
+        if tile >= m and room >= 1e6 * per_pixel:  # parts of a megapixel or more, in tiles of this size, fit
+            raise ImageError(
+                f"{message}; the image is too large for this machine's memory: crop it into parts of at most "
+                f"{int(room / per_pixel / 1e6)} megapixels, with {tile_options(tile)}"
+            )
     raise ImageError(f"{message}; free some memory or use a smaller model")
 
 
@@ -250,7 +254,7 @@ def check_restore_memory(
             raise ImageError(
                 f"{name}: restoring {height}x{width} needs about {_size_text(frame_bytes)} of host memory for the "
                 f"whole image, {_size_text(host)} are available; the image is too large for this machine's memory: "
-                f"crop it into parts of at most {host / (frame_bytes / (height * width)) / 1e6:,.0f} megapixels"
+                f"crop it into parts of at most {int(host / (frame_bytes / (height * width)) / 1e6)} megapixels"
             )
         frame_bytes = 0
     check_forward_memory(

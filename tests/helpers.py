@@ -29,7 +29,8 @@ def require(module: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        pytest.fail(f"cannot import {module} under CI=true, where every extra is installed: {e}", pytrace=False)
+        error = e
+    pytest.fail(f"cannot import {module} under CI=true, where every extra is installed: {error}", pytrace=False)
 
 
 def randomize(model: NAFNet, seed: int = 0) -> NAFNet:

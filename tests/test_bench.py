@@ -8,16 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import save_tiny_checkpoint
+from helpers import require, save_tiny_checkpoint
 
 from nafnet_edge.bench import BENCH_FILE, LatencyStats
 from nafnet_edge.cli import main, parse_frame
 from nafnet_edge.errors import EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_USAGE
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("openvino")
-pytest.importorskip("executorch")
-pytest.importorskip("coremltools")
+require("onnxruntime")
+require("openvino")
+require("executorch")
+require("coremltools")
 
 TARGETS = ("executorch", "openvino", "onnx", "coreml")
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import require
 
-ct = pytest.importorskip("coremltools")
+ct = require("coremltools")
 
 import torch  # noqa: E402
 from helpers import randomize  # noqa: E402
@@ -186,7 +187,7 @@ def test_extra_sizes_refused_where_wrong(graph, tmp_path):
 
 @pytest.fixture(scope="module")
 def pte(graph, tmp_path_factory):
-    pytest.importorskip("executorch")
+    require("executorch")
     converter = ExecuTorchCoreMLConverter()
     converter.check_available()
     return _export(converter, graph, tmp_path_factory, precision="fp32")
@@ -208,7 +209,7 @@ def test_pte_is_one_coreml_partition(pte, graph, image):
 
 @pytest.mark.skipif(not EVALUATED, reason="on macOS the ExecuTorch runtime runs any .pte")
 def test_pte_without_a_lone_coreml_delegate_is_refused_off_apple(tmp_path):
-    exir = pytest.importorskip("executorch.exir")
+    exir = require("executorch.exir")
     program = exir.to_edge(torch.export.export(torch.nn.ReLU(), (torch.rand(1, 3, 8, 8),))).to_executorch()
     (tmp_path / "model.pte").write_bytes(program.buffer)
     with pytest.raises(MissingBackendError, match="cannot execute off Apple platforms"):

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import require
 
-pytest.importorskip("executorch")
+require("executorch")
 
 import torch  # noqa: E402
 from helpers import randomize  # noqa: E402

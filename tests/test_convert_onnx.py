@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import randomize
+from helpers import randomize, require
 
-pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+require("onnx")
+require("onnxruntime")
 
 import onnx  # noqa: E402
 

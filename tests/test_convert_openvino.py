@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import require
 
-ov = pytest.importorskip("openvino")
+ov = require("openvino")
 
 import torch  # noqa: E402
 from helpers import randomize  # noqa: E402

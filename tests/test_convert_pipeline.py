@@ -12,14 +12,14 @@ from pathlib import Path
 import cv2
 import pytest
 import torch
-from helpers import randomize
+from helpers import randomize, require
 
 from nafnet_edge.cli import main
 from nafnet_edge.errors import EXIT_BUDGET, EXIT_USAGE
 from nafnet_edge.model import NAFNet, NAFNetConfig
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("openvino")
+require("onnxruntime")
+require("openvino")
 
 KODAK = Path(__file__).resolve().parents[1] / "nafnet_edge" / "data" / "kodak"
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import require
 
-ct = pytest.importorskip("coremltools")
+ct = require("coremltools")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

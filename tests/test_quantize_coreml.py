@@ -18,10 +18,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from helpers import require
 
-pytest.importorskip("coremltools")
-pytest.importorskip("executorch")
-pytest.importorskip("torchao")
+require("coremltools")
+require("executorch")
+require("torchao")
 
 import torch  # noqa: E402
 from helpers import randomize  # noqa: E402

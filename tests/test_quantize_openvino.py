@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import require
 
-pytest.importorskip("nncf")
-ov = pytest.importorskip("openvino")
+require("nncf")
+ov = require("openvino")
 
 import torch  # noqa: E402
 from helpers import randomize  # noqa: E402

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 import torch
-from helpers import randomize
+from helpers import randomize, require
 
-pytest.importorskip("executorch")
+require("executorch")
 
 from nafnet_edge.cli import main  # noqa: E402
 from nafnet_edge.converters.executorch import ExecuTorchConverter  # noqa: E402

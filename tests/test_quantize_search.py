@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import randomize
+from helpers import randomize, require
 
 from nafnet_edge.checkpoint import load_checkpoint
 from nafnet_edge.cli import main
@@ -81,7 +81,7 @@ def _int8_conv_counts(converted: torch.fx.GraphModule) -> tuple[int, int]:
 
 
 def test_xnnpack_keeps_the_units_ops_float_in_one_partition(tmp_path: Path) -> None:
-    pytest.importorskip("executorch")
+    require("executorch")
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     from nafnet_edge.converters.executorch import ExecuTorchConverter
@@ -109,7 +109,7 @@ def test_xnnpack_keeps_the_units_ops_float_in_one_partition(tmp_path: Path) -> N
 
 
 def test_openvino_keeps_the_units_weights_float(tmp_path: Path) -> None:
-    pytest.importorskip("nncf")
+    require("nncf")
     import openvino as ov
 
     graph = deploy(randomize(build_model(TINY)), target="openvino", input_size=(SIZE, SIZE))
@@ -133,7 +133,7 @@ def test_openvino_keeps_the_units_weights_float(tmp_path: Path) -> None:
 
 
 def test_ranking_predicts_what_keeping_the_top_unit_gains() -> None:
-    pytest.importorskip("executorch")
+    require("executorch")
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     graph = deploy(load_checkpoint(None).model, target="xnnpack", input_size=(SIZE, SIZE))
@@ -189,7 +189,7 @@ def _quantize(root: Path, name: str, *extra: str) -> tuple[int, dict]:
 
 
 def test_search_keeps_sensitive_units_float_until_the_artifact_meets_its_budget(tmp_path: Path) -> None:
-    pytest.importorskip("executorch")
+    require("executorch")
     _noisy_folders(tmp_path)
     code, manifest = _quantize(tmp_path, "int8", "--search-rounds", "0")
     assert code == 0 and "sensitivity_db" not in manifest["quantization"]["search"]

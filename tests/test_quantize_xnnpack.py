@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import require
 
-pytest.importorskip("executorch")
-pytest.importorskip("torchao")
+require("executorch")
+require("torchao")
 
 import torch  # noqa: E402
 from helpers import randomize  # noqa: E402

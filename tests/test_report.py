@@ -16,13 +16,13 @@ from pathlib import Path
 
 import cv2
 import pytest
-from helpers import save_tiny_checkpoint
+from helpers import require, save_tiny_checkpoint
 
 from nafnet_edge.cli import main
 from nafnet_edge.errors import EXIT_BAD_INPUT
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("openvino")
+require("onnxruntime")
+require("openvino")
 
 KODAK = Path(__file__).resolve().parents[1] / "nafnet_edge" / "data" / "kodak"
 # Core ML validates through the MIL numpy evaluator off macOS: a third runtime and an fp16 row when installed.
