@@ -599,7 +599,7 @@ def _with_test_io(options: ExportOptions, loaded: LoadedCheckpoint, settings: Va
 def validate_directory(
     directory: str | Path, loaded: LoadedCheckpoint, settings: ValidationSettings
 ) -> tuple[dict[str, Any], ValidationReport]:
-    """Re-validate an artifact directory; the manifest's validation section is rewritten atomically.
+    """Re-validate an artifact directory; the manifest's validation section and USAGE.md are rewritten atomically.
 
     Holds the artifact's :func:`output_lock` from reading the manifest to writing it, so a concurrent
     ``convert --force`` of the same artifact is refused rather than interleaved."""
@@ -621,6 +621,8 @@ def validate_directory(
         report = run_validation(loaded, runner.run, options, settings)
         manifest["runtime"] = runner.info
         manifest["validation"] = report.to_dict()
+        with atomic_path(directory / USAGE) as tmp:  # its header says whether the artifact met its budget
+            tmp.write_text(usage_note(manifest["target"], manifest))
         with atomic_path(directory / MANIFEST) as tmp:
             write_json(tmp, manifest)
     return manifest, report

@@ -12,7 +12,8 @@ What a person needs to choose an artifact, on one page that can be mailed or att
 
 Everything is embedded (SVG charts inline, images as base64 PNGs, CSS in the page): no external URL, no
 script, so the file opens anywhere, offline, years later. Artifacts that cannot run here keep their row and say
-why instead of showing images; nothing in one artifact directory can stop the page from being written.
+why instead of showing images. An artifact directory whose manifest or files cannot be used (damaged, or a file
+that is a link out of the directory, a pipe or a device) is refused naming the file, and nothing of it is opened.
 """
 
 from __future__ import annotations

@@ -154,11 +154,13 @@ def test_a_tlc_conversion_validates_alike_with_and_without_a_warm_cache(
         failed = _validation(art)
         assert not failed["passed"] and failed["summary"]["fidelity_db_min"] < 60
         assert failed["reference_settings"]["arch"] == "nafnet"
+        assert (art / "USAGE.md").read_text().startswith("> **FAILED its accuracy budget**")
     assert json.loads((art / "manifest.json").read_text())["reference"]["arch"] == "nafnet-local"  # unchanged
 
     del manifest["reference"]  # written before the section existed: the source config says TLC
     (art / "manifest.json").write_text(json.dumps(manifest))
     assert main(["validate", str(art), "--data", str(data)]) == 0
+    assert "FAILED" not in (art / "USAGE.md").read_text()  # a passing re-validation clears the header
     assert _validation(art)["summary"] == converted
 
     manifest["reference"] = {"arch": "nafnet-local", "train_size": [0, 64], "param_key": "params", "device": "cpu"}
