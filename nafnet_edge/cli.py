@@ -641,10 +641,7 @@ def cmd_reparam(args: argparse.Namespace) -> int:
     if args.input_size and (args.input_size[0] % m or args.input_size[1] % m):
         raise UsageError(f"--input-size {args.input_size[0]}x{args.input_size[1]} must be a multiple of {m}")
     _check_input_sizes(loaded.config, [args.input_size or (256, 256)])
-    try:
-        graph = deploy(loaded.model, target=args.target, input_size=args.input_size, stream_scale=args.stream_scale)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    graph = deploy(loaded.model, target=args.target, input_size=args.input_size, stream_scale=args.stream_scale)
     recipe = DeployRecipe(loaded.config, args.target, args.input_size, args.stream_scale)
 
     # Check on a real photo: a crop of the input size (or 256 px) from a shipped Kodak image.

@@ -81,6 +81,10 @@ def test_reparam_pt2_is_a_static_exported_program(ckpt: Path, tmp_path: Path) ->
 )
 def test_reparam_usage_errors(ckpt: Path, tmp_path: Path, monkeypatch, capsys, extra: list[str], message: str) -> None:
     monkeypatch.chdir(tmp_path)
-    assert main(["reparam", str(ckpt), *extra]) == EXIT_USAGE
+    try:
+        code = main(["reparam", str(ckpt), *extra])
+    except SystemExit as e:  # refused by argparse, before anything loads
+        code = e.code
+    assert code == EXIT_USAGE
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

@@ -31,6 +31,7 @@ from nafnet_edge.deploy.passes import (
     to_deploy_modules,
     transposed_conv_upsampling,
 )
+from nafnet_edge.errors import OptionError
 from nafnet_edge.model import NAFNet
 
 Target = Literal["generic", "xnnpack", "coreml", "openvino", "onnx"]
@@ -68,7 +69,7 @@ def deploy(
     stream for fp16 safety; it changes weights, not the op count.
     """
     if target not in NORM_FORMS:
-        raise ValueError(f"unknown deploy target {target!r}; choose one of {', '.join(NORM_FORMS)}")
+        raise OptionError(f"unknown deploy target {target!r}; choose one of {', '.join(NORM_FORMS)}")
     graph = to_deploy_modules(model)
     for block in graph.blocks():
         fold_layernorm_affine(block)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from nafnet_edge.deploy.modules import ChannelNorm, DeployBlock, DeployNAFNet, FixedPool, NormForm
+from nafnet_edge.errors import OptionError
 from nafnet_edge.model import ChannelPool, LayerNorm2d, NAFBlock, NAFNet
 
 
@@ -148,7 +149,7 @@ def scale_residual_stream(graph: DeployNAFNet, scale: float) -> None:
     without a single extra op in the graph.
     """
     if not (1 <= scale <= 64 and float(scale).is_integer() and int(scale) & (int(scale) - 1) == 0):
-        raise ValueError(f"stream scale must be a power of two from 1 to 64, got {scale}")
+        raise OptionError(f"stream scale must be a power of two from 1 to 64, got {scale}")
     if scale == 1:
         return
     inv = 1.0 / scale
@@ -178,7 +179,7 @@ def fix_pooling(graph: DeployNAFNet, input_size: tuple[int, int]) -> None:
     h, w = input_size
     m = graph.pad_multiple
     if h % m or w % m:
-        raise ValueError(f"deploy input size {h}x{w} must be a multiple of {m}; pad it (the tiler does)")
+        raise OptionError(f"deploy input size {h}x{w} must be a multiple of {m}; pad it (the tiler does)")
     levels = len(graph.encoders)
     stages = [(d, s) for d, s in enumerate(graph.encoders)] + [(levels, graph.middle_blks)]
     stages += [(levels - 1 - i, s) for i, s in enumerate(graph.decoders)]
