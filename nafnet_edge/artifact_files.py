@@ -84,9 +84,7 @@ def loading(path: Path, what: str, errors: tuple[type[BaseException], ...]) -> I
     except NafnetEdgeError:
         raise
     except errors as e:
-        raise ArtifactError(
-            f"{display_path(path)} is not a loadable {what}: {runtime_reason(e)}; convert again"
-        ) from e
+        raise ArtifactError(f"{display_path(path)} is not a loadable {what}: {runtime_reason(e)}; convert again") from e
 
 
 def runtime_reason(error: BaseException) -> str:

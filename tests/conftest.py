@@ -7,8 +7,13 @@ broken install pass. :func:`helpers.require` already fails such imports; the hoo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 from helpers import running_in_ci
+
+from nafnet_edge.model import NAFNet, NAFNetConfig
 
 pytest_plugins = ["pytester"]  # tests/test_skip_policy.py runs these hooks on small generated test files
 
@@ -52,3 +57,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
 def pytest_make_collect_report(collector: pytest.Collector):
     outcome = yield
     _fail_skips_in_ci(outcome.get_result())
+
+
+@pytest.fixture(scope="module")
+def zero_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A four-level width-8 NAFNet whose weights are all zero: with the global residual it returns its input, so
+    image I/O can be checked exactly."""
+    config = NAFNetConfig(width=8, enc_blk_nums=(1, 1, 1, 1), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1))
+    path = tmp_path_factory.mktemp("ckpt") / "zero.pth"
+    torch.save({"params": {k: torch.zeros_like(v) for k, v in NAFNet(config).state_dict().items()}}, path)
+    return path

@@ -14,6 +14,8 @@ from nafnet_edge.cli import main
 from nafnet_edge.errors import EXIT_BAD_INPUT
 from nafnet_edge.model import NAFNet, NAFNetConfig
 
+KODAK = Path(__file__).resolve().parents[1] / "nafnet_edge" / "data" / "kodak"  # the shipped Kodak photos
+
 
 def running_in_ci() -> bool:
     """``CI=true`` (set by GitHub Actions and by .ci/run): every extra is installed, so a missing module is a
@@ -64,3 +66,27 @@ def inspect_refused(path: Path, capsys, *needles: str) -> str:
     for needle in needles:
         assert needle in err, err
     return err
+
+
+def parser_with(build, command: str, func):
+    """``build`` (cli.build_parser) with ``command`` dispatching to ``func``, to monkeypatch into the CLI."""
+
+    def build_patched():
+        parser = build()
+        sub = next(a for a in parser._actions if a.dest == "command")
+        sub.choices[command].set_defaults(func=func)
+        return parser
+
+    return build_patched
+
+
+def kodak_crops(folder: Path, sizes: list[tuple[int, int]]) -> Path:
+    """``folder`` holding one crop (height, width) of each of the shipped Kodak photos in turn, as PNG."""
+    import cv2
+
+    photos = sorted(KODAK.glob("*.png"))
+    folder.mkdir()
+    for i, (h, w) in enumerate(sizes):
+        image = cv2.imread(str(photos[i]))[100 : 100 + h, 80 : 80 + w]
+        cv2.imwrite(str(folder / f"crop{i}.png"), image)
+    return folder

@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from helpers import save_tiny_checkpoint
+from helpers import parser_with, save_tiny_checkpoint
 
 from nafnet_edge import cli
 from nafnet_edge.cli import main
@@ -118,7 +118,7 @@ def _explode(args) -> int:
 
 def test_an_internal_error_is_one_line_and_the_traceback_needs_debug(files: Path, capsys, monkeypatch) -> None:
     argv = ["inspect", str(files / "tiny.pth")]
-    monkeypatch.setattr(cli, "build_parser", _parser_with(cli.build_parser, "inspect", _explode))
+    monkeypatch.setattr(cli, "build_parser", parser_with(cli.build_parser, "inspect", _explode))
     assert main(argv) == EXIT_FAILURE
     err = capsys.readouterr().err
     assert (
@@ -144,17 +144,7 @@ def test_interrupt_exit_code_and_handlers_restored(files: Path, capsys, monkeypa
     import signal
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    monkeypatch.setattr(cli, "build_parser", _parser_with(cli.build_parser, "inspect", _interrupt))
+    monkeypatch.setattr(cli, "build_parser", parser_with(cli.build_parser, "inspect", _interrupt))
     assert main(["inspect"]) == EXIT_INTERRUPTED
     assert capsys.readouterr().err == "nafnet-edge: interrupted; no partial output was left in place\n"
     assert {s: signal.getsignal(s) for s in before} == before  # notebooks keep their own handlers
-
-
-def _parser_with(build, command: str, func):
-    def build_patched():
-        parser = build()
-        sub = next(a for a in parser._actions if a.dest == "command")
-        sub.choices[command].set_defaults(func=func)
-        return parser
-
-    return build_patched

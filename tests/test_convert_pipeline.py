@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import pytest
 import torch
-from helpers import randomize, require
+from helpers import KODAK, kodak_crops, randomize, require
 
 from nafnet_edge.cli import main
 from nafnet_edge.errors import EXIT_BUDGET, EXIT_USAGE
@@ -20,8 +20,6 @@ from nafnet_edge.model import NAFNet, NAFNetConfig
 
 require("onnxruntime")
 require("openvino")
-
-KODAK = Path(__file__).resolve().parents[1] / "nafnet_edge" / "data" / "kodak"
 
 
 @pytest.fixture(autouse=True)
@@ -40,12 +38,7 @@ def checkpoint(tmp_path: Path) -> Path:
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
     """Two real crops, one larger than the 64 px artifact (tiled), one smaller (padded)."""
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for i, (h, w) in enumerate([(96, 120), (50, 40)]):
-        image = cv2.imread(str(sorted(KODAK.glob("*.png"))[i]))[100 : 100 + h, 80 : 80 + w]
-        cv2.imwrite(str(folder / f"crop{i}.png"), image)
-    return folder
+    return kodak_crops(tmp_path / "data", [(96, 120), (50, 40)])
 
 
 def convert(checkpoint: Path, out: Path, data: Path, *extra: str) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from helpers import save_tiny_checkpoint
+from helpers import parser_with, save_tiny_checkpoint
 
 from nafnet_edge import cli
 from nafnet_edge.artifact_files import artifact_file
@@ -385,7 +385,7 @@ def _native_call_interrupted(args) -> int:
 @pytest.mark.parametrize("debug", [False, True], ids=["plain", "debug"])
 def test_a_signal_while_a_failure_is_reported_gives_one_interrupted_line(capsys, monkeypatch, func, debug) -> None:
     before = signal.getsignal(signal.SIGINT)
-    monkeypatch.setattr(cli, "build_parser", _parser_with(cli.build_parser, "inspect", func))
+    monkeypatch.setattr(cli, "build_parser", parser_with(cli.build_parser, "inspect", func))
     assert main([*(["--debug"] if debug else []), "inspect"]) == EXIT_INTERRUPTED
     assert capsys.readouterr().err == INTERRUPTED
     assert signal.getsignal(signal.SIGINT) is before
@@ -401,19 +401,9 @@ def test_a_second_signal_does_not_cut_the_clean_up_short(capsys, monkeypatch) ->
         return 0
 
     cleaned: list[bool] = []
-    monkeypatch.setattr(cli, "build_parser", _parser_with(cli.build_parser, "inspect", interrupted_twice))
+    monkeypatch.setattr(cli, "build_parser", parser_with(cli.build_parser, "inspect", interrupted_twice))
     before = signal.getsignal(signal.SIGINT)
     assert main(["inspect"]) == EXIT_INTERRUPTED
     assert capsys.readouterr().err == INTERRUPTED
     assert cleaned == [True]
     assert signal.getsignal(signal.SIGINT) is before
-
-
-def _parser_with(build, command: str, func):
-    def build_patched():
-        parser = build()
-        sub = next(a for a in parser._actions if a.dest == "command")
-        sub.choices[command].set_defaults(func=func)
-        return parser
-
-    return build_patched

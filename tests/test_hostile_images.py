@@ -33,17 +33,10 @@ from nafnet_edge.inference import (
     forward_peak_bytes,
     frame_peak_bytes,
 )
-from nafnet_edge.model import NAFNet, NAFNetConfig
+from nafnet_edge.model import NAFNetConfig
 
 TILE_32 = ("--tile", "32", "--overlap", "8")
 TINY = NAFNetConfig(width=8, enc_blk_nums=(1, 1, 1, 1), middle_blk_num=1, dec_blk_nums=(1, 1, 1, 1))
-
-
-@pytest.fixture(scope="module")
-def zero_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "zero.pth"
-    torch.save({"params": {k: torch.zeros_like(v) for k, v in NAFNet(TINY).state_dict().items()}}, path)
-    return path
 
 
 def pattern(h: int, w: int, c: int, dtype: type = np.uint8, seed: int = 0) -> np.ndarray:

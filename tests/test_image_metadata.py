@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image, ImageCms, ImageOps
-from test_hostile_images import assert_refused_in_one_line, pattern, read_back, run, zero_ckpt  # noqa: F401
+from test_hostile_images import assert_refused_in_one_line, pattern, read_back, run
 
 from nafnet_edge.errors import EXIT_BAD_INPUT, ImageError, display_path
 from nafnet_edge.images import check_image_file, read_image
@@ -122,12 +122,29 @@ def lzma_tiff(path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "make", "fragment"),
     [
-        pytest.param("pages.tif", multipage_tiff, "the TIFF has several pages; nafnet-edge restores single images only", id="multi-page-tiff"),
-        pytest.param("anim.png", animated_png, "the PNG is animated (3 frames); nafnet-edge restores single images only", id="apng"),
-        pytest.param("float.tif", float_tiff, "32-bit floating-point samples, which are not supported; convert it to 8- or 16-bit integer TIFF", id="float32-tiff"),
-        pytest.param("xz.tif", lzma_tiff, "the TIFF uses lzma compression, which cannot be decoded here", id="lzma-tiff"),
+        pytest.param(
+            "pages.tif",
+            multipage_tiff,
+            "the TIFF has several pages; nafnet-edge restores single images only",
+            id="multi-page-tiff",
+        ),
+        pytest.param(
+            "anim.png",
+            animated_png,
+            "the PNG is animated (3 frames); nafnet-edge restores single images only",
+            id="apng",
+        ),
+        pytest.param(
+            "float.tif",
+            float_tiff,
+            "32-bit floating-point samples, which are not supported; convert it to 8- or 16-bit integer TIFF",
+            id="float32-tiff",
+        ),
+        pytest.param(
+            "xz.tif", lzma_tiff, "the TIFF uses lzma compression, which cannot be decoded here", id="lzma-tiff"
+        ),
     ],
-)  # fmt: skip
+)
 def test_what_would_lose_pages_or_cannot_be_decoded_is_refused(
     zero_ckpt: Path, tmp_path: Path, capfd: pytest.CaptureFixture, name: str, make, fragment: str
 ) -> None:

@@ -61,7 +61,7 @@ def start(args: list[str], cwd: Path, *, prefix: list[str] = CLI, pass_fds: tupl
 def start_paused(args: list[str], cwd: Path, *, at: str, when: str, call: int = 1) -> subprocess.Popen:
     """Start the CLI with the function ``at`` (``module:name``) made to stop at its ``call``-th call, at the point
     ``when`` names (see tests/paused_cli.py), and return once the process has stopped there. It stays stopped
-    until it is signalled or :func:`resume` d, so a signal always lands in that phase."""
+    until it is signalled or let go with :func:`resume`, so a signal always lands in that phase."""
     ready_r, ready_w = os.pipe()
     resume_r, resume_w = os.pipe()
     prefix = [sys.executable, str(PAUSED_CLI), at, when, str(call), str(ready_w), str(resume_r), "--"]

@@ -266,10 +266,11 @@ RANKED = ["decoders.1.0", "ending", "encoders.0.0", "intro", "ups.1", "decoders.
 def _search(
     root: Path, monkeypatch: pytest.MonkeyPatch, measured: list[tuple[float | None, float]], *extra: str
 ) -> tuple[int, _FakeRounds]:
+    from helpers import save_tiny_checkpoint
+
     import nafnet_edge.convert as convert_module
     import nafnet_edge.quantization as quantization_module
     import nafnet_edge.quantization.sensitivity as sensitivity_module
-    from helpers import save_tiny_checkpoint
 
     fake = _FakeRounds(measured, max_drift_db=0.1)
     monkeypatch.setattr(convert_module, "get_converter", lambda target: fake)

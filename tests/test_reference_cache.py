@@ -11,11 +11,10 @@ import os
 import tracemalloc
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import randomize
+from helpers import kodak_crops, randomize, require
 
 import nafnet_edge.convert as convert_module
 from nafnet_edge import validate
@@ -26,9 +25,8 @@ from nafnet_edge.converters import get_converter
 from nafnet_edge.errors import EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_OUTPUT, OutputError
 from nafnet_edge.model import NAFNet, NAFNetConfig, build_model
 
-pytest.importorskip("onnxruntime")
+require("onnxruntime")
 
-KODAK = Path(__file__).resolve().parents[1] / "nafnet_edge" / "data" / "kodak"
 TINY = NAFNetConfig(width=8, enc_blk_nums=(1, 1), middle_blk_num=1, dec_blk_nums=(1, 1))
 CPU = torch.device("cpu")
 
@@ -61,12 +59,7 @@ def tlc_checkpoint(tmp_path: Path) -> Path:
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
     """A crop larger than TLC's 96 px window at train size 64 (so pooling is local) and a small one (padded)."""
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for i, (h, w) in enumerate([(160, 200), (50, 40)]):
-        image = cv2.imread(str(sorted(KODAK.glob("*.png"))[i]))[100 : 100 + h, 80 : 80 + w]
-        cv2.imwrite(str(folder / f"crop{i}.png"), image)
-    return folder
+    return kodak_crops(tmp_path / "data", [(160, 200), (50, 40)])
 
 
 def _convert(checkpoint: Path, out: Path, data: Path, *extra: str) -> int:
