@@ -148,7 +148,9 @@ def checkpoint_options() -> argparse.ArgumentParser:
 
 def _validation_knobs(g: Any) -> None:
     g.add_argument("--reference-device", default="auto", choices=["auto", "cpu", "cuda"], help="fp32 reference on")
-    g.add_argument("--overlap", type=SIDE_OR_ZERO, default=32, metavar="PX", help="tile overlap (32)")
+    g.add_argument(
+        "--overlap", type=SIDE_OR_ZERO, metavar="PX", help="tile overlap (convert: 32; validate: the manifest's)"
+    )
     g.add_argument(
         "--min-fidelity", type=finite_float, metavar="DB", help="PSNR vs reference (fp32 60, fp16 45, int8 35)"
     )
@@ -730,6 +732,10 @@ def _convert_targets(args: argparse.Namespace, targets: list[str]) -> int:
     from nafnet_edge.converters import ExportOptions, get_converter
     from nafnet_edge.errors import EXIT_BUDGET, EXIT_MISSING_BACKEND, MissingBackendError
 
+    if args.overlap is None:
+        from nafnet_edge.validate import DEFAULT_OVERLAP_PX
+
+        args.overlap = DEFAULT_OVERLAP_PX
     if not args.no_validate and args.overlap >= min(args.input_size):
         raise UsageError(
             f"--overlap {args.overlap} must be smaller than the tile the artifact runs on (--input-size "
@@ -966,9 +972,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _validate_locked(args: argparse.Namespace) -> int:
     from nafnet_edge.convert import ConvertResult, read_manifest, validate_directory
     from nafnet_edge.errors import EXIT_BUDGET
+    from nafnet_edge.validate import DEFAULT_OVERLAP_PX
 
     manifest = read_manifest(args.directory)
     tile = manifest["input"]["shape"][2:]
+    if args.overlap is None:  # the overlap the artifact was validated with when it was converted
+        recorded = manifest.get("tiling", {}).get("overlap_px")
+        valid = isinstance(recorded, int) and not isinstance(recorded, bool) and 0 <= recorded < min(tile)
+        args.overlap = recorded if valid else DEFAULT_OVERLAP_PX
     if args.overlap >= min(tile):
         raise UsageError(f"--overlap {args.overlap} must be smaller than the artifact's {tile[0]}x{tile[1]} tile")
     checkpoint = args.checkpoint

@@ -621,6 +621,7 @@ def validate_directory(
         report = run_validation(loaded, runner.run, options, settings)
         manifest["runtime"] = runner.info
         manifest["validation"] = report.to_dict()
+        manifest.setdefault("tiling", {})["overlap_px"] = settings.overlap_px  # validate runs with it by default
         with atomic_path(directory / USAGE) as tmp:  # its header says whether the artifact met its budget
             tmp.write_text(usage_note(manifest["target"], manifest))
         with atomic_path(directory / MANIFEST) as tmp:

@@ -166,6 +166,26 @@ def test_a_tlc_conversion_validates_alike_with_and_without_a_warm_cache(
     )
 
 
+def test_validate_tiles_with_the_overlap_the_artifact_was_validated_with(tlc_checkpoint: Path, tmp_path: Path) -> None:
+    """The overlap changes the tiled reference and the artifact's tiled output alike: validate re-runs with the
+    manifest's overlap unless --overlap says otherwise, and records the one it used."""
+    data = kodak_crops(tmp_path / "wide", [(128, 400)])  # 4 tiles of 128 across with overlap 16, 5 with 48
+    tlc = ["--arch", "nafnet-local", "--train-size", "64"]
+    assert _convert(tlc_checkpoint, tmp_path / "out", data, *tlc, "--overlap", "16") == 0
+    art = tmp_path / "out" / "onnx"
+    converted = _validation(art)["per_image"]
+
+    assert main(["validate", str(art), "--data", str(data), "--overlap", "48"]) == 0
+    assert json.loads((art / "manifest.json").read_text())["tiling"]["overlap_px"] == 48
+    with_48 = _validation(art)["per_image"]
+    assert with_48 != converted  # other tile starts: the overlap shows in the numbers
+
+    assert main(["validate", str(art), "--data", str(data)]) == 0  # the overlap recorded last: 48
+    assert _validation(art)["per_image"] == with_48
+    assert main(["validate", str(art), "--data", str(data), "--overlap", "16"]) == 0
+    assert _validation(art)["per_image"] == converted
+
+
 # --- planted entries -------------------------------------------------------------------------------------------
 
 
