@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from nafnet_edge import __version__
-from nafnet_edge.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, NafnetEdgeError, UsageError, printable
+from nafnet_edge.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    CheckpointError,
+    NafnetEdgeError,
+    UsageError,
+    printable,
+)
 
 EPILOG = (
     "exit codes: 0 ok, 1 internal error, 2 usage, 3 budget missed, 4 missing backend, 5 bad input, "
@@ -654,7 +662,15 @@ def cmd_reparam(args: argparse.Namespace) -> int:
     if loaded.config.img_channels != 3:
         x = x.mean(1, keepdim=True).expand(-1, loaded.config.img_channels, -1, -1)
     with torch.no_grad():
-        err = float((PadCrop(graph)(x) - loaded.model(x)).abs().max())
+        reference, deployed = loaded.model(x), PadCrop(graph)(x)
+    if not torch.isfinite(reference).all():
+        raise CheckpointError(
+            f"{loaded.path.name}: the model produces non-finite values (NaN or Inf) on a {h}x{w} photo; its weights "
+            "overflow float32, so nothing was written: use another checkpoint"
+        )
+    err = float((deployed - reference).abs().max())
+    if not math.isfinite(err):
+        raise RuntimeError(f"the deploy graph for {args.target} produces non-finite values where the original does not")
     extra = {"source_sha256": loaded.sha256, "max_abs_error_vs_original": f"{err:.3g}"}
     save_deploy(graph, args.output, recipe, extra=extra)
     print(

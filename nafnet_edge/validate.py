@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from nafnet_edge import __version__
-from nafnet_edge.errors import BadInputError
+from nafnet_edge.errors import BadInputError, CheckpointError
 from nafnet_edge.images import is_image_path, read_image
 from nafnet_edge.tiling import run_tiled
 
@@ -108,7 +108,7 @@ class ValidationReport:
         drift = [r.drift_db for r in self.images if r.drift_db is not None]
         out: dict[str, Any] = {
             "images": len(self.images),
-            "fidelity_db_min": min(fid),
+            "fidelity_db_min": float(np.min(fid)),  # NaN if any is: a verdict must not skip an image
             "fidelity_db_mean": float(np.mean(fid)),
             "max_abs_error": max(r.max_abs_error for r in self.images),
             "nonfinite": sum(r.nonfinite for r in self.images),
@@ -353,6 +353,12 @@ def reference_outputs(
                 results.append(cached)
                 continue
         tiled, calls = apply_tiled(fn, image.input, tile, overlap, multiple)
+        if not np.isfinite(tiled).all():  # nothing to score against: no verdict rather than a meaningless one
+            raise CheckpointError(
+                f"{image.name}: the source checkpoint itself (the fp32 reference) produces non-finite values (NaN "
+                f"or Inf) on this image, so no artifact of it can be validated; its weights overflow float32: use "
+                "another checkpoint"
+            )
         tiling_db = None
         if calls > 1:
             whole, _ = apply_tiled(fn, image.input, None, overlap, multiple)
@@ -553,11 +559,11 @@ def validate_runner(
     summary = report.summary()
     if summary["nonfinite"]:
         report.failures.append(f"{summary['nonfinite']} NaN/Inf output values")
-    if summary["fidelity_db_min"] < budgets.min_fidelity_db:
+    if not summary["fidelity_db_min"] >= budgets.min_fidelity_db:  # NaN fails
         report.failures.append(
             f"fidelity {summary['fidelity_db_min']:.2f} dB < budget {budgets.min_fidelity_db:g} dB (--min-fidelity)"
         )
-    if "drift_db_mean" in summary and summary["drift_db_mean"] > budgets.max_drift_db:
+    if "drift_db_mean" in summary and not summary["drift_db_mean"] <= budgets.max_drift_db:  # NaN fails
         report.failures.append(
             f"drift {summary['drift_db_mean']:.3f} dB > budget {budgets.max_drift_db:g} dB (--max-drift)"
         )

@@ -339,12 +339,16 @@ def test_weights_larger_than_the_memory_available_are_refused(tmp_path: Path, ti
     assert main(["inspect", str(tmp_path / "good.pth")]) == 0
 
 
+def _overflowing_checkpoint(tiny_sd, path: Path) -> Path:
+    """Finite weights a million times too large: the forward pass overflows float32 into NaN."""
+    sd = {k: v * 1e6 if ".conv" in k and k.endswith("weight") else v for k, v in tiny_sd.items()}
+    torch.save({"params": sd}, path)
+    return path
+
+
 @pytest.mark.parametrize("tile", ["0", "32"], ids=["whole", "tiled"])
 def test_run_refuses_an_output_with_nan_and_writes_no_image(tmp_path: Path, tiny_sd, capsys, tile: str) -> None:
-    # Finite weights a million times too large: the forward pass overflows float32 into NaN.
-    sd = {k: v * 1e6 if ".conv" in k and k.endswith("weight") else v for k, v in tiny_sd.items()}
-    ckpt = tmp_path / "overflows.pth"
-    torch.save({"params": sd}, ckpt)
+    ckpt = _overflowing_checkpoint(tiny_sd, tmp_path / "overflows.pth")
     image = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(image)
     out = tmp_path / "out"
@@ -354,6 +358,52 @@ def test_run_refuses_an_output_with_nan_and_writes_no_image(tmp_path: Path, tiny
     assert errors[0].startswith(f"nafnet-edge: error: {image}: the checkpoint produced non-finite values (NaN or Inf)")
     assert "of 6,720 output values, so no image was written for it" in errors[0]
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_checkpoint_that_produces_nan_gets_no_verdict_and_no_deploy_graph(
+    tmp_path: Path, tiny_sd, capsys, monkeypatch
+) -> None:
+    """With a NaN reference every PSNR is NaN and every comparison with a budget is false: refuse instead."""
+    monkeypatch.setenv("NAFNET_EDGE_CACHE", str(tmp_path / "cache"))
+    ckpt = _overflowing_checkpoint(tiny_sd, tmp_path / "overflows.pth")
+    out = tmp_path / "out"
+    assert main(["convert", str(ckpt), "--target", "onnx", "--input-size", "64", "-o", str(out)]) == EXIT_BAD_INPUT
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nafnet-edge:")]
+    assert len(errors) == 1 and "the source checkpoint itself (the fp32 reference) produces non-finite" in errors[0]
+    assert not (out / "onnx").exists()
+
+    assert main(["reparam", str(ckpt), "-o", str(tmp_path / "deploy.safetensors")]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err == (
+        "nafnet-edge: error: overflows.pth: the model produces non-finite values (NaN or Inf) on a 256x256 photo; "
+        "its weights overflow float32, so nothing was written: use another checkpoint\n"
+    )
+    assert not (tmp_path / "deploy.safetensors").exists()
+
+
+def test_a_nan_score_is_a_failure_whichever_image_has_it() -> None:
+    """min() over [50, nan] is 50 but over [nan, 50] is nan: a NaN fidelity or drift must fail in any order."""
+    from nafnet_edge.validate import Budgets, ValidationImage, validate_runner
+
+    pixels = np.full((16, 16, 3), 0.5, np.float32)
+    images = [ValidationImage(name=f"{i}.png", input=pixels, target=pixels) for i in range(2)]
+    for nan_at in (0, 1):
+        references = [(pixels.copy(), None) for _ in images]
+        references[nan_at][0][0, 0, 0] = np.nan
+        report = validate_runner(
+            lambda x: x,
+            references,
+            images,
+            tile=(16, 16),
+            overlap=0,
+            multiple=4,
+            budgets=Budgets.for_precision("fp32"),
+            reference_device="cpu",
+            data="test",
+        )
+        assert not report.passed
+        assert any(f.startswith("fidelity nan dB") for f in report.failures), report.failures
+        assert any(f.startswith("drift nan dB") for f in report.failures), report.failures
 
 
 @pytest.mark.parametrize("train_size", [[0, 256], [-256, 256], "256x256", [256], [256.5, 256], [True, 256]])
