@@ -376,11 +376,13 @@ class _Sources:
 
     def __init__(self, checkpoint: str | Path | None) -> None:
         self.checkpoint = checkpoint
-        self._loaded: dict[str, Any] = {}
+        self._loaded: dict[tuple[Any, ...], Any] = {}
 
-    def load(self, manifest: dict[str, Any]) -> tuple[Any | None, str | None]:
-        """(loaded checkpoint, None) or (None, why the reference cannot be computed)."""
+    def load(self, manifest: dict[str, Any], directory: Path) -> tuple[Any | None, str | None]:
+        """(loaded checkpoint, None) or (None, why the reference cannot be computed). The checkpoint is loaded as
+        the manifest's reference was (class, TLC training size, checkpoint entry), once per such setting."""
         from nafnet_edge.checkpoint import load_checkpoint
+        from nafnet_edge.convert import recorded_reference
 
         source = manifest.get("source") or {}
         sha = source.get("sha256")
@@ -392,16 +394,15 @@ class _Sources:
             path = source.get("path")
             if not path or not Path(path).is_file():
                 return None, f"the source checkpoint is not at {path!r} any more: pass --checkpoint CKPT"
-        key = path or "<embedded>"
+        reference = recorded_reference(manifest, directory)
+        local = reference["arch"] == "nafnet-local"
+        train_size = reference["train_size"] if local else None
+        param_key = reference["param_key"] or "auto"
+        key = (path or "<embedded>", reference["arch"], train_size, param_key)
         if key not in self._loaded:
-            config = source.get("config") or {}
-            arch = config.get("arch")
-            train = config.get("train_size")
             try:
                 self._loaded[key] = load_checkpoint(
-                    path,
-                    arch=arch if arch in ("nafnet", "nafnet-local") else None,
-                    train_size=tuple(train) if arch == "nafnet-local" and train else None,
+                    path, arch=reference["arch"], train_size=train_size, param_key=param_key
                 )
             except NafnetEdgeError as e:
                 if self.checkpoint is not None:
@@ -443,14 +444,14 @@ def compare_images(
     say = progress or (lambda _: None)
     sources = _Sources(checkpoint)
     image_sets: dict[int, list[Any]] = {}
-    groups: dict[tuple[str, int, int, int, int], CropGroup] = {}
-    order: list[tuple[str, int, int, int, int]] = []
+    groups: dict[tuple[int, int, int, int, int], CropGroup] = {}
+    order: list[tuple[int, int, int, int, int]] = []
     for artifact in artifacts:
         size = artifact.input_size
         if size is None:
             artifact.image_note = "the manifest records no input shape"
             continue
-        loaded, why = sources.load(artifact.manifest)
+        loaded, why = sources.load(artifact.manifest, artifact.directory)
         if loaded is None:
             artifact.image_note = why
             continue
@@ -475,7 +476,7 @@ def compare_images(
 
         artifact_fn = runner_fn(runner.run)
         for index, image in enumerate(image_sets[artifact.channels]):
-            key = (loaded.sha256, artifact.channels, index, *size)
+            key = (id(loaded), artifact.channels, index, *size)  # one loaded reference model per setting
             crop, origin = centre_crop(image.input, size)
             if key not in groups:
                 reference, _ = apply_tiled(reference_fn, crop, size, 0, multiple)

@@ -166,6 +166,22 @@ def test_a_tlc_conversion_validates_alike_with_and_without_a_warm_cache(
     )
 
 
+def test_the_report_compares_each_artifact_with_its_own_reference(tlc_checkpoint: Path, tmp_path: Path) -> None:
+    """Two artifacts of one checkpoint file, one converted with TLC and one without: each report row is scored
+    against the reference its manifest records, not against whichever model the file was loaded as first."""
+    from nafnet_edge.report import compare_images, read_artifact
+
+    data = kodak_crops(tmp_path / "data", [(128, 128)])
+    for name, extra in (("plain", []), ("tlc", ["--arch", "nafnet-local", "--train-size", "64"])):
+        assert _convert(tlc_checkpoint, tmp_path / name, data, "--no-validate", *extra) == 0
+    artifacts = [read_artifact(tmp_path / name / "onnx") for name in ("plain", "tlc")]
+    groups = compare_images(artifacts, images=1, data=data, checkpoint=None)
+    assert len(groups) == 2  # one reference per recorded setting, not one per checkpoint file
+    for group in groups:
+        [(_, crop, why)] = group.rows
+        assert why is None and crop is not None and crop.psnr_db > 100, (group.rows, why)
+
+
 def test_validate_tiles_with_the_overlap_the_artifact_was_validated_with(tlc_checkpoint: Path, tmp_path: Path) -> None:
     """The overlap changes the tiled reference and the artifact's tiled output alike: validate re-runs with the
     manifest's overlap unless --overlap says otherwise, and records the one it used."""
