@@ -720,7 +720,7 @@ def _result_json(result: Any) -> dict[str, Any]:
 
 def _print_result(result: Any) -> None:
     v = result.validation
-    line = f"{result.target:<18} {result.manifest['precision']:<5} {result.directory}"
+    line = f"{result.target:<18} {result.manifest['precision']:<5} {printable(str(result.directory))}"
     if v is not None:
         s = v["summary"]
         line += f"  fidelity {s['fidelity_db_min']:.1f} dB  max err {s['max_abs_error']:.1e}"
@@ -813,7 +813,7 @@ def _convert_targets(args: argparse.Namespace, targets: list[str]) -> int:
 
             print(format_table(benched))
     for line in skipped:
-        print(f"skipped {line}", file=sys.stderr)
+        print(f"skipped {printable(line)}", file=sys.stderr)
     if not results:
         error = MissingBackendError if missing else UsageError
         raise error("nothing could be built here: " + "; ".join(skipped))
@@ -1066,7 +1066,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         images=args.images,
         data=args.data,
         checkpoint=args.checkpoint,
-        progress=lambda text: print(text, file=sys.stderr),
+        progress=lambda text: print(printable(text), file=sys.stderr),
     )
     from nafnet_edge.errors import display_path
 

@@ -407,3 +407,16 @@ def test_a_second_signal_does_not_cut_the_clean_up_short(capsys, monkeypatch) ->
     assert capsys.readouterr().err == INTERRUPTED
     assert cleaned == [True]
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_result_and_progress_lines_escape_a_hostile_output_name(tmp_path: Path, capsys) -> None:
+    """An output folder named with a terminal escape and a newline: every line printed shows it escaped."""
+    out = tmp_path / "out\x1b[31m\nfake"
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny.pth")
+    assert main(["convert", str(ckpt), "--target", "onnx", "--input-size", "32", "--no-validate", "-o", str(out)]) == 0
+    assert main(["report", str(out), "--images", "1"]) == 0
+    printed = capsys.readouterr()
+    assert "\x1b" not in printed.out + printed.err
+    assert "out\\x1b[31m\\nfake" in printed.out  # the result line
+    assert "out\\x1b[31m\\nfake" in printed.err  # the report's progress and "wrote" lines
+
