@@ -419,4 +419,3 @@ def test_result_and_progress_lines_escape_a_hostile_output_name(tmp_path: Path, 
     assert "\x1b" not in printed.out + printed.err
     assert "out\\x1b[31m\\nfake" in printed.out  # the result line
     assert "out\\x1b[31m\\nfake" in printed.err  # the report's progress and "wrote" lines
-
