@@ -594,7 +594,8 @@ def _metadata_config(metadata: dict[str, str]) -> dict[str, object]:
     return cfg if isinstance(cfg, dict) else {}
 
 
-def _is_size(value: object) -> bool:
+def is_size(value: object) -> bool:
+    """Two positive integers (height, width): a train size as a file's metadata or a manifest may give it."""
     return (
         isinstance(value, (list, tuple))
         and len(value) == 2
@@ -662,7 +663,7 @@ def load_checkpoint(
     else:
         arch, arch_source = "nafnet", "default"
     if train_size is None and "train_size" in meta:
-        if not _is_size(meta["train_size"]):
+        if not is_size(meta["train_size"]):
             raise CheckpointError(
                 f"{path}: its metadata gives train_size {meta['train_size']!r}; expected [height, width] in pixels "
                 "(two positive integers): fix the file's config metadata, or pass --train-size to override it"
@@ -670,7 +671,7 @@ def load_checkpoint(
         train_size = tuple(meta["train_size"])  # type: ignore[arg-type,assignment]
     elif train_size is None:
         train_size = (256, 256)
-    elif not _is_size(train_size):
+    elif not is_size(train_size):
         raise CheckpointError(f"train_size must be two positive integers (height, width), got {train_size!r}")
     config = config.replace(arch=arch, train_size=train_size)
 

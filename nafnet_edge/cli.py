@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     int8 = Parser(add_help=False)
     g = int8.add_argument_group("int8")
     g.add_argument("--method", choices=["qat", "ptq"], default="qat", help="fine-tune or calibrate only (qat)")
-    g.add_argument("--iters", type=bounded(positive_int, MAX_ITERS), default=300, metavar="N", help="QAT steps (300)")
+    g.add_argument("--iters", type=ITERS, default=300, metavar="N", help="QAT steps (300)")
     g.add_argument("--batch", type=BATCH, default=4, metavar="N", help="crops per step (4)")
     g.add_argument(
         "--lr",

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from nafnet_edge.atomic import output_lock, staged_directory
-from nafnet_edge.checkpoint import WRAPPER_KEYS, LoadedCheckpoint
+from nafnet_edge.checkpoint import WRAPPER_KEYS, LoadedCheckpoint, is_size
 from nafnet_edge.converters import INPUT_NAME, OUTPUT_NAME, ExportOptions, get_converter
 from nafnet_edge.deploy import DEFAULT_STREAM_SCALE, TRANSFORMATIONS, FixedPool, deploy
 from nafnet_edge.errors import BadInputError, OptionError
@@ -131,7 +131,7 @@ def recorded_reference(manifest: dict[str, Any], directory: str | Path) -> dict[
     if section is None:
         config = manifest["source"]["config"]
         arch, size = config.get("arch"), config.get("train_size")
-        local = arch == "nafnet-local" and _is_size(size)
+        local = arch == "nafnet-local" and is_size(size)
         return {
             "arch": arch if arch in ("nafnet", "nafnet-local") else None,
             "train_size": tuple(size) if local else None,
@@ -143,7 +143,7 @@ def recorded_reference(manifest: dict[str, Any], directory: str | Path) -> dict[
         problem = "not an object"
     elif section.get("arch") not in ("nafnet", "nafnet-local"):
         problem = f"arch {section.get('arch')!r}"
-    elif section.get("train_size") is not None and not _is_size(section["train_size"]):
+    elif section.get("train_size") is not None and not is_size(section["train_size"]):
         problem = f"train_size {section['train_size']!r}"
     elif section.get("param_key") is not None and section["param_key"] not in WRAPPER_KEYS:
         problem = f"param_key {section['param_key']!r}"
@@ -160,14 +160,6 @@ def recorded_reference(manifest: dict[str, Any], directory: str | Path) -> dict[
         "param_key": section.get("param_key"),
         "device": section.get("device"),
     }
-
-
-def _is_size(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-    )
 
 
 def build_manifest(
@@ -451,7 +443,7 @@ def _int8_search(stage: _Stage, quantizer: Any, int8: Int8Settings, tmp: Path) -
             rounds.append(this.record())
             first = first or this
             previous = best if len(rounds) > 1 else None
-            if previous is None or _round_order(rounds[-1]) < _round_order(previous.record()):
+            if previous is None or _round_order(rounds[-1]) < _round_order(rounds[previous.number - 1]):
                 best = this
             if rounds[-1]["passed"]:
                 verdict, stopped = "meets the budget", "met the budget"
@@ -459,7 +451,7 @@ def _int8_search(stage: _Stage, quantizer: Any, int8: Int8Settings, tmp: Path) -
                 verdict = "misses the budget"
             elif best is this:
                 verdict = "misses the budget, best so far"
-            elif _round_order(rounds[-1]) > _round_order(previous.record()):
+            elif _round_order(rounds[-1]) > _round_order(rounds[previous.number - 1]):
                 verdict = f"worse than round {previous.number}: stopping, keeping round {previous.number}"
                 stopped = f"round {number} was worse than round {previous.number}"
             else:
