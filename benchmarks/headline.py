@@ -35,6 +35,7 @@ import gc
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import statistics
 import sys
@@ -56,6 +57,7 @@ from nafnet_edge.cli import parse_frame
 from nafnet_edge.complexity import count_macs
 from nafnet_edge.deploy import deploy
 from nafnet_edge.releases import RELEASE_SHAPES
+from nafnet_edge.validate import psnr
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REFERENCE = "openvino_f32_original"
@@ -260,9 +262,10 @@ def as_array(out: Any) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
-    mse = float(np.mean((a.astype(np.float64) - b) ** 2))
-    return None if mse == 0 else 10 * np.log10(1 / mse)
+def psnr_or_none(a: np.ndarray, b: np.ndarray) -> float | None:
+    """PSNR in dB (data range 1), None for identical outputs (JSON has no infinity)."""
+    db = psnr(a, b)
+    return None if math.isinf(db) else db
 
 
 def run_shape(shape: str, args: argparse.Namespace, out: dict) -> None:
@@ -284,7 +287,7 @@ def run_shape(shape: str, args: argparse.Namespace, out: dict) -> None:
     for key in runners:
         variant, info = BY_KEY[key], infos[key]
         stats = LatencyStats.from_ms(times[key])
-        drift = psnr(outputs[key], reference_out) if reference_out is not None else None
+        drift = psnr_or_none(outputs[key], reference_out) if reference_out is not None else None
         out["rows"].append(
             {
                 "shape": shape,

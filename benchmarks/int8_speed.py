@@ -41,6 +41,7 @@ from nafnet_edge.images import read_image
 from nafnet_edge.quantization import get_quantizer
 from nafnet_edge.quantization.train import TrainConfig, TrainImage, quantize_graph
 from nafnet_edge.releases import RELEASE_SHAPES
+from nafnet_edge.validate import psnr
 
 KODAK = Path(__file__).resolve().parents[1] / "nafnet_edge" / "data" / "kodak"
 CALIBRATION_CROPS = 2  # speed does not depend on the ranges; calibrating and tracing dominate the set-up time
@@ -76,19 +77,18 @@ def ours_runner(
     target: str, model: torch.nn.Module, size: int, qat_iters: int, keep: list[object], keep_float: tuple[str, ...] = ()
 ) -> Runner:
     """The int8 artifact as ``nafnet-edge quantize`` writes it (``keep_float``: units left float, as the
-    ``--max-drift`` search leaves them), loaded by its converter's runner."""
-    from nafnet_edge.converters import get_converter
+    ``--max-drift`` search leaves them), loaded by its target's session."""
+    from nafnet_edge.converters import get_target
 
-    quantizer = get_quantizer(target)
-    quantizer.keep_float = frozenset(keep_float)
-    graph = deploy(model, target=quantizer.deploy_target, input_size=(size, size))  # type: ignore[arg-type]
+    quantizer = get_quantizer(target, keep_float=keep_float)
+    graph = deploy(model, norm_form=get_target(target).norm_form, input_size=(size, size))  # type: ignore[arg-type]
     method = "qat" if qat_iters else "ptq"
     config = TrainConfig(method=method, iters=max(qat_iters, 1), batch=1, calibration_batches=CALIBRATION_CROPS)
     prepared, _ = quantize_graph(quantizer, graph, calibration_images(size), size, config, progress=False)
     out = Path(tempfile.mkdtemp(prefix="int8-speed-"))
     keep.append(out)
     quantizer.export(prepared, out, torch.rand(1, 3, size, size))
-    return get_converter(target).load_runner(out, {"precision": "int8"}).run
+    return get_target(target).load_runner(out).run
 
 
 def naive_xnnpack_runner(model: torch.nn.Module, x: torch.Tensor) -> Runner:
@@ -184,7 +184,7 @@ def main() -> None:
                 continue
             runners = {name: make() for name, make in variants(runtime, model, x, args, keep).items()}
             reference = runners["original fp32"](a)
-            drift = {k: float(10 * np.log10(1 / np.mean((r(a) - reference) ** 2))) for k, r in runners.items()}
+            drift = {k: psnr(r(a), reference) for k, r in runners.items()}
             times: dict[str, list[float]] = {k: [] for k in runners}
             peak = time_interleaved(runners, a, args.runs, times, peak)
             med = {k: statistics.median(v) for k, v in times.items()}

@@ -1,6 +1,11 @@
-"""Exporters to Core ML, ExecuTorch, OpenVINO and ONNX, one module per target, and the runners that execute
-their artifacts (installed as ``nafnet_edge.converters``). Modules are imported only when their target is
-asked for, so a missing backend never breaks the others."""
+"""The targets: one module per runtime (Core ML, ExecuTorch, OpenVINO, ONNX), each holding everything nafnet-edge
+knows about it: export, the runtime session used by validation and ``bench``, its options, its int8 quantizer,
+its usage note (installed as ``nafnet_edge.converters``).
+
+``TARGETS`` is the registry: adding a target is one module with a ``Target`` subclass and one line here (or
+``register(cls)`` at run time). Modules are imported only when their target is asked for; they import their
+backend inside methods, so a missing backend never breaks the others.
+"""
 
 from __future__ import annotations
 
@@ -9,41 +14,77 @@ import importlib
 from nafnet_edge.converters.base import (
     INPUT_NAME,
     OUTPUT_NAME,
-    Converter,
     Exported,
     ExportOptions,
-    LoadedRunner,
+    NotRunnable,
     Precision,
     Runner,
+    Session,
+    SessionSettings,
+    Target,
+    TargetOption,
 )
 from nafnet_edge.errors import OptionError
 
-TARGETS = {
-    "coreml": "nafnet_edge.converters.coreml:CoreMLConverter",
-    "executorch": "nafnet_edge.converters.executorch:ExecuTorchConverter",
-    "executorch-coreml": "nafnet_edge.converters.coreml:ExecuTorchCoreMLConverter",
-    "openvino": "nafnet_edge.converters.openvino:OpenVINOConverter",
-    "onnx": "nafnet_edge.converters.onnx:ONNXConverter",
+TARGETS: dict[str, str | type[Target]] = {
+    "coreml": "nafnet_edge.converters.coreml:CoreMLTarget",
+    "executorch": "nafnet_edge.converters.executorch:ExecuTorchTarget",
+    "executorch-coreml": "nafnet_edge.converters.coreml:ExecuTorchCoreMLTarget",
+    "openvino": "nafnet_edge.converters.openvino:OpenVINOTarget",
+    "onnx": "nafnet_edge.converters.onnx:ONNXTarget",
 }
 
 
-def get_converter(target: str) -> Converter:
-    """The converter for ``target`` (one of ``TARGETS``)."""
-    if target not in TARGETS:
-        raise OptionError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)} or all")
-    module, name = TARGETS[target].split(":")
-    return getattr(importlib.import_module(module), name)()
+def register(cls: type[Target]) -> type[Target]:
+    """Add a target at run time (usable as a class decorator); its ``name`` must be new."""
+    if cls.name in TARGETS and TARGETS[cls.name] is not cls:
+        raise ValueError(f"a target named {cls.name!r} is already registered")
+    TARGETS[cls.name] = cls
+    return cls
+
+
+def target_names() -> list[str]:
+    """Every registered target, in registration order."""
+    return list(TARGETS)
+
+
+def target_class(name: str) -> type[Target]:
+    """The ``Target`` subclass registered as ``name`` (importing its module on first use)."""
+    if name not in TARGETS:
+        raise OptionError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)} or all")
+    entry = TARGETS[name]
+    if isinstance(entry, str):
+        module, attr = entry.split(":")
+        entry = TARGETS[name] = getattr(importlib.import_module(module), attr)
+    return entry
+
+
+def get_target(name: str) -> Target:
+    """A ``Target`` instance for ``name``."""
+    return target_class(name)()
+
+
+def all_options() -> list[tuple[type[Target], TargetOption]]:
+    """Every registered target's own options, with their owner."""
+    return [(cls, option) for cls in map(target_class, TARGETS) for option in cls.options]
 
 
 __all__ = [
     "INPUT_NAME",
     "OUTPUT_NAME",
     "TARGETS",
-    "Converter",
     "ExportOptions",
     "Exported",
-    "LoadedRunner",
+    "NotRunnable",
     "Precision",
     "Runner",
-    "get_converter",
+    "Session",
+    "SessionSettings",
+    "Target",
+    "TargetOption",
+    "all_options",
+    "get_target",
+    "register",
+    "target_class",
+    "target_names",
 ]

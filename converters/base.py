@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,18 +38,62 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "restored"
 
 
+OptionKind = Literal["flag", "value", "values"]
+Command = Literal["convert", "quantize", "validate", "bench"]
+
+
+@dataclass(frozen=True)
+class TargetOption:
+    """One command-line option a target owns (``--dynamic`` belongs to ONNX). The CLI adds every registered
+    target's options to the commands listed and refuses them, naming the owner, for any other target; the value
+    reaches the target as ``ExportOptions.settings[dest]`` (export) or ``SessionSettings.hints[dest]`` (running)."""
+
+    flag: str  # "--dynamic"
+    dest: str  # "dynamic": the key in ExportOptions.settings / SessionSettings.hints
+    help: str  # without the owner: the CLI shows it after the target's title ("Core ML: more sizes")
+    default: Any = None
+    kind: OptionKind = "value"  # flag: store_true; value: one value; values: one or more values
+    type: Callable[[str], Any] | None = None
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    commands: tuple[Command, ...] = ("convert",)
+
+
 @dataclass(frozen=True)
 class ExportOptions:
-    """What the user asked for; each converter reads the fields that concern it and refuses what it cannot do."""
+    """What the user asked for. ``settings`` holds the exporting target's own options by ``TargetOption.dest``
+    (absent keys take the option's default: ``Target.setting``)."""
 
     input_size: tuple[int, int]  # padded height, width: the graph's fixed input size
     precision: Precision = "fp32"
-    extra_sizes: tuple[tuple[int, int], ...] = ()  # Core ML: more enumerated input sizes
-    dynamic: bool = False  # ONNX: symbolic height and width
-    minimum_target: str = "iOS17"  # Core ML: iOS17 (macOS 14) or later
-    bundle: bool = False  # ExecuTorch: a bundled program carrying test inputs and expected outputs
-    test_inputs: tuple[np.ndarray, ...] = ()  # for bundled programs: inputs at ``input_size``
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    test_inputs: tuple[np.ndarray, ...] = ()  # for targets that embed test I/O: inputs at ``input_size``
     test_outputs: tuple[np.ndarray, ...] = ()  # and the reference outputs for them
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """How to run an artifact: shared knobs and the target's own runtime hints by ``TargetOption.dest``."""
+
+    threads: int | None = None  # runtime threads (None: the runtime's default, all cores)
+    hints: Mapping[str, Any] = field(default_factory=dict)
+    # The session is for timing (bench): where this machine can only emulate the runtime (Core ML's ML program
+    # evaluated in numpy off Apple platforms), raise ``NotRunnable`` instead of opening the emulation.
+    timing: bool = False
+
+
+@dataclass
+class Session:
+    """A loaded artifact in its runtime: ``run`` for validation and timing, and what else the runtime offers
+    (a per-operator profile, a throughput mode). Validation and ``bench`` open artifacts through the same
+    ``Target.open_session``."""
+
+    run: Runner
+    runtime: str
+    info: dict[str, Any]
+    profile: Callable[[np.ndarray, int], dict[str, Any]] | None = None
+    throughput: Callable[[np.ndarray, int], dict[str, Any]] | None = None
+    keep: Any = None  # objects the runner needs alive
 
 
 @dataclass
@@ -59,39 +104,70 @@ class Exported:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class LoadedRunner:
-    """A runner and facts about how it runs (runtime, device, the precision actually used)."""
+class Target(ABC):
+    """One runtime: everything nafnet-edge knows about it lives in its subclass, registered by one line in
+    ``nafnet_edge.converters.TARGETS`` (or ``register`` at run time). Subclasses set the class attributes and
+    implement ``export`` and ``open_session``; backends are imported inside methods, so the CLI can read every
+    target's options without importing torch or a runtime."""
 
-    run: Runner
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-class Converter(ABC):
-    """One export target. Subclasses set the class attributes and implement ``export`` and ``load_runner``."""
-
-    target: ClassVar[str]  # the name users type: --target coreml
-    deploy_target: ClassVar[str]  # the norm form for nafnet_edge.deploy: xnnpack, coreml, openvino, onnx
-    artifact: ClassVar[str]  # main file or bundle written into the artifact directory, e.g. "model.mlpackage"
+    name: ClassVar[str]  # what users type: --target NAME
+    extra: ClassVar[str] = ""  # the pip extra that installs ``modules``: nafnet-edge[EXTRA]
+    modules: ClassVar[tuple[str, ...]] = ()  # Python modules needed to export and run
+    runtime_packages: ClassVar[tuple[str, ...]] = ()  # distributions whose versions the manifest records
+    norm_form: ClassVar[str] = "reference"  # the deploy graph's channel-norm form (nafnet_edge.deploy.NormForm)
+    artifact: ClassVar[str]  # main file or bundle in the artifact directory, e.g. "model.mlpackage"
+    file_kind: ClassVar[str] = "model"  # what the artifact is, in error messages: "ONNX model"
     precisions: ClassVar[tuple[Precision, ...]] = ("fp32",)
     default_precision: ClassVar[Precision] = "fp32"
-    modules: ClassVar[tuple[str, ...]] = ()  # Python modules needed to export
-    extra: ClassVar[str] = ""  # the pip extra that installs them: nafnet-edge[coreml]
-    file_kind: ClassVar[str] = "model"  # what the artifact is, in error messages: "ONNX model"
+    quantizer: ClassVar[str | None] = None  # "module:Class" of its int8 quantizer; None: no int8
+    options: ClassVar[tuple[TargetOption, ...]] = ()  # its own command-line options
+    color: ClassVar[str] = ""  # its colour in report charts, "#rrggbb" (empty: the report picks one)
+    usage_title: ClassVar[str] = ""  # USAGE.md: title and body template (``nafnet_edge.usage`` fills the fields)
+    usage_body: ClassVar[str] = ""
+
+    @property
+    def target(self) -> str:  # the name under its older attribute
+        return self.name
+
+    @classmethod
+    def setting(cls, options: ExportOptions, dest: str) -> Any:
+        """The value of this target's option ``dest`` in ``options`` (its default when not given)."""
+        for option in cls.options:
+            if option.dest == dest:
+                return options.settings.get(dest, option.default)
+        raise KeyError(f"{cls.name} has no option {dest!r}")
+
+    @classmethod
+    def hint(cls, settings: SessionSettings, dest: str) -> Any:
+        """The value of this target's runtime option ``dest`` in ``settings`` (its default when not given)."""
+        for option in cls.options:
+            if option.dest == dest:
+                return settings.hints.get(dest, option.default)
+        raise KeyError(f"{cls.name} has no option {dest!r}")
+
+    def needs_test_io(self, options: ExportOptions) -> bool:
+        """Whether ``export`` embeds test inputs and expected outputs (``ExportOptions.test_inputs``), which the
+        pipeline then fills from the validation images (ExecuTorch's ``--bundle``)."""
+        return False
+
+    def quantizer_options(self, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """Keyword arguments for this target's quantizer from its own option values (``--weights-only`` is Core
+        ML's ``mode="weights"``); none by default."""
+        return {}
 
     def check_available(self) -> None:
         """Raise ``MissingBackendError`` (exit code 4) naming the extra to install when a module is missing."""
         missing = [m for m in self.modules if importlib.util.find_spec(m) is None]
         if missing:
             raise MissingBackendError(
-                f"--target {self.target} needs {', '.join(missing)}: pip install 'nafnet-edge[{self.extra}]'"
+                f"--target {self.name} needs {', '.join(missing)}: pip install 'nafnet-edge[{self.extra}]'"
             )
 
     def check_options(self, options: ExportOptions) -> None:
         """Refuse options this target cannot honour (``OptionError`` with what to do instead)."""
         if options.precision not in self.precisions:
             raise OptionError(
-                f"--target {self.target} supports precision {', '.join(self.precisions)}, not {options.precision}"
+                f"--target {self.name} supports precision {', '.join(self.precisions)}, not {options.precision}"
             )
 
     @abstractmethod
@@ -99,8 +175,16 @@ class Converter(ABC):
         """Write the artifact for ``graph`` (a deploy graph fixed for ``options.input_size``) into ``out_dir``."""
 
     @abstractmethod
-    def load_runner(self, out_dir: Path, manifest: dict[str, Any]) -> LoadedRunner:
-        """A runner executing the artifact in ``out_dir`` in its own runtime (never PyTorch)."""
+    def open_session(
+        self, out_dir: Path, *, export: Mapping[str, Any] | None = None, settings: SessionSettings | None = None
+    ) -> Session:
+        """Load the artifact in ``out_dir`` in its own runtime (never PyTorch). ``export`` is the manifest's
+        ``export`` section this target wrote; ``settings`` the runtime knobs. ``run`` maps a float32 (1, C, H, W)
+        array to the float32 output. Raise ``NotRunnable`` when this machine cannot run it (Core ML off macOS)."""
+
+    def load_runner(self, out_dir: Path, *, export: Mapping[str, Any] | None = None) -> Session:
+        """The session validation uses: the runtime's defaults."""
+        return self.open_session(out_dir, export=export)
 
     def artifact_path(self, out_dir: Path) -> Path:
         """The artifact in ``out_dir``, once every file its runtime will read is known to be a regular file (or
@@ -117,3 +201,23 @@ class Converter(ABC):
         """Around a runtime loading ``path``: its refusal becomes an ``ArtifactError`` naming the file (exit 5)."""
         with loading(path, self.file_kind, self.load_errors()):
             yield
+
+
+class NotRunnable(Exception):
+    """This artifact cannot run on this machine (the message says why and where it can)."""
+
+
+def operator_profile(source: str, ops: Counter[str], counts: Counter[str], runs: int) -> dict[str, Any]:
+    """A session's per-operator profile: ``ops`` maps an operator to its milliseconds per inference, ``counts`` to
+    how often it ran over ``runs`` inferences; operators are listed slowest first with their share of the total."""
+    total = sum(ops.values())
+    top = [
+        {
+            "op": op,
+            "ms": round(float(ms), 3),
+            "share": round(ms / total, 4) if total else 0.0,
+            "count": counts[op] // max(runs, 1),
+        }
+        for op, ms in ops.most_common()
+    ]
+    return {"source": source, "total_ms": round(float(total), 3), "ops": top}

@@ -6,8 +6,9 @@ coremltools, computing in fp16 by default (the Neural Engine is fp16-only; the d
 stream keeps the norms finite) or fp32 on request, for iOS 17 / macOS 14 or later. Inputs and outputs stay
 float32 (coremltools casts to fp16 and back inside an fp16 program), so apps feed the same arrays either way.
 
-Core ML cannot execute off Apple platforms. On macOS the runners use Core ML itself (``MLModel.predict``, or
-the ExecuTorch runtime's Core ML backend); elsewhere they evaluate the saved ML program op by op in numpy, in
+Core ML cannot execute off Apple platforms. On macOS the sessions use Core ML itself (``MLModel.predict``, or
+the ExecuTorch runtime's Core ML backend); elsewhere validation evaluates the saved ML program op by op in numpy
+(``bench`` reports them not runnable: the evaluator says nothing about speed), in
 its own precision (``nafnet_edge.converters.coreml_mil``), which reads the artifact back, never PyTorch. For
 the ``.pte`` that program is the Core ML model embedded in the delegate payload, which is only the whole
 ``.pte`` when the graph lowered to one Core ML partition with nothing left outside it.
@@ -18,30 +19,39 @@ from __future__ import annotations
 import json
 import logging
 import operator
+import platform
 import struct
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 from nafnet_edge.artifact_files import artifact_file
 from nafnet_edge.converters.base import (
     INPUT_NAME,
     OUTPUT_NAME,
-    Converter,
     Exported,
     ExportOptions,
-    LoadedRunner,
+    NotRunnable,
     Precision,
+    Session,
+    SessionSettings,
+    Target,
+    TargetOption,
 )
 from nafnet_edge.errors import ArtifactError, MissingBackendError, OptionError
+from nafnet_edge.sizes import parse_size
+
+if TYPE_CHECKING:
+    import torch
+
+    from nafnet_edge.deploy import DeployRecipe
 
 MINIMUM_TARGET = "iOS17"  # ML program features the deploy graph relies on; macOS14 is the same spec version
 DEFAULT_COMPUTE_UNITS = "ALL"
@@ -50,31 +60,110 @@ EVALUATOR_NOTE = (
     "precision"
 )
 COREML_BACKEND_ID = "CoreMLBackend"
+COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")  # ct.ComputeUnit names
+COREML_OFF_MACOS = (
+    "Core ML runs only on macOS and iOS; this machine is {system}. Validation used the numpy ML-program "
+    "evaluator, which says nothing about speed: bench on a Mac"
+)
+
+# Both Core ML targets take the minimum deployment target (one option, the same for either).
+MIN_TARGET_OPTION = TargetOption(
+    "--min-target",
+    "minimum_target",
+    "iOS17 (default), iOS18, macOS14...",
+    default=MINIMUM_TARGET,
+    metavar="OS",
+)
+COREML_USAGE = """\
+## Swift (iOS 17 / macOS 14 or later)
+
+Add `{artifact}` to the Xcode target; Xcode compiles it and generates a class named after the file.
+
+```swift
+import CoreML
+
+let config = MLModelConfiguration()
+config.computeUnits = .all
+let model = try MLModel(contentsOf: Bundle.main.url(forResource: "model", withExtension: "mlmodelc")!,
+                        configuration: config)
+let image = try MLMultiArray(shape: [1, {c}, {h}, {w}], dataType: .float32)  // planar: c * {h} * {w} + y * {w} + x
+// ... fill `image` with {channels} values in [0, 1] ...
+let result = try model.prediction(from: MLDictionaryFeatureProvider(dictionary: ["{inp}": image]))
+let restored = result.featureValue(for: "{out}")!.multiArrayValue!
+```
+
+## Python (macOS only: Core ML does not execute elsewhere)
+
+```
+import coremltools as ct
+model = ct.models.MLModel("{artifact}")
+y = model.predict({{"{inp}": x}})["{out}"]   # x: float32 array [1, {c}, {h}, {w}]
+```
+"""
+EXECUTORCH_COREML_USAGE = """\
+## iOS / macOS with the ExecuTorch runtime and its Core ML backend linked
+
+```swift
+import ExecuTorch
+
+let module = Module(filePath: Bundle.main.path(forResource: "model", ofType: "pte")!)
+let input = Tensor<Float>(pixels, shape: [1, {c}, {h}, {w}])   // pixels: [Float], NCHW, {channels} in [0, 1]
+let output = try module.forward(input)
+```
+"""
 
 
-class CoreMLConverter(Converter):
+class CoreMLTarget(Target):
     """An ML program ``.mlpackage`` with named, described float32 I/O and the manifest essentials as metadata.
 
-    ``export`` reads ``graph.manifest_metadata`` (str -> str, attached by the pipeline before export; optional)
-    into the model's ``user_defined_metadata`` next to the converter's own facts (input sizes, compute precision,
-    minimum target, padding multiple), which win on a shared key. From it ``version`` takes the weights' sha256
-    (``nafnet_edge.source_sha256``) and ``license`` takes ``nafnet_edge.license`` when present.
+    ``export`` reads the deploy recipe's metadata (``graph.recipe.metadata``, str -> str; empty unless the pipeline
+    gave some) into the model's ``user_defined_metadata`` next to the target's own facts (input sizes, compute
+    precision, minimum target, padding multiple), which win on a shared key. From it ``version`` takes the
+    weights' sha256 (``nafnet_edge.source_sha256``) and ``license`` takes ``nafnet_edge.license`` when present.
 
-    ``options.extra_sizes`` adds enumerated input sizes (``ct.EnumeratedShapes``, default ``input_size``).
-    Flexible shapes can push Core ML off the Neural Engine, so a single fixed size is the default.
+    The ``extra_sizes`` setting (``--sizes``) adds enumerated input sizes (``ct.EnumeratedShapes``, default
+    ``input_size``). Flexible shapes can push Core ML off the Neural Engine, so a single fixed size is the default.
     """
 
-    target: ClassVar[str] = "coreml"
-    deploy_target: ClassVar[str] = "coreml"
+    name: ClassVar[str] = "coreml"
+    extra: ClassVar[str] = "coreml"
+    modules: ClassVar[tuple[str, ...]] = ("coremltools",)
+    runtime_packages: ClassVar[tuple[str, ...]] = ("coremltools",)
+    norm_form: ClassVar[str] = "layer-norm"
     artifact: ClassVar[str] = "model.mlpackage"
+    file_kind: ClassVar[str] = "Core ML package"
     precisions: ClassVar[tuple[Precision, ...]] = ("fp16", "fp32")
     default_precision: ClassVar[Precision] = "fp16"
-    modules: ClassVar[tuple[str, ...]] = ("coremltools",)
-    extra: ClassVar[str] = "coreml"
-    file_kind: ClassVar[str] = "Core ML package"
+    quantizer: ClassVar[str | None] = "nafnet_edge.quantization.coreml:CoreMLQuantizer"
+    color: ClassVar[str] = "#4e79a7"
+    options: ClassVar[tuple[TargetOption, ...]] = (
+        TargetOption("--sizes", "extra_sizes", "more sizes", default=(), kind="values", type=parse_size, metavar="PX"),
+        MIN_TARGET_OPTION,
+        TargetOption(
+            "--weights-only",
+            "weights_only",
+            "int8 weights with fp16 activations (post-training) instead of W8A8",
+            default=False,
+            kind="flag",
+            commands=("convert", "quantize"),
+        ),
+        TargetOption(
+            "--compute-units",
+            "compute_units",
+            "compute units on macOS (ALL)",
+            default=DEFAULT_COMPUTE_UNITS,
+            choices=COMPUTE_UNITS,
+            commands=("bench",),
+        ),
+    )
+    usage_title: ClassVar[str] = "Core ML"
+    usage_body: ClassVar[str] = COREML_USAGE
+
+    def quantizer_options(self, settings: Mapping[str, Any]) -> dict[str, Any]:
+        return {"mode": "weights"} if settings.get("weights_only") else {}
 
     def artifact_path(self, out_dir: Path) -> Path:
-        """The ``.mlpackage`` folder, every entry in it checked (see ``Converter.artifact_path``)."""
+        """The ``.mlpackage`` folder, every entry in it checked (see ``Target.artifact_path``)."""
         return artifact_file(out_dir, self.artifact, bundle=True)
 
     def load_errors(self) -> tuple[type[BaseException], ...]:
@@ -84,13 +173,11 @@ class CoreMLConverter(Converter):
 
     def check_options(self, options: ExportOptions) -> None:
         super().check_options(options)
-        if options.dynamic:
-            raise OptionError("--dynamic (symbolic height and width) is ONNX only; Core ML takes enumerated --sizes")
-        if options.bundle:
-            raise OptionError("--bundle (a bundled program with test data) is ExecuTorch XNNPACK only")
-        deployment_target(options.minimum_target)
+        deployment_target(self.setting(options, "minimum_target"))
 
     def export(self, graph: torch.nn.Module, out_dir: Path, options: ExportOptions) -> Exported:
+        import torch
+
         ct = import_coremltools()
         self.check_options(options)
         sizes = input_sizes(graph, options)
@@ -103,16 +190,15 @@ class CoreMLConverter(Converter):
             inputs=[ct.TensorType(name=INPUT_NAME, shape=shape, dtype=np.float32)],
             outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
             compute_precision=_ct_precision(options.precision),
-            minimum_deployment_target=deployment_target(options.minimum_target),
+            minimum_deployment_target=deployment_target(self.setting(options, "minimum_target")),
         )
-        metadata = {str(k): str(v) for k, v in getattr(graph, "manifest_metadata", {}).items()}
-        describe_io(mlmodel, graph, sizes, metadata)
-        mlmodel.user_defined_metadata.update(metadata)
+        describe_io(mlmodel, graph.recipe, sizes)
+        mlmodel.user_defined_metadata.update(graph.recipe.metadata)
         mlmodel.user_defined_metadata.update(
             {
                 "nafnet_edge.input_sizes": ",".join(f"{h}x{w}" for h, w in sizes),
                 "nafnet_edge.compute_precision": options.precision,
-                "nafnet_edge.minimum_target": options.minimum_target,
+                "nafnet_edge.minimum_target": self.setting(options, "minimum_target"),
                 "nafnet_edge.padding_multiple": str(graph.pad_multiple),
             }
         )
@@ -127,7 +213,7 @@ class CoreMLConverter(Converter):
                 "model_type": "mlprogram",
                 "compute_precision": options.precision,
                 "compute_units": DEFAULT_COMPUTE_UNITS,
-                "minimum_target": options.minimum_target,
+                "minimum_target": self.setting(options, "minimum_target"),
                 "input_sizes": [list(s) for s in sizes],
                 "shapes": "fixed" if len(sizes) == 1 else "enumerated",
                 "io_dtypes": _program_io_dtypes(program),
@@ -136,35 +222,43 @@ class CoreMLConverter(Converter):
             },
         )
 
-    def load_runner(self, out_dir: Path, manifest: dict[str, Any]) -> LoadedRunner:
+    def open_session(
+        self, out_dir: Path, *, export: Mapping[str, Any] | None = None, settings: SessionSettings | None = None
+    ) -> Session:
+        """Core ML on macOS with ``compute_units`` (the hint, else the ``export`` section, else ALL); elsewhere the
+        numpy ML-program evaluator, or ``NotRunnable`` for a session that will be timed."""
         ct = import_coremltools()
         from nafnet_edge.converters.coreml_mil import load_program
 
+        settings = settings or SessionSettings()
         path = self.artifact_path(out_dir)
+        if sys.platform != "darwin" and settings.timing:
+            raise NotRunnable(COREML_OFF_MACOS.format(system=platform.system()))
         with self.loading(path):
             allowed = _allowed_shapes(ct.utils.load_spec(str(path)))
             program = load_program(path)
         precision = _program_precision(program)
         if sys.platform == "darwin":
-            units = _compute_units(manifest)
-            mlmodel = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit[units])
+            units = _compute_units(export, settings)
+            with self.loading(path):
+                mlmodel = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit[units])
 
             def run_coreml(x: np.ndarray) -> np.ndarray:
                 _check_shape(x, allowed)
                 return np.asarray(mlmodel.predict({INPUT_NAME: x})[OUTPUT_NAME], dtype=np.float32)
 
             info = {"runtime": "coreml", "compute_units": units, "compute_precision": precision}
-            return LoadedRunner(run_coreml, info)
+            return Session(run_coreml, "coreml", info, keep=mlmodel)
 
         def run_evaluator(x: np.ndarray) -> np.ndarray:
             _check_shape(x, allowed)
             return np.asarray(program.run({INPUT_NAME: x})[OUTPUT_NAME], dtype=np.float32)
 
         info = {"runtime": "mil-numpy-evaluator", "compute_precision": precision, "note": EVALUATOR_NOTE}
-        return LoadedRunner(run_evaluator, info)
+        return Session(run_evaluator, "mil-numpy-evaluator", info, keep=program)
 
 
-class ExecuTorchCoreMLConverter(Converter):
+class ExecuTorchCoreMLTarget(Target):
     """An ExecuTorch ``.pte`` whose graph is delegated to ExecuTorch's Core ML backend.
 
     The backend converts the edge program with coremltools and embeds the ``.mlpackage`` in the delegate
@@ -173,14 +267,19 @@ class ExecuTorchCoreMLConverter(Converter):
     ``.mlpackage`` option (``--target coreml``).
     """
 
-    target: ClassVar[str] = "executorch-coreml"
-    deploy_target: ClassVar[str] = "coreml"
+    name: ClassVar[str] = "executorch-coreml"
+    extra: ClassVar[str] = "executorch,coreml"
+    modules: ClassVar[tuple[str, ...]] = ("coremltools", "executorch")
+    runtime_packages: ClassVar[tuple[str, ...]] = ("coremltools", "executorch")
+    norm_form: ClassVar[str] = "layer-norm"
     artifact: ClassVar[str] = "model.pte"
+    file_kind: ClassVar[str] = "ExecuTorch program"
     precisions: ClassVar[tuple[Precision, ...]] = ("fp16", "fp32")
     default_precision: ClassVar[Precision] = "fp16"
-    modules: ClassVar[tuple[str, ...]] = ("coremltools", "executorch")
-    extra: ClassVar[str] = "executorch,coreml"
-    file_kind: ClassVar[str] = "ExecuTorch program"
+    color: ClassVar[str] = "#e15759"
+    options: ClassVar[tuple[TargetOption, ...]] = (MIN_TARGET_OPTION,)
+    usage_title: ClassVar[str] = "ExecuTorch (Core ML delegate)"
+    usage_body: ClassVar[str] = EXECUTORCH_COREML_USAGE
 
     def load_errors(self) -> tuple[type[BaseException], ...]:
         # Reading the program's flatbuffer in Python (no Core ML backend here) fails in struct, or in
@@ -194,21 +293,17 @@ class ExecuTorchCoreMLConverter(Converter):
             from executorch.backends.apple.coreml.partition import CoreMLPartitioner  # noqa: F401
         except ImportError as err:
             raise MissingBackendError(
-                f"--target {self.target}: ExecuTorch's Core ML backend cannot be imported ({err}); "
+                f"--target {self.name}: ExecuTorch's Core ML backend cannot be imported ({err}); "
                 f"pip install 'nafnet-edge[{self.extra}]'"
             ) from err
 
     def check_options(self, options: ExportOptions) -> None:
         super().check_options(options)
-        if options.dynamic:
-            raise OptionError("--dynamic (symbolic height and width) is ONNX only")
-        if options.bundle:
-            raise OptionError("--bundle (a bundled program with test data) is ExecuTorch XNNPACK only")
-        if options.extra_sizes:
-            raise OptionError("--sizes (enumerated input sizes) is --target coreml only; export one .pte per size")
-        deployment_target(options.minimum_target)
+        deployment_target(self.setting(options, "minimum_target"))
 
     def export(self, graph: torch.nn.Module, out_dir: Path, options: ExportOptions) -> Exported:
+        import torch
+
         ct = import_coremltools()
         self.check_options(options)
         from executorch.backends.apple.coreml.compiler import CoreMLBackend
@@ -220,7 +315,7 @@ class ExecuTorchCoreMLConverter(Converter):
         example = torch.rand(1, _channels(graph), h, w)
         specs = CoreMLBackend.generate_compile_specs(
             compute_precision=_ct_precision(options.precision),
-            minimum_deployment_target=deployment_target(options.minimum_target),
+            minimum_deployment_target=deployment_target(self.setting(options, "minimum_target")),
         )
         with _quiet_coreml_backend():
             edge = to_edge_transform_and_lower(
@@ -242,7 +337,7 @@ class ExecuTorchCoreMLConverter(Converter):
                 "backend": COREML_BACKEND_ID,
                 "compute_precision": options.precision,
                 "compute_units": DEFAULT_COMPUTE_UNITS,
-                "minimum_target": options.minimum_target,
+                "minimum_target": self.setting(options, "minimum_target"),
                 "input_sizes": [[h, w]],
                 "io_dtypes": {INPUT_NAME: "float32", OUTPUT_NAME: "float32"},
                 "coreml_io_dtypes": [_program_io_dtypes(p) for p in programs],
@@ -254,14 +349,21 @@ class ExecuTorchCoreMLConverter(Converter):
             },
         )
 
-    def load_runner(self, out_dir: Path, manifest: dict[str, Any]) -> LoadedRunner:
+    def open_session(
+        self, out_dir: Path, *, export: Mapping[str, Any] | None = None, settings: SessionSettings | None = None
+    ) -> Session:
+        """The ``.pte`` in ExecuTorch's runtime with its Core ML backend (Apple platforms); elsewhere the Core ML
+        model of its only delegate in the numpy evaluator, or ``NotRunnable`` for a session that will be timed."""
+        import torch
         from executorch.runtime import Runtime
 
+        settings = settings or SessionSettings()
         path = self.artifact_path(out_dir)
         runtime = Runtime.get()
         if runtime.backend_registry.is_available(COREML_BACKEND_ID):
             with self.loading(path):
-                method = runtime.load_program(str(path)).load_method("forward")
+                program = runtime.load_program(str(path))
+                method = program.load_method("forward")
             if method is None:
                 raise ArtifactError(f"{path} has no forward method; convert again")
 
@@ -269,8 +371,14 @@ class ExecuTorchCoreMLConverter(Converter):
                 out = method.execute([torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))])
                 return out[0].numpy().astype(np.float32, copy=False)
 
-            precision = manifest.get("export", {}).get("compute_precision", "unknown")
-            return LoadedRunner(run_executorch, {"runtime": "executorch-coreml", "compute_precision": precision})
+            precision = (export or {}).get("compute_precision", "unknown")
+            info = {"runtime": "executorch-coreml", "backend": COREML_BACKEND_ID, "compute_precision": precision}
+            return Session(run_executorch, "executorch-coreml", info, keep=(program, method))
+        if settings.timing:
+            raise NotRunnable(
+                f"this ExecuTorch runtime has no {COREML_BACKEND_ID} (it exists only on Apple platforms); "
+                "bench the program on a Mac or in the app"
+            )
 
         import_coremltools()
         with self.loading(path):
@@ -290,7 +398,7 @@ class ExecuTorchCoreMLConverter(Converter):
             "note": f"{EVALUATOR_NOTE}. The ExecuTorch runtime here has no Core ML backend: the evaluated program "
             "is the Core ML model extracted from the .pte's only delegate, which is the whole graph",
         }
-        return LoadedRunner(run_evaluator, info)
+        return Session(run_evaluator, "mil-numpy-evaluator", info, keep=program)
 
 
 # --- shared helpers --------------------------------------------------------------------------------------------
@@ -324,21 +432,17 @@ def deployment_target(name: str) -> Any:
 
 def input_sizes(graph: torch.nn.Module, options: ExportOptions) -> list[tuple[int, int]]:
     """``input_size`` then the extra enumerated sizes (duplicates dropped), each checked against the graph."""
-    sizes = list(dict.fromkeys([tuple(options.input_size), *map(tuple, options.extra_sizes)]))
+    extra = CoreMLTarget.setting(options, "extra_sizes") or ()
+    sizes = list(dict.fromkeys([tuple(options.input_size), *map(tuple, extra)]))
     m = graph.pad_multiple
     for h, w in sizes:
         if h % m or w % m:
             raise OptionError(f"input size {h}x{w} must be a multiple of the padding multiple {m}")
-    if len(sizes) > 1:
-        from nafnet_edge.deploy import FixedPool
-
-        local = any(isinstance(p, FixedPool) and p.kernel_size is not None for p in graph.modules())
-        arch = getattr(graph, "manifest_metadata", {}).get("nafnet_edge.arch")
-        if local or arch == "NAFNetLocal":
-            raise OptionError(
-                "enumerated sizes need global channel-attention pooling; TLC (NAFNetLocal) pooling is fixed for "
-                "one input size: export one artifact per size"
-            )
+    if len(sizes) > 1 and (graph.recipe.local_pooling or graph.recipe.is_tlc):
+        raise OptionError(
+            "enumerated sizes need global channel-attention pooling; TLC (NAFNetLocal) pooling is fixed for "
+            "one input size: export one artifact per size"
+        )
     return sizes  # type: ignore[return-value]
 
 
@@ -421,11 +525,12 @@ def _program_precision(program: Any) -> str:
     return "fp16" if any(d == np.float16 for op in program.ops for d in op.dtypes) else "fp32"
 
 
-def _compute_units(manifest: dict[str, Any]) -> str:
-    units = str(manifest.get("export", {}).get("compute_units", DEFAULT_COMPUTE_UNITS)).upper()
-    choices = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
-    if units not in choices:
-        raise ArtifactError(f"compute units {units!r} in the manifest; choose one of {', '.join(choices)}")
+def _compute_units(export: Mapping[str, Any] | None, settings: SessionSettings) -> str:
+    """The hint ``compute_units``, else the manifest's ``export`` section's, else ALL."""
+    given = settings.hints.get("compute_units") or (export or {}).get("compute_units", DEFAULT_COMPUTE_UNITS)
+    units = str(given).upper()
+    if units not in COMPUTE_UNITS:
+        raise ArtifactError(f"compute units {units!r}; choose one of {', '.join(COMPUTE_UNITS)}")
     return units
 
 
@@ -440,9 +545,9 @@ def _check_shape(x: np.ndarray, allowed: list[tuple[int, ...]]) -> None:
         raise ValueError(f"input shape {tuple(x.shape)} is not one the model accepts: {allowed}")
 
 
-def describe_io(mlmodel: Any, graph: torch.nn.Module, sizes: list[tuple[int, int]], metadata: dict[str, str]) -> None:
-    """Descriptions an app developer sees in Xcode's model viewer."""
-    c, m = _channels(graph), graph.pad_multiple
+def describe_io(mlmodel: Any, recipe: DeployRecipe, sizes: list[tuple[int, int]]) -> None:
+    """Descriptions an app developer sees in Xcode's model viewer, from the deploy graph's recipe."""
+    c, m, metadata = recipe.channels, recipe.pad_multiple, recipe.metadata
     kind = "RGB" if c == 3 else "grayscale" if c == 1 else f"{c}-channel"
     listed = ", ".join(f"{h}x{w}" for h, w in sizes)
     mlmodel.input_description[INPUT_NAME] = (

@@ -1,12 +1,12 @@
 """ExecuTorch with the XNNPACK delegate: one fp32 ``.pte`` for one fixed input size, optionally a bundled program.
 
-The deploy graph (``nafnet_edge.deploy`` with ``target="xnnpack"``) lowers into a single XNNPACK partition;
+The deploy graph (``nafnet_edge.deploy`` in its ``conv-mean`` norm form) lowers into a single XNNPACK partition;
 ``Exported.info`` counts the partitions and lists any compute op left on ExecuTorch's portable kernels, so a
-regression in delegation shows up in the manifest. The runner executes the ``.pte`` in ExecuTorch's own
-runtime (pybindings), never in PyTorch.
+regression in delegation shows up in the manifest. The session executes the ``.pte`` in ExecuTorch's own
+runtime (``executorch.runtime``), never in PyTorch, for validation and ``bench`` alike.
 
-With ``ExportOptions.bundle``, ``model.bpte`` is written next to ``model.pte``: the same program plus the test
-inputs and their expected outputs, which an app loads with ExecuTorch's bundled-program API to verify the
+With the ``bundle`` setting (``--bundle``), ``model.bpte`` is written next to ``model.pte``: the same program plus
+the test inputs and their expected outputs, which an app loads with ExecuTorch's bundled-program API to verify the
 file on the device (``verify_result_with_bundled_expected_output``, with a tolerance the app chooses:
 XNNPACK's fp32 kernels differ from PyTorch by about 1e-6, so the runtime's default ``atol=1e-8`` is too tight).
 
@@ -16,16 +16,29 @@ int8 programs come from ``nafnet_edge.quantization``; this converter exports fp3
 from __future__ import annotations
 
 import importlib.metadata
+import tempfile
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
-from nafnet_edge.converters.base import Converter, Exported, ExportOptions, LoadedRunner
+from nafnet_edge.converters.base import (
+    Exported,
+    ExportOptions,
+    Precision,
+    Session,
+    SessionSettings,
+    Target,
+    TargetOption,
+    operator_profile,
+)
 from nafnet_edge.errors import ArtifactError, MissingBackendError, OptionError
+
+if TYPE_CHECKING:
+    import torch
 
 BACKEND = "XnnpackBackend"
 METHOD = "forward"
@@ -49,7 +62,12 @@ def _node_name(node: torch.fx.Node) -> str:
 
 
 def delegation_summary(graph_module: torch.fx.GraphModule) -> tuple[list[str], dict[str, int]]:
-    """The backend of each delegated partition, and the compute ops left outside any delegate (name -> count)."""
+    """The backend of each delegated partition, and the compute ops left outside any delegate (name -> count).
+
+    Not ``executorch.devtools.backend_debug.get_delegation_info``: it gives no backend ids, names ops by FX node
+    name ("aten_index_tensor" rather than the overload "aten.index.Tensor" recorded here) and counts no-op nodes
+    (getitem, alloc) as outside the delegate.
+    """
     backends: list[str] = []
     outside: Counter[str] = Counter()
     for node in graph_module.graph.nodes:
@@ -66,27 +84,66 @@ def delegation_summary(graph_module: torch.fx.GraphModule) -> tuple[list[str], d
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
     """A float32 copy with canonical strides: ExecuTorch rejects the zero stride numpy gives a ``[None]`` axis."""
+    import torch
+
     return torch.from_numpy(np.array(a, dtype=np.float32, order="C"))
 
 
-class ExecuTorchConverter(Converter):
-    target: ClassVar[str] = "executorch"
-    deploy_target: ClassVar[str] = "xnnpack"
-    artifact: ClassVar[str] = "model.pte"
-    precisions = ("fp32",)
-    modules: ClassVar[tuple[str, ...]] = ("executorch",)
+USAGE = """\
+## Python
+
+```python
+{python_io}
+from executorch.runtime import Runtime
+import torch
+
+program_bytes = open("{artifact}", "rb").read()  # keep the bytes alive while the program is used
+program = Runtime.get().load_program(program_bytes)
+method = program.load_method("forward")
+y = method.execute([torch.from_numpy(x)])[0].numpy()
+{python_save}```
+
+## Android (Kotlin, `org.pytorch.executorch`)
+
+```kotlin
+val module = Module.load(filesDir.resolve("{artifact}").absolutePath)
+val input = Tensor.fromBlob(pixels, longArrayOf(1, {c}, {h}, {w}))  // pixels: FloatArray, NCHW, in [0, 1]
+val restored = module.forward(EValue.from(input))[0].toTensor().dataAsFloatArray
+```
+
+## C++ (`executorch::extension::Module`)
+
+```cpp
+Module module("{artifact}");
+auto input = from_blob(pixels.data(), {{1, {c}, {h}, {w}}});  // float NCHW in [0, 1]
+auto restored = module.forward(input)->at(0).toTensor();
+```
+"""
+
+
+class ExecuTorchTarget(Target):
+    name: ClassVar[str] = "executorch"
     extra: ClassVar[str] = "executorch"
+    modules: ClassVar[tuple[str, ...]] = ("executorch",)
+    runtime_packages: ClassVar[tuple[str, ...]] = ("executorch",)
+    norm_form: ClassVar[str] = "conv-mean"
+    artifact: ClassVar[str] = "model.pte"
     file_kind: ClassVar[str] = "ExecuTorch program"
+    precisions: ClassVar[tuple[Precision, ...]] = ("fp32",)
+    quantizer: ClassVar[str | None] = "nafnet_edge.quantization.xnnpack:XNNPACKQuantizer"
+    color: ClassVar[str] = "#f28e2b"
+    options: ClassVar[tuple[TargetOption, ...]] = (
+        TargetOption("--bundle", "bundle", "also a bundled program with test I/O", default=False, kind="flag"),
+    )
+    usage_title: ClassVar[str] = "ExecuTorch (XNNPACK)"
+    usage_body: ClassVar[str] = USAGE
+
+    def needs_test_io(self, options: ExportOptions) -> bool:
+        return bool(self.setting(options, "bundle"))
 
     def check_options(self, options: ExportOptions) -> None:
         super().check_options(options)
-        if options.dynamic or options.extra_sizes:
-            raise OptionError(
-                f"--target {self.target} exports one fixed size per .pte ({options.input_size[0]}x"
-                f"{options.input_size[1]}); drop --dynamic/--sizes and tile larger images, or export one "
-                ".pte per size"
-            )
-        if options.bundle:  # test inputs may still be missing here: the pipeline adds them after this check
+        if self.setting(options, "bundle"):  # test inputs may still be missing here: the pipeline adds them later
             if options.test_outputs and len(options.test_outputs) != len(options.test_inputs):
                 raise ValueError(
                     f"{len(options.test_inputs)} bundled test inputs but {len(options.test_outputs)} expected "
@@ -100,11 +157,13 @@ class ExecuTorchConverter(Converter):
                     )
 
     def export(self, graph: torch.nn.Module, out_dir: Path, options: ExportOptions) -> Exported:
+        import torch
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
 
         self.check_options(options)
-        if options.bundle and not options.test_inputs:
+        bundle = bool(self.setting(options, "bundle"))
+        if bundle and not options.test_inputs:
             raise OptionError(
                 "a bundled program (--bundle) needs test inputs to carry and none were given: keep validation on "
                 "(the first validation image becomes the test case) or drop --bundle"
@@ -126,19 +185,20 @@ class ExecuTorchConverter(Converter):
             "ops_outside_delegate": outside,
             "program_bytes": len(buffer),
         }
-        if options.bundle:
-            bundle = self._bundle(program, graph, options)
-            (out_dir / BUNDLE).write_bytes(bundle)
+        if bundle:
+            bundled = self._bundle(program, graph, options)
+            (out_dir / BUNDLE).write_bytes(bundled)
             files.append(BUNDLE)
             info["bundle"] = BUNDLE
             info["bundled_test_cases"] = len(options.test_inputs)
-            info["bundle_bytes"] = len(bundle)
+            info["bundle_bytes"] = len(bundled)
         return Exported(files=files, info=info)
 
     @staticmethod
     def _bundle(program: Any, graph: torch.nn.Module, options: ExportOptions) -> bytes:
         """The program with its test cases; expected outputs are ``options.test_outputs`` or, when none are
         given, the deploy graph's own outputs for the test inputs."""
+        import torch
         from executorch.devtools.bundled_program.config import MethodTestCase, MethodTestSuite
         from executorch.devtools.bundled_program.core import BundledProgram
         from executorch.devtools.bundled_program.serialize import serialize_from_bundled_program_to_flatbuffer
@@ -153,9 +213,15 @@ class ExecuTorchConverter(Converter):
         bundled = BundledProgram(program, [MethodTestSuite(method_name=METHOD, test_cases=cases)])
         return serialize_from_bundled_program_to_flatbuffer(bundled)
 
-    def load_runner(self, out_dir: Path, manifest: dict[str, Any]) -> LoadedRunner:
+    def open_session(
+        self, out_dir: Path, *, export: Mapping[str, Any] | None = None, settings: SessionSettings | None = None
+    ) -> Session:
+        """The ``.pte`` in ExecuTorch's runtime (``executorch.runtime``) with XNNPACK's threadpool at
+        ``settings.threads``; the profile is an ETDump of a second load read by the devtools Inspector (XNNPACK's
+        operators inside the delegate)."""
         from executorch.runtime import Runtime
 
+        settings = settings or SessionSettings()
         runtime = Runtime.get()
         if not runtime.backend_registry.is_available(BACKEND):
             raise MissingBackendError(
@@ -163,6 +229,8 @@ class ExecuTorchConverter(Converter):
                 f"{', '.join(runtime.backend_registry.registered_backend_names)}); "
                 f"pip install 'nafnet-edge[{self.extra}]'"
             )
+        if settings.threads:
+            _set_threadpool_size(settings.threads)
         path = self.artifact_path(out_dir)
         buffer = path.read_bytes()
         with self.loading(path):
@@ -171,11 +239,39 @@ class ExecuTorchConverter(Converter):
         if method is None:
             raise ArtifactError(f"{path} has no {METHOD!r} method; convert again")
         run = _ProgramRunner(buffer, program, method, tuple(method.metadata.input_tensor_meta(0).sizes()))
+
+        def profile(x: np.ndarray, runs: int) -> dict[str, Any]:
+            from executorch.devtools import Inspector
+
+            traced = runtime.load_program(buffer, enable_etdump=True, debug_buffer_size=0)
+            traced_method = traced.load_method(METHOD)
+            inputs = [_tensor(x)]
+            traced_method.execute(inputs)  # the first run sets XNNPACK up; the Inspector's medians drop it
+            for _ in range(runs):
+                traced_method.execute(inputs)
+            with tempfile.TemporaryDirectory() as tmp:
+                etdump = Path(tmp) / "run.etdp"
+                traced.write_etdump_result_to_file(str(etdump), str(Path(tmp) / "debug.bin"))
+                inspector = Inspector(etdump_path=str(etdump))
+            ops: Counter[str] = Counter()
+            counts: Counter[str] = Counter()
+            for block in inspector.event_blocks:
+                if block.name != "Execute":
+                    continue
+                for event in block.events:
+                    if event.perf_data is None or event.name in ("DELEGATE_CALL", "Method::execute"):
+                        continue
+                    key = event.name.split(" #")[0]  # XNNPACK numbers every instance: "Convolution (NHWC, F32) #3"
+                    ops[key] += event.perf_data.p50
+                    counts[key] += 1
+            source = "ExecuTorch ETDump (devtools Inspector), XNNPACK operators, median per node"
+            return operator_profile(source, ops, counts, 1)
+
         info: dict[str, Any] = {"runtime": "executorch", "backend": BACKEND}
         threads = _threadpool_size()
         if threads is not None:
             info["threads"] = threads
-        return LoadedRunner(run=run, info=info)
+        return Session(run, "executorch", info, profile, keep=run)
 
 
 @dataclass(frozen=True)
@@ -194,6 +290,15 @@ class _ProgramRunner:
                 "crop back, or tile larger images"
             )
         return self.method.execute([_tensor(a)])[0].numpy().astype(np.float32, copy=True)
+
+
+# The public ``executorch.runtime`` API loads and runs programs (with ETDump) but neither reads nor sets the
+# threadpool XNNPACK runs on: these two helpers are the only places that use the pybindings for it.
+def _set_threadpool_size(threads: int) -> None:
+    """Resize ExecuTorch's shared threadpool (process-wide; it applies to methods loaded afterwards)."""
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+    _unsafe_reset_threadpool(threads)
 
 
 def _threadpool_size() -> int | None:

@@ -1,32 +1,47 @@
 """ONNX (opset 17) through PyTorch's TorchScript exporter, validated in onnxruntime.
 
-The file is fixed to ``ExportOptions.input_size`` by default. With ``ExportOptions.dynamic`` the height and
-width are symbolic (``height``, ``width``; any multiple of the padding multiple): valid only for a graph whose
-channel attention pools globally, which computes the same function at every size. A TLC graph that pools
-locally at the given size is fixed for that size (its kernel and replicate padding depend on it), so a dynamic
+The file is fixed to ``ExportOptions.input_size`` by default. With the ``dynamic`` setting (``--dynamic``) the
+height and width are symbolic (``height``, ``width``; any multiple of the padding multiple): valid only for a
+graph whose channel attention pools globally, which computes the same function at every size. A TLC graph that
+pools locally at the given size is fixed for that size (its kernel and replicate padding depend on it), so a dynamic
 export of it is refused.
 
-The deploy graph's ``manifest_metadata`` (str -> str, attached by the pipeline), the input size and the padding
-multiple go into the model's ``metadata_props``, so the file describes itself without the manifest next to it.
-A TLC model (``nafnet_edge.arch`` = NAFNetLocal there) is never exported dynamic: even where it pools globally at
-the given size, it would pool locally at larger ones.
+The deploy recipe's metadata (``graph.recipe.metadata``, str -> str), the input size and the padding multiple go
+into the model's ``metadata_props``, so the file describes itself without the manifest next to it. A TLC model
+(``graph.recipe.arch`` NAFNetLocal) is never exported dynamic: even where it pools globally at the given size, it
+would pool locally at larger ones.
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
 import warnings
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 from nafnet_edge.artifact_files import artifact_file, loading
-from nafnet_edge.converters.base import INPUT_NAME, OUTPUT_NAME, Converter, Exported, ExportOptions, LoadedRunner
+from nafnet_edge.converters.base import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    Exported,
+    ExportOptions,
+    Precision,
+    Session,
+    SessionSettings,
+    Target,
+    TargetOption,
+    operator_profile,
+)
 from nafnet_edge.errors import OptionError
 
-ARCH_KEY, TLC_ARCH = "nafnet_edge.arch", "NAFNetLocal"  # set by the pipeline in the graph's manifest_metadata
+if TYPE_CHECKING:
+    import torch
+
 PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")  # in order of preference, where available
 
 DOC_STRING = (
@@ -36,50 +51,54 @@ DOC_STRING = (
 )
 
 
-def local_pooling(graph: torch.nn.Module) -> list[tuple[int, int]]:
-    """Kernel sizes of the channel-attention pools that are not global (TLC's local box mean), in graph order."""
-    from nafnet_edge.deploy import FixedPool
-    from nafnet_edge.model import ChannelPool
+USAGE = """\
+## Python (onnxruntime)
 
-    return [m.kernel_size for m in graph.modules() if isinstance(m, FixedPool | ChannelPool) and m.kernel_size]
+```python
+{python_io}
+import onnxruntime as ort
+
+session = ort.InferenceSession("{artifact}", providers=["CPUExecutionProvider"])
+y = session.run(["{out}"], {{"{inp}": x}})[0]
+{python_save}```
+"""
 
 
-class ONNXConverter(Converter):
-    target: ClassVar[str] = "onnx"
-    deploy_target: ClassVar[str] = "onnx"
-    artifact: ClassVar[str] = "model.onnx"
-    precisions = ("fp32",)
-    modules: ClassVar[tuple[str, ...]] = ("onnx", "onnxruntime")
+class ONNXTarget(Target):
+    name: ClassVar[str] = "onnx"
     extra: ClassVar[str] = "onnx"
+    modules: ClassVar[tuple[str, ...]] = ("onnx", "onnxruntime")
+    runtime_packages: ClassVar[tuple[str, ...]] = ("onnx", "onnxruntime")
+    norm_form: ClassVar[str] = "mvn"
+    artifact: ClassVar[str] = "model.onnx"
     file_kind: ClassVar[str] = "ONNX model"
+    precisions: ClassVar[tuple[Precision, ...]] = ("fp32",)
+    color: ClassVar[str] = "#b07aa1"
+    options: ClassVar[tuple[TargetOption, ...]] = (
+        TargetOption("--dynamic", "dynamic", "symbolic height and width", default=False, kind="flag"),
+    )
+    usage_title: ClassVar[str] = "ONNX"
+    usage_body: ClassVar[str] = USAGE
     opset: ClassVar[int] = 17
-
-    def check_options(self, options: ExportOptions) -> None:
-        super().check_options(options)
-        if options.bundle:
-            raise OptionError("--bundle is for --target executorch; an ONNX file carries no test cases")
-        if options.extra_sizes:
-            raise OptionError(
-                "--target onnx exports one size or any size: use --dynamic for symbolic height and width "
-                "instead of --sizes"
-            )
 
     def export(self, graph: torch.nn.Module, out_dir: Path, options: ExportOptions) -> Exported:
         import onnx
         import onnxruntime
+        import torch
 
         self.check_options(options)
         h, w = options.input_size
-        metadata = {str(k): str(v) for k, v in getattr(graph, "manifest_metadata", {}).items()}
-        if options.dynamic and (kernels := local_pooling(graph)):
+        dynamic = bool(self.setting(options, "dynamic"))
+        recipe = graph.recipe
+        if dynamic and (kernels := recipe.local_pooling):
             raise OptionError(
                 f"--dynamic needs global pooling, but this TLC graph pools locally at {h}x{w} (kernels "
                 f"{sorted(set(kernels))}), which is fixed for that size; drop --dynamic (one file per size) and "
                 "tile larger images"
             )
-        if options.dynamic and metadata.get(ARCH_KEY) == TLC_ARCH:
+        if dynamic and recipe.is_tlc:
             raise OptionError(
-                f"--dynamic cannot keep TLC: this {TLC_ARCH} pools globally at {h}x{w} but locally at larger sizes, "
+                f"--dynamic cannot keep TLC: this {recipe.arch} pools globally at {h}x{w} but locally at larger sizes, "
                 "which one file cannot do; drop --dynamic (one file per size) and tile larger images"
             )
         path = out_dir / self.artifact
@@ -95,18 +114,18 @@ class ONNXConverter(Converter):
                 dynamo=False,  # the dynamo exporter needs onnxscript
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes} if options.dynamic else None,
+                dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes} if dynamic else None,
             )
 
         model = onnx.load(str(path))
         model.doc_string = DOC_STRING
         onnx.helper.set_model_props(
             model,
-            metadata
+            dict(recipe.metadata)
             | {
                 "nafnet_edge.input_size": f"{h}x{w}",
                 "nafnet_edge.padding_multiple": str(graph.pad_multiple),
-                "nafnet_edge.dynamic": str(options.dynamic).lower(),
+                "nafnet_edge.dynamic": str(dynamic).lower(),
             },
         )
         onnx.save(model, str(path))
@@ -119,13 +138,13 @@ class ONNXConverter(Converter):
                 "onnx_version": onnx.__version__,
                 "onnxruntime_version": onnxruntime.__version__,
                 "op_histogram": dict(sorted(Counter(n.op_type for n in model.graph.node).items())),
-                "dynamic": options.dynamic,
+                "dynamic": dynamic,
                 "file_bytes": path.stat().st_size,
             },
         )
 
     def artifact_path(self, out_dir: Path) -> Path:
-        """``model.onnx`` and every external data file it names, checked (see ``Converter.artifact_path``)."""
+        """``model.onnx`` and every external data file it names, checked (see ``Target.artifact_path``)."""
         path = artifact_file(out_dir, self.artifact)
         for location in external_data_locations(path):
             artifact_file(out_dir, location)
@@ -138,20 +157,54 @@ class ONNXConverter(Converter):
         names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NotImplemented")
         return (DecodeError, *(getattr(ort_errors, n) for n in names if hasattr(ort_errors, n)))
 
-    def load_runner(self, out_dir: Path, manifest: dict[str, Any]) -> LoadedRunner:
-        import onnxruntime
+    def open_session(
+        self, out_dir: Path, *, export: Mapping[str, Any] | None = None, settings: SessionSettings | None = None
+    ) -> Session:
+        """onnxruntime with the first available of ``PROVIDERS``; ``settings.threads`` sets its intra-op threads.
+        The profile is onnxruntime's own profiler (kernel time per operator type)."""
+        import onnxruntime as ort
 
+        settings = settings or SessionSettings()
         path = self.artifact_path(out_dir)
-        available = onnxruntime.get_available_providers()
-        providers = [p for p in PROVIDERS if p in available]
+        providers = [p for p in PROVIDERS if p in ort.get_available_providers()]
+
+        def session_options(*, profile_in: str | None = None) -> Any:
+            opts = ort.SessionOptions()
+            if settings.threads:
+                opts.intra_op_num_threads = settings.threads
+            if profile_in is not None:
+                opts.enable_profiling = True
+                opts.profile_file_prefix = str(Path(profile_in) / "profile")
+            return opts
+
         with self.loading(path):
-            session = onnxruntime.InferenceSession(str(path), providers=providers)
+            session = ort.InferenceSession(str(path), session_options(), providers=providers)
 
         def run(a: np.ndarray) -> np.ndarray:
             out = session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(a, dtype=np.float32)})[0]
             return np.asarray(out, dtype=np.float32)
 
-        return LoadedRunner(run=run, info={"runtime": "onnxruntime", "providers": session.get_providers()})
+        def profile(x: np.ndarray, runs: int) -> dict[str, Any]:
+            feed = {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}
+            with tempfile.TemporaryDirectory(prefix="nafnet-edge-ort-") as tmp:
+                profiled = ort.InferenceSession(str(path), session_options(profile_in=tmp), providers=providers)
+                for _ in range(runs + 1):
+                    profiled.run(None, feed)
+                events = json.loads(Path(profiled.end_profiling()).read_text())
+            ops: Counter[str] = Counter()
+            counts: Counter[str] = Counter()
+            for event in events:
+                if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+                    key = event.get("args", {}).get("op_name", "?")
+                    ops[key] += event["dur"] / 1e3 / (runs + 1)
+                    counts[key] += 1
+            return operator_profile("onnxruntime profiler, kernel time per operator type", ops, counts, runs + 1)
+
+        info: dict[str, Any] = {"runtime": "onnxruntime", "providers": session.get_providers()}
+        info["onnxruntime"] = ort.__version__
+        if settings.threads:
+            info["threads"] = settings.threads
+        return Session(run, "onnxruntime", info, profile, keep=session)
 
 
 def external_data_locations(path: Path) -> list[str]:
@@ -159,7 +212,7 @@ def external_data_locations(path: Path) -> list[str]:
     import onnx
     from google.protobuf.message import DecodeError
 
-    with loading(path, ONNXConverter.file_kind, (DecodeError,)):
+    with loading(path, ONNXTarget.file_kind, (DecodeError,)):
         model = onnx.load(str(path), load_external_data=False)
     locations: list[str] = []
     graphs = [model.graph]

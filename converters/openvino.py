@@ -6,8 +6,9 @@ and ``restored``, the manifest essentials stored in the IR's rt_info under ``naf
 weights to f16 in the ``.bin`` (half the size); the CPU plugin decompresses them to f32 at load, so it changes
 the file, not the arithmetic.
 
-Runner: the CPU plugin silently runs bf16 on CPUs that report bf16, so the runner pins
-``INFERENCE_PRECISION_HINT`` (f32 unless the manifest asks for ``inference_precision``) and refuses to run when
+Session: the CPU plugin silently runs bf16 on CPUs that report bf16, so the session pins
+``INFERENCE_PRECISION_HINT`` (f32 unless ``--inference-precision``, the hint ``inference_precision``, or the
+manifest's ``export`` section asks for another) and refuses to run when
 the plugin reports a different precision than asked (on x86 without native f16 it answers an f16 request with
 bf16). It records what ran: the plugin's precision hint and, over the execution graph's compute nodes,
 histograms of the plugin's reported runtime precision and of the precision of the data they read.
@@ -15,24 +16,31 @@ histograms of the plugin's reported runtime precision and of the precision of th
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 from nafnet_edge.artifact_files import artifact_file
 from nafnet_edge.converters.base import (
     INPUT_NAME,
     OUTPUT_NAME,
-    Converter,
     Exported,
     ExportOptions,
-    LoadedRunner,
     Precision,
+    Session,
+    SessionSettings,
+    Target,
+    TargetOption,
+    operator_profile,
 )
-from nafnet_edge.errors import ArtifactError, OptionError
+from nafnet_edge.errors import ArtifactError
+
+if TYPE_CHECKING:
+    import torch
 
 XML, BIN = "model.xml", "model.bin"
 RT_INFO_SECTION = "nafnet_edge"
@@ -43,45 +51,70 @@ CAPABILITY_NAMES = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}  # as in the p
 # Execution-graph nodes that move or hold data rather than compute; left out of the runtime precision histogram.
 NON_COMPUTE_LAYERS = frozenset({"Input", "Output", "Const", "Reorder", "Reshape"})
 
+USAGE = """\
+## Python
 
-class OpenVINOConverter(Converter):
-    target: ClassVar[str] = "openvino"
-    deploy_target: ClassVar[str] = "openvino"
+Pin the inference precision: on CPUs with bf16 the plugin otherwise runs bf16 silently.
+
+```python
+{python_io}
+import openvino as ov
+
+compiled = ov.Core().compile_model("{artifact}", "CPU", {{"INFERENCE_PRECISION_HINT": "f32"}})
+y = compiled({{"{inp}": x}})["{out}"]
+{python_save}```
+
+## C++
+
+```cpp
+ov::Core core;
+auto compiled = core.compile_model("{artifact}", "CPU", ov::hint::inference_precision(ov::element::f32));
+auto request = compiled.create_infer_request();
+request.set_tensor("{inp}", ov::Tensor(ov::element::f32, {{1, {c}, {h}, {w}}}, pixels.data()));
+request.infer();
+const float* restored = request.get_tensor("{out}").data<float>();
+```
+"""
+
+
+class OpenVINOTarget(Target):
+    name: ClassVar[str] = "openvino"
+    extra: ClassVar[str] = "openvino"
+    modules: ClassVar[tuple[str, ...]] = ("openvino",)
+    runtime_packages: ClassVar[tuple[str, ...]] = ("openvino",)
+    norm_form: ClassVar[str] = "mvn"
     artifact: ClassVar[str] = XML
+    file_kind: ClassVar[str] = "OpenVINO IR"
     precisions: ClassVar[tuple[Precision, ...]] = ("fp32", "fp16")
     default_precision: ClassVar[Precision] = "fp32"
-    modules: ClassVar[tuple[str, ...]] = ("openvino",)
-    extra: ClassVar[str] = "openvino"
-    file_kind: ClassVar[str] = "OpenVINO IR"
-
-    def check_options(self, options: ExportOptions) -> None:
-        super().check_options(options)
-        if options.dynamic:
-            raise OptionError("--dynamic is for --target onnx; OpenVINO IRs are exported at one fixed --input-size")
-        if options.extra_sizes:
-            raise OptionError("--sizes is for --target coreml; export one OpenVINO IR per --input-size instead")
-        if options.bundle:
-            raise OptionError("--bundle is for --target executorch; OpenVINO has no bundled-program format")
+    quantizer: ClassVar[str | None] = "nafnet_edge.quantization.openvino:OpenVINOQuantizer"
+    color: ClassVar[str] = "#59a14f"
+    options: ClassVar[tuple[TargetOption, ...]] = (
+        TargetOption(
+            "--inference-precision",
+            "inference_precision",
+            f"the CPU plugin's INFERENCE_PRECISION_HINT ({DEFAULT_INFERENCE_PRECISION}; bf16 or f16 where the CPU "
+            "runs them natively)",
+            choices=INFERENCE_PRECISIONS,
+            metavar="PREC",
+            commands=("bench",),
+        ),
+    )
+    usage_title: ClassVar[str] = "OpenVINO"
+    usage_body: ClassVar[str] = USAGE
 
     def export(self, graph: torch.nn.Module, out_dir: Path, options: ExportOptions) -> Exported:
         import openvino as ov
+        import torch
 
         h, w = options.input_size
         shape = (1, graph.intro.in_channels, h, w)
         with torch.no_grad():
             ov_model = ov.convert_model(graph, example_input=torch.rand(shape), input=ov.PartialShape(list(shape)))
-        ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})
-        ov_model.outputs[0].get_tensor().set_names({OUTPUT_NAME})
-        metadata = getattr(graph, "manifest_metadata", {})
-        name = metadata.get(f"{RT_INFO_SECTION}.release") or metadata.get(f"{RT_INFO_SECTION}.arch")
-        ov_model.set_friendly_name(name or type(graph).__name__)
-        for key, value in ir_metadata(graph, options, metadata).items():
-            ov_model.set_rt_info(value, [RT_INFO_SECTION, key])
-
-        xml = Path(out_dir) / XML
-        ov.save_model(ov_model, str(xml), compress_to_fp16=options.precision == "fp16")
-        saved = ov.Core().read_model(str(xml))
-        op_counts = Counter(op.get_type_name() for op in saved.get_ops())
+        fp16 = options.precision == "fp16"
+        op_counts = save_ir(
+            ov_model, out_dir, graph, input_size=(h, w), precision=options.precision, compress_to_fp16=fp16
+        )
         return Exported(
             files=[XML, BIN],
             info={
@@ -95,23 +128,36 @@ class OpenVINOConverter(Converter):
         )
 
     def artifact_path(self, out_dir: Path) -> Path:
-        """``model.xml`` and the ``model.bin`` OpenVINO reads beside it, checked (see ``Converter.artifact_path``)."""
+        """``model.xml`` and the ``model.bin`` OpenVINO reads beside it, checked (see ``Target.artifact_path``)."""
         artifact_file(out_dir, BIN)
         return artifact_file(out_dir, XML)
 
-    def load_runner(self, out_dir: Path, manifest: dict[str, Any]) -> LoadedRunner:
+    def open_session(
+        self, out_dir: Path, *, export: Mapping[str, Any] | None = None, settings: SessionSettings | None = None
+    ) -> Session:
+        """The IR compiled for the CPU plugin with the LATENCY hint, its inference precision pinned
+        (``inference_precision``: the hint, else the ``export`` section, else f32) and ``settings.threads``
+        threads; the profile reads the plugin's performance counters, the throughput mode compiles with the
+        THROUGHPUT hint and runs its optimal number of requests."""
         import openvino as ov
 
+        settings = settings or SessionSettings()
         path = self.artifact_path(out_dir)
-        requested = manifest.get("inference_precision", DEFAULT_INFERENCE_PRECISION)
+        requested = settings.hints.get("inference_precision") or (export or {}).get(
+            "inference_precision", DEFAULT_INFERENCE_PRECISION
+        )
         if requested not in INFERENCE_PRECISIONS:
             raise ArtifactError(
                 f"inference_precision {requested!r} is not one of {', '.join(INFERENCE_PRECISIONS)} "
                 "(the CPU plugin's INFERENCE_PRECISION_HINT values)"
             )
+        base: dict[str, Any] = {"INFERENCE_PRECISION_HINT": requested}  # every compilation below starts from it
+        if settings.threads:
+            base["INFERENCE_NUM_THREADS"] = settings.threads
         core = ov.Core()
         with self.loading(path):
-            compiled = core.compile_model(str(path), DEVICE, {"INFERENCE_PRECISION_HINT": requested})
+            model = core.read_model(str(path))
+            compiled = core.compile_model(model, DEVICE, {**base, "PERFORMANCE_HINT": "LATENCY"})
         used = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         if used != requested:
             capabilities = core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")
@@ -128,21 +174,90 @@ class OpenVINOConverter(Converter):
             result = request.infer({INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
             return np.asarray(result[OUTPUT_NAME], dtype=np.float32)
 
-        return LoadedRunner(
-            run=run,
-            info={
-                "runtime": "openvino",
-                "openvino": ov.get_version(),
-                "device": DEVICE,
-                "device_name": core.get_property(DEVICE, "FULL_DEVICE_NAME"),
-                "inference_precision": used,
-                "runtime_precisions": reported,
-                "activation_precisions": activations,
-            },
-        )
+        def profile(x: np.ndarray, runs: int) -> dict[str, Any]:
+            counted = core.compile_model(model, DEVICE, {**base, "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True})
+            req = counted.create_infer_request()
+            feed = {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}
+            req.infer(feed)
+            ops: Counter[str] = Counter()
+            counts: Counter[str] = Counter()
+            for _ in range(runs):
+                req.infer(feed)
+                for p in req.profiling_info:
+                    if p.status == p.Status.EXECUTED and p.real_time.total_seconds() > 0:
+                        key = f"{p.node_type} ({p.exec_type})"
+                        ops[key] += p.real_time.total_seconds() * 1e3 / runs
+                        counts[key] += 1
+            return operator_profile("OpenVINO performance counters (PERF_COUNT), per executed node", ops, counts, runs)
+
+        def throughput(x: np.ndarray, frames: int) -> dict[str, Any]:
+            fast = core.compile_model(model, DEVICE, {**base, "PERFORMANCE_HINT": "THROUGHPUT"})
+            requests = int(fast.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+            queue = ov.AsyncInferQueue(fast, requests)
+            feed = {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}
+            for _ in range(requests):  # warm every request
+                queue.start_async(feed)
+            queue.wait_all()
+            started = time.perf_counter()
+            for _ in range(frames):
+                queue.start_async(feed)
+            queue.wait_all()
+            seconds = time.perf_counter() - started
+            return {
+                "mode": "OpenVINO THROUGHPUT hint",
+                "fps": round(frames / seconds, 3),
+                "streams": int(fast.get_property("NUM_STREAMS")),
+                "requests": requests,
+                "frames": frames,
+            }
+
+        info = {
+            "runtime": "openvino",
+            "openvino": ov.get_version(),
+            "device": DEVICE,
+            "device_name": core.get_property(DEVICE, "FULL_DEVICE_NAME"),
+            "hint": "LATENCY",
+            "inference_precision": used,
+            "streams": int(compiled.get_property("NUM_STREAMS")),
+            "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
+            "runtime_precisions": reported,
+            "activation_precisions": activations,
+        }
+        return Session(run, "openvino", info, profile, throughput, keep=(compiled, model))
 
 
-def ir_metadata(graph: torch.nn.Module, options: ExportOptions, metadata: dict[str, str]) -> dict[str, str]:
+def save_ir(
+    ov_model: Any,
+    out_dir: Path,
+    graph: torch.nn.Module,
+    *,
+    input_size: tuple[int, int],
+    precision: str,
+    rt_info: Mapping[str, str] | None = None,
+    compress_to_fp16: bool = False,
+) -> Counter[str]:
+    """Write ``ov_model`` (converted from the deploy graph ``graph``, or a module prepared from it) as
+    ``out_dir/model.xml`` + ``model.bin``: tensors named ``image`` and ``restored``, the model named after the
+    release or architecture, and rt_info under ``nafnet_edge`` (``ir_metadata``, then ``rt_info``); returns the
+    saved IR's op counts."""
+    import openvino as ov
+
+    ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})
+    ov_model.outputs[0].get_tensor().set_names({OUTPUT_NAME})
+    metadata = graph.recipe.metadata
+    name = metadata.get(f"{RT_INFO_SECTION}.release") or metadata.get(f"{RT_INFO_SECTION}.arch")
+    ov_model.set_friendly_name(name or type(graph).__name__)
+    entries = {**ir_metadata(graph, input_size, precision, metadata), **(rt_info or {})}
+    for key, value in entries.items():
+        ov_model.set_rt_info(value, [RT_INFO_SECTION, key])
+    xml = Path(out_dir) / XML
+    ov.save_model(ov_model, str(xml), compress_to_fp16=compress_to_fp16)
+    return Counter(op.get_type_name() for op in ov.Core().read_model(str(xml)).get_ops())
+
+
+def ir_metadata(
+    graph: torch.nn.Module, input_size: tuple[int, int], precision: str, metadata: Mapping[str, str]
+) -> dict[str, str]:
     """rt_info entries under ``nafnet_edge``: the pipeline's metadata (its ``nafnet_edge.`` key prefix dropped,
     since the section already says it) and this IR's own facts, which win on a clash."""
     entries = {
@@ -150,12 +265,8 @@ def ir_metadata(graph: torch.nn.Module, options: ExportOptions, metadata: dict[s
         for key, value in metadata.items()
         if isinstance(key, str) and isinstance(value, str)
     }
-    h, w = options.input_size
-    entries.update(
-        input_size=f"{h}x{w}",
-        padding_multiple=str(graph.pad_multiple),
-        precision=options.precision,
-    )
+    h, w = input_size
+    entries.update(input_size=f"{h}x{w}", padding_multiple=str(graph.pad_multiple), precision=precision)
     return entries
 
 

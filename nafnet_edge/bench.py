@@ -1,33 +1,32 @@
 """Latency of artifacts in their own runtimes on this machine, the way an app team compares them before shipping.
 
-``bench_artifacts`` runs each artifact directory written by ``convert``/``quantize`` in its runtime (OpenVINO with
-its latency and throughput hints, ExecuTorch's runtime with XNNPACK's threadpool, onnxruntime, Core ML on macOS)
+``bench_artifacts`` runs each artifact directory written by ``convert``/``quantize`` in its runtime, opened by its
+target (``Target.open_session``, the loader validation uses too, with the threads and runtime options given here),
 and the original PyTorch fp32 model as the baseline, and reports per artifact:
 
 - load (compile) time and the first inference, then ``warmup`` runs excluded and ``iters`` timed runs: min,
   median, mean, p90, p99, std (``LatencyStats``);
-- throughput in frames/s: OpenVINO's throughput hint with its optimal number of requests (streams), the other
-  runtimes run one frame after another;
+- throughput in frames/s: the runtime's own throughput mode where its session has one (several requests in
+  flight), otherwise one frame after another;
 - the process's peak resident memory while loading and running the artifact;
 - GFLOP/s achieved (the model's multiply-accumulates x 2 / median) against this machine's fp32 matmul rate
   (``sgemm_gflops``), so figures compare across machines;
 - optionally a full frame (e.g. 12 MP) through the artifact's tile, in megapixels per second;
-- a per-operator profile: ExecuTorch's ETDump read by the devtools Inspector (XNNPACK's operators inside the
-  delegate), OpenVINO's performance counters, onnxruntime's profiler, PyTorch's profiler for the baseline.
+- a per-operator profile from the runtime's own profiler where its session offers one, PyTorch's profiler for
+  the baseline.
 
-Everything is measured, nothing is estimated: an artifact that cannot run here (Core ML off macOS, a Core ML
-delegate in an ExecuTorch program) is reported as not runnable, with the reason.
+Everything is measured, nothing is estimated: an artifact that cannot run here (its session raises
+``NotRunnable``, e.g. where the runtime exists only on another platform) is reported as not runnable, with the
+reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import resource
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -39,10 +38,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nafnet_edge.converters.base import NotRunnable, Session, SessionSettings, operator_profile
 from nafnet_edge.errors import ArtifactError, BadInputError
+from nafnet_edge.manifest import BENCH_FILE as BENCH_FILE  # where save writes (re-exported)
+from nafnet_edge.manifest import BENCH_VERSION, BenchRecord, Manifest, normalize_profile, write_bench
 
-BENCH_FILE = "bench.json"
-BENCH_VERSION = 1
 Runner = Callable[[np.ndarray], Any]
 
 
@@ -53,10 +53,11 @@ class BenchSettings:
     threads: int | None = None  # runtime threads (None: each runtime's default, all cores)
     profile: bool = True  # per-operator profile
     top: int = 8  # operators listed in the profile
-    throughput_frames: int = 0  # frames for OpenVINO's throughput mode (0: as many as iters)
+    throughput_frames: int = 0  # frames for a runtime's throughput mode (0: as many as iters)
     frame: tuple[int, int] | None = None  # full frame (height, width) run through the artifact's tile
     overlap_px: int = 32  # tile overlap for the full frame
-    compute_units: str = "ALL"  # Core ML (macOS): ALL, CPU_ONLY, CPU_AND_GPU, CPU_AND_NE
+    # the targets' runtime options by TargetOption.dest (SessionSettings.hints), e.g. {"compute_units": "ALL"}
+    hints: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -116,22 +117,6 @@ class BenchResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-@dataclass
-class Session:
-    """A loaded artifact: ``run`` for timing, and what else its runtime offers."""
-
-    run: Runner
-    runtime: str
-    info: dict[str, Any]
-    profile: Callable[[np.ndarray, int], dict[str, Any]] | None = None
-    throughput: Callable[[np.ndarray, int], dict[str, Any]] | None = None
-    keep: Any = None  # objects the runner needs alive
-
-
-class NotRunnable(Exception):
-    """This artifact cannot run on this machine (the message says why)."""
 
 
 # --- the machine ---------------------------------------------------------------------------------------------
@@ -209,219 +194,22 @@ def _peak_rss_mb() -> float:
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
-# --- sessions per runtime ------------------------------------------------------------------------------------
+# --- sessions ------------------------------------------------------------------------------------------------
 
 
-def open_session(directory: Path, manifest: dict[str, Any], settings: BenchSettings) -> Session:
-    """Load the artifact in ``directory`` in its runtime (raises ``NotRunnable`` with the reason when it cannot run
-    on this machine, ``ArtifactError`` when its files cannot be used)."""
-    from nafnet_edge.converters import get_converter
+def open_session(directory: Path, manifest: Manifest, settings: BenchSettings) -> Session:
+    """Load the artifact in ``directory`` in its runtime through its target (the same loader validation uses;
+    raises ``NotRunnable`` with the reason when it cannot run on this machine, ``ArtifactError`` when its files
+    cannot be used)."""
+    from nafnet_edge.converters import get_target
 
-    target = manifest["target"]
-    converter = get_converter(target)
-    converter.check_available()
-    path = converter.artifact_path(directory)  # every file the runtime reads is checked before it opens one
-    with converter.loading(path):
-        if target == "openvino":
-            return _openvino_session(path, manifest, settings)
-        if target == "executorch":
-            return _executorch_session(path, settings)
-        if target == "onnx":
-            return _onnxruntime_session(path, settings)
-        if target == "coreml":
-            return _coreml_session(path, settings)
-        if target == "executorch-coreml":
-            return _executorch_coreml_session(path, settings)
-    raise NotRunnable(f"no benchmark runner for target {target!r}")
-
-
-def _openvino_session(path: Path, manifest: dict[str, Any], settings: BenchSettings) -> Session:
-    import openvino as ov
-
-    from nafnet_edge.converters.openvino import DEFAULT_INFERENCE_PRECISION, DEVICE, runtime_precisions
-
-    core = ov.Core()
-    model = core.read_model(str(path))
-    base: dict[str, Any] = {
-        "INFERENCE_PRECISION_HINT": manifest.get("inference_precision", DEFAULT_INFERENCE_PRECISION)
-    }
-    if settings.threads:
-        base["INFERENCE_NUM_THREADS"] = settings.threads
-    compiled = core.compile_model(model, DEVICE, {**base, "PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
-    reported, activations = runtime_precisions(compiled)
-    info = {
-        "device": DEVICE,
-        "device_name": core.get_property(DEVICE, "FULL_DEVICE_NAME"),
-        "hint": "LATENCY",
-        "inference_precision": compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
-        "streams": int(compiled.get_property("NUM_STREAMS")),
-        "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
-        "runtime_precisions": reported,
-        "activation_precisions": activations,
-        "openvino": ov.get_version(),
-    }
-
-    def run(x: np.ndarray) -> Any:
-        return request.infer({0: x})
-
-    def profile(x: np.ndarray, runs: int) -> dict[str, Any]:
-        counted = core.compile_model(model, DEVICE, {**base, "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True})
-        req = counted.create_infer_request()
-        req.infer({0: x})
-        ops: Counter[str] = Counter()
-        counts: Counter[str] = Counter()
-        for _ in range(runs):
-            req.infer({0: x})
-            for p in req.profiling_info:
-                if p.status == p.Status.EXECUTED and p.real_time.total_seconds() > 0:
-                    key = f"{p.node_type} ({p.exec_type})"
-                    ops[key] += p.real_time.total_seconds() * 1e3 / runs
-                    counts[key] += 1
-        return _profile("OpenVINO performance counters (PERF_COUNT), per executed node", ops, counts, runs)
-
-    def throughput(x: np.ndarray, frames: int) -> dict[str, Any]:
-        fast = core.compile_model(model, DEVICE, {**base, "PERFORMANCE_HINT": "THROUGHPUT"})
-        requests = int(fast.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-        queue = ov.AsyncInferQueue(fast, requests)
-        for _ in range(requests):  # warm every request
-            queue.start_async({0: x})
-        queue.wait_all()
-        started = time.perf_counter()
-        for _ in range(frames):
-            queue.start_async({0: x})
-        queue.wait_all()
-        seconds = time.perf_counter() - started
-        return {
-            "mode": "OpenVINO THROUGHPUT hint",
-            "fps": _r(frames / seconds),
-            "streams": int(fast.get_property("NUM_STREAMS")),
-            "requests": requests,
-            "frames": frames,
-        }
-
-    return Session(run, "openvino", info, profile, throughput, keep=(compiled, model))
-
-
-def _executorch_session(path: Path, settings: BenchSettings) -> Session:
-    from executorch.extension.pybindings import portable_lib
-
-    if settings.threads:
-        portable_lib._unsafe_reset_threadpool(settings.threads)
-    module = portable_lib._load_for_executorch(str(path))
-    module.method_meta("forward")  # the program is read lazily: a damaged file fails here, while loading
-    info = {"backend": "XnnpackBackend", "threads": int(portable_lib._threadpool_get_thread_count())}
-
-    def run(x: np.ndarray) -> Any:
-        return module.forward([torch.from_numpy(x)])
-
-    def profile(x: np.ndarray, runs: int) -> dict[str, Any]:
-        from executorch.devtools import Inspector
-
-        traced = portable_lib._load_for_executorch(str(path), enable_etdump=True, debug_buffer_size=0)
-        traced.forward([torch.from_numpy(x)])  # the first run sets XNNPACK up; the Inspector's medians drop it
-        for _ in range(runs):
-            traced.forward([torch.from_numpy(x)])
-        with tempfile.TemporaryDirectory() as tmp:
-            etdump = Path(tmp) / "run.etdp"
-            traced.write_etdump_result_to_file(str(etdump))
-            inspector = Inspector(etdump_path=str(etdump))
-        ops: Counter[str] = Counter()
-        counts: Counter[str] = Counter()
-        for block in inspector.event_blocks:
-            if block.name != "Execute":
-                continue
-            for event in block.events:
-                if event.perf_data is None or event.name in ("DELEGATE_CALL", "Method::execute"):
-                    continue
-                key = event.name.split(" #")[0]  # XNNPACK numbers every instance: "Convolution (NHWC, F32) #3"
-                ops[key] += event.perf_data.p50
-                counts[key] += 1
-        return _profile("ExecuTorch ETDump (devtools Inspector), XNNPACK operators, median per node", ops, counts, 1)
-
-    return Session(run, "executorch", info, profile, keep=module)
-
-
-def _onnxruntime_session(path: Path, settings: BenchSettings) -> Session:
-    import onnxruntime as ort
-
-    from nafnet_edge.converters.onnx import PROVIDERS
-
-    def options(profiling: bool = False) -> Any:
-        opts = ort.SessionOptions()
-        if settings.threads:
-            opts.intra_op_num_threads = settings.threads
-        opts.enable_profiling = profiling
-        if profiling:
-            opts.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="nafnet-edge-ort-")) / "profile")
-        return opts
-
-    providers = [p for p in PROVIDERS if p in ort.get_available_providers()]
-    session = ort.InferenceSession(str(path), options(), providers=providers)
-    name = session.get_inputs()[0].name
-    info = {"providers": session.get_providers(), "onnxruntime": ort.__version__, "threads": settings.threads}
-
-    def run(x: np.ndarray) -> Any:
-        return session.run(None, {name: x})
-
-    def profile(x: np.ndarray, runs: int) -> dict[str, Any]:
-        profiled = ort.InferenceSession(str(path), options(profiling=True), providers=providers)
-        profiled.run(None, {name: x})
-        for _ in range(runs):
-            profiled.run(None, {name: x})
-        trace = Path(profiled.end_profiling())
-        events = json.loads(trace.read_text())
-        trace.unlink(missing_ok=True)
-        ops: Counter[str] = Counter()
-        counts: Counter[str] = Counter()
-        for event in events:
-            if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
-                key = event.get("args", {}).get("op_name", "?")
-                ops[key] += event["dur"] / 1e3 / (runs + 1)
-                counts[key] += 1
-        return _profile("onnxruntime profiler, kernel time per operator type", ops, counts, runs + 1)
-
-    return Session(run, "onnxruntime", info, profile, keep=session)
-
-
-COREML_OFF_MACOS = (
-    "Core ML runs only on macOS and iOS; this machine is {system}. Validation used the numpy ML-program "
-    "evaluator, which says nothing about speed: bench on a Mac"
-)
-
-
-def _coreml_session(path: Path, settings: BenchSettings) -> Session:
-    if sys.platform != "darwin":
-        raise NotRunnable(COREML_OFF_MACOS.format(system=platform.system()))
-    import coremltools as ct
-
-    model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit[settings.compute_units])
-    name = model.get_spec().description.input[0].name
-
-    def run(x: np.ndarray) -> Any:
-        return model.predict({name: x})
-
-    return Session(run, "coreml", {"compute_units": settings.compute_units}, keep=model)
-
-
-def _executorch_coreml_session(path: Path, settings: BenchSettings) -> Session:
-    from executorch.runtime import Runtime
-
-    from nafnet_edge.converters.coreml import COREML_BACKEND_ID
-
-    runtime = Runtime.get()
-    if not runtime.backend_registry.is_available(COREML_BACKEND_ID):
-        raise NotRunnable(
-            f"this ExecuTorch runtime has no {COREML_BACKEND_ID} (it exists only on Apple platforms); "
-            "bench the program on a Mac or in the app"
-        )
-    program = runtime.load_program(str(path))
-    method = program.load_method("forward")
-
-    def run(x: np.ndarray) -> Any:
-        return method.execute([torch.from_numpy(x)])
-
-    return Session(run, "executorch-coreml", {"backend": COREML_BACKEND_ID}, keep=(program, method))
+    target = get_target(manifest.target)
+    target.check_available()
+    return target.open_session(
+        directory,
+        export=manifest.export,
+        settings=SessionSettings(threads=settings.threads, hints=settings.hints, timing=True),
+    )
 
 
 def pytorch_session(model: torch.nn.Module, settings: BenchSettings) -> Session:
@@ -430,9 +218,9 @@ def pytorch_session(model: torch.nn.Module, settings: BenchSettings) -> Session:
         torch.set_num_threads(settings.threads)
     model = model.float().cpu().eval()
 
-    def run(x: np.ndarray) -> Any:
+    def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(x))
+            return model(torch.from_numpy(x)).numpy()
 
     def profile(x: np.ndarray, runs: int) -> dict[str, Any]:
         from torch.profiler import ProfilerActivity
@@ -448,19 +236,10 @@ def pytorch_session(model: torch.nn.Module, settings: BenchSettings) -> Session:
             if event.key.startswith("aten::") and event.self_cpu_time_total > 0:
                 ops[event.key] += event.self_cpu_time_total / 1e3 / runs
                 counts[event.key] += event.count // runs
-        return _profile("PyTorch profiler, self CPU time per aten operator", ops, counts, 1)
+        return operator_profile("PyTorch profiler, self CPU time per aten operator", ops, counts, 1)
 
     info = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__}
     return Session(run, "pytorch", info, profile)
-
-
-def _profile(source: str, ops: Counter[str], counts: Counter[str], runs: int) -> dict[str, Any]:
-    total = sum(ops.values())
-    top = [
-        {"op": op, "ms": _r(ms), "share": round(ms / total, 4) if total else 0.0, "count": counts[op] // max(runs, 1)}
-        for op, ms in ops.most_common()
-    ]
-    return {"source": source, "total_ms": _r(total), "ops": top}
 
 
 # --- measuring -----------------------------------------------------------------------------------------------
@@ -517,9 +296,7 @@ def measure(
             result.peak_fraction = round(result.gflops_per_s / peak_gflops, 3)
     if settings.profile and session.profile is not None:
         tick("profile")
-        profile = session.profile(x, max(3, min(settings.iters, 5)))
-        profile["ops"] = profile["ops"][: settings.top]
-        result.profile = profile
+        result.profile = normalize_profile(session.profile(x, max(3, min(settings.iters, 5))), limit=settings.top)
     if settings.frame is not None:
         tick("full frame")
         result.frame = full_frame(session.run, settings.frame, (h, w), settings.overlap_px, c)
@@ -539,7 +316,7 @@ def full_frame(run: Runner, frame: tuple[int, int], tile: tuple[int, int], overl
     def fn(t: torch.Tensor) -> torch.Tensor:
         nonlocal calls
         calls += 1
-        return torch.from_numpy(np.asarray(_first_output(run(np.ascontiguousarray(t.numpy()))), np.float32))
+        return torch.from_numpy(np.asarray(run(np.ascontiguousarray(t.numpy())), np.float32))
 
     overlap = min(overlap, size // 4)
     # A frame smaller than the tile is padded to it, as an app would (the artifact's input size is fixed).
@@ -558,18 +335,6 @@ def full_frame(run: Runner, frame: tuple[int, int], tile: tuple[int, int], overl
         "seconds": round(seconds, 4),
         "mp_per_s": round(megapixels / seconds, 4),
     }
-
-
-def _first_output(out: Any) -> Any:
-    """The restored image from whatever the runtime returned (a tensor, a list, an OpenVINO result, a dict)."""
-    if isinstance(out, torch.Tensor | np.ndarray):
-        return out.numpy() if isinstance(out, torch.Tensor) else out
-    if isinstance(out, dict):
-        return next(iter(out.values()))
-    if hasattr(out, "to_tuple"):
-        return out.to_tuple()[0]
-    first = out[0]
-    return first.numpy() if isinstance(first, torch.Tensor) else first
 
 
 # --- directories ---------------------------------------------------------------------------------------------
@@ -602,17 +367,14 @@ class BenchReport:
             "baseline_reason": self.baseline_reason,
         }
 
-    def artifact_record(self, result: BenchResult) -> dict[str, Any]:
+    def artifact_record(self, result: BenchResult) -> BenchRecord:
         """What ``DIR/bench.json`` holds for one artifact: its result with the machine, settings and baseline."""
-        record = {
-            "bench_version": BENCH_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": self.machine,
-            "settings": _settings_dict(self.settings),
-            **result.to_dict(),
-        }
+        record = BenchRecord.from_dict(result.to_dict())
+        record.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        record.machine = self.machine
+        record.settings = _settings_dict(self.settings)
         if self.baseline is not None and self.baseline.median_ms:
-            record["baseline"] = {"runtime": "pytorch", "median_ms": self.baseline.median_ms}
+            record.baseline = {"runtime": "pytorch", "median_ms": self.baseline.median_ms}
         return record
 
 
@@ -626,7 +388,7 @@ def bench_artifacts(
     directories: Sequence[Path],
     settings: BenchSettings,
     *,
-    baseline_model: Callable[[dict[str, Any]], torch.nn.Module | None] | None = None,
+    baseline_model: Callable[[Manifest], torch.nn.Module | None] | None = None,
     progress: bool = True,
 ) -> BenchReport:
     """Benchmark every artifact directory, then the PyTorch baseline of the first one's source model
@@ -634,7 +396,7 @@ def bench_artifacts(
     from tqdm import tqdm
 
     from nafnet_edge.complexity import count_macs
-    from nafnet_edge.convert import read_manifest
+    from nafnet_edge.manifest import read_manifest
 
     manifests = [read_manifest(d) for d in directories]
     configs = [_source_config(d, m) for d, m in zip(directories, manifests, strict=True)]  # all, before any runs
@@ -656,10 +418,10 @@ def bench_artifacts(
             return tick
 
         for directory, manifest, config in zip(directories, manifests, configs, strict=True):
-            shape = list(manifest["input"]["shape"])
+            shape = list(manifest.io.input.shape)
             macs = count_macs(config, shape[2], shape[3])
-            result = BenchResult(str(directory), manifest["target"], manifest["precision"], "", True, shape)
-            label = f"{manifest['target']} {manifest['precision']}"
+            result = BenchResult(str(directory), manifest.target, manifest.precision, "", True, shape)
+            label = f"{manifest.target} {manifest.precision}"
             bar.set_description(f"{label}: load")
             done = bar.n
             measure(
@@ -677,7 +439,7 @@ def bench_artifacts(
             if model is None:
                 reason = "the source checkpoint is not available: pass --checkpoint CKPT"
             else:
-                shape = list(manifests[0]["input"]["shape"])
+                shape = list(manifests[0].io.input.shape)
                 baseline = BenchResult("", "pytorch", "fp32", "pytorch", True, shape)
                 macs = count_macs(configs[0], shape[2], shape[3])
                 measure(
@@ -691,12 +453,12 @@ def bench_artifacts(
     return BenchReport(info, settings, results, baseline, reason)
 
 
-def _source_config(directory: Path, manifest: dict[str, Any]) -> Any:
+def _source_config(directory: Path, manifest: Manifest) -> Any:
     """The source model's ``NAFNetConfig`` recorded in the manifest."""
     from nafnet_edge.model import NAFNetConfig
 
     try:
-        return NAFNetConfig(**manifest["source"]["config"])
+        return NAFNetConfig(**manifest.source.config)
     except (TypeError, ValueError) as e:
         raise ArtifactError(
             f"{directory}/manifest.json records a source configuration NAFNet cannot have ({e}); convert again"
@@ -705,15 +467,7 @@ def _source_config(directory: Path, manifest: dict[str, Any]) -> Any:
 
 def save(report: BenchReport) -> list[Path]:
     """Write ``bench.json`` into every artifact directory (atomically)."""
-    from nafnet_edge.atomic import atomic_path
-
-    written = []
-    for result in report.artifacts:
-        path = Path(result.directory) / BENCH_FILE
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(report.artifact_record(result), indent=2) + "\n")
-        written.append(path)
-    return written
+    return [write_bench(result.directory, report.artifact_record(result)) for result in report.artifacts]
 
 
 def format_table(report: BenchReport) -> str:
@@ -752,9 +506,9 @@ def format_table(report: BenchReport) -> str:
                 f"in {f['seconds']} s = {f['mp_per_s']} MP/s"
             )
     for r in rows:
-        if r.profile and r.profile["ops"]:
-            lines.append(f"\n{r.target} {r.precision}, top operators ({r.profile['source']}):")
-            for op in r.profile["ops"]:
+        if r.profile and r.profile["top"]:
+            lines.append(f"\n{r.target} {r.precision}, top operators ({r.profile.get('source', 'profiler')}):")
+            for op in r.profile["top"]:
                 lines.append(f"  {op['ms']:>9.2f} ms {op['share'] * 100:>5.1f}%  x{op['count']:<4} {op['op']}")
     return "\n".join(lines)
 

@@ -45,6 +45,7 @@ MAX_WEIGHT = 2.0**64  # float32 squares of this overflow; a trained NAFNet's wei
 
 ParamKey = Literal["auto", "params", "params_ema", "state_dict", "model_state_dict", "model", "net", "network"]
 ArchSource = Literal["flag", "release", "metadata", "shape", "default"]
+FileFormat = Literal["torch-zip", "torch-legacy", "safetensors"]
 
 
 def default_checkpoint_path() -> Path:
@@ -60,7 +61,7 @@ class RawCheckpoint:
     param_key: str | None  # the wrapper key used, None for a bare state dict
     other_param_keys: list[str] = field(default_factory=list)  # other wrapper keys present, not used
     key_prefix: str = ""  # prefix stripped from every key ("module." for DataParallel saves)
-    file_format: Literal["torch-zip", "torch-legacy", "safetensors"] = "torch-zip"
+    file_format: FileFormat = "torch-zip"
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -392,7 +393,7 @@ def _read_safetensors(path: Path) -> RawCheckpoint:
     return raw
 
 
-def _unwrap(obj: object, path: Path, *, param_key: ParamKey, file_format: str) -> RawCheckpoint:
+def _unwrap(obj: object, path: Path, *, param_key: ParamKey, file_format: FileFormat) -> RawCheckpoint:
     if not isinstance(obj, dict):
         raise NotNAFNetError(f"{path} holds a {type(obj).__name__}, not a state dict")
     present = [k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)]
@@ -423,7 +424,7 @@ def _unwrap(obj: object, path: Path, *, param_key: ParamKey, file_format: str) -
         param_key=chosen,
         other_param_keys=[k for k in present if k != chosen],
         key_prefix=prefix,
-        file_format=file_format,  # type: ignore[arg-type]
+        file_format=file_format,
     )
 
 
@@ -599,7 +600,7 @@ def is_size(value: object) -> bool:
     return (
         isinstance(value, (list, tuple))
         and len(value) == 2
-        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in value)
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= 1 for v in value)
     )
 
 

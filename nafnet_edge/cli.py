@@ -12,7 +12,7 @@ import sys
 import threading
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ from nafnet_edge.errors import (
     UsageError,
     printable,
 )
+from nafnet_edge.manifest import Manifest
+from nafnet_edge.sizes import MAX_SIDE_PX, parse_size
 
 EPILOG = (
     "exit codes: 0 ok, 1 internal error, 2 usage, 3 budget missed, 4 missing backend, 5 bad input, "
@@ -38,23 +40,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def parse_size(text: str, *, max_side: int | None = None) -> tuple[int, int]:
-    """'256' -> (256, 256); '512x768' -> (512, 768) as (height, width); each side at most ``max_side``
-    (default :data:`MAX_SIDE_PX`)."""
-    max_side = MAX_SIDE_PX if max_side is None else max_side
-    try:
-        parts = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"expected a size like 256 or 512x768 (height x width), got {text!r}")
-    if max(parts) > max_side:
-        raise argparse.ArgumentTypeError(f"expected at most {max_side} px per side, got {text!r}")
-    return parts[0], parts[1]
 
 
 def non_negative_int(text: str) -> int:
@@ -92,9 +77,9 @@ def positive_float(text: str) -> float:
 
 
 # Upper bounds of the numeric options: past them a command runs out of memory or time rather than doing more of
-# what was asked. A model input side (tile, export shape, training crop) of 16384 px already needs hundreds of GB
-# for one forward pass of the official models; full frames may be larger, up to the image reader's pixel limit.
-MAX_SIDE_PX = 16384
+# what was asked. A model input side (tile, export shape, training crop) of 16384 px (MAX_SIDE_PX) already needs
+# hundreds of GB for one forward pass of the official models; full frames may be larger, up to the image reader's
+# pixel limit.
 MAX_FRAME_SIDE_PX = 65535  # the largest side JPEG, and so most cameras' files, can hold
 MAX_FRAME_PIXELS = 1 << 30  # images.MAX_IMAGE_PIXELS, OpenCV's default limit
 MAX_BATCH = 1024
@@ -168,6 +153,87 @@ def _validation_knobs(g: Any) -> None:
     g.add_argument("--no-cache", action="store_true", help="recompute the reference outputs")
 
 
+def _target_classes() -> list[Any]:
+    """Every registered target class (their modules import no backend: the parser needs no heavy import)."""
+    from nafnet_edge.converters import target_class, target_names
+
+    return [target_class(name) for name in target_names()]
+
+
+def _title(cls: Any) -> str:
+    """A target as prose: its usage title ("Core ML"), else its name."""
+    return str(cls.usage_title or cls.name)
+
+
+def _titles(classes: list[Any], conjunction: str) -> str:
+    titles = [_title(cls) for cls in classes]
+    return titles[0] if len(titles) == 1 else f"{', '.join(titles[:-1])} {conjunction} {titles[-1]}"
+
+
+def _precision_help() -> str:
+    """convert --precision's help: each target's default precision."""
+    classes = _target_classes()
+    other = [c for c in classes if c.default_precision != "fp32"]
+    by_precision = {
+        precision: [c for c in other if c.default_precision == precision]
+        for precision in dict.fromkeys(c.default_precision for c in other)
+    }
+    parts = [f"{precision} for {_titles(owners, 'and')}" for precision, owners in by_precision.items()]
+    return "default: " + ", ".join([*parts, "fp32 elsewhere" if parts else "fp32"])
+
+
+def target_options(command: str | None = None) -> list[tuple[Any, tuple[Any, ...]]]:
+    """Every registered target's own options (those of ``command`` when given) with the targets owning each: an
+    option two targets declare with the same flag and destination is listed once, with both owners."""
+    from nafnet_edge.converters import all_options
+
+    merged: dict[tuple[str, str], tuple[Any, tuple[Any, ...]]] = {}
+    for cls, option in all_options():
+        if command is None or command in option.commands:
+            key = (option.flag, option.dest)
+            first, owners = merged.get(key, (option, ()))
+            merged[key] = (first, (*owners, cls))
+    return list(merged.values())
+
+
+def add_target_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """Add the registered targets' options for ``command`` to ``parser``: one argument group per owner, the help
+    prefixed by the owner. An option not given stays out of the parsed namespace (``target_settings`` then tells
+    given options from defaults, and each target falls back to its option's default)."""
+    groups: dict[tuple[str, ...], Any] = {}
+    for option, owners in target_options(command):
+        key = tuple(cls.name for cls in owners)
+        if key not in groups:
+            groups[key] = parser.add_argument_group(f"{_titles(list(owners), 'and')} options")
+        owner = " and ".join(_title(cls) for cls in owners)
+        kwargs: dict[str, Any] = {"dest": option.dest, "default": argparse.SUPPRESS, "help": f"{owner}: {option.help}"}
+        if option.kind == "flag":
+            kwargs["action"] = "store_true"
+        else:
+            kwargs.update(type=option.type, metavar=option.metavar, choices=option.choices)
+            if option.kind == "values":
+                kwargs["nargs"] = "+"
+        groups[key].add_argument(option.flag, **kwargs)
+
+
+def target_settings(args: argparse.Namespace, targets: list[str]) -> dict[str, dict[str, Any]]:
+    """The target options given on the command line, by chosen target: ``{target: {dest: value}}`` with each
+    target's own options only (with ``--target all`` an option goes to the targets owning it). An option that
+    none of ``targets`` owns is refused (``UsageError``, exit 2) naming its owner."""
+    given = vars(args)
+    settings: dict[str, dict[str, Any]] = {name: {} for name in targets}
+    for option, owners in target_options():
+        if option.dest not in given:
+            continue
+        owning = [cls.name for cls in owners if cls.name in settings]
+        if not owning:
+            names = " or ".join(cls.name for cls in owners)
+            raise UsageError(f"{option.flag} is an option of --target {names}")
+        for name in owning:
+            settings[name][option.dest] = given[option.dest]
+    return settings
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="nafnet-edge",
@@ -178,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     ckpt = checkpoint_options()
+    targets = _target_classes()
+    names = [cls.name for cls in targets]
+    int8_names = [cls.name for cls in targets if cls.quantizer is not None]
 
     p = sub.add_parser(
         "inspect",
@@ -228,8 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target",
         default="generic",
-        choices=["generic", "xnnpack", "coreml", "openvino", "onnx"],
-        help="backend whose normalization form to use (generic)",
+        choices=[*REPARAM_LABELS, *names],
+        help="target whose normalization form to use (generic: the reference form; xnnpack: as executorch)",
     )
     p.add_argument(
         "--input-size",
@@ -267,11 +336,6 @@ def build_parser() -> argparse.ArgumentParser:
         "decoders.0.0, ending, ...)",
     )
     g.add_argument(
-        "--weights-only",
-        action="store_true",
-        help="Core ML: int8 weights with fp16 activations (post-training) instead of W8A8",
-    )
-    g.add_argument(
         "--search-rounds",
         type=bounded(non_negative_int, MAX_SEARCH_ROUNDS),
         default=4,
@@ -302,26 +366,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "convert",
         parents=[ckpt, validation, int8, bench],
-        help="export Core ML, ExecuTorch, OpenVINO or ONNX artifacts and validate them in their runtimes",
+        help=f"export {_titles(targets, 'or')} artifacts and validate them in their runtimes",
         description="Export a checkpoint (default: the embedded model) through the deploy graph to one target "
         "or all, each into OUT/<target>/ with manifest.json and USAGE.md, then validate the artifact in its own "
         "runtime against fp32 PyTorch outputs of the original model. Exit code 3 when a budget is missed.",
         epilog=EPILOG,
     )
     p.add_argument("checkpoint", nargs="?", metavar="CKPT", help="checkpoint file (default: the embedded model)")
-    p.add_argument("--target", required=True, choices=[*TARGET_NAMES, "all"], help="what to produce")
+    p.add_argument("--target", required=True, choices=[*names, "all"], help="what to produce")
     p.add_argument("-o", "--output", type=Path, default=Path("artifacts"), metavar="OUT", help="(./artifacts)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="default: fp16 for Core ML, fp32 elsewhere")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], help=_precision_help())
     p.add_argument("--train-data", type=Path, metavar="DIR", help="int8: images to calibrate / fine-tune on")
     p.add_argument("--train-pairs", type=Path, metavar="CLEAN", help="int8: ground truth for --train-data")
     p.add_argument("--input-size", type=parse_size, default=(256, 256), metavar="PX", help="tile size (256)")
-    p.add_argument("--sizes", type=parse_size, nargs="+", default=[], metavar="PX", help="Core ML: more sizes")
-    p.add_argument("--dynamic", action="store_true", help="ONNX: symbolic height and width")
-    p.add_argument("--min-target", default="iOS17", metavar="OS", help="Core ML: iOS17 (default), iOS18, macOS14...")
-    p.add_argument("--bundle", action="store_true", help="ExecuTorch: also a bundled program with test I/O")
     p.add_argument("--no-validate", action="store_true", help="export only")
     p.add_argument("--force", action="store_true", help="replace OUT/<target> when it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object: artifacts, metrics, skipped")
+    add_target_options(p, "convert")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
@@ -334,13 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     p.add_argument("checkpoint", nargs="?", metavar="CKPT", help="checkpoint file (default: the embedded model)")
-    p.add_argument("--target", required=True, choices=["coreml", "executorch", "openvino"], help="int8 runtime")
+    p.add_argument("--target", required=True, choices=int8_names, help="int8 runtime")
     p.add_argument("--data", dest="train_data", required=True, type=Path, metavar="DIR", help="training images")
     p.add_argument("--pairs", dest="train_pairs", type=Path, metavar="CLEAN", help="ground truth for --data")
     p.add_argument("-o", "--out", "--output", dest="output", type=Path, default=Path("artifacts"), metavar="OUT")
     p.add_argument("--input-size", type=parse_size, default=(256, 256), metavar="PX", help="tile and crop (256)")
     p.add_argument("--force", action="store_true", help="replace OUT/<target> when it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_target_options(p, "quantize")
     p.set_defaults(func=cmd_quantize, no_validate=False)
 
     p = sub.add_parser(
@@ -360,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="latency, throughput, memory and per-operator profile of artifacts in their runtimes",
         description="Run artifact directories written by convert/quantize in their own runtimes on this machine "
-        "(OpenVINO latency and throughput hints, ExecuTorch XNNPACK, onnxruntime; Core ML on macOS) and the "
+        f"({_titles(targets, 'and')}) and the "
         "original PyTorch fp32 model as the baseline: load and first-inference time, min/median/mean/p90/p99/std "
         "latency after warm-up, frames/s, peak memory, GFLOP/s against this machine's matmul rate, the top "
         "operators by time. Exit code 3 when a median exceeds --max-latency-ms.",
@@ -397,14 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-profile", action="store_true", help="skip the per-operator profile")
     p.add_argument("--no-baseline", action="store_true", help="skip the PyTorch fp32 baseline")
     p.add_argument("--checkpoint", metavar="CKPT", help="source checkpoint for the baseline (default: recorded)")
-    p.add_argument(
-        "--compute-units",
-        default="ALL",
-        choices=["ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"],
-        help="Core ML on macOS (ALL)",
-    )
     p.add_argument("--save", action="store_true", help="write bench.json into each artifact directory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_target_options(p, "bench")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser(
         "report",
@@ -428,9 +485,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="CKPT", help="source checkpoint for the reference (default: recorded)")
     p.set_defaults(func=cmd_report)
     return parser
-
-
-TARGET_NAMES = ("coreml", "executorch", "executorch-coreml", "openvino", "onnx")
 
 
 def _load(args: argparse.Namespace, checkpoint: str | None, device: str = "cpu") -> Any:
@@ -631,19 +685,39 @@ def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Pat
     return 0
 
 
-def _check_input_sizes(config: Any, sizes: list[tuple[int, int]]) -> None:
-    """Refuse (exit 2) fixed model input sizes whose forward pass does not fit in this machine's memory."""
+def _check_input_sizes(
+    config: Any, sizes: list[tuple[int, int]], *, more: Sequence[tuple[str, list[tuple[int, int]]]] = ()
+) -> None:
+    """Refuse (exit 2) fixed model input sizes whose forward pass does not fit in this machine's memory:
+    ``sizes`` (--input-size) and the sizes of target options (``more``: flag and sizes)."""
     from nafnet_edge.inference import check_input_size_memory
 
-    check_input_size_memory(config, sizes[:1], option="--input-size")
-    check_input_size_memory(config, sizes[1:], option="--sizes")
+    check_input_size_memory(config, sizes, option="--input-size")
+    for flag, extra in more:
+        check_input_size_memory(config, extra, option=flag)
+
+
+def _size_settings(settings: dict[str, dict[str, Any]]) -> list[tuple[str, list[tuple[int, int]]]]:
+    """The given target options that are model input sizes (parsed by ``parse_size``), as (flag, sizes)."""
+    found: dict[str, list[tuple[int, int]]] = {}
+    for option, owners in target_options():
+        if option.type is not parse_size:
+            continue
+        for cls in owners:
+            if option.dest in settings.get(cls.name, {}):
+                value = settings[cls.name][option.dest]
+                found[option.flag] = list(value) if option.kind == "values" else [value]
+    return list(found.items())
+
+
+REPARAM_LABELS = ("generic", "xnnpack")  # reparam --target names besides the targets: deploy labels of a norm form
 
 
 def cmd_reparam(args: argparse.Namespace) -> int:
     import torch
 
-    from nafnet_edge.deploy import TRANSFORMATIONS, PadCrop, deploy
-    from nafnet_edge.deploy.io import DeployRecipe, save_deploy
+    from nafnet_edge.deploy import PadCrop, deploy
+    from nafnet_edge.deploy.io import save_deploy
     from nafnet_edge.images import read_image
 
     loaded = _load(args, args.checkpoint)
@@ -651,8 +725,8 @@ def cmd_reparam(args: argparse.Namespace) -> int:
     if args.input_size and (args.input_size[0] % m or args.input_size[1] % m):
         raise UsageError(f"--input-size {args.input_size[0]}x{args.input_size[1]} must be a multiple of {m}")
     _check_input_sizes(loaded.config, [args.input_size or (256, 256)])
-    graph = deploy(loaded.model, target=args.target, input_size=args.input_size, stream_scale=args.stream_scale)
-    recipe = DeployRecipe(loaded.config, args.target, args.input_size, args.stream_scale)
+    norm_form = _reparam_norm_form(args.target)
+    graph = deploy(loaded.model, norm_form=norm_form, input_size=args.input_size, stream_scale=args.stream_scale)
 
     # Check on a real photo: a crop of the input size (or 256 px) from a shipped Kodak image.
     h, w = args.input_size or (256, 256)
@@ -672,13 +746,26 @@ def cmd_reparam(args: argparse.Namespace) -> int:
     if not math.isfinite(err):
         raise RuntimeError(f"the deploy graph for {args.target} produces non-finite values where the original does not")
     extra = {"source_sha256": loaded.sha256, "max_abs_error_vs_original": f"{err:.3g}"}
-    save_deploy(graph, args.output, recipe, extra=extra)
+    save_deploy(graph, args.output, extra=extra)
+    pooling = "" if args.input_size else "; pooling left shape-dependent (no --input-size)"
     print(
-        f"wrote {args.output}: deploy graph for {args.target} ({', '.join(TRANSFORMATIONS[:4])}"
-        f"{', fix_pooling' if args.input_size else ''}); max abs error vs the original on a {h}x{w} photo: {err:.2e}",
+        f"wrote {args.output}: deploy graph for {args.target} ({norm_form} norms; passes: "
+        f"{', '.join(graph.recipe.passes)}{pooling}); max abs error vs the original on a {h}x{w} photo: {err:.2e}",
         file=sys.stderr,
     )
     return 0
+
+
+def _reparam_norm_form(target: str) -> str:
+    """The deploy norm form for ``reparam --target``: a registered target's own, or an earlier deploy label's
+    (generic, xnnpack)."""
+    from nafnet_edge.deploy import NORM_FORMS, norm_form_of
+
+    if target in REPARAM_LABELS:
+        return NORM_FORMS[target]
+    from nafnet_edge.converters import target_class
+
+    return norm_form_of(target_class(target))
 
 
 def _validation_settings(args: argparse.Namespace, channels: int) -> Any:
@@ -710,28 +797,31 @@ def _result_json(result: Any) -> dict[str, Any]:
     return {
         "target": result.target,
         "directory": str(result.directory),
-        "files": [str(result.directory / f) for f in result.manifest["files"]],
-        "precision": result.manifest["precision"],
-        "runtime": result.manifest.get("runtime"),
+        "files": [str(result.directory / f) for f in result.manifest.files],
+        "precision": result.manifest.precision,
+        "runtime": result.manifest.runtime,
         "passed": result.passed,
-        "validation": None if v is None else {"failures": v["failures"], **v["summary"]},
+        "validation": None if v is None else {"failures": v.failures, **v.summary},
     }
 
 
 def _print_result(result: Any) -> None:
     v = result.validation
-    line = f"{result.target:<18} {result.manifest['precision']:<5} {printable(str(result.directory))}"
+    line = f"{result.target:<18} {result.manifest.precision:<5} {printable(str(result.directory))}"
     if v is not None:
-        s = v["summary"]
+        s = v.summary
         line += f"  fidelity {s['fidelity_db_min']:.1f} dB  max err {s['max_abs_error']:.1e}"
         if "drift_db_mean" in s:
             line += f"  drift {s['drift_db_mean']:+.3f} dB"
-        line += "  ok" if v["passed"] else f"  FAILED: {'; '.join(v['failures'])}"
+        line += "  ok" if v.passed else f"  FAILED: {'; '.join(v.failures)}"
     print(line)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    targets = list(TARGET_NAMES) if args.target == "all" else [args.target]
+    from nafnet_edge.converters import target_names
+
+    targets = target_names() if args.target == "all" else [args.target]
+    target_settings(args, targets)  # an option none of them owns is refused before anything is locked or loaded
     with contextlib.ExitStack() as locks:
         if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes artifacts
             from nafnet_edge.atomic import output_lock
@@ -745,7 +835,7 @@ def _convert_targets(args: argparse.Namespace, targets: list[str]) -> int:
     from tqdm import tqdm
 
     from nafnet_edge.convert import convert
-    from nafnet_edge.converters import ExportOptions, get_converter
+    from nafnet_edge.converters import ExportOptions, get_target
     from nafnet_edge.errors import EXIT_BUDGET, EXIT_MISSING_BACKEND, MissingBackendError
 
     if args.overlap is None:
@@ -760,8 +850,9 @@ def _convert_targets(args: argparse.Namespace, targets: list[str]) -> int:
     existing = [str(args.output / t) for t in targets if (args.output / t).exists()]
     if existing and not args.force:
         raise UsageError(f"{', '.join(existing)} exists; pass --force to replace it or choose another -o")
+    own = target_settings(args, targets)
     loaded = _load(args, args.checkpoint)
-    _check_input_sizes(loaded.config, [args.input_size, *args.sizes])
+    _check_input_sizes(loaded.config, [args.input_size], more=_size_settings(own))
     settings = None if args.no_validate else _validation_settings(args, loaded.config.img_channels)
     int8 = _int8_settings(args, loaded) if args.precision == "int8" else None
     results, skipped = [], []
@@ -769,15 +860,11 @@ def _convert_targets(args: argparse.Namespace, targets: list[str]) -> int:
     steps = 2 if args.no_validate else 3
     with tqdm(total=steps * len(targets), unit="step", disable=None, file=sys.stderr) as bar:
         for target in targets:
-            converter = get_converter(target)
-            only = args.target != "all"  # with all, a target-specific option goes to its target only
+            converter = get_target(target)
             options = ExportOptions(
                 input_size=args.input_size,
                 precision=args.precision or converter.default_precision,
-                extra_sizes=tuple(args.sizes) if only or target == "coreml" else (),
-                dynamic=args.dynamic and (only or target == "onnx"),
-                minimum_target=args.min_target,
-                bundle=args.bundle and (only or target == "executorch"),
+                settings=own[target],
             )
             done = bar.n
 
@@ -787,7 +874,10 @@ def _convert_targets(args: argparse.Namespace, targets: list[str]) -> int:
                     bar.update(1)
 
             try:
-                results.append(convert(loaded, target, args.output, options, validation=settings, int8=int8, step=step))
+                quantize = None if int8 is None else _target_int8(int8, converter, own[target])
+                results.append(
+                    convert(loaded, target, args.output, options, validation=settings, int8=quantize, step=step)
+                )
             except (MissingBackendError, UsageError) as e:  # anything else is not the user's to fix: it propagates
                 if args.target != "all":
                     raise
@@ -833,12 +923,9 @@ def _int8_settings(args: argparse.Namespace, loaded: Any) -> Any:
         raise UsageError("int8 trains on square crops of the input size: give a square --input-size")
     if args.search_rounds < 0:
         raise UsageError("--search-rounds takes 0 (no search) or more")
-    if args.weights_only and args.target != "coreml":
-        raise UsageError("--weights-only is a Core ML int8 mode; the other targets quantize weights and activations")
     rank, world = init_distributed()
     images = load_training_images(args.train_data, h, pairs=args.train_pairs, channels=loaded.config.img_channels)
-    method = "ptq" if args.weights_only else args.method  # weight-only int8 has nothing to fine-tune
-    config = TrainConfig(method=method, iters=args.iters, batch=args.batch, lr=args.lr, seed=args.seed)
+    config = TrainConfig(method=args.method, iters=args.iters, batch=args.batch, lr=args.lr, seed=args.seed)
     return Int8Settings(
         images=images,
         config=config,
@@ -848,13 +935,25 @@ def _int8_settings(args: argparse.Namespace, loaded: Any) -> Any:
         progress=rank == 0,
         rank=rank,
         keep_float=args.keep_float,
-        quantizer_options={"mode": "weights"} if args.weights_only else {},
         search_rounds=args.search_rounds if world == 1 else 0,  # the ranks train together; rank 0 alone validates
     )
 
 
+def _target_int8(int8: Any, target: Any, settings: dict[str, Any]) -> Any:
+    """``int8`` for ``target``: its quantizer's options from the target's own option values (``settings``)."""
+    import dataclasses
+
+    from nafnet_edge.quantization import get_quantizer
+
+    options = target.quantizer_options(settings)
+    config = int8.config
+    if options and not get_quantizer(target.name, **options).trains:  # a post-training-only mode (weight-only)
+        config = dataclasses.replace(config, method="ptq")
+    return dataclasses.replace(int8, quantizer_options=options, config=config)
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
-    args.precision, args.sizes, args.dynamic, args.bundle, args.min_target = "int8", [], False, False, "iOS17"
+    args.precision = "int8"
     return cmd_convert(args)
 
 
@@ -880,16 +979,16 @@ def parse_frame(text: str) -> tuple[int, int]:
 def _baseline_loader(args: argparse.Namespace) -> Any:
     """Loads the source model of a manifest for the PyTorch baseline (None when it cannot be found)."""
 
-    def load(manifest: dict[str, Any]) -> Any:
-        source = manifest["source"]
+    def load(manifest: Manifest) -> Any:
+        source = manifest.source
         checkpoint = args.checkpoint
-        if checkpoint is None and not source.get("embedded_default"):
-            checkpoint = source.get("path")
+        if checkpoint is None and not source.embedded_default:
+            checkpoint = source.path
             if not checkpoint or not Path(checkpoint).is_file():
                 return None
         from nafnet_edge.checkpoint import load_checkpoint
 
-        config = source["config"]
+        config = source.config
         return load_checkpoint(checkpoint, arch=config["arch"], train_size=tuple(config["train_size"])).model
 
     return load
@@ -908,13 +1007,20 @@ def run_bench(args: argparse.Namespace, directories: list[Path], *, save: bool) 
         top=args.top,
         frame=args.frame,
         overlap_px=args.bench_overlap,
-        compute_units=args.compute_units,
+        hints=bench_hints(args),
     )
     loader = None if args.no_baseline else _baseline_loader(args)
     report = bench_artifacts(directories, settings, baseline_model=loader)
     if save:
         save_bench(report)
     return report
+
+
+def bench_hints(args: argparse.Namespace) -> dict[str, Any]:
+    """The targets' runtime options given to ``bench`` (``SessionSettings.hints``): each artifact's target reads its
+    own and takes its option's default for the others."""
+    given = vars(args)
+    return {option.dest: given[option.dest] for option, _ in target_options("bench") if option.dest in given}
 
 
 def bench_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -927,7 +1033,6 @@ def bench_defaults(args: argparse.Namespace) -> argparse.Namespace:
         top=8,
         frame=None,
         bench_overlap=32,
-        compute_units="ALL",
         no_baseline=False,
         checkpoint=args.checkpoint,
     )
@@ -977,7 +1082,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from nafnet_edge.atomic import output_lock
-    from nafnet_edge.convert import read_manifest
+    from nafnet_edge.manifest import read_manifest
 
     if not args.directory.is_dir():
         read_manifest(args.directory)  # its one-line "not an artifact directory" error, before any lock file
@@ -986,21 +1091,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _validate_locked(args: argparse.Namespace) -> int:
-    from nafnet_edge.convert import ConvertResult, read_manifest, validate_directory
+    from nafnet_edge.convert import ConvertResult, validate_directory
     from nafnet_edge.errors import EXIT_BUDGET
+    from nafnet_edge.manifest import read_manifest
     from nafnet_edge.validate import DEFAULT_OVERLAP_PX
 
     manifest = read_manifest(args.directory)
-    tile = manifest["input"]["shape"][2:]
+    tile = manifest.io.input_size
     if args.overlap is None:  # the overlap the artifact was validated with when it was converted
-        recorded = manifest.get("tiling", {}).get("overlap_px")
-        valid = isinstance(recorded, int) and not isinstance(recorded, bool) and 0 <= recorded < min(tile)
-        args.overlap = recorded if valid else DEFAULT_OVERLAP_PX
+        recorded_overlap = manifest.tiling.overlap_px
+        args.overlap = recorded_overlap if recorded_overlap < min(tile) else DEFAULT_OVERLAP_PX
     if args.overlap >= min(tile):
         raise UsageError(f"--overlap {args.overlap} must be smaller than the artifact's {tile[0]}x{tile[1]} tile")
     checkpoint = args.checkpoint
-    if checkpoint is None and not manifest["source"].get("embedded_default"):
-        recorded = manifest["source"].get("path")
+    if checkpoint is None and not manifest.source.embedded_default:
+        recorded = manifest.source.path
         if not recorded or not Path(recorded).is_file():
             raise UsageError(f"the source checkpoint is not at {recorded!r} any more: pass --checkpoint CKPT")
         checkpoint = recorded
@@ -1008,7 +1113,7 @@ def _validate_locked(args: argparse.Namespace) -> int:
     loaded = _load(args, checkpoint)
     settings = _validation_settings(args, loaded.config.img_channels)
     manifest, report = validate_directory(args.directory, loaded, settings)
-    result = ConvertResult(manifest["target"], Path(args.directory), manifest)
+    result = ConvertResult(manifest.target, Path(args.directory), manifest)
     if args.json:
         print(json.dumps(_result_json(result), indent=2))
     else:
@@ -1016,14 +1121,18 @@ def _validate_locked(args: argparse.Namespace) -> int:
     return 0 if report.passed else EXIT_BUDGET
 
 
-def _recorded_reference_defaults(args: argparse.Namespace, manifest: dict[str, Any]) -> None:
+def _recorded_reference_defaults(args: argparse.Namespace, manifest: Manifest) -> None:
     """Validate against the reference convert used: the class, TLC training size, checkpoint entry and device the
     manifest records fill in the flags not given. A flag given with another value wins, and a note says so."""
     import torch
 
-    from nafnet_edge.convert import recorded_reference
-
-    recorded = recorded_reference(manifest, args.directory)
+    reference = manifest.reference
+    recorded: dict[str, Any] = {
+        "arch": reference.arch,
+        "train_size": reference.train_size,
+        "param_key": reference.param_key,
+        "device": reference.device,
+    }
     given = {
         "arch": args.arch,
         "train_size": args.train_size,

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,13 +22,23 @@ import numpy as np
 import torch
 
 from nafnet_edge.atomic import output_lock, staged_directory
-from nafnet_edge.checkpoint import WRAPPER_KEYS, LoadedCheckpoint, is_size
-from nafnet_edge.converters import INPUT_NAME, OUTPUT_NAME, ExportOptions, get_converter
-from nafnet_edge.deploy import DEFAULT_STREAM_SCALE, TRANSFORMATIONS, FixedPool, deploy
+from nafnet_edge.checkpoint import LoadedCheckpoint
+from nafnet_edge.converters import INPUT_NAME, OUTPUT_NAME, ExportOptions, get_target, target_class, target_names
+from nafnet_edge.deploy import deploy, norm_form_of
 from nafnet_edge.errors import BadInputError, OptionError
-from nafnet_edge.model import NAFNetLocal
-from nafnet_edge.report import read_manifest
-from nafnet_edge.usage import budget_advice, usage_note
+from nafnet_edge.manifest import (
+    MANIFEST_FILE,
+    USAGE_FILE,
+    IOSpec,
+    Manifest,
+    Reference,
+    Source,
+    Tiling,
+    ValidationSummary,
+    read_manifest,
+    write_manifest,
+)
+from nafnet_edge.usage import usage_note
 from nafnet_edge.validate import (
     DEFAULT_OVERLAP_PX,
     Budgets,
@@ -40,10 +48,9 @@ from nafnet_edge.validate import (
     validate_runner,
 )
 
-MANIFEST = "manifest.json"
-USAGE = "USAGE.md"
-MANIFEST_VERSION = 1
-TOOL_PACKAGES = ("nafnet-edge", "torch", "coremltools", "executorch", "openvino", "onnx", "onnxruntime", "numpy")
+MANIFEST = MANIFEST_FILE
+USAGE = USAGE_FILE
+CORE_PACKAGES = ("nafnet-edge", "torch", "numpy")  # and every registered target's runtime_packages
 
 
 @dataclass(frozen=True)
@@ -77,20 +84,27 @@ class Int8Settings:
 class ConvertResult:
     target: str
     directory: Path
-    manifest: dict[str, Any]
+    manifest: Manifest | None  # None on the ranks of a distributed int8 run that do not export
 
     @property
-    def validation(self) -> dict[str, Any] | None:
-        return self.manifest.get("validation")
+    def validation(self) -> ValidationSummary | None:
+        return self.manifest.validation if self.manifest is not None else None
 
     @property
     def passed(self) -> bool:
-        return self.validation is None or bool(self.validation["passed"])
+        return self.validation is None or self.validation.passed
+
+
+def tool_packages() -> tuple[str, ...]:
+    """The distributions whose versions a manifest records: nafnet-edge, torch, every registered target's
+    ``runtime_packages`` (in registration order), numpy."""
+    runtimes = (p for name in target_names() for p in target_class(name).runtime_packages)
+    return tuple(dict.fromkeys([*CORE_PACKAGES[:2], *runtimes, *CORE_PACKAGES[2:]]))
 
 
 def tool_versions() -> dict[str, str]:
     versions = {}
-    for name in TOOL_PACKAGES:
+    for name in tool_packages():
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -99,15 +113,16 @@ def tool_versions() -> dict[str, str]:
 
 
 def tlc_settings(loaded: LoadedCheckpoint, graph: torch.nn.Module) -> dict[str, Any]:
-    """How channel attention pools in the exported graph (TLC's local pooling is fixed for the input size)."""
-    pools = [m for m in graph.modules() if isinstance(m, FixedPool)]
-    local = [list(p.kernel_size) for p in pools if p.kernel_size is not None]
+    """How channel attention pools in the exported graph (TLC's local pooling is fixed for the input size), from
+    the deploy graph's recipe."""
+    recipe = graph.recipe
+    local = recipe.local_pooling
     return {
-        "arch": "NAFNetLocal" if isinstance(loaded.model, NAFNetLocal) else "NAFNet",
+        "arch": recipe.arch,
         "train_size": list(loaded.config.train_size) if loaded.config.train_size else None,
-        "pools_global": len(pools) - len(local),
+        "pools_global": len(graph.blocks()) - len(local),
         "pools_local": len(local),
-        "local_kernels": sorted({tuple(k) for k in local}) if local else [],
+        "local_kernels": sorted(set(local)),
     }
 
 
@@ -124,42 +139,11 @@ def reference_settings(loaded: LoadedCheckpoint, device: str | None) -> dict[str
     }
 
 
-def recorded_reference(manifest: dict[str, Any], directory: str | Path) -> dict[str, Any]:
-    """The reference settings a manifest records (:func:`reference_settings`; manifests without them give the
-    class and TLC training size of their source config); a damaged section is a BadInputError."""
-    section = manifest.get("reference")
-    if section is None:
-        config = manifest["source"]["config"]
-        arch, size = config.get("arch"), config.get("train_size")
-        local = arch == "nafnet-local" and is_size(size)
-        return {
-            "arch": arch if arch in ("nafnet", "nafnet-local") else None,
-            "train_size": tuple(size) if local else None,
-            "param_key": None,
-            "device": None,
-        }
-    problem = None
-    if not isinstance(section, dict):
-        problem = "not an object"
-    elif section.get("arch") not in ("nafnet", "nafnet-local"):
-        problem = f"arch {section.get('arch')!r}"
-    elif section.get("train_size") is not None and not is_size(section["train_size"]):
-        problem = f"train_size {section['train_size']!r}"
-    elif section.get("param_key") is not None and section["param_key"] not in WRAPPER_KEYS:
-        problem = f"param_key {section['param_key']!r}"
-    elif section.get("device") not in (None, "cpu", "cuda"):
-        problem = f"device {section.get('device')!r}"
-    if problem:
-        raise BadInputError(
-            f"{Path(directory) / MANIFEST} has a damaged 'reference' section ({problem}); convert again"
-        )
-    size = section.get("train_size")
-    return {
-        "arch": section["arch"],
-        "train_size": tuple(size) if size is not None else None,
-        "param_key": section.get("param_key"),
-        "device": section.get("device"),
-    }
+def reference_record(loaded: LoadedCheckpoint, device: str | None) -> Reference:
+    """:func:`reference_settings` as the manifest's ``reference`` section."""
+    settings = reference_settings(loaded, device)
+    size = settings["train_size"]
+    return Reference(settings["arch"], (size[0], size[1]) if size else None, settings["param_key"], device)
 
 
 def build_manifest(
@@ -172,50 +156,34 @@ def build_manifest(
     overlap_px: int,
     *,
     reference_device: str | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     h, w = options.input_size
-    c = loaded.config.img_channels
     release = loaded.release
-    return {
-        "manifest_version": MANIFEST_VERSION,
-        "target": target,
-        "precision": options.precision,
-        "files": exported_files,
-        "input": {
-            "name": INPUT_NAME,
-            "shape": [1, c, h, w],
-            "layout": "NCHW",
-            "dtype": "float32",
-            "channels": "RGB" if c == 3 else "gray",
-            "range": [0.0, 1.0],
-        },
-        "output": {
-            "name": OUTPUT_NAME,
-            "shape": [1, c, h, w],
-            "layout": "NCHW",
-            "dtype": "float32",
-            "range": "unclamped; clamp to [0, 1] before quantizing",
-        },
-        "padding_multiple": loaded.config.pad_multiple,
-        "tiling": {"tile": [h, w], "overlap_px": overlap_px, "blend": "raised cosine, weights sum to one"},
-        "tlc": tlc_settings(loaded, graph),
-        "reference": reference_settings(loaded, reference_device),
-        "source": {
-            "checkpoint": loaded.path.name,
-            "path": None if loaded.is_default else str(loaded.path.resolve()),
-            "embedded_default": loaded.is_default,
-            "sha256": loaded.sha256,
-            "release": release.name if release else None,
-            "arch_source": loaded.arch_source,
-            "config": loaded.config.to_dict(),
-            "params": loaded.num_params,
-        },
-        "deploy": {"transformations": list(TRANSFORMATIONS), "stream_scale": DEFAULT_STREAM_SCALE},
-        "export": export_info,
-        "tools": tool_versions(),
-        "host": {"platform": platform.platform(), "python": platform.python_version()},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    return Manifest(
+        target=target,
+        precision=options.precision,
+        files=list(exported_files),
+        io=IOSpec.image(loaded.config.img_channels, (h, w)),
+        padding_multiple=loaded.config.pad_multiple,
+        tiling=Tiling((h, w), overlap_px),
+        tlc=tlc_settings(loaded, graph),
+        reference=reference_record(loaded, reference_device),
+        source=Source(
+            checkpoint=loaded.path.name,
+            path=None if loaded.is_default else str(loaded.path.resolve()),
+            embedded_default=loaded.is_default,
+            sha256=loaded.sha256,
+            release=release.name if release else None,
+            arch_source=loaded.arch_source,
+            config=loaded.config.to_dict(),
+            params=loaded.num_params,
+        ),
+        deploy={"passes": list(graph.recipe.passes), "stream_scale": graph.recipe.stream_scale},
+        export=export_info,
+        tools=tool_versions(),
+        host={"platform": platform.platform(), "python": platform.python_version()},
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
 
 
 def graph_metadata(loaded: LoadedCheckpoint, target: str, options: ExportOptions) -> dict[str, str]:
@@ -236,20 +204,6 @@ def graph_metadata(loaded: LoadedCheckpoint, target: str, options: ExportOptions
     }
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, tuple):
-        return list(value)
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot serialize {type(value).__name__}")
-
-
 def convert(
     loaded: LoadedCheckpoint,
     target: str,
@@ -264,18 +218,21 @@ def convert(
 
     With ``options.precision == "int8"`` the deploy graph goes through the target's quantizer and the shared
     PTQ/QAT loop (``int8`` settings) before export."""
-    converter = get_converter(target)
+    converter = get_target(target)
     converter.check_available()
     quantizer = None
     if options.precision == "int8":
         from nafnet_edge.quantization import get_quantizer
+        from nafnet_edge.quantization.search import int8_search, quantize
 
         if int8 is None:
             raise OptionError("int8 needs training or calibration images: --data DIR")
-        quantizer = get_quantizer(target, **int8.quantizer_options)
+        quantizer = get_quantizer(target, keep_float=int8.keep_float, **int8.quantizer_options)
         quantizer.check_available()
-        if options.bundle or options.dynamic or options.extra_sizes:
-            raise OptionError("int8 artifacts take none of --bundle, --dynamic, --sizes")
+        own = {option.dest: option for option in converter.options if "quantize" not in option.commands}
+        given = [own[d].flag for d, value in options.settings.items() if d in own and value != own[d].default]
+        if given:  # the quantizer exports its own artifact: the float export's options do not reach it
+            raise OptionError(f"int8 artifacts take none of {', '.join(given)}")
     else:
         converter.check_options(options)
     m = loaded.config.pad_multiple
@@ -284,24 +241,27 @@ def convert(
     say = step or (lambda _: None)
     final = Path(out_dir) / target
     if quantizer is not None and int8 is not None and int8.rank != 0:
-        graph = deploy(loaded.model, target=quantizer.deploy_target, input_size=options.input_size)  # type: ignore[arg-type]
-        quantizer.keep_float = frozenset(int8.keep_float)
-        _quantize(quantizer, graph, options, int8)
-        return ConvertResult(target, final, {})
+        graph = deploy(loaded.model, norm_form=norm_form_of(quantizer), input_size=options.input_size)
+        quantize(quantizer, graph, options.input_size, int8)
+        return ConvertResult(target, final, None)
     with output_lock(final), staged_directory(final) as tmp:
         say(f"{target}: deploy graph")
-        graph = deploy(loaded.model, target=converter.deploy_target, input_size=options.input_size)  # type: ignore[arg-type]
-        graph.manifest_metadata = graph_metadata(loaded, target, options)
-        if options.bundle and validation is not None and not options.test_inputs:
+        metadata = graph_metadata(loaded, target, options)
+        graph = deploy(
+            loaded.model, norm_form=norm_form_of(converter), input_size=options.input_size, metadata=metadata
+        )
+        if converter.needs_test_io(options) and validation is not None and not options.test_inputs:
             options = _with_test_io(options, loaded, validation)
         stage = _Stage(loaded, target, converter, graph, options, validation, say)
         if quantizer is not None and int8 is not None:
-            manifest = _int8_search(stage, quantizer, int8, tmp)
+            manifest = int8_search(
+                stage, lambda kept: get_quantizer(target, keep_float=kept, **int8.quantizer_options), int8, tmp
+            )
         else:
             say(f"{target}: export")
             manifest, _ = stage.export_and_validate(lambda d: converter.export(graph, d, options), tmp)
         (tmp / USAGE).write_text(usage_note(target, manifest))
-        write_json(tmp / MANIFEST, manifest)
+        write_manifest(tmp, manifest)
     return ConvertResult(target, final, manifest)
 
 
@@ -317,7 +277,7 @@ class _Stage:
     validation: ValidationSettings | None
     say: Callable[[str], None]
 
-    def export_and_validate(self, export: Callable[[Path], Any], directory: Path) -> tuple[dict[str, Any], Any]:
+    def export_and_validate(self, export: Callable[[Path], Any], directory: Path) -> tuple[Manifest, Any]:
         """Export into ``directory`` and validate there; the manifest and the runner (None without validation)."""
         started = time.perf_counter()
         exported = export(directory)
@@ -333,208 +293,17 @@ class _Stage:
             overlap,
             reference_device=device,
         )
-        manifest["seconds"] = {"export": round(time.perf_counter() - started, 2)}
+        manifest.seconds = {"export": round(time.perf_counter() - started, 2)}
         if self.validation is None:
             return manifest, None
         self.say(f"{self.target}: validate in its runtime")
         started = time.perf_counter()
-        runner = self.converter.load_runner(directory, manifest)
-        manifest["runtime"] = runner.info
+        runner = self.converter.load_runner(directory, export=manifest.export)
+        manifest.runtime = runner.info
         report = run_validation(self.loaded, runner.run, self.options, self.validation)
-        manifest["validation"] = report.to_dict()
-        manifest["seconds"]["validate"] = round(time.perf_counter() - started, 2)
+        manifest.validation = report.to_summary()
+        manifest.seconds["validate"] = round(time.perf_counter() - started, 2)
         return manifest, runner
-
-
-@dataclass
-class _Round:
-    """One quantize-export-validate round of the int8 search; its files live in ``directory`` until it is kept."""
-
-    number: int  # 1-based, as the progress lines say
-    kept_float: list[str]
-    directory: Path
-    manifest: dict[str, Any]
-    runner: Any  # None when the artifact is not validated
-
-    def record(self) -> dict[str, Any]:
-        """The round's entry in the manifest's ``quantization.search.rounds``."""
-        summary = self.manifest["validation"]["summary"]
-        return {
-            "kept_float": list(self.kept_float),
-            "passed": self.manifest["validation"]["passed"],
-            "drift_db_mean": summary.get("drift_db_mean"),
-            "fidelity_db_min": summary["fidelity_db_min"],
-            "seconds": {**self.manifest["seconds"]},
-        }
-
-
-def _round_order(entry: dict[str, Any]) -> tuple[bool, float]:
-    """Sort key of a round's entry, best first: passed before failed, then the lowest drift where drift is
-    measured (ground-truth pairs), otherwise the highest minimum fidelity."""
-    drift = entry["drift_db_mean"]
-    return not entry["passed"], drift if drift is not None else -entry["fidelity_db_min"]
-
-
-def _round_line(target: str, number: int, total: int, entry: dict[str, Any], verdict: str) -> str:
-    kept = entry["kept_float"]
-    units = f"{len(kept)} unit(s) float ({', '.join(kept)})" if kept else "all units int8"
-    drift = entry["drift_db_mean"]
-    measured = (f"drift {drift:+.3f} dB, " if drift is not None else "") + f"fidelity {entry['fidelity_db_min']:.1f} dB"
-    return f"{target} int8 round {number}/{total}: {units}: {measured} - {verdict}"
-
-
-def _tell(line: str) -> None:
-    """One line on stderr, above the progress bar when one is shown."""
-    from tqdm import tqdm
-
-    tqdm.write(line, file=sys.stderr)
-
-
-def _int8_search(stage: _Stage, quantizer: Any, int8: Int8Settings, tmp: Path) -> dict[str, Any]:
-    """Quantize, export and validate; while the artifact misses its budget, keep the next most sensitive units in
-    float (1, 2, 4, ... more of them, ranked once by ``rank_units``) and go again, at most ``int8.search_rounds``
-    times, stopping early at the first round worse than the best so far (``_round_order``). Each round is
-    exported into its own folder under ``tmp`` and reported on stderr as it finishes; the best round's files
-    are moved into ``tmp`` at the end and its manifest is returned. The manifest records every round, which
-    one was kept (``kept_round``, an index into ``rounds``), why the search stopped, the ranking and the latency
-    of the kept round against the first, measured side by side."""
-    from dataclasses import replace
-
-    from nafnet_edge.quantization.sensitivity import (
-        SENSITIVITY_CROPS,
-        check_units,
-        interleaved_medians,
-        next_kept,
-        rank_units,
-    )
-    from nafnet_edge.quantization.train import calibration_crops, held_out_crops
-
-    check_units(stage.graph, int8.keep_float)
-    kept = list(int8.keep_float)
-    total = int8.search_rounds + 1
-    rounds: list[dict[str, Any]] = []
-    ranking: list[tuple[str, float]] | None = None
-    first: _Round | None = None
-    best: _Round  # set by the first round
-    stopped = ""
-    scratch = tmp / ".int8-rounds"
-    try:
-        while True:
-            number = len(rounds) + 1
-            quantizer.keep_float = frozenset(kept)
-            note = f" keeping {len(kept)} unit(s) float" if kept else ""
-            stage.say(f"{stage.target}: int8 {int8.config.method}{note}")
-            settings = int8 if not rounds else replace(int8, resume=False)
-            started = time.perf_counter()
-            log = _quantize(quantizer, stage.graph, stage.options, settings)
-            seconds = round(time.perf_counter() - started, 2)
-            prepared, example = log.pop("prepared"), log.pop("example")
-            directory = scratch / str(number)
-            directory.mkdir(parents=True)
-            manifest, runner = stage.export_and_validate(
-                lambda d, p=prepared, e=example: quantizer.export(p, d, e), directory
-            )
-            manifest["seconds"]["quantize"] = seconds
-            manifest["quantization"] = {"data": int8.data, **log, "kept_float": list(kept)}
-            this = _Round(number, list(kept), directory, manifest, runner)
-            if runner is None:  # not validated: nothing to compare rounds by
-                best = this
-                break
-            rounds.append(this.record())
-            first = first or this
-            previous = best if len(rounds) > 1 else None
-            if previous is None or _round_order(rounds[-1]) < _round_order(rounds[previous.number - 1]):
-                best = this
-            if rounds[-1]["passed"]:
-                verdict, stopped = "meets the budget", "met the budget"
-            elif previous is None:
-                verdict = "misses the budget"
-            elif best is this:
-                verdict = "misses the budget, best so far"
-            elif _round_order(rounds[-1]) > _round_order(rounds[previous.number - 1]):
-                verdict = f"worse than round {previous.number}: stopping, keeping round {previous.number}"
-                stopped = f"round {number} was worse than round {previous.number}"
-            else:
-                verdict = f"no better than round {previous.number}"
-            _tell(_round_line(stage.target, number, total, rounds[-1], verdict))
-            if previous is not None and previous is not best and previous is not first:
-                shutil.rmtree(previous.directory)  # superseded: only the first (for latency) and the best stay
-            if this is not best and this is not first:
-                shutil.rmtree(this.directory)
-            if stopped:
-                break
-            if number == total:
-                stopped = f"--search-rounds {int8.search_rounds} spent" if int8.search_rounds else "search off"
-                break
-            if ranking is None:
-                stage.say(f"{stage.target}: ranking units by int8 sensitivity")
-                h = stage.options.input_size[0]
-                crops = held_out_crops(int8.images, h, int8.config, SENSITIVITY_CROPS)
-                calibration = calibration_crops(int8.images, h, int8.config)
-                try:
-                    ranking = rank_units(quantizer, stage.graph, crops, calibration, exclude=kept)
-                except NotImplementedError as e:
-                    stopped = str(e)
-                    break
-            following = next_kept(kept, ranking)
-            if following == kept:
-                stopped = "every unit is float already"
-                break
-            kept = following
-        manifest = best.manifest
-        if rounds:
-            search: dict[str, Any] = {
-                "budget_rounds": int8.search_rounds,
-                "rounds": rounds,
-                "kept_round": best.number - 1,
-                "stopped": stopped,
-            }
-            if ranking is not None:
-                search["sensitivity_db"] = {unit: round(gain, 3) for unit, gain in ranking}
-            if first is not None and first is not best:
-                stage.say(f"{stage.target}: latency of the kept units")
-                c = stage.loaded.config.img_channels
-                x = np.random.default_rng(0).random((1, c, *stage.options.input_size), dtype=np.float32)
-                medians = interleaved_medians({"first": first.runner.run, "kept": best.runner.run}, x)
-                search["latency_ms"] = {
-                    "first_round": medians["first"],
-                    "kept_round": medians["kept"],
-                    "ratio": round(medians["kept"] / medians["first"], 3) if medians["first"] > 0 else None,
-                    "input": list(x.shape),
-                    "note": "medians of 7 interleaved runs on this machine",
-                }
-            manifest["quantization"]["search"] = search
-            if not manifest["validation"]["passed"]:
-                failures = "; ".join(manifest["validation"]["failures"])
-                _tell(
-                    f"{stage.target} int8 missed its budget in {len(rounds)} round(s) ({stopped}); kept round "
-                    f"{best.number}: {failures}. Try next: {budget_advice(manifest)}"
-                )
-        for path in list(best.directory.iterdir()):
-            shutil.move(str(path), str(tmp / path.name))
-        return manifest
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _quantize(quantizer: Any, graph: torch.nn.Module, options: ExportOptions, int8: Int8Settings) -> dict[str, Any]:
-    from nafnet_edge.quantization.train import quantize_graph
-
-    h, w = options.input_size
-    if h != w:
-        raise OptionError("int8 training uses square crops: give a square --input-size")
-    prepared, log = quantize_graph(
-        quantizer,
-        graph,
-        int8.images,
-        h,
-        int8.config,
-        checkpoint=int8.checkpoint,
-        resume=int8.resume,
-        progress=int8.progress,
-    )
-    example = torch.rand(1, graph.intro.in_channels, h, w)
-    return {"prepared": prepared, "example": example, **log}
 
 
 def run_validation(
@@ -590,7 +359,7 @@ def _with_test_io(options: ExportOptions, loaded: LoadedCheckpoint, settings: Va
 
 def validate_directory(
     directory: str | Path, loaded: LoadedCheckpoint, settings: ValidationSettings
-) -> tuple[dict[str, Any], ValidationReport]:
+) -> tuple[Manifest, ValidationReport]:
     """Re-validate an artifact directory; the manifest's validation section and USAGE.md are rewritten atomically.
 
     Holds the artifact's :func:`output_lock` from reading the manifest to writing it, so a concurrent
@@ -600,22 +369,20 @@ def validate_directory(
     directory = Path(directory)
     with output_lock(directory.resolve()):
         manifest = read_manifest(directory)
-        if manifest["source"]["sha256"] != loaded.sha256:
+        if manifest.source.sha256 != loaded.sha256:
             raise BadInputError(
-                f"{directory} was converted from a checkpoint with sha256 {manifest['source']['sha256'][:12]}..., "
+                f"{directory} was converted from a checkpoint with sha256 {manifest.source.sha256[:12]}..., "
                 f"not {loaded.sha256[:12]}...: pass the checkpoint it came from"
             )
-        converter = get_converter(manifest["target"])
+        converter = get_target(manifest.target)
         converter.check_available()
-        runner = converter.load_runner(directory, manifest)
-        h, w = manifest["input"]["shape"][2:]
-        options = ExportOptions(input_size=(h, w), precision=manifest["precision"])
+        runner = converter.load_runner(directory, export=manifest.export)
+        options = ExportOptions(input_size=manifest.io.input_size, precision=manifest.precision)  # type: ignore[arg-type]
         report = run_validation(loaded, runner.run, options, settings)
-        manifest["runtime"] = runner.info
-        manifest["validation"] = report.to_dict()
-        manifest.setdefault("tiling", {})["overlap_px"] = settings.overlap_px  # validate runs with it by default
+        manifest.runtime = runner.info
+        manifest.validation = report.to_summary()
+        manifest.tiling.overlap_px = settings.overlap_px  # validate runs with it by default
         with atomic_path(directory / USAGE) as tmp:  # its header says whether the artifact met its budget
-            tmp.write_text(usage_note(manifest["target"], manifest))
-        with atomic_path(directory / MANIFEST) as tmp:
-            write_json(tmp, manifest)
+            tmp.write_text(usage_note(manifest.target, manifest))
+        write_manifest(directory, manifest)
     return manifest, report

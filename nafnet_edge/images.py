@@ -289,6 +289,8 @@ def _tiff_size(data: bytes) -> tuple[int, int] | None:
             warnings.simplefilter("ignore")  # "Truncated File Read" and friends: this function says it
             tags = TiffImagePlugin.TiffImageFile(io.BytesIO(data)).tag_v2
         offsets, counts = tags.get(273) or tags.get(324), tags.get(279) or tags.get(325)
+        if offsets is None or counts is None:
+            return None
         complete = max(o + c for o, c in zip(offsets, counts, strict=True)) <= len(data)
         return (int(tags[256]), int(tags[257])) if complete else None
     except Exception:  # any failure to parse a hostile header (missing tags included) means a damaged file
@@ -588,7 +590,7 @@ def _encode_tifffile(samples: np.ndarray, icc: bytes | None, meta: ImageMetadata
     from PIL import Image, TiffImagePlugin, TiffTags
 
     channels = 1 if samples.ndim == 2 else samples.shape[2]
-    extratags = []
+    extratags: list[tuple[int, str, int, object, bool]] = []  # (code, dtype, count, value, writeonce)
     exif = Image.Exif()
     if meta.exif:
         exif.load(meta.exif)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +61,8 @@ class NAFNetConfig:
         """Inputs are zero-padded right/bottom to a multiple of this (16 for every official release)."""
         return 2**self.num_levels
 
-    def replace(self, **changes: object) -> NAFNetConfig:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+    def replace(self, **changes: Any) -> NAFNetConfig:
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, object]:
         d = dataclasses.asdict(self)
@@ -228,8 +228,9 @@ class NAFNetLocal(NAFNet):
         depth_stages.append((self.config.num_levels, self.middle_blks))
         depth_stages += [(self.config.num_levels - 1 - i, dec) for i, dec in enumerate(self.decoders)]
         for depth, stage in depth_stages:
-            for blk in stage:
-                blk.sca[0].kernel_size = kernels[depth]
+            for pool in stage.modules():  # one per NAFBlock of the stage
+                if isinstance(pool, ChannelPool):
+                    pool.kernel_size = kernels[depth]
 
 
 def build_model(config: NAFNetConfig) -> NAFNet:

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 
 from nafnet_edge.model import NAFNetConfig
 
-_SIDD = {"enc_blk_nums": (2, 2, 4, 8), "middle_blk_num": 12, "dec_blk_nums": (2, 2, 2, 2)}
-_GOPRO = {"enc_blk_nums": (1, 1, 1, 28), "middle_blk_num": 1, "dec_blk_nums": (1, 1, 1, 1)}
+
+class _Blocks(TypedDict):
+    enc_blk_nums: tuple[int, ...]
+    middle_blk_num: int
+    dec_blk_nums: tuple[int, ...]
+
+
+_SIDD: _Blocks = {"enc_blk_nums": (2, 2, 4, 8), "middle_blk_num": 12, "dec_blk_nums": (2, 2, 2, 2)}
+_GOPRO: _Blocks = {"enc_blk_nums": (1, 1, 1, 28), "middle_blk_num": 1, "dec_blk_nums": (1, 1, 1, 1)}
 
 
 @dataclass(frozen=True)

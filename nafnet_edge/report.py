@@ -22,34 +22,35 @@ import base64
 import contextlib
 import html
 import io
-import json
 import math
 import os
 import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from nafnet_edge.artifact_files import MAX_PATH_CHARS, MAX_RECORD_BYTES, artifact_file, artifact_size, name_problem
+from nafnet_edge.artifact_files import artifact_size
 from nafnet_edge.atomic import atomic_path
-from nafnet_edge.errors import ArtifactError, BadInputError, NafnetEdgeError, OutputError
+from nafnet_edge.errors import BadInputError, NafnetEdgeError, OutputError
+from nafnet_edge.manifest import (
+    BENCH_FILE,
+    MANIFEST_FILE,
+    BenchRecord,
+    Manifest,
+    ValidationSummary,
+    read_bench,
+    read_manifest,
+)
 
-MANIFEST = "manifest.json"  # the same name as nafnet_edge.convert.MANIFEST (not imported: that pulls in torch)
-BENCH = "bench.json"
+MANIFEST = MANIFEST_FILE
+BENCH = BENCH_FILE
 REPORT = "report.html"
 DIFF_COLORMAP = "magma"
-TARGET_COLORS = {
-    "coreml": "#4e79a7",
-    "executorch": "#f28e2b",
-    "executorch-coreml": "#e15759",
-    "openvino": "#59a14f",
-    "onnx": "#b07aa1",
-    "pytorch": "#9c9c9c",
-}
+BASELINE_COLOR = "#9c9c9c"  # the PyTorch baseline; each target's colour is its Target.color
 FALLBACK_COLORS = ("#76b7b2", "#edc948", "#ff9da7", "#9c755f")
 
 
@@ -87,8 +88,8 @@ class Artifact:
     """An artifact directory with its manifest, optional ``bench.json`` and what the report learned running it."""
 
     directory: Path
-    manifest: dict[str, Any]
-    bench: dict[str, Any] | None = None
+    manifest: Manifest
+    bench: BenchRecord | None = None
     bench_note: str | None = None  # why bench.json could not be used
     size_bytes: int | None = None
     image_note: str | None = None  # why there are no comparison images
@@ -104,53 +105,50 @@ class Artifact:
 
     @property
     def target(self) -> str:
-        return str(self.manifest.get("target", "?"))
+        return self.manifest.target
 
     @property
     def precision(self) -> str:
-        return str(self.manifest.get("precision", "?"))
+        return self.manifest.precision
 
     @property
-    def input_size(self) -> tuple[int, int] | None:
-        shape = (self.manifest.get("input") or {}).get("shape")
-        return (int(shape[2]), int(shape[3])) if shape and len(shape) == 4 else None
+    def input_size(self) -> tuple[int, int]:
+        return self.manifest.io.input_size
 
     @property
     def channels(self) -> int:
-        shape = (self.manifest.get("input") or {}).get("shape")
-        return int(shape[1]) if shape and len(shape) == 4 else 3
+        return self.manifest.io.channels
 
     @property
     def runtime(self) -> str | None:
-        for info in (self.manifest.get("runtime"), self.runtime_here, self.bench):
+        for info in (self.manifest.runtime, self.runtime_here):
             if isinstance(info, dict) and info.get("runtime"):
                 return str(info["runtime"])
-        return None
+        return self.bench.runtime if self.bench is not None and self.bench.runtime else None
 
     @property
-    def validation(self) -> dict[str, Any] | None:
-        v = self.manifest.get("validation")
-        return v if isinstance(v, dict) else None
+    def validation(self) -> ValidationSummary | None:
+        return self.manifest.validation
 
     @property
     def summary(self) -> dict[str, Any]:
-        return (self.validation or {}).get("summary") or {}
+        return self.validation.summary if self.validation is not None else {}
 
     @property
     def fidelity_db(self) -> float | None:
-        return _number(self.summary.get("fidelity_db_min"))
+        return self.validation.fidelity_db_min if self.validation is not None else None
 
     @property
     def drift_db(self) -> float | None:
-        return _number(self.summary.get("drift_db_mean"))
+        return self.validation.drift_db_mean if self.validation is not None else None
 
     @property
     def median_ms(self) -> float | None:
-        return _number(((self.bench or {}).get("latency_ms") or {}).get("median"))
+        return self.bench.median_ms if self.bench is not None else None
 
     @property
     def fps(self) -> float | None:
-        return _number(((self.bench or {}).get("throughput") or {}).get("fps"))
+        return self.bench.fps if self.bench is not None else None
 
 
 def _number(value: Any) -> float | None:
@@ -199,99 +197,11 @@ def _subdirectories(directory: Path) -> list[Path]:
     return found
 
 
-def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """The manifest of an artifact directory, checked for what every command reads from it.
-
-    Hand-edited or damaged manifests get an ArtifactError naming the problem: ``manifest.json`` itself must be a
-    regular file of a sane size inside the directory (never a link elsewhere, a pipe or a device, which are not
-    opened), and ``files`` must name files inside the directory, so a manifest cannot point a runtime at a file
-    elsewhere.
-    """
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not os.path.lexists(path):
-        raise BadInputError(f"{directory} has no {MANIFEST}: point at a directory written by nafnet-edge convert")
-    artifact_file(directory, MANIFEST, max_bytes=MAX_RECORD_BYTES)
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ArtifactError(f"{path} is not valid JSON ({_one_line(e)}); convert again") from None
-    problem = _manifest_problem(manifest)
-    if problem:
-        raise ArtifactError(f"{path} is not a manifest written by nafnet-edge convert ({problem}); convert again")
-    return manifest
-
-
-PRECISIONS = ("fp32", "fp16", "int8")
-MAX_CHANNELS = 4  # RGB or gray models; RGBA at most
-MAX_SIDE_PX = 16384  # an artifact's fixed input size (tiles); larger frames are tiled
-MAX_INPUT_PIXELS = 64 << 20  # 8192 x 8192: one input tensor of 0.75 GiB in float32 RGB
-MAX_FILES = 64
-SECTIONS = ("output", "tiling", "tlc", "deploy", "export", "runtime", "validation", "quantization", "seconds")
-
-
-def _manifest_problem(manifest: Any) -> str | None:
-    """What makes ``manifest`` unusable (None when nothing does): every value a command reads is checked for its
-    type and range here, so a hand-edited manifest is refused in one line instead of failing somewhere later."""
-    from nafnet_edge.converters import TARGETS
-
-    if not isinstance(manifest, dict):
-        return f"a JSON {type(manifest).__name__}, not an object"
-    for key, kind in (("target", str), ("precision", str), ("files", list), ("source", dict), ("input", dict)):
-        if not isinstance(manifest.get(key), kind):
-            return f"no {key!r} {kind.__name__}"
-    if manifest["target"] not in TARGETS:
-        return f"unknown target {_short(manifest['target'])}; this nafnet-edge knows {', '.join(TARGETS)}"
-    if manifest["precision"] not in PRECISIONS:
-        return f"unknown precision {_short(manifest['precision'])}; one of {', '.join(PRECISIONS)}"
-    files = manifest["files"]
-    if not files or len(files) > MAX_FILES or not all(isinstance(f, str) and f for f in files):
-        return f"'files' must list file names (1 to {MAX_FILES})"
-    for name in files:
-        problem = name_problem(name)
-        if problem and len(name) <= MAX_PATH_CHARS and ".." in PurePosixPath(name).parts:
-            return f"'files' points outside the directory: {_short(name)}"
-        if problem:
-            return f"'files' holds {problem}"
-    source = manifest["source"]
-    if not isinstance(source.get("config"), dict) or not isinstance(source.get("sha256"), str):
-        return "'source' lacks the checkpoint's config and sha256"
-    for key, kinds in (("path", (str, type(None))), ("checkpoint", (str,)), ("embedded_default", (bool,))):
-        if key in source and not isinstance(source[key], kinds):
-            return f"'source.{key}' is a JSON {type(source[key]).__name__}"
-    shape = manifest["input"].get("shape")
-    if not (
-        isinstance(shape, list)
-        and len(shape) == 4
-        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
-    ):
-        return "'input.shape' is not four positive integers"
-    n, c, h, w = shape
-    if n != 1 or c > MAX_CHANNELS or max(h, w) > MAX_SIDE_PX or h * w > MAX_INPUT_PIXELS:
-        return (
-            f"'input.shape' {shape} is not one nafnet-edge exports: batch 1, 1 to {MAX_CHANNELS} channels, height "
-            f"and width at most {MAX_SIDE_PX} and {MAX_INPUT_PIXELS >> 20} megapixels together"
-        )
-    for key in SECTIONS:
-        if key in manifest and not isinstance(manifest[key], dict):
-            return f"{key!r} is a JSON {type(manifest[key]).__name__}, not an object"
-    return None
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def read_artifact(directory: Path) -> Artifact:
     """Manifest, size on disk and ``bench.json`` of one artifact directory."""
     manifest = read_manifest(directory)
     artifact = Artifact(directory, manifest)
-    artifact.size_bytes = disk_size(directory, manifest["files"])
+    artifact.size_bytes = disk_size(directory, manifest.files)
     artifact.bench, artifact.bench_note = read_bench(directory)
     return artifact
 
@@ -303,23 +213,6 @@ def disk_size(directory: Path, files: Sequence[str]) -> int | None:
     sizes = [artifact_size(directory, name) for name in files]
     present = [size for size in sizes if size is not None]
     return sum(present) if present else None
-
-
-def read_bench(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """``bench.json`` (schema: ``nafnet_edge.bench``) and, when it exists but cannot be used, why."""
-    path = directory / BENCH
-    if not os.path.lexists(path):
-        return None, None
-    try:
-        artifact_file(directory, BENCH, max_bytes=MAX_RECORD_BYTES)
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ArtifactError as e:
-        return None, f"{BENCH} is not used: {e}"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        return None, f"{BENCH} is unreadable ({_one_line(e)}); benchmark again"
-    if not isinstance(data, dict):
-        return None, f"{BENCH} is not a benchmark record; benchmark again"
-    return data, None
 
 
 def human_bytes(n: int | None) -> str:
@@ -378,31 +271,32 @@ class _Sources:
         self.checkpoint = checkpoint
         self._loaded: dict[tuple[Any, ...], Any] = {}
 
-    def load(self, manifest: dict[str, Any], directory: Path) -> tuple[Any | None, str | None]:
+    def load(self, manifest: Manifest) -> tuple[Any | None, str | None]:
         """(loaded checkpoint, None) or (None, why the reference cannot be computed). The checkpoint is loaded as
         the manifest's reference was (class, TLC training size, checkpoint entry), once per such setting."""
         from nafnet_edge.checkpoint import load_checkpoint
-        from nafnet_edge.convert import recorded_reference
 
-        source = manifest.get("source") or {}
-        sha = source.get("sha256")
+        source = manifest.source
+        sha = source.sha256
         if self.checkpoint is not None:
             path: str | None = str(self.checkpoint)
-        elif source.get("embedded_default"):
+        elif source.embedded_default:
             path = None
         else:
-            path = source.get("path")
+            path = source.path
             if not path or not Path(path).is_file():
                 return None, f"the source checkpoint is not at {path!r} any more: pass --checkpoint CKPT"
-        reference = recorded_reference(manifest, directory)
-        local = reference["arch"] == "nafnet-local"
-        train_size = reference["train_size"] if local else None
-        param_key = reference["param_key"] or "auto"
-        key = (path or "<embedded>", reference["arch"], train_size, param_key)
+        reference = manifest.reference
+        train_size = reference.train_size if reference.arch == "nafnet-local" else None
+        param_key = reference.param_key or "auto"
+        key = (path or "<embedded>", reference.arch, train_size, param_key)
         if key not in self._loaded:
             try:
                 self._loaded[key] = load_checkpoint(
-                    path, arch=reference["arch"], train_size=train_size, param_key=param_key
+                    path,
+                    arch=reference.arch,  # type: ignore[arg-type]
+                    train_size=train_size,
+                    param_key=param_key,  # type: ignore[arg-type]
                 )
             except NafnetEdgeError as e:
                 if self.checkpoint is not None:
@@ -438,7 +332,7 @@ def compare_images(
     ``image_note`` (and a row saying why) instead of images."""
     import torch
 
-    from nafnet_edge.converters import get_converter
+    from nafnet_edge.converters import get_target
     from nafnet_edge.validate import apply_tiled, runner_fn
 
     say = progress or (lambda _: None)
@@ -448,18 +342,15 @@ def compare_images(
     order: list[tuple[int, int, int, int, int]] = []
     for artifact in artifacts:
         size = artifact.input_size
-        if size is None:
-            artifact.image_note = "the manifest records no input shape"
-            continue
-        loaded, why = sources.load(artifact.manifest, artifact.directory)
+        loaded, why = sources.load(artifact.manifest)
         if loaded is None:
             artifact.image_note = why
             continue
         say(f"{artifact.label}: running {images} crop(s) in its runtime")
         try:
-            converter = get_converter(artifact.target)
+            converter = get_target(artifact.target)
             converter.check_available()
-            runner = converter.load_runner(artifact.directory, artifact.manifest)
+            runner = converter.load_runner(artifact.directory, export=artifact.manifest.export)
             artifact.runtime_here = runner.info
         except Exception as e:  # e.g. a delegate this machine's runtime lacks: the row stays, with the reason
             reason = str(e) if isinstance(e, NafnetEdgeError) else f"{type(e).__name__}: {e}"
@@ -485,7 +376,7 @@ def compare_images(
                     size=(crop.shape[0], crop.shape[1]),
                     origin=origin,
                     tile=size,
-                    source=str((artifact.manifest.get("source") or {}).get("checkpoint") or "checkpoint"),
+                    source=artifact.manifest.source.checkpoint or "checkpoint",
                     input_png=png_bytes(crop),
                     reference_png=png_bytes(reference),
                     reference=reference,
@@ -514,7 +405,14 @@ def _psnr(output: np.ndarray, reference: np.ndarray) -> float:
 
 
 def _color(target: str, index: int) -> str:
-    return TARGET_COLORS.get(target, FALLBACK_COLORS[index % len(FALLBACK_COLORS)])
+    """The target's own chart colour (``Target.color``); a fallback by position for one without (or unknown)."""
+    from nafnet_edge.converters import target_class
+
+    try:
+        color = target_class(target).color
+    except (NafnetEdgeError, ImportError, AttributeError):
+        color = ""
+    return color or FALLBACK_COLORS[index % len(FALLBACK_COLORS)]
 
 
 def _svg(fig: Any, salt: str) -> str:
@@ -556,10 +454,10 @@ def latency_chart(artifacts: Sequence[Artifact]) -> str | None:
     bars = [b for b in bars if b[1] is not None]
     if not bars:
         return None
-    baselines = [_number(((a.bench or {}).get("baseline") or {}).get("median_ms")) for a in artifacts]
+    baselines = [a.bench.baseline_ms for a in artifacts if a.bench is not None]
     baseline = next((b for b in baselines if b is not None), None)
     if baseline is not None:
-        bars.append(("PyTorch fp32 (baseline)", baseline, TARGET_COLORS["pytorch"]))
+        bars.append(("PyTorch fp32 (baseline)", baseline, BASELINE_COLOR))
     fig = _figure(6.4, 0.42 * len(bars) + 1.1)
     ax = fig.add_subplot()
     labels = [b[0] for b in bars][::-1]
@@ -669,9 +567,9 @@ def _status_cell(a: Artifact) -> str:
     v = a.validation
     if v is None:
         return '<span class="badge none">not validated</span>'
-    if v.get("passed"):
+    if v.passed:
         return '<span class="badge ok">pass</span>'
-    failures = "; ".join(str(f) for f in v.get("failures") or [])
+    failures = "; ".join(v.failures)
     return f'<span class="badge fail" title="{_e(failures)}">fail</span><div class="small">{_e(failures)}</div>'
 
 
@@ -683,9 +581,9 @@ def _latency_cell(a: Artifact, root: Path) -> str:
         command = f"nafnet-edge bench {where if len(where) <= 24 else 'DIR'} --save"  # DIR: spelled out below
         return f'<td class="muted small">not benchmarked (run <code>{_e(command)}</code>)</td>'
     if a.median_ms is None:
-        reason = a.bench.get("reason") or "no latency recorded"
+        reason = a.bench.reason or "no latency recorded"
         return f'<td class="muted small">not runnable here: {_e(reason)}</td>'
-    p90 = _number((a.bench.get("latency_ms") or {}).get("p90"))
+    p90 = a.bench.p90_ms
     extra = f'<div class="small muted">p90 {p90:.1f} ms</div>' if p90 is not None else ""
     return f'<td class="num">{a.median_ms:.1f} ms{extra}</td>'
 
@@ -693,7 +591,7 @@ def _latency_cell(a: Artifact, root: Path) -> str:
 def _throughput_cell(a: Artifact) -> str:
     if a.bench is None or a.median_ms is None:
         return '<td class="num muted">—</td>'
-    t = a.bench.get("throughput") or {}
+    t = a.bench.throughput or {}
     if a.fps is not None:
         streams = t.get("streams")
         extra = f'<div class="small muted">{_e(streams)} streams</div>' if streams else ""
@@ -711,7 +609,7 @@ def _table(artifacts: Sequence[Artifact], root: Path) -> str:
             if a.drift_db is not None
             else '<span class="muted" title="needs ground truth">—</span>'
         )
-        memory = _fmt((a.bench or {}).get("peak_rss_mb"), "MB", 0) if a.median_ms is not None else "—"
+        memory = _fmt(a.bench.peak_rss_mb, "MB", 0) if a.bench is not None and a.median_ms is not None else "—"
         rows.append(
             f'<tr class="artifact" data-target="{_e(a.target)}">'
             f'<td><a href="#{_e(a.anchor)}">{_e(a.target)}</a>'
@@ -809,21 +707,21 @@ def _facts(rows: Sequence[tuple[str, Any]]) -> str:
 
 def _artifact_section(a: Artifact, root: Path) -> str:
     m = a.manifest
-    files = ", ".join(str(f) for f in m.get("files") or [])
-    runtime = m.get("runtime") or a.runtime_here or {}
+    files = ", ".join(m.files)
+    runtime = m.runtime or a.runtime_here or {}
     facts: list[tuple[str, Any]] = [
         ("directory", str(a.directory)),
         ("files", f"{files} ({human_bytes(a.size_bytes)})"),
-        ("input", " × ".join(str(d) for d in (m.get("input") or {}).get("shape") or []) or None),
+        ("input", " × ".join(str(d) for d in m.io.input.shape)),
         ("runtime", _runtime_text(runtime)),
-        ("created", m.get("created")),
-        ("seconds", ", ".join(f"{k} {v}" for k, v in (m.get("seconds") or {}).items())),
+        ("created", m.created),
+        ("seconds", ", ".join(f"{k} {v}" for k, v in m.seconds.items())),
     ]
     v = a.validation
     if v is not None:
         s = a.summary
         quality = [
-            f"{_number(s.get('images')) or 0:.0f} images ({v.get('data', '?')})",
+            f"{_number(s.get('images')) or 0:.0f} images ({v.data or '?'})",
             f"fidelity min {_db(a.fidelity_db)}, mean {_db(_number(s.get('fidelity_db_mean')))}",
             f"max abs error {_number(s.get('max_abs_error')) or 0:.2g}",
         ]
@@ -832,32 +730,32 @@ def _artifact_section(a: Artifact, root: Path) -> str:
                 f"drift {_db(a.drift_db, signed=True)} (PSNR {_fmt(s.get('reference_psnr_db_mean'), 'dB', 2)} → "
                 f"{_fmt(s.get('artifact_psnr_db_mean'), 'dB', 2)}, SSIM {_fmt(s.get('artifact_ssim_mean'), '', 4)})"
             )
-        budgets = v.get("budgets") or {}
+        budgets = v.budgets
         quality.append(
             f"budgets ≥ {budgets.get('min_fidelity_db', '?')} dB fidelity, "
             f"≤ {budgets.get('max_drift_db', '?')} dB drift"
         )
         facts.append(("validation", "; ".join(quality)))
-        for failure in v.get("failures") or []:
+        for failure in v.failures:
             facts.append(("failure", failure))
     b = a.bench
     if b is not None:
-        lat = b.get("latency_ms") or {}
-        frame = b.get("frame") or {}
-        machine = b.get("machine") or {}
+        lat = b.latency_ms or {}
+        frame = b.frame or {}
+        machine = b.machine
         facts += [
             (
                 "benchmarked",
-                f"{b.get('created', '?')} on {machine.get('cpu', '?')} ({machine.get('cores', '?')} cores)",
+                f"{b.created or '?'} on {machine.get('cpu', '?')} ({machine.get('cores', '?')} cores)",
             ),
             (
                 "latency",
                 f"min {_fmt(lat.get('min'), 'ms')}, median {_fmt(lat.get('median'), 'ms')}, p90 "
                 f"{_fmt(lat.get('p90'), 'ms')}, p99 {_fmt(lat.get('p99'), 'ms')}; first call "
-                f"{_fmt(b.get('first_inference_ms'), 'ms')}; load {_fmt(b.get('load_s'), 's', 2)}",
+                f"{_fmt(b.first_inference_ms, 'ms')}; load {_fmt(b.load_s, 's', 2)}",
             ),
-            ("compute", f"{_fmt(b.get('gflops_per_s'), 'GFLOP/s', 1)} ({_fmt(b.get('peak_fraction'), '', 2)}× sgemm)"),
-            ("peak memory", _fmt(b.get("peak_rss_mb"), "MB", 0)),
+            ("compute", f"{_fmt(b.gflops_per_s, 'GFLOP/s', 1)} ({_fmt(b.peak_fraction, '', 2)}× sgemm)"),
+            ("peak memory", _fmt(b.peak_rss_mb, "MB", 0)),
         ]
         if frame:
             facts.append(
@@ -867,8 +765,8 @@ def _artifact_section(a: Artifact, root: Path) -> str:
                     f"{_fmt(frame.get('seconds'), 's', 2)}, {_fmt(frame.get('mp_per_s'), 'MP/s', 2)}",
                 )
             )
-        if not b.get("runnable", True):
-            facts.append(("not runnable", b.get("reason") or "?"))
+        if not b.runnable:
+            facts.append(("not runnable", b.reason or "?"))
     else:
         facts.append(("latency", a.bench_note or _not_benchmarked(root)))
     if a.image_note:
@@ -876,8 +774,8 @@ def _artifact_section(a: Artifact, root: Path) -> str:
     note = runtime.get("note") if isinstance(runtime, dict) else None
     if note:
         facts.append(("note", note))
-    profile = (b or {}).get("profile") or {}
-    top = [t for t in profile.get("top") or [] if isinstance(t, dict)]
+    profile = (b.profile if b is not None else None) or {}
+    top = profile.get("top") or []
     ops = ""
     if top:
         rows = "".join(
@@ -916,17 +814,16 @@ def _runtime_text(info: dict[str, Any]) -> str:
 def _sources(artifacts: Sequence[Artifact]) -> str:
     seen: dict[str, str] = {}
     for a in artifacts:
-        s = a.manifest.get("source") or {}
-        key = str(s.get("sha256"))
-        if key in seen:
+        s = a.manifest.source
+        if s.sha256 in seen:
             continue
-        config = s.get("config") or {}
-        params = _number(s.get("params"))
-        seen[key] = (
-            f"{s.get('checkpoint', '?')}{' (embedded default)' if s.get('embedded_default') else ''}"
-            f"{' · release ' + str(s['release']) if s.get('release') else ''} · "
+        config = s.config
+        params = s.params
+        seen[s.sha256] = (
+            f"{s.checkpoint}{' (embedded default)' if s.embedded_default else ''}"
+            f"{' · release ' + s.release if s.release else ''} · "
             f"{'NAFNetLocal' if config.get('arch') == 'nafnet-local' else 'NAFNet'} width {config.get('width', '?')}"
-            f"{f' · {params / 1e6:.2f} M params' if params else ''} · sha256 {str(s.get('sha256', '?'))[:12]}…"
+            f"{f' · {params / 1e6:.2f} M params' if params else ''} · sha256 {s.sha256[:12]}…"
         )
     return "; ".join(seen.values())
 
@@ -994,7 +891,7 @@ def render_html(artifacts: Sequence[Artifact], groups: Sequence[CropGroup], root
 
     created = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     unbenchmarked = any(a.bench is None for a in artifacts)
-    machine = next(((a.bench or {}).get("machine") for a in artifacts if (a.bench or {}).get("machine")), None)
+    machine = next((a.bench.machine for a in artifacts if a.bench is not None and a.bench.machine), None)
     header = [
         f"<p>Directory <code>{_e(root)}</code> · {len(artifacts)} artifact{'s' * (len(artifacts) != 1)}</p>",
         f"<p>Source: {_e(_sources(artifacts))}</p>",

@@ -7,7 +7,10 @@ the manifest records.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nafnet_edge.manifest import Manifest
 
 COMMON = """\
 # {title}
@@ -41,125 +44,25 @@ y = np.clip(y[0, :, :h, :w].transpose(1, 2, 0), 0.0, 1.0)  # crop the padding, c
 Image.fromarray((y * 255.0 + 0.5).astype(np.uint8).squeeze()).save("restored.png")
 """
 
-TARGET_NOTES = {
-    "coreml": (
-        "Core ML",
-        """\
-## Swift (iOS 17 / macOS 14 or later)
+GENERIC_NOTE = """\
+## Running it
 
-Add `{artifact}` to the Xcode target; Xcode compiles it and generates a class named after the file.
+Load `{artifact}` in its target's runtime, feed it the input above and read the output; `manifest.json` records
+the runtime and settings it was validated with (`runtime`).
+"""
 
-```swift
-import CoreML
 
-let config = MLModelConfiguration()
-config.computeUnits = .all
-let model = try MLModel(contentsOf: Bundle.main.url(forResource: "model", withExtension: "mlmodelc")!,
-                        configuration: config)
-let image = try MLMultiArray(shape: [1, {c}, {h}, {w}], dataType: .float32)  // planar: c * {h} * {w} + y * {w} + x
-// ... fill `image` with {channels} values in [0, 1] ...
-let result = try model.prediction(from: MLDictionaryFeatureProvider(dictionary: ["{inp}": image]))
-let restored = result.featureValue(for: "{out}")!.multiArrayValue!
-```
+def target_note(target: str) -> tuple[str, str]:
+    """A target's USAGE.md title and body template (``Target.usage_title``/``usage_body``); a target without its
+    own, or a name no longer registered, gets a generic note."""
+    from nafnet_edge.converters import target_class
+    from nafnet_edge.errors import OptionError
 
-## Python (macOS only: Core ML does not execute elsewhere)
-
-```
-import coremltools as ct
-model = ct.models.MLModel("{artifact}")
-y = model.predict({{"{inp}": x}})["{out}"]   # x: float32 array [1, {c}, {h}, {w}]
-```
-""",
-    ),
-    "executorch-coreml": (
-        "ExecuTorch (Core ML delegate)",
-        """\
-## iOS / macOS with the ExecuTorch runtime and its Core ML backend linked
-
-```swift
-import ExecuTorch
-
-let module = Module(filePath: Bundle.main.path(forResource: "model", ofType: "pte")!)
-let input = Tensor<Float>(pixels, shape: [1, {c}, {h}, {w}])   // pixels: [Float], NCHW, {channels} in [0, 1]
-let output = try module.forward(input)
-```
-""",
-    ),
-    "executorch": (
-        "ExecuTorch (XNNPACK)",
-        """\
-## Python
-
-```python
-{python_io}
-from executorch.runtime import Runtime
-import torch
-
-program_bytes = open("{artifact}", "rb").read()  # keep the bytes alive while the program is used
-program = Runtime.get().load_program(program_bytes)
-method = program.load_method("forward")
-y = method.execute([torch.from_numpy(x)])[0].numpy()
-{python_save}```
-
-## Android (Kotlin, `org.pytorch.executorch`)
-
-```kotlin
-val module = Module.load(filesDir.resolve("{artifact}").absolutePath)
-val input = Tensor.fromBlob(pixels, longArrayOf(1, {c}, {h}, {w}))  // pixels: FloatArray, NCHW, in [0, 1]
-val restored = module.forward(EValue.from(input))[0].toTensor().dataAsFloatArray
-```
-
-## C++ (`executorch::extension::Module`)
-
-```cpp
-Module module("{artifact}");
-auto input = from_blob(pixels.data(), {{1, {c}, {h}, {w}}});  // float NCHW in [0, 1]
-auto restored = module.forward(input)->at(0).toTensor();
-```
-""",
-    ),
-    "openvino": (
-        "OpenVINO",
-        """\
-## Python
-
-Pin the inference precision: on CPUs with bf16 the plugin otherwise runs bf16 silently.
-
-```python
-{python_io}
-import openvino as ov
-
-compiled = ov.Core().compile_model("{artifact}", "CPU", {{"INFERENCE_PRECISION_HINT": "f32"}})
-y = compiled({{"{inp}": x}})["{out}"]
-{python_save}```
-
-## C++
-
-```cpp
-ov::Core core;
-auto compiled = core.compile_model("{artifact}", "CPU", ov::hint::inference_precision(ov::element::f32));
-auto request = compiled.create_infer_request();
-request.set_tensor("{inp}", ov::Tensor(ov::element::f32, {{1, {c}, {h}, {w}}}, pixels.data()));
-request.infer();
-const float* restored = request.get_tensor("{out}").data<float>();
-```
-""",
-    ),
-    "onnx": (
-        "ONNX",
-        """\
-## Python (onnxruntime)
-
-```python
-{python_io}
-import onnxruntime as ort
-
-session = ort.InferenceSession("{artifact}", providers=["CPUExecutionProvider"])
-y = session.run(["{out}"], {{"{inp}": x}})[0]
-{python_save}```
-""",
-    ),
-}
+    try:
+        cls = target_class(target)
+    except (OptionError, ImportError, AttributeError):
+        return target, GENERIC_NOTE
+    return cls.usage_title or target, cls.usage_body or GENERIC_NOTE
 
 
 FAILED = """\
@@ -169,9 +72,9 @@ FAILED = """\
 """
 
 
-def budget_advice(manifest: dict[str, Any]) -> str:
+def budget_advice(manifest: Manifest) -> str:
     """What to try when the artifact described by ``manifest`` misses its validation budget, as one sentence."""
-    precision = manifest["precision"]
+    precision = manifest.precision
     if precision == "fp32":
         return (
             "an fp32 artifact should match the PyTorch reference, so re-run `nafnet-edge validate` on this folder; "
@@ -180,9 +83,9 @@ def budget_advice(manifest: dict[str, Any]) -> str:
         )
     if precision != "int8":
         return "convert with --precision fp32, or accept a looser --max-drift / --min-fidelity"
-    quantization = manifest.get("quantization", {})
+    quantization = manifest.quantization or {}
     tries = []
-    if manifest.get("export", {}).get("quantization_mode") == "weights":
+    if manifest.export.get("quantization_mode") == "weights":
         tries.append("W8A8 with QAT (without --weights-only) or --precision fp16 (convert)")
     elif quantization.get("method") == "ptq":
         tries.append("QAT (--method qat)")
@@ -202,32 +105,35 @@ def budget_advice(manifest: dict[str, Any]) -> str:
     return "; ".join(tries) + "; or accept a looser --max-drift / --min-fidelity"
 
 
-def usage_note(target: str, manifest: dict[str, Any]) -> str:
+def usage_note(target: str, manifest: Manifest) -> str:
     """The USAGE.md text for an artifact described by ``manifest``; one that missed its validation budget says so
     first, with the failures and what to try."""
-    title, body = TARGET_NOTES[target]
-    _, c, h, w = manifest["input"]["shape"]
+    title, body = target_note(target)
+    io = manifest.io
+    c = io.channels
+    h, w = io.input_size
+    arch = "NAFNetLocal" if manifest.reference.arch == "nafnet-local" else "NAFNet"
     fields = {
         "title": f"{title}: how to run this artifact",
-        "artifact": manifest["files"][0],
-        "checkpoint": manifest["source"]["checkpoint"],
-        "sha": manifest["source"]["sha256"][:16],
-        "arch": manifest["tlc"]["arch"],
-        "precision": manifest["precision"],
-        "inp": manifest["input"]["name"],
-        "out": manifest["output"]["name"],
+        "artifact": manifest.files[0],
+        "checkpoint": manifest.source.checkpoint,
+        "sha": manifest.source.sha256[:16],
+        "arch": manifest.tlc.get("arch", arch),
+        "precision": manifest.precision,
+        "inp": io.input.name,
+        "out": io.output.name,
         "c": c,
         "h": h,
         "w": w,
-        "channels": manifest["input"]["channels"],
+        "channels": io.input.channels,
         "mode": "RGB" if c == 3 else "L",
-        "overlap": manifest["tiling"]["overlap_px"],
-        "multiple": manifest["padding_multiple"],
+        "overlap": manifest.tiling.overlap_px,
+        "multiple": manifest.padding_multiple,
     }
     python_io = PYTHON_IO.format(**fields).rstrip("\n")
     python_save = PYTHON_SAVE
     note = COMMON.format(**fields) + "\n" + body.format(**fields, python_io=python_io, python_save=python_save)
-    validation = manifest.get("validation")
-    if validation is not None and not validation["passed"]:
-        note = FAILED.format(failures="; ".join(validation["failures"]), advice=budget_advice(manifest)) + note
+    validation = manifest.validation
+    if validation is not None and not validation.passed:
+        note = FAILED.format(failures="; ".join(validation.failures), advice=budget_advice(manifest)) + note
     return note

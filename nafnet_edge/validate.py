@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from nafnet_edge import __version__
 from nafnet_edge.errors import BadInputError, CheckpointError
 from nafnet_edge.images import is_image_path, read_image
+from nafnet_edge.manifest import ValidationSummary
 from nafnet_edge.tiling import run_tiled
 
 DEFAULT_NOISE_SIGMA = 25.0 / 255.0
@@ -133,11 +134,17 @@ class ValidationReport:
             "per_image": [asdict(r) for r in self.images],
         }
 
+    def to_summary(self) -> ValidationSummary:
+        """The manifest's ``validation`` section."""
+        return ValidationSummary(**self.to_dict())
+
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB with data range 1.0 (inputs are floats in [0, 1])."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+    """PSNR in dB with data range 1.0 (inputs are floats in [0, 1]); inf for identical inputs."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    with np.errstate(divide="ignore"):  # identical inputs: MSE 0 gives inf, which is the answer
+        return float(peak_signal_noise_ratio(a.astype(np.float64), b.astype(np.float64), data_range=1.0))
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:

@@ -5,7 +5,7 @@ PyTorch module with fake quantization that the shared loop (``nafnet_edge.quanti
 (PTQ: forward passes only) and fine-tune (QAT: gradients through the fake quantizers). ``export`` then writes
 the real int8 artifact of its target, which the target's converter runner (``nafnet_edge.converters``) executes.
 
-    quantizer = get_quantizer("executorch")
+    quantizer = get_quantizer("executorch", keep_float={"ending"})
     prepared = quantizer.prepare(graph, example, qat=True)
     ...  # calibrate / train prepared (same call signature as the graph: NCHW float in, NCHW float out)
     exported = quantizer.export(prepared, out_dir, example)
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -33,8 +33,10 @@ class Quantizer(ABC):
     artifact: ClassVar[str]
     modules: ClassVar[tuple[str, ...]] = ()
     extra: ClassVar[str] = ""
-    # deploy-graph units (``nafnet_edge.quantization.sensitivity.graph_units``) that ``prepare`` leaves float
-    keep_float: frozenset[str] = frozenset()
+
+    def __init__(self, *, keep_float: Collection[str] = ()) -> None:
+        # deploy-graph units (``nafnet_edge.quantization.sensitivity.graph_units``) that ``prepare`` leaves float
+        self.keep_float: frozenset[str] = frozenset(keep_float)
 
     def check_available(self) -> None:
         missing = [m for m in self.modules if importlib.util.find_spec(m) is None]
@@ -62,6 +64,17 @@ class Quantizer(ABC):
 
     def freeze_observers(self, prepared: torch.nn.Module) -> None:  # noqa: B027 - optional for a target
         """Stop updating quantization ranges (late in QAT); the default does nothing."""
+
+    @property
+    def trains(self) -> bool:
+        """Whether ``prepare(qat=True)`` has something to fine-tune; False for a post-training-only mode, which
+        the CLI then runs as PTQ."""
+        return True
+
+    @property
+    def switches_units(self) -> bool:
+        """Whether ``unit_quantizers`` and ``set_quantizers`` work, as the sensitivity ranking needs."""
+        return type(self).unit_quantizers is not Quantizer.unit_quantizers
 
     def unit_quantizers(
         self, prepared: torch.nn.Module, units: Sequence[str], example: torch.Tensor

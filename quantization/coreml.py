@@ -53,9 +53,8 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -70,31 +69,44 @@ from nafnet_edge.converters.coreml import (
     import_coremltools,
 )
 from nafnet_edge.errors import MissingBackendError, OptionError
-from nafnet_edge.quantization.base import Quantizer
-from nafnet_edge.quantization.sensitivity import keeping_float, pt2e_unit_quantizers, set_pt2e_quantizers
+from nafnet_edge.quantization.pt2e import Pt2eQuantizer
 
 Mode = Literal["w8a8", "weights"]
 MODES: tuple[Mode, ...] = ("w8a8", "weights")
 W8A8_MODULES = ("executorch", "torchao")  # the Core ML PT2E quantizer (ExecuTorch's port) and PT2E itself
-TRACE_BATCH = 2  # torch.export specializes a batch of 1; tracing with 2 keeps the batch dynamic for training
 # the Core ML quantizer's annotators whose patterns a deploy graph holds (see the module docstring)
 ANNOTATORS = ("conv", "add", "mul", "avg_pool2d", "adaptive_avg_pool2d")
 CONVERSION_OPS = frozenset({"quantize", "dequantize", "constexpr_affine_dequantize", "cast"})
 FACTS = "nafnet_edge_facts"  # attribute of a prepared module: what export needs of the deploy graph
 
 
-class CoreMLQuantizer(Quantizer):
+@dataclasses.dataclass(frozen=True)
+class _Facts:
+    """What export needs of the deploy graph a module was prepared from (PT2E export drops its attributes)."""
+
+    recipe: Any  # nafnet_edge.deploy.DeployRecipe
+    qat: bool
+
+
+class CoreMLQuantizer(Pt2eQuantizer):
     target: ClassVar[str] = "coreml"
     deploy_target: ClassVar[str] = "coreml"
     artifact: ClassVar[str] = "model.mlpackage"
     modules: ClassVar[tuple[str, ...]] = ("coremltools",)
     extra: ClassVar[str] = "coreml"
 
-    def __init__(self, *, mode: Mode = "w8a8", fp_global_residual: bool = True) -> None:
+    def __init__(
+        self, *, mode: Mode = "w8a8", fp_global_residual: bool = True, keep_float: Collection[str] = ()
+    ) -> None:
+        super().__init__(keep_float=keep_float)
         if mode not in MODES:
             raise ValueError(f"Core ML int8 mode {mode!r}: choose w8a8 (weights and activations) or weights")
         self.mode: Mode = mode
         self.fp_global_residual = fp_global_residual  # W8A8: leave the output's residual add unquantized
+
+    @property
+    def trains(self) -> bool:
+        return self.mode == "w8a8"  # weight-only int8 has nothing to fine-tune
 
     @property
     def scheme(self) -> str:
@@ -123,18 +135,10 @@ class CoreMLQuantizer(Quantizer):
         qat: bool,
         calibration: Iterable[torch.Tensor] | None = None,
     ) -> torch.nn.Module:
-        """W8A8: a copy of ``graph`` exported with observers (PTQ) or fake quantizers (QAT) for any batch size at
-        ``example``'s height and width, in eval mode; with QAT the ``calibration`` batches set the starting
-        ranges in one pass over all of them (the moving averages start from the first batch they see).
-        Weights: a frozen copy of ``graph`` (nothing to calibrate)."""
+        """W8A8: the PT2E-prepared copy of ``graph`` (``Pt2eQuantizer.prepare``). Weights: a frozen copy of
+        ``graph`` (nothing to calibrate)."""
         self.check_available()
-        # what export needs of the deploy graph, in the shape CoreMLConverter's descriptions read it
-        facts = SimpleNamespace(
-            intro=SimpleNamespace(in_channels=int(graph.intro.in_channels)),  # type: ignore[union-attr]
-            pad_multiple=int(graph.pad_multiple),  # type: ignore[arg-type]
-            manifest_metadata=dict(getattr(graph, "manifest_metadata", {})),
-            qat=qat,
-        )
+        facts = _Facts(recipe=graph.recipe, qat=qat)
         if self.mode == "weights":
             if self.keep_float:
                 raise OptionError("weight-only Core ML int8 cannot keep units in float; W8A8 (the default) can")
@@ -146,52 +150,34 @@ class CoreMLQuantizer(Quantizer):
             setattr(prepared, FACTS, facts)
             return prepared
 
-        from torchao.quantization.pt2e import allow_exported_model_train_eval
-        from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
-
-        trace = example[:1].expand(TRACE_BATCH, *example.shape[1:]).contiguous()
-        batch = torch.export.Dim("batch", min=1)
-        # a copy: the exported module shares the graph's parameters, and QAT must not train the caller's graph
-        exported = torch.export.export(copy.deepcopy(graph), (trace,), dynamic_shapes=({0: batch},)).module()
-        quantizer = keeping_float(_pt2e_quantizer(qat=qat, fp_global_residual=self.fp_global_residual), self.keep_float)
-        prepared = prepare_qat_pt2e(exported, quantizer) if qat else prepare_pt2e(exported, quantizer)
-        prepared.requires_grad_(qat)  # the deploy graph comes frozen; QAT trains every weight and bias
-        allow_exported_model_train_eval(prepared)
-        self.set_training(prepared, False)
+        prepared = super().prepare(graph, example, qat=qat, calibration=calibration)
         setattr(prepared, FACTS, facts)
-        batches = list(calibration or ())
-        if qat and batches:
-            with torch.no_grad():
-                prepared(torch.cat(batches))
         return prepared
+
+    def pt2e_quantizer(self, *, qat: bool) -> Any:
+        return _pt2e_quantizer(qat=qat, fp_global_residual=self.fp_global_residual)
 
     def set_training(self, prepared: torch.nn.Module, training: bool) -> None:
         if self.mode == "weights":
             prepared.train(training)
-            return
-        from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
-
-        if training:
-            move_exported_model_to_train(prepared)  # type: ignore[arg-type]
         else:
-            move_exported_model_to_eval(prepared)  # type: ignore[arg-type]
+            super().set_training(prepared, training)
+
+    @property
+    def switches_units(self) -> bool:
+        return self.mode == "w8a8"
 
     def unit_quantizers(
         self, prepared: torch.nn.Module, units: Sequence[str], example: torch.Tensor
     ) -> dict[str, list[torch.nn.Module]]:
         if self.mode != "w8a8":
             raise NotImplementedError("weight-only Core ML int8 has no fake quantizers to switch per unit")
-        return pt2e_unit_quantizers(prepared, units)  # type: ignore[arg-type]
-
-    def set_quantizers(self, modules: Sequence[torch.nn.Module], enabled: bool) -> None:
-        set_pt2e_quantizers(modules, enabled)
+        return super().unit_quantizers(prepared, units, example)
 
     def freeze_observers(self, prepared: torch.nn.Module) -> None:
         """Fix every range: the fake quantizers keep quantizing with the ranges observed so far."""
         if self.mode == "w8a8":
-            from torchao.quantization.pt2e import disable_observer
-
-            prepared.apply(disable_observer)
+            super().freeze_observers(prepared)
 
     def export(self, prepared: torch.nn.Module, out_dir: Path, example: torch.Tensor) -> Exported:
         """The int8 ML program for ``example``'s size, batch 1, saved as ``out_dir/model.mlpackage``;
@@ -218,11 +204,7 @@ class CoreMLQuantizer(Quantizer):
             with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 for rows whose fp16 scale underflows
                 mlmodel = ct.optimize.coreml.linear_quantize_weights(mlmodel, _weight_config(ct))
         else:
-            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
-
-            model = copy.deepcopy(prepared).requires_grad_(False)  # trained weights must fold like constants
-            self.set_training(model, False)
-            converted = convert_pt2e(model)  # type: ignore[arg-type]
+            converted = self.convert(prepared)
             with torch.no_grad():
                 program = torch.export.export(converted, (x,)).run_decompositions({})
             mlmodel = ct.convert(program, **common)
@@ -230,16 +212,15 @@ class CoreMLQuantizer(Quantizer):
                 executorch=importlib.metadata.version("executorch"), torchao=importlib.metadata.version("torchao")
             )
         sizes = [tuple(shape[2:])]
-        metadata = {str(k): str(v) for k, v in facts.manifest_metadata.items()}
-        describe_io(mlmodel, facts, sizes, metadata)  # type: ignore[arg-type]
-        mlmodel.user_defined_metadata.update(metadata)
+        describe_io(mlmodel, facts.recipe, sizes)
+        mlmodel.user_defined_metadata.update(facts.recipe.metadata)
         mlmodel.user_defined_metadata.update(
             {
                 "nafnet_edge.input_sizes": f"{shape[2]}x{shape[3]}",
                 "nafnet_edge.compute_precision": "fp16",
                 "nafnet_edge.quantization": self.scheme,
                 "nafnet_edge.minimum_target": MINIMUM_TARGET,
-                "nafnet_edge.padding_multiple": str(facts.pad_multiple),
+                "nafnet_edge.padding_multiple": str(facts.recipe.pad_multiple),
             }
         )
         path = Path(out_dir) / self.artifact

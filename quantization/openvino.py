@@ -37,16 +37,15 @@ import logging
 import os
 import sys
 import warnings
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 
-from nafnet_edge.converters.base import INPUT_NAME, OUTPUT_NAME, Exported, ExportOptions
-from nafnet_edge.converters.openvino import BIN, RT_INFO_SECTION, XML, ir_metadata
+from nafnet_edge.converters.base import Exported
+from nafnet_edge.converters.openvino import BIN, XML, save_ir
 from nafnet_edge.deploy.modules import ChannelNorm
 from nafnet_edge.quantization.base import Quantizer
 
@@ -68,7 +67,10 @@ class OpenVINOQuantizer(Quantizer):
     modules: ClassVar[tuple[str, ...]] = ("openvino", "nncf")
     extra: ClassVar[str] = "openvino"
 
-    def __init__(self, *, preset: Preset = "performance", fp32_norms: bool = True) -> None:
+    def __init__(
+        self, *, preset: Preset = "performance", fp32_norms: bool = True, keep_float: Collection[str] = ()
+    ) -> None:
+        super().__init__(keep_float=keep_float)
         if preset not in ("mixed", "performance"):
             raise ValueError(f"preset {preset!r}: choose mixed or performance")
         self.preset: Preset = preset
@@ -195,19 +197,14 @@ class OpenVINOQuantizer(Quantizer):
                 )
         finally:
             prepared.train(training)
-        ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})
-        ov_model.outputs[0].get_tensor().set_names({OUTPUT_NAME})
-        metadata = getattr(prepared, "manifest_metadata", {})
-        name = metadata.get(f"{RT_INFO_SECTION}.release") or metadata.get(f"{RT_INFO_SECTION}.arch")
-        ov_model.set_friendly_name(name or type(prepared).__name__)
-        entries = ir_metadata(prepared, ExportOptions(input_size=(int(h), int(w))), metadata)
-        entries.update(precision="int8", quantization_scheme=self.scheme)
-        for key, value in entries.items():
-            ov_model.set_rt_info(value, [RT_INFO_SECTION, key])
-
-        xml = Path(out_dir) / XML
-        ov.save_model(ov_model, str(xml), compress_to_fp16=False)
-        op_counts = Counter(op.get_type_name() for op in ov.Core().read_model(str(xml)).get_ops())
+        op_counts = save_ir(
+            ov_model,
+            out_dir,
+            prepared,
+            input_size=(int(h), int(w)),
+            precision="int8",
+            rt_info={"quantization_scheme": self.scheme},
+        )
         return Exported(
             files=[XML, BIN],
             info={

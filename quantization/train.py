@@ -3,20 +3,21 @@
 - Data: a folder of images. Without ground truth the fp32 deploy graph is the teacher (its outputs are the
   targets: distillation, no labels needed); with ``pairs`` (degraded, clean) the clean images are the targets.
   Random crops of the artifact's input size, random flips.
-- Loss: PSNR loss (10 log10 MSE). AdamW, small learning rate, cosine decay; the quantizer's observers are frozen
-  for the last part of training. A progress bar shows the current fidelity (PSNR of the prepared module against
-  the teacher on the batch, dB).
-- Checkpoint and resume: the prepared module, the optimizer and the step go to ``checkpoint`` every
+- Loss: PSNR loss (10 log10 MSE). AdamW, small learning rate, cosine decay (``CosineAnnealingLR``); the
+  quantizer's observers are frozen for the last part of training. A progress bar shows the current fidelity
+  (PSNR of the prepared module against the teacher on the batch, dB).
+- Checkpoint and resume: the prepared module, the optimizer, the schedule and the step go to ``checkpoint`` every
   ``save_every`` steps (atomically) and are picked up again by ``resume=True``.
 - Scale-out: under ``torchrun`` (``torch.distributed`` initialised from the environment; gloo on CPU, NCCL on
-  GPUs) each rank draws its own crops, gradients are averaged and rank 0's quantization state is broadcast every
-  step, so all ranks hold identical weights. Fixed seeds throughout.
+  GPUs) each rank draws its own crops and trains the prepared module wrapped in ``DistributedDataParallel``:
+  it starts every rank from rank 0's state, averages the gradients and broadcasts rank 0's buffers (the
+  observers' ranges) before each forward pass, so all ranks hold identical weights. Fixed seeds throughout.
 """
 
 from __future__ import annotations
 
 import copy
-import math
+import itertools
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -120,7 +121,7 @@ def batches(
 
 def calibration_crops(images: Sequence[TrainImage], crop: int, config: TrainConfig) -> list[torch.Tensor]:
     """The crops PTQ calibrates on (and QAT starts its ranges from), one per batch."""
-    return [x for x, _ in _take(batches(images, crop, 1, config.seed), config.calibration_batches)]
+    return [x for x, _ in itertools.islice(batches(images, crop, 1, config.seed), config.calibration_batches)]
 
 
 def held_out_crops(images: Sequence[TrainImage], crop: int, config: TrainConfig, n: int) -> torch.Tensor:
@@ -146,22 +147,21 @@ def init_distributed() -> tuple[int, int]:
     return _world()
 
 
-def _sync_state(module: torch.nn.Module) -> None:
-    """Every rank takes rank 0's parameters and buffers (quantization ranges included)."""
+def _data_parallel(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` wrapped for data-parallel training across the process group (``module`` itself for one
+    process). Unused parameters are expected: the ranges of quantizers switched off (``keep_float``) or frozen
+    mid-training (``freeze_observers``) get no gradients."""
+    if _world()[1] == 1:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
+
+
+def _broadcast_buffers(module: torch.nn.Module) -> None:
+    """Every rank takes rank 0's buffers: the last forward pass moved each rank's observers on its own crops."""
     if _world()[1] == 1:
         return
-    for tensor in [*module.parameters(), *module.buffers()]:
-        dist.broadcast(tensor.data, src=0)
-
-
-def _average_gradients(module: torch.nn.Module) -> None:
-    world = _world()[1]
-    if world == 1:
-        return
-    for p in module.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad /= world
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=0)
 
 
 def quantize_graph(
@@ -187,15 +187,12 @@ def quantize_graph(
     quantizer.set_training(prepared, False)
     with torch.no_grad():  # one batch of all calibration crops: QAT's moving-average observers start from the
         prepared(torch.cat(calibration))  # range of every crop, not of the first one
-    _sync_state(prepared)
     log: dict[str, Any] = {"method": config.method, "calibration_batches": len(calibration), "world_size": world}
     if config.method == "ptq":
         return prepared, log
 
     optimizer = torch.optim.AdamW(_relative_groups(prepared, config.lr), weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, config.iters) / config.iters))
-    )
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.iters)
     start = 0
     if resume and checkpoint is not None and checkpoint.is_file():
         try:
@@ -203,12 +200,14 @@ def quantize_graph(
             prepared.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])
+            schedule.T_max = config.iters  # the decay goes on from the saved rate and ends at this run's --iters
             start = int(state["step"])
         except Exception as e:  # damaged, or written for another model, target or --keep-float
             raise BadInputError(
                 f"--resume: {checkpoint} is damaged or belongs to another model or settings ({first_sentence(e)}); "
                 "delete it to start over, or resume with the settings it was trained with"
             ) from None
+    model = _data_parallel(prepared)  # starts every rank from rank 0's weights and ranges
     freeze_at = int(config.freeze_observers_at * config.iters)
     stream = batches(images, crop, config.batch, config.seed + 1000 * (rank + 1) + start)
     bar = tqdm(range(start, config.iters), disable=not progress or rank != 0, unit="it", desc=f"{config.method}")
@@ -220,14 +219,12 @@ def quantize_graph(
         with torch.no_grad():
             teacher_out = teacher(x)
         quantizer.set_training(prepared, True)
-        out = prepared(x)
+        out = model(x)
         loss = psnr_loss(out, y if y is not None else teacher_out)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        _average_gradients(prepared)
+        loss.backward()  # data-parallel: averages the gradients across ranks
         optimizer.step()
         schedule.step()
-        _sync_state(prepared)
         with torch.no_grad():
             fidelity = -float(psnr_loss(out.detach(), teacher_out))
         bar.set_postfix(fidelity=f"{fidelity:.2f} dB")
@@ -235,6 +232,7 @@ def quantize_graph(
             with atomic_path(checkpoint) as tmp:
                 state = {"model": prepared.state_dict(), "optimizer": optimizer.state_dict()}
                 torch.save({**state, "schedule": schedule.state_dict(), "step": step + 1}, tmp)
+    _broadcast_buffers(prepared)
     quantizer.set_training(prepared, False)
     log.update(iters=config.iters, resumed_from=start, last_batch_fidelity_db=fidelity, lr=config.lr)
     return prepared, log
@@ -255,7 +253,3 @@ def _relative_groups(module: torch.nn.Module, lr: float) -> list[dict[str, Any]]
             rms = float(p.detach().float().pow(2).mean().sqrt()) if p.numel() else 0.0
             groups.append({"params": [p], "lr": lr * max(rms, 1e-8)})
     return groups
-
-
-def _take(iterator: Iterator[Any], n: int) -> list[Any]:
-    return [next(iterator) for _ in range(n)]

@@ -20,11 +20,10 @@ issue 21829. ``Exported.info`` reports the partitions, any op left outside, and 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib.metadata
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,8 +32,7 @@ import torch
 from nafnet_edge.converters.base import Exported
 from nafnet_edge.converters.executorch import BACKEND, delegation_summary
 from nafnet_edge.deploy.modules import ChannelNorm
-from nafnet_edge.quantization.base import Quantizer
-from nafnet_edge.quantization.sensitivity import keeping_float, pt2e_unit_quantizers, set_pt2e_quantizers
+from nafnet_edge.quantization.pt2e import Pt2eQuantizer, is_qat
 
 SCHEME = "PT2E XNNPACKQuantizer, int8 symmetric per-channel weights, int8 per-tensor activations"
 QUANTIZE_OPS = frozenset({"quantize_per_tensor", "quantize_per_channel"})
@@ -46,56 +44,23 @@ DEQUANTIZE_OPS = frozenset({"dequantize_per_tensor", "dequantize_per_channel"})
 # 44.7 dB with 2**-12, 47.4 dB with 2**-20).
 WEIGHT_SCALE_FLOOR = 2.0**-18
 QAT_ACTIVATION_OBSERVER: str | None = "HistogramObserver"  # None: the config's moving-average min/max
-TRACE_BATCH = 2  # torch.export specializes a batch of 1; tracing with 2 keeps the batch dynamic for training
 
 
-class XNNPACKQuantizer(Quantizer):
+class XNNPACKQuantizer(Pt2eQuantizer):
     target: ClassVar[str] = "executorch"
     deploy_target: ClassVar[str] = "xnnpack"
     artifact: ClassVar[str] = "model.pte"
     modules: ClassVar[tuple[str, ...]] = ("executorch", "torchao")
     extra: ClassVar[str] = "executorch"
 
-    def __init__(self, *, fp32_norms: bool = True) -> None:
+    def __init__(self, *, fp32_norms: bool = True, keep_float: Collection[str] = ()) -> None:
+        super().__init__(keep_float=keep_float)
         self.fp32_norms = fp32_norms  # leave the ChannelNorms unannotated (fp32 inside the XNNPACK partition)
 
-    def prepare(
-        self,
-        graph: torch.nn.Module,
-        example: torch.Tensor,
-        *,
-        qat: bool,
-        calibration: Iterable[torch.Tensor] | None = None,
-    ) -> torch.nn.Module:
-        """A copy of ``graph`` exported with observers (PTQ) or fake quantizers (QAT) for any batch size at
-        ``example``'s height and width, in eval mode.
+    def calibrated(self, prepared: torch.nn.Module) -> None:
+        _fix_activation_ranges(prepared)
 
-        With QAT, the ``calibration`` batches set the initial ranges in one forward pass over all of them: the
-        fake quantizers' ranges are moving averages (1% per step) started from the first batch they see, so
-        calibrating batch by batch leaves the ranges of the first crop (19 dB against fp32 on the tiny test
-        model, 41.6 dB this way; PTQ's histograms give 42.5 dB). PTQ's observers take the loop's passes.
-        """
-        from torchao.quantization.pt2e import allow_exported_model_train_eval
-        from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
-
-        self.check_available()
-        trace = example[:1].expand(TRACE_BATCH, *example.shape[1:]).contiguous()
-        batch = torch.export.Dim("batch", min=1)
-        # a copy: the exported module shares the graph's parameters, and QAT must not train the caller's graph
-        exported = torch.export.export(copy.deepcopy(graph), (trace,), dynamic_shapes=({0: batch},)).module()
-        quantizer = self._pt2e_quantizer(qat=qat)
-        prepared = prepare_qat_pt2e(exported, quantizer) if qat else prepare_pt2e(exported, quantizer)
-        prepared.requires_grad_(qat)  # the deploy graph comes frozen; QAT trains every weight and bias
-        allow_exported_model_train_eval(prepared)  # .train()/.eval() work (and mean set_training)
-        self.set_training(prepared, False)
-        batches = list(calibration or ())
-        if qat and batches:
-            with torch.no_grad():
-                prepared(torch.cat(batches))
-            _fix_activation_ranges(prepared)
-        return prepared
-
-    def _pt2e_quantizer(self, *, qat: bool) -> Any:
+    def pt2e_quantizer(self, *, qat: bool) -> Any:
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
             XNNPACKQuantizer as PT2EXNNPACKQuantizer,
         )
@@ -109,41 +74,14 @@ class XNNPACKQuantizer(Quantizer):
             quantizer.set_module_type(torch.nn.ConvTranspose2d, per_tensor)
         if self.fp32_norms:
             quantizer.set_module_type(ChannelNorm, None)  # None: no annotation inside, excluded from the global
-        return keeping_float(quantizer, self.keep_float)
-
-    def unit_quantizers(
-        self, prepared: torch.nn.Module, units: Sequence[str], example: torch.Tensor
-    ) -> dict[str, list[torch.nn.Module]]:
-        return pt2e_unit_quantizers(prepared, units)  # type: ignore[arg-type]
-
-    def set_quantizers(self, modules: Sequence[torch.nn.Module], enabled: bool) -> None:
-        set_pt2e_quantizers(modules, enabled)
-
-    def set_training(self, prepared: torch.nn.Module, training: bool) -> None:
-        from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
-
-        if training:
-            move_exported_model_to_train(prepared)  # type: ignore[arg-type]
-        else:
-            move_exported_model_to_eval(prepared)  # type: ignore[arg-type]
-
-    def freeze_observers(self, prepared: torch.nn.Module) -> None:
-        """Fix every range: the fake quantizers keep quantizing with the ranges observed so far."""
-        from torchao.quantization.pt2e import disable_observer
-
-        prepared.apply(disable_observer)
+        return quantizer
 
     def export(self, prepared: torch.nn.Module, out_dir: Path, example: torch.Tensor) -> Exported:
         """Convert a copy of ``prepared`` (it stays usable) and lower it for ``example``'s size, batch 1."""
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
-        from torchao.quantization.pt2e import FakeQuantizeBase
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-        qat = any(isinstance(m, FakeQuantizeBase) for m in prepared.modules())
-        model = copy.deepcopy(prepared).requires_grad_(False)  # trained weights must fold like constants
-        self.set_training(model, False)
-        converted = convert_pt2e(model)  # type: ignore[arg-type]
+        converted = self.convert(prepared)
         precision = precision_summary(converted)
         with torch.no_grad():
             exported = torch.export.export(converted, (example[:1].contiguous(),))
@@ -157,7 +95,7 @@ class XNNPACKQuantizer(Quantizer):
             "torchao_version": importlib.metadata.version("torchao"),
             "delegate": BACKEND,
             "quantization_scheme": SCHEME,
-            "quantization_method": "qat" if qat else "ptq",
+            "quantization_method": "qat" if is_qat(prepared) else "ptq",
             "fp32_norms": self.fp32_norms,
             "kept_float": sorted(self.keep_float),
             "delegated_partitions": len(backends),

@@ -7,11 +7,14 @@ broken install pass. :func:`helpers.require` already fails such imports; the hoo
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import running_in_ci
+from helpers import TINY_CONFIG, Converted, kodak_crops, running_in_ci, save_tiny_checkpoint
 
 from nafnet_edge.model import NAFNet, NAFNetConfig
 
@@ -67,3 +70,52 @@ def zero_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "zero.pth"
     torch.save({"params": {k: torch.zeros_like(v) for k, v in NAFNet(config).state_dict().items()}}, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> NAFNetConfig:
+    """helpers.TINY_CONFIG: width 8, two levels (pads to 4), one block each: milliseconds per 64 px frame."""
+    return TINY_CONFIG
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The randomized two-level width-8 NAFNet (helpers.TINY_CONFIG) as an official ``{'params': ...}`` file.
+    Read-only: a test that changes it copies it first."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.pth")
+
+
+@pytest.fixture(scope="session")
+def kodak_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two crops of the shipped photos, one larger than a 64 px artifact (tiled), one smaller (padded). Read-only."""
+    return kodak_crops(tmp_path_factory.mktemp("kodak") / "data", [(96, 120), (50, 40)])
+
+
+# The targets the shared artifacts are converted for, in the order convert runs them, each where its backend is
+# importable (under CI every one is: a test that needs one fails through helpers.require when it is missing).
+SHARED_TARGETS = ("onnx", "openvino", "coreml", "executorch")
+_TARGET_MODULES = {"onnx": "onnxruntime", "openvino": "openvino", "coreml": "coremltools", "executorch": "executorch"}
+
+
+@pytest.fixture(scope="session")
+def converted_artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, kodak_data: Path) -> Converted:
+    """``tiny_checkpoint`` converted once per session for every installed target at 64 px and validated on
+    ``kodak_data``, shared by the bench, report and pipeline tests. Read-only: a test that changes an artifact
+    directory (writes bench.json, runs a snippet in it, damages a file) copies it first."""
+    from nafnet_edge.cli import main
+
+    root = tmp_path_factory.mktemp("converted")
+    out = root / "out"
+    stdout: dict[str, str] = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NAFNET_EDGE_CACHE", str(root / "cache"))
+        for target in SHARED_TARGETS:
+            if importlib.util.find_spec(_TARGET_MODULES[target]) is None:
+                continue
+            args = ["convert", str(tiny_checkpoint), "--target", target, "-o", str(out), "--input-size", "64"]
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                code = main([*args, "--data", str(kodak_data)])
+            assert code == 0, f"converting the shared {target} artifact failed (exit {code})"
+            stdout[target] = printed.getvalue()
+    return Converted(out=out, checkpoint=tiny_checkpoint, data=kodak_data, stdout=stdout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -15,6 +16,22 @@ from nafnet_edge.errors import EXIT_BAD_INPUT
 from nafnet_edge.model import NAFNet, NAFNetConfig
 
 KODAK = Path(__file__).resolve().parents[1] / "nafnet_edge" / "data" / "kodak"  # the shipped Kodak photos
+TINY_CONFIG = NAFNetConfig(width=8, enc_blk_nums=(1, 1), middle_blk_num=1, dec_blk_nums=(1, 1))  # pads to 4
+
+
+@dataclass(frozen=True)
+class Converted:
+    """The session's shared artifacts (conftest ``converted_artifacts``): ``out/<target>/`` as convert wrote them,
+    from ``checkpoint``, validated on ``data``; ``stdout`` is what convert printed for each target."""
+
+    out: Path
+    checkpoint: Path
+    data: Path
+    stdout: dict[str, str]
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.stdout)
 
 
 def running_in_ci() -> bool:
@@ -51,8 +68,8 @@ def randomize(model: NAFNet, seed: int = 0) -> NAFNet:
 
 
 def save_tiny_checkpoint(path: Path) -> Path:
-    """A randomized width-8, two-level NAFNet saved as an official ``{'params': ...}`` file at ``path``."""
-    model = randomize(NAFNet(NAFNetConfig(width=8, enc_blk_nums=(1, 1), middle_blk_num=1, dec_blk_nums=(1, 1))))
+    """A randomized width-8, two-level NAFNet (``TINY_CONFIG``) saved as an official ``{'params': ...}`` file."""
+    model = randomize(NAFNet(TINY_CONFIG))
     torch.save({"params": model.state_dict()}, path)
     return path
 

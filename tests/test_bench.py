@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import require, save_tiny_checkpoint
+from helpers import Converted, require
 
 from nafnet_edge.bench import BENCH_FILE, LatencyStats
 from nafnet_edge.cli import main, parse_frame
@@ -23,14 +24,12 @@ TARGETS = ("executorch", "openvino", "onnx", "coreml")
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model converted for every runnable target, 64 px input, not validated (bench does not need it)."""
-    root = tmp_path_factory.mktemp("bench")
-    checkpoint = save_tiny_checkpoint(root / "tiny.pth")
-    for target in TARGETS:
-        args = ["convert", str(checkpoint), "--target", target, "-o", str(root / "out"), "--input-size", "64"]
-        assert main([*args, "--no-validate"]) == 0
-    return root / "out"
+def artifacts(tmp_path_factory: pytest.TempPathFactory, converted_artifacts: Converted) -> Path:
+    """The session's tiny model converted for every target at 64 px, copied: bench --save writes into it."""
+    assert sorted(converted_artifacts.targets) == sorted(TARGETS)
+    out = tmp_path_factory.mktemp("bench") / "out"
+    shutil.copytree(converted_artifacts.out, out)
+    return out
 
 
 def bench_json(capsys, *args: str) -> tuple[int, dict]:
@@ -57,20 +56,20 @@ def test_each_artifact_runs_in_its_runtime_with_full_statistics(artifacts: Path,
         expected = 2 * a["macs"] / 1e9 / (lat["median"] / 1e3)
         assert a["gflops_per_s"] == pytest.approx(expected, rel=0.01)
         assert a["peak_fraction"] == pytest.approx(a["gflops_per_s"] / report["machine"]["sgemm_gflops"], rel=0.01)
-        ops = a["profile"]["ops"]
+        ops = a["profile"]["top"]
         assert ops and sum(op["share"] for op in ops) <= 1.0001 and all(op["ms"] >= 0 for op in ops)
     assert got["openvino"]["info"]["inference_precision"] == "f32"
     assert got["openvino"]["throughput"]["mode"] == "OpenVINO THROUGHPUT hint"
     assert got["openvino"]["throughput"]["requests"] >= 1 and got["openvino"]["throughput"]["streams"] >= 1
-    assert any("Convolution" in op["op"] for op in got["openvino"]["profile"]["ops"])  # performance counters
-    assert any("NHWC" in op["op"] or "GEMM" in op["op"] for op in got["executorch"]["profile"]["ops"])  # ETDump
-    assert any(op["op"] == "Conv" for op in got["onnx"]["profile"]["ops"])
+    assert any("Convolution" in op["op"] for op in got["openvino"]["profile"]["top"])  # performance counters
+    assert any("NHWC" in op["op"] or "GEMM" in op["op"] for op in got["executorch"]["profile"]["top"])  # ETDump
+    assert any(op["op"] == "Conv" for op in got["onnx"]["profile"]["top"])
     if sys.platform != "darwin":
         assert not got["coreml"]["runnable"] and "macOS" in got["coreml"]["reason"]
         assert got["coreml"]["latency_ms"] is None
     baseline = report["baseline"]
     assert baseline["runtime"] == "pytorch" and baseline["latency_ms"]["median"] > 0
-    assert any(op["op"].startswith("aten::") for op in baseline["profile"]["ops"])
+    assert any(op["op"].startswith("aten::") for op in baseline["profile"]["top"])
 
 
 def test_the_table_shows_every_artifact_and_where_the_time_goes(artifacts: Path, capsys) -> None:
@@ -144,9 +143,9 @@ def test_latency_stats_are_the_usual_ones() -> None:
     assert stats.p90 == pytest.approx(61.6) and stats.p99 == pytest.approx(96.16)
 
 
-def test_convert_with_bench_measures_what_it_built(artifacts: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+def test_convert_with_bench_measures_what_it_built(tiny_checkpoint: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("NAFNET_EDGE_CACHE", str(tmp_path / "cache"))
-    checkpoint = artifacts.parent / "tiny.pth"
+    checkpoint = tiny_checkpoint
     args = ["convert", str(checkpoint), "--target", "onnx", "-o", str(tmp_path / "out"), "--input-size", "64"]
     assert main([*args, "--no-validate", "--bench", "--bench-iters", "3", "--json"]) == 0
     (artifact,) = json.loads(capsys.readouterr().out)["artifacts"]

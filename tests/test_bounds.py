@@ -123,7 +123,7 @@ BOUNDS = [
     ("reparam -o o.pt2 --input-size 16384x16400", "argument --input-size: expected at most 16384 px per side, "
      "got '16384x16400'"),
     ("reparam -o o.pt2 --stream-scale 3", "argument --stream-scale: expected a power of two from 1 to 64, got '3'"),
-    ("convert --target onnx --sizes 256 100000", "argument --sizes: expected at most 16384 px per side, "
+    ("convert --target coreml --sizes 256 100000", "argument --sizes: expected at most 16384 px per side, "
      "got '100000'"),
     ("convert --target onnx --seed 4294967296", "argument --seed: expected at most 4294967295, got '4294967296'"),
     ("convert --target onnx --seed -1", "argument --seed: expected a non-negative integer, got '-1'"),
@@ -176,7 +176,7 @@ def test_a_tiny_megapixel_frame_is_at_least_one_pixel() -> None:
     [
         ("reparam {tiny.pth} -o {empty}/d.safetensors --input-size 1024", "--input-size"),
         ("convert {tiny.pth} --target onnx -o {empty}/c --no-validate --input-size 1024", "--input-size"),
-        ("convert {tiny.pth} --target onnx -o {empty}/c --no-validate --input-size 64 --sizes 1024", "--sizes"),
+        ("convert {tiny.pth} --target coreml -o {empty}/c --no-validate --input-size 64 --sizes 1024", "--sizes"),
     ],
 )
 def test_an_input_size_beyond_memory_is_refused_with_a_size_that_fits(

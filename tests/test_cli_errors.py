@@ -57,7 +57,9 @@ CASES = [
      EXIT_USAGE, "alternatives"),
     ("int8-without-data", "convert --target onnx --precision int8 -o {empty}/b", EXIT_USAGE, "--train-data DIR"),
     ("weights-only-off-coreml", "quantize --target openvino --data {empty} --weights-only -o {empty}/c",
-     EXIT_USAGE, "Core ML int8 mode"),
+     EXIT_USAGE, "--weights-only is an option of --target coreml"),
+    ("dynamic-off-onnx", "convert --target openvino -o {empty}/c --dynamic", EXIT_USAGE,
+     "--dynamic is an option of --target onnx"),
     ("latency-zero", "bench {empty} --max-latency-ms 0", EXIT_USAGE, "expected a positive number, got '0'"),
     ("budget-nan", "convert --target onnx -o {empty}/g --min-fidelity nan", EXIT_USAGE, "expected a finite number"),
     ("lr-negative", "quantize --target openvino --data {empty} --lr -1", EXIT_USAGE, "expected a positive number"),
@@ -100,6 +102,47 @@ def test_each_error_is_one_line_with_its_exit_code(files: Path, capsys, monkeypa
     assert err.startswith(("nafnet-edge: error: ", "nafnet-edge ")) and "error: " in err, err
     assert needle in err, err
     assert not (files / "o").exists()  # nothing written for a refused command
+
+
+def _value(option) -> list[str]:
+    """Command-line words giving ``option`` a valid value."""
+    if option.kind == "flag":
+        return [option.flag]
+    if option.choices:
+        return [option.flag, option.choices[-1]]
+    if option.type is cli.parse_size:
+        return [option.flag, "64"]
+    return [option.flag, str(option.default if option.default not in (None, (), []) else 1)]
+
+
+def _refusals() -> list[tuple[str, str, list[str], str]]:
+    """(command, another target, argv, owners) for every real target's convert/quantize option."""
+    from nafnet_edge.converters import target_class, target_names
+
+    cases = []
+    for command in ("convert", "quantize"):
+        names = [n for n in target_names() if command == "convert" or target_class(n).quantizer is not None]
+        for option, owners in cli.target_options(command):
+            owning = [cls.name for cls in owners]
+            other = next(n for n in names if n not in owning)
+            cases.append((command, other, _value(option), " or ".join(owning)))
+    return cases
+
+
+REFUSALS = _refusals()
+
+
+@pytest.mark.parametrize(
+    ("command", "other", "words", "owners"), REFUSALS, ids=[f"{c[0]} {c[2][0]} for {c[1]}" for c in REFUSALS]
+)
+def test_each_target_option_is_refused_for_another_target(
+    files: Path, capsys, command: str, other: str, words: list[str], owners: str
+) -> None:
+    data = ["--data", str(files / "empty")] if command == "quantize" else []
+    out = files / "empty" / "refused"
+    assert main([command, "--target", other, "-o", str(out), *data, *words]) == EXIT_USAGE
+    assert capsys.readouterr().err == f"nafnet-edge: error: {words[0]} is an option of --target {owners}\n"
+    assert not out.exists()
 
 
 def test_missing_backend_names_the_extra(files: Path, capsys, monkeypatch) -> None:

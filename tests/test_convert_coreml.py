@@ -1,5 +1,5 @@
-"""Core ML converters (nafnet_edge.converters.coreml): the .mlpackage and the Core ML-delegated .pte, exported
-from a tiny deploy graph and run through their own runners (Core ML on macOS, elsewhere the saved ML program
+"""Core ML targets (nafnet_edge.converters.coreml): the .mlpackage and the Core ML-delegated .pte, exported
+from a tiny deploy graph and run through their own sessions (Core ML on macOS, elsewhere the saved ML program
 evaluated in numpy in its own precision), compared with the PyTorch graph on a Kodak crop."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ ct = require("coremltools")
 import torch  # noqa: E402
 from helpers import randomize  # noqa: E402
 
-from nafnet_edge.converters import ExportOptions, get_converter  # noqa: E402
-from nafnet_edge.converters.coreml import CoreMLConverter, ExecuTorchCoreMLConverter  # noqa: E402
+from nafnet_edge.converters import ExportOptions, NotRunnable, SessionSettings, get_target  # noqa: E402
+from nafnet_edge.converters.coreml import CoreMLTarget, ExecuTorchCoreMLTarget  # noqa: E402
 from nafnet_edge.deploy import deploy  # noqa: E402
 from nafnet_edge.errors import MissingBackendError  # noqa: E402
 from nafnet_edge.images import read_image  # noqa: E402
@@ -52,9 +52,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def graph() -> torch.nn.Module:
-    graph = deploy(randomize(build_model(CONFIG)), target="coreml", input_size=SIZE)
-    graph.manifest_metadata = dict(METADATA)
-    return graph
+    return deploy(randomize(build_model(CONFIG)), norm_form="layer-norm", input_size=SIZE, metadata=METADATA)
 
 
 @pytest.fixture(scope="module")
@@ -62,29 +60,33 @@ def image() -> np.ndarray:
     return _crop(SIZE)
 
 
-def _export(converter, graph, tmp_path_factory, **options):
-    out = tmp_path_factory.mktemp(converter.target)
-    exported = converter.export(graph, out, ExportOptions(input_size=SIZE, **options))
+def _export(converter, graph, tmp_path_factory, *, settings=None, **options):
+    out = tmp_path_factory.mktemp(converter.name)
+    exported = converter.export(graph, out, ExportOptions(input_size=SIZE, settings=settings or {}, **options))
     return out, exported
 
 
 @pytest.fixture(scope="module")
 def fp32(graph, tmp_path_factory):
-    return _export(CoreMLConverter(), graph, tmp_path_factory, precision="fp32")
+    return _export(CoreMLTarget(), graph, tmp_path_factory, precision="fp32")
 
 
 @pytest.fixture(scope="module")
 def fp16(graph, tmp_path_factory):
     """The default precision, with a second enumerated size."""
-    return _export(CoreMLConverter(), graph, tmp_path_factory, precision="fp16", extra_sizes=(EXTRA,))
+    return _export(CoreMLTarget(), graph, tmp_path_factory, precision="fp16", settings={"extra_sizes": (EXTRA,)})
 
 
 def test_registry_and_class_facts():
-    coreml, pte = get_converter("coreml"), get_converter("executorch-coreml")
-    assert isinstance(coreml, CoreMLConverter) and isinstance(pte, ExecuTorchCoreMLConverter)
+    coreml, pte = get_target("coreml"), get_target("executorch-coreml")
+    assert isinstance(coreml, CoreMLTarget) and isinstance(pte, ExecuTorchCoreMLTarget)
     assert (coreml.artifact, pte.artifact) == ("model.mlpackage", "model.pte")
     assert coreml.default_precision == pte.default_precision == "fp16"
-    assert coreml.deploy_target == pte.deploy_target == "coreml"
+    assert coreml.norm_form == pte.norm_form == "layer-norm"
+    assert [o.flag for o in coreml.options] == ["--sizes", "--min-target", "--weights-only", "--compute-units"]
+    assert [o.flag for o in pte.options] == ["--min-target"]
+    assert coreml.quantizer_options({"weights_only": True}) == {"mode": "weights"}
+    assert coreml.quantizer_options({}) == {} and pte.quantizer is None
 
 
 def test_fp32_matches_pytorch(fp32, graph, image):
@@ -95,7 +97,7 @@ def test_fp32_matches_pytorch(fp32, graph, image):
     assert info["io_dtypes"] == {"image": "float32", "restored": "float32"}
     assert {"conv", "conv_transpose", "layer_norm", "reduce_mean"} <= info["mil_ops"].keys()
     assert "cast" not in info["mil_ops"]
-    runner = CoreMLConverter().load_runner(out, {"export": info})
+    runner = CoreMLTarget().load_runner(out, export=info)
     assert runner.info["runtime"] == ("mil-numpy-evaluator" if EVALUATED else "coreml")
     assert runner.info["compute_precision"] == "fp32"
     restored = runner.run(image)
@@ -108,12 +110,12 @@ def test_fp16_is_computed_in_fp16(fp16, fp32, graph, image):
     assert exported.info["compute_precision"] == "fp16"
     assert exported.info["io_dtypes"] == {"image": "float32", "restored": "float32"}  # casts inside
     assert exported.info["mil_ops"]["cast"] == 2
-    runner = CoreMLConverter().load_runner(out, {"export": exported.info})
+    runner = CoreMLTarget().load_runner(out, export=exported.info)
     assert runner.info["compute_precision"] == "fp16"
     restored = runner.run(image)
     assert restored.dtype == np.float32 and np.isfinite(restored).all()
     assert _psnr(restored, _torch(graph, image)) >= FP16_MIN_PSNR
-    fp32_runner = CoreMLConverter().load_runner(fp32[0], {"export": fp32[1].info})
+    fp32_runner = CoreMLTarget().load_runner(fp32[0], export=fp32[1].info)
     assert np.abs(restored - fp32_runner.run(image)).max() > 1e-4  # fp16 rounding is really there
 
 
@@ -136,7 +138,7 @@ def test_spec_names_descriptions_and_metadata(fp16, graph):
     assert meta["nafnet_edge.compute_precision"] == "fp16"
     assert meta["nafnet_edge.minimum_target"] == "iOS17"
     assert meta["nafnet_edge.padding_multiple"] == str(graph.pad_multiple)
-    assert meta["nafnet_edge.release"] == "test-release"  # from graph.manifest_metadata
+    assert meta["nafnet_edge.release"] == "test-release"  # from graph.recipe.metadata
 
 
 def test_enumerated_sizes(fp16, graph):
@@ -145,7 +147,7 @@ def test_enumerated_sizes(fp16, graph):
     array = ct.utils.load_spec(str(out / "model.mlpackage")).description.input[0].type.multiArrayType
     assert [tuple(s.shape) for s in array.enumeratedShapes.shapes] == [(1, 3, 64, 64), (1, 3, 96, 128)]
     assert tuple(array.shape) == (1, 3, 64, 64)  # the default
-    runner = CoreMLConverter().load_runner(out, {"export": exported.info})
+    runner = CoreMLTarget().load_runner(out, export=exported.info)
     wide = _crop(EXTRA)
     restored = runner.run(wide)
     assert restored.shape == wide.shape and _psnr(restored, _torch(graph, wide)) >= FP16_MIN_PSNR
@@ -153,33 +155,29 @@ def test_enumerated_sizes(fp16, graph):
         runner.run(_crop((128, 128)))
 
 
-@pytest.mark.parametrize("converter", [CoreMLConverter(), ExecuTorchCoreMLConverter()], ids=lambda c: c.target)
+@pytest.mark.parametrize("converter", [CoreMLTarget(), ExecuTorchCoreMLTarget()], ids=lambda c: c.name)
 def test_refused_options(converter):
     options = ExportOptions(input_size=SIZE)
-    converter.check_options(dataclasses.replace(options, minimum_target="macOS15"))
+    converter.check_options(options)  # the default minimum target, iOS17
+    converter.check_options(dataclasses.replace(options, settings={"minimum_target": "macOS15"}))
     for old in ("iOS16", "macOS13"):
         with pytest.raises(ValueError, match="iOS17 .* is the minimum"):
-            converter.check_options(dataclasses.replace(options, minimum_target=old))
+            converter.check_options(dataclasses.replace(options, settings={"minimum_target": old}))
     with pytest.raises(ValueError, match="unknown Core ML minimum target"):
-        converter.check_options(dataclasses.replace(options, minimum_target="Android14"))
-    with pytest.raises(ValueError, match="ONNX only"):
-        converter.check_options(dataclasses.replace(options, dynamic=True))
-    with pytest.raises(ValueError, match="ExecuTorch XNNPACK only"):
-        converter.check_options(dataclasses.replace(options, bundle=True))
+        converter.check_options(dataclasses.replace(options, settings={"minimum_target": "Android14"}))
 
 
 def test_extra_sizes_refused_where_wrong(graph, tmp_path):
-    converter = CoreMLConverter()
+    converter = CoreMLTarget()
     with pytest.raises(ValueError, match="multiple of the padding multiple"):
-        converter.export(graph, tmp_path, ExportOptions(input_size=SIZE, extra_sizes=((64, 65),)))
-    graph.manifest_metadata["nafnet_edge.arch"] = "NAFNetLocal"  # TLC pooling is fixed for one size
+        converter.export(graph, tmp_path, ExportOptions(input_size=SIZE, settings={"extra_sizes": ((64, 65),)}))
+    recipe = graph.recipe
+    graph.recipe = dataclasses.replace(recipe, arch="NAFNetLocal")  # TLC pooling is fixed for one size
     try:
         with pytest.raises(ValueError, match="one artifact per size"):
-            converter.export(graph, tmp_path, ExportOptions(input_size=SIZE, extra_sizes=(EXTRA,)))
+            converter.export(graph, tmp_path, ExportOptions(input_size=SIZE, settings={"extra_sizes": (EXTRA,)}))
     finally:
-        del graph.manifest_metadata["nafnet_edge.arch"]
-    with pytest.raises(ValueError, match="coreml only"):
-        ExecuTorchCoreMLConverter().check_options(ExportOptions(input_size=SIZE, extra_sizes=(EXTRA,)))
+        graph.recipe = recipe
 
 
 # --- ExecuTorch delegated to Core ML ---------------------------------------------------------------------------
@@ -188,7 +186,7 @@ def test_extra_sizes_refused_where_wrong(graph, tmp_path):
 @pytest.fixture(scope="module")
 def pte(graph, tmp_path_factory):
     require("executorch")
-    converter = ExecuTorchCoreMLConverter()
+    converter = ExecuTorchCoreMLTarget()
     converter.check_available()
     return _export(converter, graph, tmp_path_factory, precision="fp32")
 
@@ -200,7 +198,7 @@ def test_pte_is_one_coreml_partition(pte, graph, image):
     assert {"conv", "layer_norm"} <= exported.info["mil_ops"].keys()
     (io,) = exported.info["coreml_io_dtypes"]
     assert list(io.values()) == ["float32", "float32"]  # fp32 program: no casts
-    runner = ExecuTorchCoreMLConverter().load_runner(out, {"export": exported.info})
+    runner = ExecuTorchCoreMLTarget().load_runner(out, export=exported.info)
     assert runner.info["runtime"] == ("mil-numpy-evaluator" if EVALUATED else "executorch-coreml")
     restored = runner.run(image)
     assert restored.dtype == np.float32 and restored.shape == image.shape
@@ -213,4 +211,13 @@ def test_pte_without_a_lone_coreml_delegate_is_refused_off_apple(tmp_path):
     program = exir.to_edge(torch.export.export(torch.nn.ReLU(), (torch.rand(1, 3, 8, 8),))).to_executorch()
     (tmp_path / "model.pte").write_bytes(program.buffer)
     with pytest.raises(MissingBackendError, match="cannot execute off Apple platforms"):
-        ExecuTorchCoreMLConverter().load_runner(tmp_path, {})
+        ExecuTorchCoreMLTarget().load_runner(tmp_path)
+
+
+@pytest.mark.skipif(not EVALUATED, reason="on macOS Core ML runs: a timed session opens")
+def test_a_timed_session_is_not_runnable_off_apple(fp32, pte):
+    """Validation may evaluate the ML program in numpy; bench (a timed session) says where it can run instead."""
+    with pytest.raises(NotRunnable, match="runs only on macOS and iOS"):
+        CoreMLTarget().open_session(fp32[0], settings=SessionSettings(timing=True))
+    with pytest.raises(NotRunnable, match="exists only on Apple platforms"):
+        ExecuTorchCoreMLTarget().open_session(pte[0], settings=SessionSettings(timing=True))

@@ -1,4 +1,4 @@
-"""ExecuTorch converter: one XNNPACK partition, the .pte runs in ExecuTorch's runtime like the PyTorch deploy
+"""ExecuTorch target: one XNNPACK partition, the .pte runs in ExecuTorch's runtime like the PyTorch deploy
 graph, and the bundled program verifies itself in the runtime; options it cannot honour are refused.
 
 One module-scoped export (lowering takes most of this file's time) serves every test that needs an artifact.
@@ -19,7 +19,7 @@ require("executorch")
 import torch  # noqa: E402
 from helpers import randomize  # noqa: E402
 
-from nafnet_edge.converters import Converter, Exported, ExportOptions, get_converter  # noqa: E402
+from nafnet_edge.converters import Exported, ExportOptions, Target, get_target  # noqa: E402
 from nafnet_edge.deploy import DeployNAFNet, deploy  # noqa: E402
 from nafnet_edge.images import read_image  # noqa: E402
 from nafnet_edge.model import NAFNet, NAFNetConfig  # noqa: E402
@@ -47,7 +47,7 @@ def max_err(a: np.ndarray, b: np.ndarray) -> float:
 
 @dataclass
 class Artifact:
-    converter: Converter
+    converter: Target
     model: NAFNet
     graph: DeployNAFNet
     exported: Exported
@@ -58,13 +58,13 @@ class Artifact:
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
-    converter = get_converter("executorch")
+    converter = get_target("executorch")
     converter.check_available()
     model = randomize(NAFNet(CFG))
-    graph = deploy(model, target=converter.deploy_target, input_size=SIZE)  # type: ignore[arg-type]
+    graph = deploy(model, norm_form=converter.norm_form, input_size=SIZE)  # type: ignore[arg-type]
     inputs = (photo(*SIZE, 0), photo(*SIZE, 1))
     outputs = tuple(reference(model, x) for x in inputs)  # what the pipeline bundles: the original model's outputs
-    options = ExportOptions(input_size=SIZE, bundle=True, test_inputs=inputs, test_outputs=outputs)
+    options = ExportOptions(input_size=SIZE, settings={"bundle": True}, test_inputs=inputs, test_outputs=outputs)
     converter.check_options(options)
     out_dir = tmp_path_factory.mktemp("executorch")
     exported = converter.export(graph, out_dir, options)
@@ -82,8 +82,9 @@ def test_one_xnnpack_partition_and_nothing_outside(artifact: Artifact) -> None:
 
 
 def test_pte_matches_pytorch_in_the_executorch_runtime(artifact: Artifact) -> None:
-    runner = artifact.converter.load_runner(artifact.out_dir, {})
+    runner = artifact.converter.load_runner(artifact.out_dir)
     assert runner.info["runtime"] == "executorch" and runner.info["backend"] == "XnnpackBackend"
+    assert runner.runtime == "executorch" and runner.profile is not None
     assert runner.info.get("threads", 1) >= 1
     for index in range(len(KODAK)):
         x = photo(*SIZE, index, top=200)
@@ -93,6 +94,9 @@ def test_pte_matches_pytorch_in_the_executorch_runtime(artifact: Artifact) -> No
         assert max_err(out, reference(artifact.model, x)) <= MAX_ABS_ERR
     with pytest.raises(ValueError, match=r"takes input \(1, 3, 64, 64\), got \(1, 3, 64, 80\)"):
         runner.run(photo(64, 80))
+    profile = runner.profile(photo(*SIZE), 1)  # ETDump through executorch.runtime: XNNPACK's own operators
+    assert profile["source"].startswith("ExecuTorch ETDump") and profile["ops"]
+    assert any("NHWC" in op["op"] or "GEMM" in op["op"] for op in profile["ops"])
 
 
 def test_bundled_program_verifies_itself_in_the_runtime(artifact: Artifact) -> None:
@@ -122,20 +126,20 @@ def test_bundled_program_verifies_itself_in_the_runtime(artifact: Artifact) -> N
 
 
 def test_options_it_cannot_honour_are_refused(tmp_path: Path) -> None:
-    converter = get_converter("executorch")
-    assert converter.target == "executorch" and converter.artifact == "model.pte" and converter.precisions == ("fp32",)
-    for bad in (dict(dynamic=True), dict(extra_sizes=((128, 128),))):
-        with pytest.raises(ValueError, match="one fixed size per .pte.*tile larger images"):
-            converter.check_options(ExportOptions(input_size=SIZE, **bad))  # type: ignore[arg-type]
+    converter = get_target("executorch")
+    assert converter.name == "executorch" and converter.artifact == "model.pte" and converter.precisions == ("fp32",)
+    assert [(o.flag, o.dest, o.kind) for o in converter.options] == [("--bundle", "bundle", "flag")]
     with pytest.raises(ValueError, match="precision fp32, not fp16"):
         converter.check_options(ExportOptions(input_size=SIZE, precision="fp16"))
-    bundle_without_inputs = ExportOptions(input_size=SIZE, bundle=True)
+    bundle = {"bundle": True}
+    bundle_without_inputs = ExportOptions(input_size=SIZE, settings=bundle)
+    assert converter.needs_test_io(bundle_without_inputs) and not converter.needs_test_io(ExportOptions(SIZE))
     converter.check_options(bundle_without_inputs)  # the pipeline adds test inputs after this check ...
     with pytest.raises(ValueError, match="needs test inputs"):  # ... export refuses before the (slow) lowering
         converter.export(torch.nn.Identity(), tmp_path, bundle_without_inputs)
     x = photo(*SIZE)
     with pytest.raises(ValueError, match=r"must be \(1, C, 64, 64\).*got \(1, 3, 32, 64\)"):
-        converter.check_options(ExportOptions(input_size=SIZE, bundle=True, test_inputs=(x[..., :32, :],)))
+        converter.check_options(ExportOptions(input_size=SIZE, settings=bundle, test_inputs=(x[..., :32, :],)))
     with pytest.raises(ValueError, match="one output per input"):
-        converter.check_options(ExportOptions(input_size=SIZE, bundle=True, test_inputs=(x, x), test_outputs=(x,)))
+        converter.check_options(ExportOptions(input_size=SIZE, settings=bundle, test_inputs=(x, x), test_outputs=(x,)))
     assert list(tmp_path.iterdir()) == []

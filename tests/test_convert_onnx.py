@@ -16,7 +16,7 @@ require("onnxruntime")
 
 import onnx  # noqa: E402
 
-from nafnet_edge.converters import ExportOptions, get_converter  # noqa: E402
+from nafnet_edge.converters import ExportOptions, get_target  # noqa: E402
 from nafnet_edge.deploy import deploy  # noqa: E402
 from nafnet_edge.images import read_image  # noqa: E402
 from nafnet_edge.model import NAFNet, NAFNetConfig, NAFNetLocal  # noqa: E402
@@ -45,18 +45,20 @@ def model() -> NAFNet:
     return randomize(NAFNet(CFG))
 
 
-def export(graph: torch.nn.Module, out_dir: Path, **options: object):  # -> (converter, Exported)
-    converter = get_converter("onnx")
+def export(graph: torch.nn.Module, out_dir: Path, *, dynamic: bool | None = None, **options: object):
+    """(target, Exported); ``dynamic`` is the ONNX target's own setting (``--dynamic``)."""
+    converter = get_target("onnx")
     converter.check_available()
     out_dir.mkdir(parents=True, exist_ok=True)
-    opts = ExportOptions(**options)  # type: ignore[arg-type]
+    settings = {} if dynamic is None else {"dynamic": dynamic}
+    opts = ExportOptions(**options, settings=settings)  # type: ignore[arg-type]
     converter.check_options(opts)
     return converter, converter.export(graph, out_dir, opts)
 
 
 def test_fixed_size_file_matches_pytorch_and_describes_itself(model: NAFNet, tmp_path: Path) -> None:
-    graph = deploy(model, target="onnx", input_size=(64, 96))
-    graph.manifest_metadata = {"nafnet_edge.release": "test-width8", "nafnet_edge.arch": "NAFNet"}
+    metadata = {"nafnet_edge.release": "test-width8", "nafnet_edge.arch": "NAFNet"}
+    graph = deploy(model, norm_form="mvn", input_size=(64, 96), metadata=metadata)
     converter, exported = export(graph, tmp_path, input_size=(64, 96))
     path = tmp_path / "model.onnx"
     assert exported.files == ["model.onnx"] and path.is_file()
@@ -77,7 +79,7 @@ def test_fixed_size_file_matches_pytorch_and_describes_itself(model: NAFNet, tmp
     assert info["op_histogram"]["Conv"] > 0 and sum(info["op_histogram"].values()) == len(proto.graph.node)
     assert info["onnx_version"] == onnx.__version__
 
-    runner = converter.load_runner(tmp_path, {})
+    runner = converter.load_runner(tmp_path)
     assert runner.info["runtime"] == "onnxruntime" and "CPUExecutionProvider" in runner.info["providers"]
     for index in (0, 1):
         x = photo(64, 96, index)
@@ -99,7 +101,7 @@ def test_dynamic_file_runs_at_other_sizes(model: NAFNet, tmp_path: Path) -> None
         "width",
     ]
     assert {p.key: p.value for p in proto.metadata_props}["nafnet_edge.dynamic"] == "true"
-    runner = converter.load_runner(tmp_path, {})
+    runner = converter.load_runner(tmp_path)
     for h, w in ((64, 64), (48, 80), (96, 128)):
         x = photo(h, w, 1)
         out = runner.run(x)
@@ -117,24 +119,21 @@ def test_tlc_local_pooling_exports_fixed_but_refuses_dynamic(tmp_path: Path) -> 
 
     converter, _ = export(graph, tmp_path / "fixed", input_size=(96, 128))
     x = photo(96, 128, 2)
-    out = converter.load_runner(tmp_path / "fixed", {}).run(x)
+    out = converter.load_runner(tmp_path / "fixed").run(x)
     assert max_err(out, reference(tlc, x)) <= MAX_ABS_ERR
 
 
 def test_tlc_pooling_globally_at_the_given_size_still_refuses_dynamic(tmp_path: Path) -> None:
     tlc = randomize(NAFNetLocal(CFG.replace(train_size=(96, 96))), seed=2)  # kernel 144 covers 64x64: global
-    graph = deploy(tlc, target="onnx", input_size=(64, 64))
-    graph.manifest_metadata = {"nafnet_edge.arch": "NAFNetLocal"}  # the only trace of TLC left in the graph
+    graph = deploy(tlc, target="onnx", input_size=(64, 64))  # only its recipe says TLC: every pool is global
+    assert graph.recipe.local_pooling == ()
     with pytest.raises(ValueError, match="--dynamic cannot keep TLC.*locally at larger sizes"):
         export(graph, tmp_path, input_size=(64, 64), dynamic=True)
 
 
 def test_options_it_cannot_honour_are_refused() -> None:
-    converter = get_converter("onnx")
-    assert converter.target == "onnx" and converter.artifact == "model.onnx" and converter.precisions == ("fp32",)
-    with pytest.raises(ValueError, match="--bundle is for --target executorch"):
-        converter.check_options(ExportOptions(input_size=(64, 64), bundle=True))
-    with pytest.raises(ValueError, match="use --dynamic"):
-        converter.check_options(ExportOptions(input_size=(64, 64), extra_sizes=((128, 128),)))
+    converter = get_target("onnx")
+    assert converter.name == "onnx" and converter.artifact == "model.onnx" and converter.precisions == ("fp32",)
+    assert [(o.flag, o.dest, o.kind, o.default) for o in converter.options] == [("--dynamic", "dynamic", "flag", False)]
     with pytest.raises(ValueError, match="precision fp32, not fp16"):
         converter.check_options(ExportOptions(input_size=(64, 64), precision="fp16"))

@@ -1,6 +1,6 @@
-"""The OpenVINO converter (nafnet_edge.converters.openvino): IRs of tiny deploy graphs run by the CPU plugin.
+"""The OpenVINO target (nafnet_edge.converters.openvino): IRs of tiny deploy graphs run by the CPU plugin.
 
-The runner pins the inference precision; the bf16 test shows why (this machine's CPU reports bf16, and the
+The session pins the inference precision; the bf16 test shows why (this machine's CPU reports bf16, and the
 plugin then runs bf16 unless told otherwise). Bounds are measured on Kodak crops, width-8 models.
 """
 
@@ -19,8 +19,8 @@ ov = require("openvino")
 import torch  # noqa: E402
 from helpers import randomize  # noqa: E402
 
-from nafnet_edge.converters import ExportOptions, get_converter  # noqa: E402
-from nafnet_edge.converters.openvino import OpenVINOConverter  # noqa: E402
+from nafnet_edge.converters import ExportOptions, Session, SessionSettings, get_target  # noqa: E402
+from nafnet_edge.converters.openvino import OpenVINOTarget  # noqa: E402
 from nafnet_edge.deploy import deploy  # noqa: E402
 from nafnet_edge.images import read_image  # noqa: E402
 from nafnet_edge.model import NAFNetConfig, build_model  # noqa: E402
@@ -39,14 +39,19 @@ FP16_WEIGHTS_MAX_ABS = 1e-3  # f16-compressed weights vs fp32 PyTorch: measured 
 
 
 def _graph(config: NAFNetConfig) -> torch.nn.Module:
-    graph = deploy(randomize(build_model(config)), target="openvino", input_size=(SIZE, SIZE))
-    graph.manifest_metadata = dict(METADATA)
-    return graph
+    return deploy(randomize(build_model(config)), norm_form="mvn", input_size=(SIZE, SIZE), metadata=METADATA)
 
 
 def _torch(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return module(torch.from_numpy(x)).numpy()
+
+
+def _session(out: Path, inference_precision: str) -> Session:
+    """The IR's session with the CPU plugin's inference precision asked for as a runtime hint."""
+    return OpenVINOTarget().open_session(
+        out, settings=SessionSettings(hints={"inference_precision": inference_precision})
+    )
 
 
 def _cpu_capabilities() -> list[str]:
@@ -68,22 +73,29 @@ def graph() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def fp32_ir(graph, tmp_path_factory):
     out = tmp_path_factory.mktemp("openvino-fp32")
-    return out, OpenVINOConverter().export(graph, out, ExportOptions(input_size=(SIZE, SIZE)))
+    return out, OpenVINOTarget().export(graph, out, ExportOptions(input_size=(SIZE, SIZE)))
 
 
 @pytest.fixture(scope="module")
 def fp16_ir(graph, tmp_path_factory):
     out = tmp_path_factory.mktemp("openvino-fp16")
-    return out, OpenVINOConverter().export(graph, out, ExportOptions(input_size=(SIZE, SIZE), precision="fp16"))
+    return out, OpenVINOTarget().export(graph, out, ExportOptions(input_size=(SIZE, SIZE), precision="fp16"))
 
 
 def test_registry_and_class_facts():
-    converter = get_converter("openvino")
-    assert isinstance(converter, OpenVINOConverter)
-    assert (converter.artifact, converter.deploy_target, converter.precisions) == (
+    converter = get_target("openvino")
+    assert isinstance(converter, OpenVINOTarget)
+    assert (converter.artifact, converter.norm_form, converter.precisions) == (
         "model.xml",
-        "openvino",
+        "mvn",
         ("fp32", "fp16"),
+    )
+    (option,) = converter.options
+    assert (option.flag, option.dest, option.choices, option.commands) == (
+        "--inference-precision",
+        "inference_precision",
+        ("f32", "bf16", "f16"),
+        ("bench",),
     )
     converter.check_available()
 
@@ -91,15 +103,12 @@ def test_registry_and_class_facts():
 @pytest.mark.parametrize(
     "options, message",
     [
-        (ExportOptions(input_size=(SIZE, SIZE), dynamic=True), "--dynamic is for --target onnx"),
-        (ExportOptions(input_size=(SIZE, SIZE), extra_sizes=((32, 32),)), "--sizes is for --target coreml"),
-        (ExportOptions(input_size=(SIZE, SIZE), bundle=True), "--bundle is for --target executorch"),
         (ExportOptions(input_size=(SIZE, SIZE), precision="int8"), "supports precision fp32, fp16"),  # type: ignore[arg-type]
     ],
 )
 def test_refuses_options_it_cannot_honour(options, message):
     with pytest.raises(ValueError, match=message):
-        OpenVINOConverter().check_options(options)
+        OpenVINOTarget().check_options(options)
 
 
 def test_exported_files_and_info(fp32_ir):
@@ -135,8 +144,8 @@ def test_ir_names_shape_and_rt_info(fp32_ir, graph):
 @pytest.mark.parametrize("config", [CONFIG, TLC_CONFIG], ids=["global-pool", "tlc"])
 def test_fp32_ir_pinned_f32_matches_pytorch(config, crop, tmp_path):
     graph = _graph(config)
-    OpenVINOConverter().export(graph, tmp_path, ExportOptions(input_size=(SIZE, SIZE)))
-    runner = OpenVINOConverter().load_runner(tmp_path, {})
+    OpenVINOTarget().export(graph, tmp_path, ExportOptions(input_size=(SIZE, SIZE)))
+    runner = OpenVINOTarget().load_runner(tmp_path)
     y = runner.run(crop)
     assert y.dtype == np.float32 and y.shape == crop.shape
     assert np.abs(y - _torch(graph, crop)).max() < FP32_MAX_ABS
@@ -152,7 +161,7 @@ def test_bf16_inference_is_recorded_and_drifts(fp32_ir, graph, crop):
     if "BF16" not in _cpu_capabilities():
         pytest.skip("this CPU does not report BF16: the plugin cannot run bf16 here")
     out, _ = fp32_ir
-    runner = OpenVINOConverter().load_runner(out, {"inference_precision": "bf16"})
+    runner = _session(out, "bf16")
     assert runner.info["inference_precision"] == "bf16"
     assert set(runner.info["runtime_precisions"]) == {"bf16"}
     assert set(runner.info["activation_precisions"]) == {"bf16"}
@@ -162,17 +171,27 @@ def test_bf16_inference_is_recorded_and_drifts(fp32_ir, graph, crop):
 def test_f16_inference_is_refused_where_the_plugin_would_substitute(fp32_ir):
     out, _ = fp32_ir
     if "FP16" in _cpu_capabilities():
-        runner = OpenVINOConverter().load_runner(out, {"inference_precision": "f16"})
+        runner = _session(out, "f16")
         assert runner.info["inference_precision"] == "f16"
     else:  # x86 without native f16: the plugin accepts the hint and runs bf16 (or f32) instead
         with pytest.raises(ValueError, match="asked for f16 inference but would run"):
-            OpenVINOConverter().load_runner(out, {"inference_precision": "f16"})
+            _session(out, "f16")
 
 
 def test_unknown_inference_precision_is_refused(fp32_ir):
     out, _ = fp32_ir
     with pytest.raises(ValueError, match="inference_precision 'f64' is not one of f32, bf16, f16"):
-        OpenVINOConverter().load_runner(out, {"inference_precision": "f64"})
+        _session(out, "f64")
+    with pytest.raises(ValueError, match="inference_precision 'f64' is not one of f32, bf16, f16"):
+        OpenVINOTarget().load_runner(out, export={"inference_precision": "f64"})  # as a manifest may record it
+
+
+def test_the_hint_wins_over_the_export_section(fp32_ir):
+    out, _ = fp32_ir
+    session = OpenVINOTarget().open_session(
+        out, export={"inference_precision": "f64"}, settings=SessionSettings(hints={"inference_precision": "f32"})
+    )
+    assert session.runtime == "openvino" and session.info["inference_precision"] == "f32"
 
 
 def test_fp16_ir_halves_the_weights_and_computes_in_f32(fp16_ir, fp32_ir, graph, crop):
@@ -185,7 +204,7 @@ def test_fp16_ir_halves_the_weights_and_computes_in_f32(fp16_ir, fp32_ir, graph,
     model = ov.Core().read_model(str(out16 / "model.xml"))
     assert model.get_rt_info(["nafnet_edge", "precision"]).astype(str) == "fp16"
 
-    runner = OpenVINOConverter().load_runner(out16, {})
+    runner = OpenVINOTarget().load_runner(out16)
     y = runner.run(crop)
     assert runner.info["inference_precision"] == "f32"
     assert set(runner.info["activation_precisions"]) == {"f32"}
@@ -201,7 +220,7 @@ def test_fp16_ir_halves_the_weights_and_computes_in_f32(fp16_ir, fp32_ir, graph,
 
 def test_runner_output_is_not_overwritten_by_the_next_call(fp32_ir, crop):
     out, _ = fp32_ir
-    run = OpenVINOConverter().load_runner(out, {}).run
+    run = OpenVINOTarget().load_runner(out).run
     first = run(crop)
     kept = first.copy()
     run(np.zeros_like(crop))

@@ -11,12 +11,10 @@ from pathlib import Path
 
 import cv2
 import pytest
-import torch
-from helpers import KODAK, kodak_crops, randomize, require
+from helpers import KODAK, Converted, require
 
 from nafnet_edge.cli import main
 from nafnet_edge.errors import EXIT_BUDGET, EXIT_USAGE
-from nafnet_edge.model import NAFNet, NAFNetConfig
 
 require("onnxruntime")
 require("openvino")
@@ -28,17 +26,15 @@ def _cache(tmp_path: Path, monkeypatch) -> None:
 
 
 @pytest.fixture
-def checkpoint(tmp_path: Path) -> Path:
-    model = randomize(NAFNet(NAFNetConfig(width=8, enc_blk_nums=(1, 1), middle_blk_num=1, dec_blk_nums=(1, 1))))
-    path = tmp_path / "tiny.pth"
-    torch.save({"params": model.state_dict()}, path)
-    return path
+def checkpoint(tiny_checkpoint: Path) -> Path:
+    """The session's randomized width-8 two-level NAFNet (read-only)."""
+    return tiny_checkpoint
 
 
 @pytest.fixture
-def data(tmp_path: Path) -> Path:
-    """Two real crops, one larger than the 64 px artifact (tiled), one smaller (padded)."""
-    return kodak_crops(tmp_path / "data", [(96, 120), (50, 40)])
+def data(kodak_data: Path) -> Path:
+    """Two real crops, one larger than the 64 px artifact (tiled), one smaller (padded); read-only."""
+    return kodak_data
 
 
 def convert(checkpoint: Path, out: Path, data: Path, *extra: str) -> int:
@@ -47,33 +43,51 @@ def convert(checkpoint: Path, out: Path, data: Path, *extra: str) -> int:
 
 @pytest.mark.parametrize("target", ["onnx", "openvino"])
 def test_convert_writes_artifact_manifest_and_a_usage_note_whose_python_runs(
-    target: str, checkpoint: Path, data: Path, tmp_path: Path, capsys
+    target: str, converted_artifacts: Converted, tmp_path: Path
 ) -> None:
-    assert convert(checkpoint, tmp_path / "out", data, "--target", target) == 0
-    folder = tmp_path / "out" / target
+    checkpoint, data = converted_artifacts.checkpoint, converted_artifacts.data  # converted with --input-size 64
+    folder = converted_artifacts.out / target
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["target"] == target and manifest["precision"] == "fp32"
-    assert manifest["input"] == {
-        "name": "image",
-        "shape": [1, 3, 64, 64],
-        "layout": "NCHW",
-        "dtype": "float32",
-        "channels": "RGB",
-        "range": [0.0, 1.0],
+    assert manifest["manifest_version"] == 2
+    assert manifest["io"] == {
+        "inputs": [
+            {
+                "name": "image",
+                "shape": [1, 3, 64, 64],
+                "layout": "NCHW",
+                "dtype": "float32",
+                "channels": "RGB",
+                "range": [0.0, 1.0],
+            }
+        ],
+        "outputs": [
+            {
+                "name": "restored",
+                "shape": [1, 3, 64, 64],
+                "layout": "NCHW",
+                "dtype": "float32",
+                "channels": "RGB",
+                "range": None,
+                "note": "unclamped; clamp to [0, 1] before quantizing",
+            }
+        ],
+        "scale": 1,
     }
     assert manifest["padding_multiple"] == 4 and manifest["tiling"]["tile"] == [64, 64]
     assert manifest["source"]["sha256"] == __import__("hashlib").sha256(checkpoint.read_bytes()).hexdigest()
-    assert "scale_residual_stream" in manifest["deploy"]["transformations"]
+    assert "scale_residual_stream" in manifest["deploy"]["passes"]
     assert manifest["tools"]["torch"].startswith("2.13")
     v = manifest["validation"]
     assert v["passed"] and v["summary"]["images"] == 2
     assert v["summary"]["fidelity_db_min"] >= 60.0 and v["summary"]["nonfinite"] == 0
     assert [r["tiles"] for r in v["per_image"]] == [6, 1]  # 96x120: 2x3 tiles of 64 (overlap 32); 50x40: padded
     assert v["per_image"][0]["tiling_db"] is not None  # tiling drift reported apart from precision drift
-    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary leftovers
-    assert target in capsys.readouterr().out
+    assert not [p for p in converted_artifacts.out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    assert target in converted_artifacts.stdout[target]
 
-    # the usage note's Python, run as written in the artifact directory on a real photo
+    # the usage note's Python, run as written in the artifact directory (a copy) on a real photo
+    folder = Path(shutil.copytree(folder, tmp_path / target))
     note = (folder / "USAGE.md").read_text()
     code = note.split("```python\n")[1].split("```")[0]
     shutil.copy(data / "crop0.png", folder / "photo.png")
@@ -110,6 +124,7 @@ def test_validate_reruns_in_the_runtime_and_rewrites_the_manifest(checkpoint: Pa
     assert main(["validate", str(folder), "--data", str(data), "--max-drift", "0", "--min-fidelity", "999"]) == 3
 
 
+@pytest.mark.slow
 def test_default_validation_scores_drift_against_ground_truth(checkpoint: Path, tmp_path: Path) -> None:
     """Without --data: the shipped photos with seeded noise, clean photos as ground truth (task PSNR, SSIM)."""
     assert main(["convert", str(checkpoint), "-o", str(tmp_path / "out"), "--target", "onnx"]) == 0
@@ -126,13 +141,13 @@ def test_a_failing_export_leaves_nothing_and_keeps_the_previous_result(
     assert convert(checkpoint, out, data, "--target", "onnx", "--no-validate") == 0
     before = (out / "onnx" / "manifest.json").read_text()
 
-    from nafnet_edge.converters.onnx import ONNXConverter
+    from nafnet_edge.converters.onnx import ONNXTarget
 
     def broken(self, graph, out_dir, options):  # writes part of the artifact, then fails
         (out_dir / "model.onnx").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ONNXConverter, "export", broken)
+    monkeypatch.setattr(ONNXTarget, "export", broken)
     assert convert(checkpoint, out, data, "--target", "onnx", "--force") == 130
     assert (out / "onnx" / "manifest.json").read_text() == before  # the previous result is untouched
     assert sorted(p.name for p in out.iterdir()) == ["onnx"]  # and no temporary directory is left
@@ -142,7 +157,7 @@ def test_a_failing_export_leaves_nothing_and_keeps_the_previous_result(
     ("extra", "message"),
     [
         (["--target", "onnx", "--input-size", "66"], "multiple of 4"),
-        (["--target", "openvino", "--dynamic"], "--dynamic is for --target onnx"),
+        (["--target", "openvino", "--dynamic"], "--dynamic is an option of --target onnx"),
         (["--target", "onnx", "--data", "nowhere"], "not a folder"),
     ],
 )
@@ -191,6 +206,7 @@ def test_a_damaged_or_unwritable_cache_costs_time_not_correctness(
     assert len(warnings) == 1 and "reference outputs not cached" in warnings[0]
 
 
+@pytest.mark.slow
 def test_every_target_converts_and_validates_in_its_runtime(checkpoint: Path, tmp_path: Path, capsys) -> None:
     """--target all on a tiny model: each artifact runs in its own runtime (Core ML through the ML-program
     evaluator off Apple platforms) and meets the default budgets; --json gives one object."""
@@ -224,9 +240,9 @@ def test_an_existing_output_is_refused_without_force(checkpoint: Path, data: Pat
 
 
 def test_a_missing_backend_gives_a_one_line_install_hint(checkpoint: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    from nafnet_edge.converters.onnx import ONNXConverter
+    from nafnet_edge.converters.onnx import ONNXTarget
 
-    monkeypatch.setattr(ONNXConverter, "modules", ("no_such_runtime_module",))
+    monkeypatch.setattr(ONNXTarget, "modules", ("no_such_runtime_module",))
     assert main(["convert", str(checkpoint), "-o", str(tmp_path / "out"), "--target", "onnx"]) == 4
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install 'nafnet-edge[onnx]'" in err

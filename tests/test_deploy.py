@@ -12,7 +12,9 @@ import torch
 from helpers import randomize
 
 from nafnet_edge.deploy import (
+    NORM_FORM_NAMES,
     NORM_FORMS,
+    PASSES,
     ChannelNorm,
     PadCrop,
     deploy,
@@ -49,17 +51,17 @@ MODELS = {
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
-@pytest.mark.parametrize("target", list(NORM_FORMS))
-def test_deploy_graph_is_exact_on_real_images(kind: str, target: str) -> None:
+@pytest.mark.parametrize("form", NORM_FORM_NAMES)
+def test_deploy_graph_is_exact_on_real_images(kind: str, form: str) -> None:
     model = MODELS[kind]()
     x = torch.cat([photo(96, 128, 0), photo(96, 128, 1)])
     with torch.no_grad():
         ref = model(x)
         for size in (None, (96, 128)):
-            graph = deploy(model, target=target, input_size=size)  # type: ignore[arg-type]
+            graph = deploy(model, norm_form=form, input_size=size)  # type: ignore[arg-type]
             assert max_err(graph(x), ref) <= 1e-5
         odd = x[..., :90, :117]  # padding and crop outside the graph
-        assert max_err(PadCrop(deploy(model, target=target))(odd), model(odd)) <= 1e-5  # type: ignore[arg-type]
+        assert max_err(PadCrop(deploy(model, norm_form=form))(odd), model(odd)) <= 1e-5  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
@@ -95,7 +97,7 @@ def test_each_pass_alone_keeps_the_function(kind: str) -> None:
 def test_deploy_never_mutates_its_input() -> None:
     model = MODELS["tlc-local"]()
     before = copy.deepcopy(model.state_dict())
-    graph = deploy(model, target="xnnpack", input_size=(96, 128))
+    graph = deploy(model, norm_form="conv-mean", input_size=(96, 128))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not any(p.data_ptr() == q.data_ptr() for p in graph.parameters() for q in model.parameters())
 
@@ -107,8 +109,8 @@ def test_bad_arguments_are_refused() -> None:
     for bad in (100, 128, 0.5):
         with pytest.raises(ValueError, match="power of two from 1 to 64"):
             deploy(model, stream_scale=bad)
-    with pytest.raises(ValueError, match="unknown deploy target"):
-        deploy(model, target="tpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown deploy norm form"):
+        deploy(model, norm_form="tpu")  # type: ignore[arg-type]
 
 
 def realistic_magnitudes(model: NAFNet, gain: float = 400.0) -> NAFNet:
@@ -127,8 +129,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
-@pytest.mark.parametrize("target", list(NORM_FORMS))
-def test_fp16_deploy_graph_survives_magnitudes_that_break_the_original(target: str) -> None:
+@pytest.mark.parametrize("form", NORM_FORM_NAMES)
+def test_fp16_deploy_graph_survives_magnitudes_that_break_the_original(form: str) -> None:
     model = realistic_magnitudes(MODELS["tlc-local"]())
     x = photo(96, 128, 3)
     peak = []
@@ -147,7 +149,7 @@ def test_fp16_deploy_graph_survives_magnitudes_that_break_the_original(target: s
         half = half_model(x.half()).float()
         assert any(overflowed)  # upstream's LayerNorm squares overflow fp16 (65504) ...
         assert psnr(half.clamp(0, 1), ref) < 45.0  # ... and the output misses the fp16 budget
-        graph = deploy(model, target=target).half()  # type: ignore[arg-type]
+        graph = deploy(model, norm_form=form).half()  # type: ignore[arg-type]
         out = graph(x.half()).float()
         assert bool(torch.isfinite(out).all())
         assert psnr(out.clamp(0, 1), ref) >= 45.0
@@ -158,7 +160,7 @@ def test_fp16_deploy_graph_survives_magnitudes_that_break_the_original(target: s
 
 
 def test_static_graph_has_no_slices_chunks_or_cumsum() -> None:
-    graph = deploy(MODELS["tlc-local"](), target="xnnpack", input_size=(96, 128))
+    graph = deploy(MODELS["tlc-local"](), norm_form="conv-mean", input_size=(96, 128))
     exported = torch.export.export(graph, (torch.rand(1, 3, 96, 128),))
     ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
     banned = ("split", "chunk", "slice", "cumsum", "native_layer_norm", "pixel_shuffle")
@@ -182,3 +184,66 @@ def test_channel_flat_input_gives_zero_not_nan_in_fp16(form: str) -> None:
 def upstream_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     d = x - x.mean(1, keepdim=True)
     return d / (d.pow(2).mean(1, keepdim=True) + eps).sqrt()
+
+
+def test_deploy_runs_exactly_the_pass_list_in_order(monkeypatch) -> None:
+    ran: list[str] = []
+
+    def recording(name, run):
+        def record(graph, settings):
+            ran.append(name)
+            run(graph, settings)
+
+        return record
+
+    from nafnet_edge.deploy import pipeline
+
+    monkeypatch.setattr(pipeline, "PASSES", [(name, recording(name, run)) for name, run in PASSES])
+    graph = deploy(MODELS["nafnet"](), input_size=(96, 128))
+    assert ran == [name for name, _ in PASSES]
+    assert graph.recipe.passes == tuple(ran)
+
+    monkeypatch.setattr(pipeline, "PASSES", [("noop", lambda graph, settings: ran.append("noop"))])
+    ran.clear()
+    graph = deploy(MODELS["nafnet"]())
+    assert ran == ["noop"] and graph.recipe.passes == ("noop",)
+    assert graph.blocks()[0].beta is not None  # nothing else ran
+
+
+def test_recipe_records_how_the_graph_was_made() -> None:
+    from nafnet_edge.manifest import IOSpec
+
+    graph = deploy(MODELS["nafnet"](), norm_form="mvn", input_size=(96, 128), stream_scale=8, metadata={"k": "v"})
+    r = graph.recipe
+    assert (r.arch, r.norm_form, r.stream_scale, r.input_size) == ("NAFNet", "mvn", 8.0, (96, 128))
+    assert r.config == CFG.to_dict() and r.channels == 3 and r.pad_multiple == CFG.pad_multiple
+    assert r.passes == tuple(name for name, _ in PASSES)
+    assert r.local_pooling == () and not r.is_tlc
+    assert dict(r.metadata) == {"k": "v"}
+    assert r.io == IOSpec.image(3, (96, 128))
+    assert all(b.norm1.form == "mvn" for b in graph.blocks())
+    assert deploy(MODELS["nafnet"]()).recipe.io is None  # no fixed size, no fixed tensors
+
+
+def test_recipe_lists_tlc_local_pooling_at_the_export_size() -> None:
+    local = deploy(MODELS["tlc-local"](), norm_form="conv-mean", input_size=(96, 128)).recipe
+    assert local.arch == "NAFNetLocal" and local.is_tlc
+    assert len(local.local_pooling) == 6  # every block's pool: kernel 48 (scaled per depth) < the feature map
+    assert local.local_pooling[0] == (48, 48)
+    pooled = [b.pool.kernel_size for b in deploy(MODELS["tlc-local"](), input_size=(96, 128)).blocks()]
+    assert list(local.local_pooling) == pooled
+    wide = deploy(MODELS["tlc-global"](), input_size=(96, 128)).recipe
+    assert wide.arch == "NAFNetLocal" and wide.local_pooling == ()  # kernels cover the map: global at this size
+
+
+def test_norm_forms_by_earlier_labels_and_by_owner() -> None:
+    from nafnet_edge.deploy import norm_form_of, resolve_norm_form
+
+    model = MODELS["nafnet"]()
+    for label, form in NORM_FORMS.items():
+        assert deploy(model, target=label).recipe.norm_form == form  # the earlier keyword, still read
+        assert resolve_norm_form(label) == form
+    assert norm_form_of(type("T", (), {"norm_form": "layer-norm"})) == "layer-norm"
+    assert norm_form_of(type("Q", (), {"deploy_target": "xnnpack"})) == "conv-mean"
+    with pytest.raises(ValueError, match="names no deploy norm form"):
+        norm_form_of(object())

@@ -9,7 +9,7 @@ import torch
 
 from nafnet_edge.checkpoint import load_checkpoint
 from nafnet_edge.cli import main
-from nafnet_edge.deploy import PadCrop
+from nafnet_edge.deploy import PASSES, PadCrop
 from nafnet_edge.deploy.io import load_deploy
 from nafnet_edge.errors import EXIT_BAD_INPUT, EXIT_USAGE
 from nafnet_edge.model import NAFNet, NAFNetConfig
@@ -49,8 +49,11 @@ def test_reparam_safetensors_round_trip_is_exact(ckpt: Path, tmp_path: Path, cap
         )
         == 0
     )
-    assert "max abs error vs the original" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "max abs error vs the original" in err
+    assert f"passes: {', '.join(name for name, _ in PASSES)}" in err  # what deploy ran, in its order
     graph = load_deploy(out)
+    assert (graph.recipe.arch, graph.recipe.norm_form) == ("NAFNetLocal", "conv-mean")
     original = load_checkpoint(ckpt, arch="nafnet-local", train_size=(32, 32)).model
     x = torch.rand(1, 3, 70, 90)
     with torch.no_grad():
@@ -88,3 +91,25 @@ def test_reparam_usage_errors(ckpt: Path, tmp_path: Path, monkeypatch, capsys, e
     assert code == EXIT_USAGE
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reparam_takes_target_names(ckpt: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "deploy.safetensors"
+    assert main(["reparam", str(ckpt), "-o", str(out), "--target", "executorch", "--input-size", "64"]) == 0
+    assert "(conv-mean norms; passes: " in capsys.readouterr().err
+    assert load_deploy(out).recipe.norm_form == "conv-mean"
+
+
+def test_deploy_files_of_earlier_releases_still_load(ckpt: Path, tmp_path: Path) -> None:
+    """Files written before norm forms had names record a deploy ``target`` label instead."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = tmp_path / "deploy.safetensors"
+    assert main(["reparam", str(ckpt), "-o", str(out), "--target", "coreml"]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        meta = dict(f.metadata())
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    old = {k: v for k, v in meta.items() if k not in ("norm_form", "arch", "passes")} | {"target": "coreml"}
+    save_file(state, str(out), metadata=old)
+    assert load_deploy(out).recipe.norm_form == "layer-norm"

@@ -24,8 +24,8 @@ from helpers import parser_with, save_tiny_checkpoint
 from nafnet_edge import cli
 from nafnet_edge.artifact_files import artifact_file
 from nafnet_edge.cli import main
-from nafnet_edge.converters.onnx import ONNXConverter
-from nafnet_edge.converters.openvino import OpenVINOConverter
+from nafnet_edge.converters.onnx import ONNXTarget
+from nafnet_edge.converters.openvino import OpenVINOTarget
 from nafnet_edge.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -63,7 +63,7 @@ def edit_manifest(directory: Path, **changes) -> None:
     manifest = json.loads(path.read_text())
     for key, value in changes.items():
         if key == "shape":
-            manifest["input"]["shape"] = value
+            manifest["io"]["inputs"][0]["shape"] = value
         elif key == "source_path":
             manifest["source"]["path"] = value
         else:
@@ -216,10 +216,10 @@ def test_a_garbage_model_is_bad_input_naming_the_file(artifact: Path, built: Pat
 MANIFESTS = [
     ("unknown-target", {"target": "tflite"}, "unknown target 'tflite'"),
     ("unknown-precision", {"precision": "int3"}, "unknown precision 'int3'"),
-    ("absurd-shape", {"shape": [1, 3, 160000, 160000]}, "'input.shape' [1, 3, 160000, 160000] is not one"),
+    ("absurd-shape", {"shape": [1, 3, 160000, 160000]}, "'io.inputs[0].shape' [1, 3, 160000, 160000] is not one"),
     ("many-channels", {"shape": [1, 4096, 32, 32]}, "1 to 4 channels"),
     ("batch", {"shape": [8, 3, 32, 32]}, "batch 1"),
-    ("bool-shape", {"shape": [1, 3, True, 32]}, "'input.shape' is not four positive integers"),
+    ("bool-shape", {"shape": [1, 3, True, 32]}, "'io.inputs[0].shape' is not four positive integers"),
     ("long-name", {"files": ["model.onnx", "x" * 5000]}, "a name of 5000 characters (at most 1024)"),
     ("long-component", {"files": ["model.onnx", "x" * 300]}, "a path component of 300 bytes (at most 255)"),
     ("nul", {"files": ["model.onnx\0"]}, "NUL character"),
@@ -304,12 +304,19 @@ def _boom(*args, **kwargs):
     raise ValueError("boom")
 
 
+def _two_quick_targets(monkeypatch) -> None:
+    """--target all of two quick targets: the registry holding onnx and openvino alone."""
+    from nafnet_edge import converters
+
+    monkeypatch.setattr(converters, "TARGETS", {name: converters.TARGETS[name] for name in ("onnx", "openvino")})
+
+
 @pytest.mark.parametrize("target", ["onnx", "all"])
 def test_a_valueerror_inside_a_backend_is_an_internal_error(
     built: Path, tmp_path: Path, capsys, monkeypatch, target
 ) -> None:
-    monkeypatch.setattr(cli, "TARGET_NAMES", ("onnx", "openvino"))  # --target all, of two quick targets
-    monkeypatch.setattr(ONNXConverter, "export", _boom)
+    _two_quick_targets(monkeypatch)
+    monkeypatch.setattr(ONNXTarget, "export", _boom)
     argv = ["convert", str(built / "tiny.pth"), "--target", target, "--input-size", "32", "--no-validate"]
     assert main([*argv, "-o", str(tmp_path / "out")]) == EXIT_FAILURE
     err = capsys.readouterr().err
@@ -320,8 +327,8 @@ def test_a_valueerror_inside_a_backend_is_an_internal_error(
 def test_all_with_a_missing_extra_builds_the_others_and_exits_4(
     built: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    monkeypatch.setattr(cli, "TARGET_NAMES", ("onnx", "openvino"))
-    monkeypatch.setattr(OpenVINOConverter, "modules", ("no_such_runtime_module",))
+    _two_quick_targets(monkeypatch)
+    monkeypatch.setattr(OpenVINOTarget, "modules", ("no_such_runtime_module",))
     argv = ["convert", str(built / "tiny.pth"), "--target", "all", "--input-size", "32", "--no-validate"]
     assert main([*argv, "-o", str(tmp_path / "out")]) == EXIT_MISSING_BACKEND
     err = capsys.readouterr().err
@@ -333,7 +340,7 @@ def test_all_with_a_missing_extra_builds_the_others_and_exits_4(
 
 
 def test_all_skips_a_target_an_option_does_not_apply_to(built: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    monkeypatch.setattr(cli, "TARGET_NAMES", ("onnx", "openvino"))
+    _two_quick_targets(monkeypatch)
     argv = ["convert", str(built / "tiny.pth"), "--target", "all", "--input-size", "32", "--no-validate"]
     assert main([*argv, "--precision", "fp16", "-o", str(tmp_path / "out")]) == 0
     assert capsys.readouterr().err == "skipped onnx: --target onnx supports precision fp32, not fp16\n"

@@ -26,7 +26,7 @@ from nafnet_edge.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OUTPUT
 CLI = [sys.executable, "-m", "nafnet_edge"]
 KODAK = Path(str(resources.files("nafnet_edge") / "data" / "kodak"))
 PAUSED_CLI = Path(__file__).with_name("paused_cli.py")
-ONNX_EXPORT = "nafnet_edge.converters.onnx:ONNXConverter.export"
+ONNX_EXPORT = "nafnet_edge.converters.onnx:ONNXTarget.export"
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +145,7 @@ def test_convert_interrupted_leaves_nothing_and_keeps_a_previous_artifact(tmp_pa
         assert (out / "onnx" / name).is_file()
 
 
+@pytest.mark.slow
 def test_quantize_interrupted_in_training_resumes(tmp_path: Path, ckpt: Path) -> None:
     out = tmp_path / "out"
     val = tmp_path / "val"  # validating on one Kodak crop, not the four whole images: same checks, far fewer tiles

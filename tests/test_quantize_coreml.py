@@ -1,5 +1,5 @@
 """Core ML int8 (nafnet_edge.quantization.coreml): the W8A8 and weight-only ML programs of a tiny deploy graph,
-what they hold, and their outputs through ``CoreMLConverter``'s runner (Core ML on macOS; elsewhere the saved
+what they hold, and their outputs through ``CoreMLTarget``'s runner (Core ML on macOS; elsewhere the saved
 program evaluated op by op in numpy, fp16 as declared) against the fp32 deploy graph; QAT gradients; the
 quantize command end to end.
 
@@ -29,7 +29,7 @@ from helpers import randomize  # noqa: E402
 
 from nafnet_edge.cli import main  # noqa: E402
 from nafnet_edge.converters.base import Exported  # noqa: E402
-from nafnet_edge.converters.coreml import CoreMLConverter  # noqa: E402
+from nafnet_edge.converters.coreml import CoreMLTarget  # noqa: E402
 from nafnet_edge.converters.coreml_mil import MilProgram, load_program  # noqa: E402
 from nafnet_edge.deploy import DeployNAFNet, deploy  # noqa: E402
 from nafnet_edge.errors import EXIT_USAGE  # noqa: E402
@@ -66,7 +66,7 @@ class Artifact:
     program: MilProgram
 
     def run(self, x: torch.Tensor) -> np.ndarray:
-        runner = CoreMLConverter().load_runner(self.out_dir, {"export": self.exported.info})
+        runner = CoreMLTarget().load_runner(self.out_dir, export=self.exported.info)
         return runner.run(x.numpy())
 
 
@@ -181,9 +181,8 @@ def test_weight_only_refuses_qat(graph, calibration) -> None:
         CoreMLQuantizer(mode="int4")  # type: ignore[arg-type]
 
 
-def test_qat_prepared_module_trains_every_weight_and_freezes_its_ranges(graph, calibration) -> None:
-    from torchao.quantization.pt2e import FakeQuantizeBase
-
+def test_qat_prepared_module_trains_every_weight_and_converts_as_trained(graph, calibration) -> None:
+    """What every quantizer does (a trained copy, frozen ranges) is in test_quantizer_contract.py."""
     quantizer = CoreMLQuantizer()
     prepared = quantizer.prepare(graph, calibration[0], qat=True, calibration=calibration[:2])
     x = calibration[2]
@@ -194,16 +193,8 @@ def test_qat_prepared_module_trains_every_weight_and_freezes_its_ranges(graph, c
     params = dict(prepared.named_parameters())
     assert params.keys() == dict(graph.named_parameters()).keys()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
-    before = copy.deepcopy(graph.state_dict())
     torch.optim.SGD(prepared.parameters(), lr=0.1).step()
-    assert all(torch.equal(before[k], v) for k, v in graph.state_dict().items())  # the caller's graph is untouched
-
-    fake_quants = [m for m in prepared.modules() if isinstance(m, FakeQuantizeBase)]
     quantizer.freeze_observers(prepared)
-    scales = [m.scale.clone() for m in fake_quants]
-    with torch.no_grad():
-        prepared(x * 3.0)  # ranges would grow if the observers still ran
-    assert all(torch.equal(m.scale, s) for m, s in zip(fake_quants, scales, strict=True))
 
     # what QAT trains is what gets exported: the conversion keeps the fake quantizers' scales
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
@@ -253,4 +244,4 @@ def test_quantize_command_writes_weight_only_coreml_int8(tmp_path: Path, capsys)
     assert manifest["validation"]["summary"]["fidelity_db_min"] >= 45.0
 
     code = main(["quantize", "--target", "executorch", "--weights-only", "--data", str(KODAK_DIR)])
-    assert code == EXIT_USAGE and "--weights-only is a Core ML int8 mode" in capsys.readouterr().err
+    assert code == EXIT_USAGE and "--weights-only is an option of --target coreml" in capsys.readouterr().err

@@ -84,14 +84,13 @@ def test_xnnpack_keeps_the_units_ops_float_in_one_partition(tmp_path: Path) -> N
     require("executorch")
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    from nafnet_edge.converters.executorch import ExecuTorchConverter
+    from nafnet_edge.converters.executorch import ExecuTorchTarget
 
     graph = deploy(randomize(build_model(TINY)), target="xnnpack", input_size=(SIZE, SIZE))
     calibration = [torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     counts = {}
     for kept in ((), KEPT):
-        quantizer = get_quantizer("executorch")
-        quantizer.keep_float = frozenset(kept)
+        quantizer = get_quantizer("executorch", keep_float=kept)
         prepared = quantizer.prepare(graph, calibration[0], qat=False, calibration=calibration)
         with torch.no_grad():
             for x in calibration:
@@ -102,7 +101,7 @@ def test_xnnpack_keeps_the_units_ops_float_in_one_partition(tmp_path: Path) -> N
     exported = quantizer.export(prepared, tmp_path, calibration[0])
     assert exported.info["kept_float"] == sorted(KEPT)
     assert exported.info["delegated_partitions"] == 1 and not exported.info["ops_outside_delegate"]
-    runner = ExecuTorchConverter().load_runner(tmp_path, {"files": exported.files})
+    runner = ExecuTorchTarget().load_runner(tmp_path)
     y = runner.run(calibration[0].numpy())
     with torch.no_grad():
         assert psnr_db(torch.from_numpy(y), graph(calibration[0])) > 30.0
@@ -116,8 +115,7 @@ def test_openvino_keeps_the_units_weights_float(tmp_path: Path) -> None:
     example = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     ops = {}
     for kept in ((), KEPT):
-        quantizer = get_quantizer("openvino")
-        quantizer.keep_float = frozenset(kept)
+        quantizer = get_quantizer("openvino", keep_float=kept)
         prepared = quantizer.prepare(graph, example, qat=False)
         out = tmp_path / ("kept" if kept else "all")
         out.mkdir()
@@ -148,8 +146,7 @@ def test_ranking_predicts_what_keeping_the_top_unit_gains() -> None:
         teacher = graph(crops)
     fidelity = {}
     for kept in ((), (top,)):
-        quantizer = get_quantizer("executorch")
-        quantizer.keep_float = frozenset(kept)
+        quantizer = get_quantizer("executorch", keep_float=kept)
         prepared = quantizer.prepare(graph, crops[:1], qat=False, calibration=calibration)
         with torch.no_grad():
             for x in calibration:
@@ -188,6 +185,7 @@ def _quantize(root: Path, name: str, *extra: str) -> tuple[int, dict]:
     return code, json.loads((out / "executorch" / "manifest.json").read_text())
 
 
+@pytest.mark.slow
 def test_search_keeps_sensitive_units_float_until_the_artifact_meets_its_budget(tmp_path: Path) -> None:
     require("executorch")
     _noisy_folders(tmp_path)
@@ -226,14 +224,19 @@ class _FakeRounds:
         self.measured = measured
         self.max_drift_db = max_drift_db
         self.keep_float: frozenset[str] = frozenset()
+        self.switches_units = True
         self.number = 0
+
+    def quantizer(self, target: str, *, keep_float: tuple[str, ...] = (), **options: object) -> _FakeRounds:
+        self.keep_float = frozenset(keep_float)
+        return self
 
     def check_available(self) -> None:
         pass
 
-    def quantize(self, *_: object) -> dict:
+    def quantize(self, *_: object) -> tuple[None, None, dict]:
         self.number += 1
-        return {"prepared": None, "example": None, "method": "ptq", "calibration_batches": 1, "world_size": 1}
+        return None, None, {"method": "ptq", "calibration_batches": 1, "world_size": 1}
 
     def export(self, prepared: object, out_dir: Path, example: object) -> object:
         from nafnet_edge.converters import Exported
@@ -241,10 +244,15 @@ class _FakeRounds:
         (out_dir / self.artifact).write_text(f"round {self.number}: {sorted(self.keep_float)}")
         return Exported(files=[self.artifact], info={"kept_float": sorted(self.keep_float)})
 
-    def load_runner(self, out_dir: Path, manifest: dict) -> object:
-        from nafnet_edge.converters import LoadedRunner
+    def load_runner(self, out_dir: Path, *, export: object = None) -> object:
+        from nafnet_edge.converters import Session
 
-        return LoadedRunner(run=lambda x: np.sort(np.tile(x, 16), axis=None), info={"runtime": "fake"})
+        return Session(run=lambda x: np.sort(np.tile(x, 16), axis=None), runtime="fake", info={"runtime": "fake"})
+
+    options = ()  # no target options of its own
+
+    def needs_test_io(self, options: object) -> bool:
+        return False
 
     def validate(self, *_: object) -> object:
         drift, fidelity = self.measured[self.number - 1]
@@ -257,7 +265,9 @@ class _FakeRounds:
         elif fidelity < 45.0:
             failures.append(f"fidelity {fidelity:.2f} dB < budget 45 dB (--min-fidelity)")
         report = {"passed": not failures, "failures": failures, "summary": summary}
-        return type("Report", (), {"to_dict": lambda self: report})()
+        from nafnet_edge.manifest import ValidationSummary
+
+        return type("Report", (), {"to_summary": lambda self: ValidationSummary.from_dict(report)})()
 
 
 RANKED = ["decoders.1.0", "ending", "encoders.0.0", "intro", "ups.1", "decoders.0.0", "middle_blks.0"]
@@ -270,12 +280,13 @@ def _search(
 
     import nafnet_edge.convert as convert_module
     import nafnet_edge.quantization as quantization_module
+    import nafnet_edge.quantization.search as search_module
     import nafnet_edge.quantization.sensitivity as sensitivity_module
 
     fake = _FakeRounds(measured, max_drift_db=0.1)
-    monkeypatch.setattr(convert_module, "get_converter", lambda target: fake)
-    monkeypatch.setattr(quantization_module, "get_quantizer", lambda target, **options: fake)
-    monkeypatch.setattr(convert_module, "_quantize", fake.quantize)
+    monkeypatch.setattr(convert_module, "get_target", lambda target: fake)
+    monkeypatch.setattr(quantization_module, "get_quantizer", fake.quantizer)
+    monkeypatch.setattr(search_module, "quantize", fake.quantize)
     monkeypatch.setattr(convert_module, "run_validation", fake.validate)
     ranking = [(unit, 1.0 / (i + 1)) for i, unit in enumerate(RANKED)]
     monkeypatch.setattr(sensitivity_module, "rank_units", lambda *args, exclude=(): ranking)
@@ -344,6 +355,7 @@ def test_search_keeps_its_best_round_and_stops_at_a_worse_one(
 def test_search_stops_at_the_round_that_meets_the_budget(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from nafnet_edge.manifest import Manifest
     from nafnet_edge.usage import usage_note
 
     code, fake = _search(tmp_path, monkeypatch, [(0.3, 40.0), (0.2, 41.0), (0.05, 44.0), (0.01, 50.0)])
@@ -362,7 +374,7 @@ def test_search_stops_at_the_round_that_meets_the_budget(
     # any precision's USAGE.md leads with a missed budget
     manifest["precision"] = "fp16"
     manifest["validation"].update(passed=False, failures=["fidelity 51.20 dB < budget 60 dB (--min-fidelity)"])
-    assert usage_note("onnx", manifest).startswith(
+    assert usage_note("onnx", Manifest.from_dict(manifest)).startswith(
         "> **FAILED its accuracy budget** in validation in its runtime (`manifest.json`, `validation`): fidelity "
         "51.20 dB < budget 60 dB (--min-fidelity).\n> Try next: convert with --precision fp32, or accept a looser "
         "--max-drift / --min-fidelity.\n\n# ONNX: how to run this artifact\n"

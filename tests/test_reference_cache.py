@@ -21,7 +21,7 @@ from nafnet_edge import validate
 from nafnet_edge.atomic import _acquire
 from nafnet_edge.checkpoint import load_checkpoint
 from nafnet_edge.cli import main
-from nafnet_edge.converters import get_converter
+from nafnet_edge.converters import get_target
 from nafnet_edge.errors import EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_OUTPUT, OutputError
 from nafnet_edge.model import NAFNet, NAFNetConfig, build_model
 
@@ -214,7 +214,7 @@ def test_nothing_planted_in_the_cache_makes_a_wrong_artifact_pass(data: Path, tm
     (tmp_path / "other" / "onnx" / "model.onnx").replace(art / "model.onnx")  # the wrong model, good's manifest
 
     manifest = json.loads((art / "manifest.json").read_text())
-    runner = get_converter("onnx").load_runner(art, manifest)
+    runner = get_target("onnx").load_runner(art, export=manifest["export"])
     loaded = load_checkpoint(good)
     identity = validate.reference_identity(
         loaded.model, checkpoint_sha256=loaded.sha256, param_key="params", device=CPU

@@ -7,6 +7,7 @@ in CI (``CI=true``) and is skipped elsewhere.
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import json
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import cv2
 import pytest
-from helpers import require, save_tiny_checkpoint
+from helpers import Converted, require
 
 from nafnet_edge.cli import main
 from nafnet_edge.errors import EXIT_BAD_INPUT
@@ -24,13 +25,12 @@ from nafnet_edge.errors import EXIT_BAD_INPUT
 require("onnxruntime")
 require("openvino")
 
-KODAK = Path(__file__).resolve().parents[1] / "nafnet_edge" / "data" / "kodak"
 # Core ML validates through the MIL numpy evaluator off macOS: a third runtime and an fp16 row when installed.
 TARGETS = ["onnx", "openvino"] + (["coreml"] if importlib.util.find_spec("coremltools") else [])
 IMAGES = 2
 
-BENCH = {  # bench.json as `nafnet-edge bench --save` writes it (schema: nafnet_edge/bench.py), by hand
-    "bench_version": 1,
+BENCH = {  # bench.json as `nafnet-edge bench --save` writes it (schema: nafnet_edge.manifest.BenchRecord), by hand
+    "bench_version": 2,
     "created": "2026-11-25T04:00:00Z",
     "machine": {"cpu": "Test CPU", "cores": 2, "platform": "Linux", "sgemm_gflops": 185.3},
     "settings": {"iters": 20, "warmup": 3, "threads": None, "frame": None},
@@ -66,21 +66,12 @@ def _cache(tmp_path: Path, monkeypatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model converted to each target at 64 px, validated on two Kodak crops; openvino benchmarked."""
-    root = tmp_path_factory.mktemp("report")
-    checkpoint = save_tiny_checkpoint(root / "tiny.pth")
-    data = root / "data"
-    data.mkdir()
-    for i, (h, w) in enumerate([(96, 120), (50, 40)]):
-        image = cv2.imread(str(sorted(KODAK.glob("*.png"))[i]))[100 : 100 + h, 80 : 80 + w]
-        cv2.imwrite(str(data / f"crop{i}.png"), image)
-    out = root / "out"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NAFNET_EDGE_CACHE", str(root / "cache"))
-        for target in TARGETS:
-            args = ["convert", str(checkpoint), "--target", target, "-o", str(out), "--input-size", "64"]
-            assert main([*args, "--data", str(data)]) == 0
+def converted(tmp_path_factory: pytest.TempPathFactory, converted_artifacts: Converted) -> Path:
+    """The session's tiny model converted to each target at 64 px, validated on two Kodak crops (copied, only
+    ``TARGETS``); openvino benchmarked."""
+    out = tmp_path_factory.mktemp("report") / "out"
+    for target in TARGETS:
+        shutil.copytree(converted_artifacts.out / target, out / target)
     (out / "openvino" / "bench.json").write_text(json.dumps(BENCH))
     return out
 
@@ -182,6 +173,21 @@ def test_a_single_artifact_directory_without_bench_json_says_it_was_not_benchmar
     assert 'data-target="onnx"' in row and "not benchmarked" in row
     assert f"nafnet-edge bench {folder} --save" in page
     assert "No latency chart" in page and "<img" not in page
+
+
+def test_the_operator_table_renders_from_the_bench_json_that_bench_writes(converted: Path, tmp_path: Path) -> None:
+    """Real `bench --save` and then the report: the details section lists the operators bench.json records."""
+    folder = Path(shutil.copytree(converted / "onnx", tmp_path / "onnx"))
+    assert main(["bench", str(folder), "--iters", "2", "--warmup", "0", "--no-baseline", "--save"]) == 0
+    profile = json.loads((folder / "bench.json").read_text())["profile"]
+    ops = [row["op"] for row in profile["top"]]
+    assert ops and "ops" not in profile  # one key for the operators, the one the report reads
+    assert main(["report", str(folder), "--images", "0"]) == 0
+    page = (folder / "report.html").read_text(encoding="utf-8")
+    table = re.search(r"<h4>Top operators \((.*?), total .*?</h4>(.*?)</table>", page, flags=re.S)
+    assert table is not None, "no operator table"
+    assert table.group(1) == profile["source"]
+    assert re.findall(r"<tr><td>(.*?)</td>", table.group(2)) == [html.escape(op) for op in ops[:10]]
 
 
 def test_an_artifact_that_cannot_run_here_keeps_its_row_with_the_reason(converted: Path, tmp_path: Path) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -15,64 +15,57 @@ from nafnet_edge.model import NAFNetConfig, build_model
 DEPLOY_FORMAT = "nafnet-edge-deploy"
 
 
-@dataclass(frozen=True)
-class DeployRecipe:
-    """What is needed to rebuild a deploy graph's structure; stored in the file's metadata."""
-
-    config: NAFNetConfig
-    target: str
-    input_size: tuple[int, int] | None
-    stream_scale: float
-
-    def to_metadata(self) -> dict[str, str]:
-        return {
-            "format": DEPLOY_FORMAT,
-            "config": json.dumps(self.config.to_dict()),
-            "target": self.target,
-            "input_size": json.dumps(list(self.input_size) if self.input_size else None),
-            "stream_scale": repr(self.stream_scale),
-        }
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, str]) -> DeployRecipe:
-        cfg = json.loads(meta["config"])
-        size = json.loads(meta["input_size"])
-        return cls(
-            config=NAFNetConfig(**cfg),
-            target=meta["target"],
-            input_size=tuple(size) if size else None,  # type: ignore[arg-type]
-            stream_scale=float(meta["stream_scale"]),
-        )
+def recipe_metadata(recipe: Any) -> dict[str, str]:
+    """What a saved deploy graph stores of its ``DeployRecipe`` (str -> str), enough to rebuild its structure."""
+    return {
+        **recipe.metadata,
+        "format": DEPLOY_FORMAT,
+        "arch": recipe.arch,
+        "config": json.dumps(recipe.config),
+        "norm_form": recipe.norm_form,
+        "input_size": json.dumps(list(recipe.input_size) if recipe.input_size else None),
+        "stream_scale": repr(recipe.stream_scale),
+        "passes": json.dumps(list(recipe.passes)),
+    }
 
 
-def build_graph(recipe: DeployRecipe):  # -> DeployNAFNet
-    from nafnet_edge.deploy import deploy
+def build_graph(meta: dict[str, str]):  # -> DeployNAFNet
+    """An untrained deploy graph of the structure ``meta`` (see :func:`recipe_metadata`) describes; files
+    written before norm forms had names give a deploy ``target`` label instead."""
+    from nafnet_edge.deploy import deploy, resolve_norm_form
 
+    size = json.loads(meta["input_size"])
     with torch.device("meta"):
-        skeleton = build_model(recipe.config)
+        skeleton = build_model(NAFNetConfig(**json.loads(meta["config"])))
     skeleton = skeleton.to_empty(device="cpu")
-    return deploy(skeleton, target=recipe.target, input_size=recipe.input_size, stream_scale=recipe.stream_scale)  # type: ignore[arg-type]
+    return deploy(
+        skeleton,
+        norm_form=resolve_norm_form(meta.get("norm_form") or meta["target"]),
+        input_size=tuple(size) if size else None,  # type: ignore[arg-type]
+        stream_scale=float(meta["stream_scale"]),
+    )
 
 
-def save_deploy(
-    graph: torch.nn.Module, path: str | Path, recipe: DeployRecipe, *, extra: dict[str, str] | None = None
-) -> None:
-    """Write the graph to ``path`` (.safetensors: weights + recipe; .pt2: a static torch.export program)."""
+def save_deploy(graph: torch.nn.Module, path: str | Path, *, extra: dict[str, str] | None = None) -> None:
+    """Write the graph made by ``deploy`` to ``path`` (.safetensors: weights + its recipe; .pt2: a static
+    torch.export program)."""
     path = Path(path)
+    recipe = graph.recipe
     if path.suffix not in (".safetensors", ".pt2"):
         raise UsageError(f"{path}: write the deploy graph as .safetensors or .pt2")
     if path.suffix == ".pt2" and recipe.input_size is None:
         raise UsageError("a .pt2 export has a static shape: give --input-size (e.g. 512)")
+    meta = {**recipe_metadata(recipe), **(extra or {})}
     with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
             state = {k: v.contiguous() for k, v in graph.state_dict().items()}
-            save_file(state, str(tmp), metadata={**recipe.to_metadata(), **(extra or {})})
+            save_file(state, str(tmp), metadata=meta)
         else:
-            example = torch.zeros(1, recipe.config.img_channels, *recipe.input_size)  # type: ignore[misc]
+            example = torch.zeros(1, recipe.channels, *recipe.input_size)
             program = torch.export.export(graph.eval(), (example,))
-            torch.export.save(program, str(tmp), extra_files={"nafnet_edge.json": json.dumps(recipe.to_metadata())})
+            torch.export.save(program, str(tmp), extra_files={"nafnet_edge.json": json.dumps(meta)})
 
 
 def load_deploy(path: str | Path):  # -> DeployNAFNet
@@ -85,6 +78,6 @@ def load_deploy(path: str | Path):  # -> DeployNAFNet
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     if meta.get("format") != DEPLOY_FORMAT:
         raise CheckpointError(f"{path} is not a deploy graph written by `nafnet-edge reparam`")
-    graph = build_graph(DeployRecipe.from_metadata(meta))
+    graph = build_graph(meta)
     graph.load_state_dict(state, strict=True)
     return graph.eval().requires_grad_(False)

@@ -10,7 +10,7 @@ and the crop back are done by the caller (``PadCrop``, or the tiler), so exporte
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -173,6 +173,7 @@ class DeployNAFNet(nn.Module):
         self.encoders, self.downs, self.middle_blks = encoders, downs, middle_blks
         self.ups, self.decoders = ups, decoders
         self.pad_multiple = pad_multiple
+        self.recipe: Any = None  # nafnet_edge.deploy.DeployRecipe, set by deploy()
 
     def blocks(self) -> list[DeployBlock]:
         stages = [*self.encoders, self.middle_blks, *self.decoders]
