@@ -269,7 +269,7 @@ def _pt2e_quantizer(*, qat: bool, fp_global_residual: bool) -> Any:
         )
     )
 
-    class DeployGraphQuantizer(PT2ECoreMLQuantizer):  # type: ignore[misc, valid-type]
+    class DeployGraphQuantizer(PT2ECoreMLQuantizer):
         def _annotate_all_patterns(self, model: Any, quantization_config: Any, filter_fn: Any = None) -> None:
             annotation = _int8_activations(AnnotationConfig.from_quantization_config(quantization_config))
             annotators = _AnnotationPatternRegistry.get_annotators()
@@ -301,7 +301,7 @@ def _int8_activations(annotation: Any) -> Any:
 def _global_residual(model: torch.fx.GraphModule) -> torch.fx.Node:
     """The add producing the graph's output from the graph's input (``ending(x) + inp``)."""
     (output,) = [n for n in model.graph.nodes if n.op == "output"]
-    (node,) = output.args[0]  # type: ignore[misc]
+    (node,) = output.args[0]
     if node.target is not torch.ops.aten.add.Tensor or not any(a.op == "placeholder" for a in node.all_input_nodes):
         raise RuntimeError(f"the deploy graph's output is {node.target}, not the global residual add")
     return node
@@ -331,7 +331,7 @@ def int8_summary(program: Any) -> dict[str, Any]:
     for op in program.ops:
         int8_weight = True
         if op.type in ("conv", "conv_transpose"):
-            source = producer.get(op.inputs["weight"])  # type: ignore[arg-type]
+            source = producer.get(op.inputs["weight"])
             int8_weight = source is not None and source.type == "constexpr_affine_dequantize"
             weights["int8" if int8_weight else "float"] += 1
         if op.type in CONVERSION_OPS:

@@ -75,9 +75,9 @@ class Pt2eQuantizer(Quantizer):
         from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
 
         if training:
-            move_exported_model_to_train(prepared)  # type: ignore[arg-type]
+            move_exported_model_to_train(prepared)
         else:
-            move_exported_model_to_eval(prepared)  # type: ignore[arg-type]
+            move_exported_model_to_eval(prepared)
 
     def freeze_observers(self, prepared: torch.nn.Module) -> None:
         """Fix every range: the fake quantizers keep quantizing with the ranges observed so far."""
@@ -104,7 +104,7 @@ class Pt2eQuantizer(Quantizer):
 
         model = copy.deepcopy(prepared).requires_grad_(False)
         self.set_training(model, False)
-        return convert_pt2e(model)  # type: ignore[arg-type]
+        return convert_pt2e(model)
 
 
 def is_qat(prepared: torch.nn.Module) -> bool:
@@ -130,7 +130,7 @@ def keeping_float(quantizer: Any, units: Collection[str]) -> Any:
 
     kept = frozenset(units)
 
-    class KeepFloat(PT2EQuantizer):  # type: ignore[misc, valid-type]
+    class KeepFloat(PT2EQuantizer):
         def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             return quantizer.transform_for_annotation(model)
 
@@ -157,7 +157,7 @@ def pt2e_unit_quantizers(prepared: torch.fx.GraphModule, units: Sequence[str]) -
     for node in prepared.graph.nodes:
         if node.op != "call_module":
             continue
-        module = prepared.get_submodule(node.target)  # type: ignore[arg-type]
+        module = prepared.get_submodule(node.target)
         if not isinstance(module, FakeQuantizeBase):
             continue
         neighbours = [n for n in [*node.all_input_nodes, *node.users] if n.op != "get_attr"]  # weights: no stack

@@ -102,7 +102,8 @@ def batches(
     """Endless random crops with random horizontal/vertical flips, as (input, target or None) NCHW batches."""
     rng = np.random.default_rng(seed)
     while True:
-        xs, ys = [], []
+        xs: list[np.ndarray] = []
+        ys: list[np.ndarray] = []
         for _ in range(batch):
             image = images[int(rng.integers(len(images)))]
             h, w = image.input.shape[:2]

@@ -217,7 +217,7 @@ def precision_summary(converted: torch.fx.GraphModule) -> dict[str, Any]:
             conversions += sum(1 for u in node.users if not is_int8.get(u, False))
         elif name in QUANTIZE_OPS:
             source = node.args[0]
-            conversions += int(not is_int8.get(source, False))  # type: ignore[arg-type]
+            conversions += int(not is_int8.get(source, False))
     return {
         "int8_ops": dict(sorted(int8.items())),
         "fp32_ops": dict(sorted(fp32.items())),

@@ -31,7 +31,8 @@ def files(tmp_path_factory) -> Path:
     save_tiny_checkpoint(root / "tiny.pth")
     cv2.imwrite(str(root / "x.png"), np.zeros((8, 8, 3), np.uint8))
     (root / "empty").mkdir()
-    escape = {"target": "onnx", "precision": "fp32", "files": ["../../x.onnx"], "input": {"shape": [1, 3, 16, 16]}}
+    escape = {"target": "onnx", "precision": "fp32", "files": ["../../x.onnx"]}
+    escape["input"] = {"name": "image", "shape": [1, 3, 16, 16]}
     escape["source"] = {"config": {}, "sha256": "0" * 64}
     manifests = {"broken": "{not json", "tampered": json.dumps({"target": "onnx"}), "list": "[1, 2]"}
     valid = {**escape, "files": ["model.onnx"]}

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import KODAK, randomize, require
+from helpers import KODAK, randomize, running_in_ci
 
 from nafnet_edge.converters.base import Exported
 from nafnet_edge.deploy import DeployNAFNet, deploy, norm_form_of
+from nafnet_edge.errors import MissingBackendError
 from nafnet_edge.images import read_image
 from nafnet_edge.model import NAFNetConfig, build_model
 from nafnet_edge.quantization import Quantizer, get_quantizer, quantizer_targets
@@ -29,14 +30,9 @@ from nafnet_edge.quantization import Quantizer, get_quantizer, quantizer_targets
 TINY = NAFNetConfig(width=8, enc_blk_nums=(1, 1), middle_blk_num=1, dec_blk_nums=(1, 1))
 SIZE = 32
 KEPT_UNIT = "ending"  # one conv whose weights every quantizer quantizes
-MODULES = {  # what each quantizer needs installed
-    "coreml": ("coremltools", "executorch", "torchao"),
-    "executorch": ("executorch", "torchao"),
-    "openvino": ("openvino", "nncf"),
-}
-# the int8 artifact in its runtime vs the fp32 deploy graph; measured 43.4-44.8 (coreml), 42.7-43.5 (executorch),
-# 41.9-43.4 dB (openvino) on these crops
-MIN_PSNR_DB = 36.0
+# the int8 artifact in its runtime vs the fp32 deploy graph; measured 45.0-45.4 dB (coreml), 42.5-43.7 dB
+# (executorch), 42.8-44.9 dB (openvino) on these crops
+MIN_PSNR_DB = 38.0
 MAX_PSNR_DB = 80.0  # above this the artifact is not quantized
 
 
@@ -77,10 +73,13 @@ class Case:
 @pytest.fixture(scope="module", params=quantizer_targets())
 def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Case:
     target = request.param
-    for module in MODULES[target]:
-        require(module)
     quantizer = get_quantizer(target)
-    quantizer.check_available()
+    try:
+        quantizer.check_available()
+    except MissingBackendError as e:
+        if running_in_ci():  # every extra is installed there: a missing backend is a broken install
+            raise
+        pytest.skip(str(e))
     graph = deploy(randomize(build_model(TINY)), norm_form=norm_form_of(quantizer), input_size=(SIZE, SIZE))
     calibration = [crop(i, 100, 50) for i in range(4)]
     prepared = quantizer.prepare(graph, calibration[0], qat=False, calibration=calibration)
@@ -90,6 +89,13 @@ def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     exported = quantizer.export(prepared, out_dir, calibration[0])
     held_out = [crop(i, 300, 300) for i in range(4)]  # regions calibration never saw
     return Case(target, quantizer, graph, calibration, held_out, prepared, exported, out_dir)
+
+
+@pytest.fixture(scope="module")
+def qat(case: Case) -> tuple[Quantizer, torch.nn.Module]:
+    """A QAT-prepared copy of the case's graph, all units quantized."""
+    quantizer = get_quantizer(case.target)
+    return quantizer, quantizer.prepare(case.graph, case.calibration[0], qat=True, calibration=case.calibration[:2])
 
 
 class TestQuantizerContract:
@@ -108,10 +114,20 @@ class TestQuantizerContract:
             assert out.shape == case.graph(batch).shape == batch.shape
         assert not any(p.requires_grad for p in case.prepared.parameters())  # PTQ trains nothing
 
-    def test_qat_trains_a_copy_and_freezing_fixes_the_ranges(self, case: Case) -> None:
-        quantizer = get_quantizer(case.target)
-        before = copy.deepcopy(case.graph.state_dict())
+    def test_keep_float_leaves_the_unit_unquantized(self, case: Case, qat: tuple[Quantizer, torch.nn.Module]) -> None:
+        quantizer, prepared = qat
+        units = quantizer.unit_quantizers(prepared, [KEPT_UNIT], case.calibration[0])
+        assert active_quantizers(units[KEPT_UNIT]) > 0
+        quantizer = get_quantizer(case.target, keep_float=[KEPT_UNIT])
         prepared = quantizer.prepare(case.graph, case.calibration[0], qat=True, calibration=case.calibration[:2])
+        units = quantizer.unit_quantizers(prepared, [KEPT_UNIT], case.calibration[0])
+        assert active_quantizers(units[KEPT_UNIT]) == 0
+
+    def test_qat_trains_a_copy_and_freezing_fixes_the_ranges(
+        self, case: Case, qat: tuple[Quantizer, torch.nn.Module]
+    ) -> None:
+        quantizer, prepared = qat
+        before = copy.deepcopy(case.graph.state_dict())
         x = torch.cat(case.calibration[2:])
         quantizer.set_training(prepared, True)
         with torch.no_grad():
@@ -129,15 +145,6 @@ class TestQuantizerContract:
         with torch.no_grad():
             prepared(x * 3.0)  # ranges would grow if they still followed the data
         assert all(torch.equal(v, prepared.state_dict()[k]) for k, v in frozen.items())
-
-    def test_keep_float_leaves_the_unit_unquantized(self, case: Case) -> None:
-        active = {}
-        for kept in ((), (KEPT_UNIT,)):
-            quantizer = get_quantizer(case.target, keep_float=kept)
-            prepared = quantizer.prepare(case.graph, case.calibration[0], qat=True, calibration=case.calibration)
-            units = quantizer.unit_quantizers(prepared, [KEPT_UNIT], case.calibration[0])
-            active[kept] = active_quantizers(units[KEPT_UNIT])
-        assert active[()] > 0 and active[(KEPT_UNIT,)] == 0, active
 
     def test_export_writes_the_declared_artifact(self, case: Case) -> None:
         assert case.quantizer.artifact in case.exported.files

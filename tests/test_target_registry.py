@@ -11,7 +11,6 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import torch
-from helpers import save_tiny_checkpoint
 
 from nafnet_edge import converters
 from nafnet_edge.cli import main
@@ -65,17 +64,31 @@ def echo(monkeypatch) -> Iterator[type[Target]]:
     yield converters.register(EchoTarget)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth")
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("NAFNET_EDGE_CACHE", str(tmp_path / "cache"))
 
 
-def _convert(checkpoint: Path, out: Path, *argv: str) -> int:
-    return main(["convert", str(checkpoint), "-o", str(out), "--input-size", SIZE, *argv])
+@pytest.fixture
+def checkpoint(tiny_checkpoint: Path) -> Path:
+    """The session's randomized width-8 two-level NAFNet (read-only)."""
+    return tiny_checkpoint
 
 
-def test_a_registered_target_is_converted_validated_and_described(echo, checkpoint: Path, tmp_path: Path) -> None:
-    assert _convert(checkpoint, tmp_path / "out", "--target", "echo", "--echo-gain", "1.0") == 0
+@pytest.fixture
+def data(kodak_data: Path) -> Path:
+    """Two real crops (read-only): validation stays quick."""
+    return kodak_data
+
+
+def _convert(checkpoint: Path, data: Path, out: Path, *argv: str) -> int:
+    return main(["convert", str(checkpoint), "-o", str(out), "--input-size", SIZE, "--data", str(data), *argv])
+
+
+def test_a_registered_target_is_converted_validated_and_described(
+    echo, checkpoint: Path, data: Path, tmp_path: Path
+) -> None:
+    assert _convert(checkpoint, data, tmp_path / "out", "--target", "echo", "--echo-gain", "1.0") == 0
     directory = tmp_path / "out" / "echo"
     assert (directory / "model.safetensors").is_file()
     manifest = json.loads((directory / "manifest.json").read_text())
@@ -86,16 +99,22 @@ def test_a_registered_target_is_converted_validated_and_described(echo, checkpoi
     assert "# Echo" in usage and "Load `model.safetensors` with `load_deploy` and call it on 64x64 tiles." in usage
 
 
-def test_its_option_reaches_its_export_and_validation_judges_it(echo, checkpoint: Path, tmp_path: Path) -> None:
-    assert _convert(checkpoint, tmp_path / "out", "--target", "echo", "--echo-gain", "1.5") == 3  # a missed budget
+def test_its_option_reaches_its_export_and_validation_judges_it(
+    echo, checkpoint: Path, data: Path, tmp_path: Path
+) -> None:
+    assert (
+        _convert(checkpoint, data, tmp_path / "out", "--target", "echo", "--echo-gain", "1.5") == 3
+    )  # a missed budget
     manifest = json.loads((tmp_path / "out" / "echo" / "manifest.json").read_text())
     assert manifest["export"]["gain"] == 1.5 and not manifest["validation"]["passed"]
 
 
-def test_all_includes_it_and_gives_its_option_to_it_alone(echo, checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+def test_all_includes_it_and_gives_its_option_to_it_alone(
+    echo, checkpoint: Path, data: Path, tmp_path: Path, monkeypatch
+) -> None:
     for name in [n for n in converters.TARGETS if n not in ("onnx", "echo")]:  # keep --target all quick
         monkeypatch.delitem(converters.TARGETS, name)
-    assert _convert(checkpoint, tmp_path / "out", "--target", "all", "--no-validate", "--echo-gain", "2") == 0
+    assert _convert(checkpoint, data, tmp_path / "out", "--target", "all", "--no-validate", "--echo-gain", "2") == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["echo", "onnx"]
     echoed = json.loads((tmp_path / "out" / "echo" / "manifest.json").read_text())
     assert echoed["export"]["gain"] == 2.0
@@ -111,15 +130,15 @@ def test_help_lists_it_and_its_option(echo, capsys) -> None:
     assert "Echo options:" in out and "--echo-gain G" in out and "Echo: multiply the output by G" in out
 
 
-def test_its_option_is_refused_for_another_target(echo, checkpoint: Path, tmp_path: Path, capsys) -> None:
-    assert _convert(checkpoint, tmp_path / "out", "--target", "onnx", "--echo-gain", "2") == EXIT_USAGE
+def test_its_option_is_refused_for_another_target(echo, checkpoint: Path, data: Path, tmp_path: Path, capsys) -> None:
+    assert _convert(checkpoint, data, tmp_path / "out", "--target", "onnx", "--echo-gain", "2") == EXIT_USAGE
     assert capsys.readouterr().err == "nafnet-edge: error: --echo-gain is an option of --target echo\n"
     assert not (tmp_path / "out").exists()
 
 
-def test_bench_and_report_show_it(echo, checkpoint: Path, tmp_path: Path, capsys) -> None:
+def test_bench_and_report_show_it(echo, checkpoint: Path, data: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
-    assert _convert(checkpoint, out, "--target", "echo") == 0
+    assert _convert(checkpoint, data, out, "--target", "echo") == 0
     capsys.readouterr()
     bench = ["bench", str(out / "echo"), "--save", "--iters", "2", "--warmup", "0", "--no-profile", "--no-baseline"]
     assert main(bench) == 0
@@ -128,7 +147,8 @@ def test_bench_and_report_show_it(echo, checkpoint: Path, tmp_path: Path, capsys
     measured = json.loads((out / "echo" / "bench.json").read_text())
     assert measured["target"] == "echo" and measured["runtime"] == "torch (echo)"
 
-    assert main(["report", str(out), "--images", "1"]) == 0
+    assert main(["report", str(out), "--images", "1", "--data", str(data)]) == 0
     page = (out / "report.html").read_text()
-    assert ">echo<" in page.replace(" ", "") or "echo" in page
-    assert EchoTarget.color in page  # its colour in the charts
+    assert '<tr class="artifact" data-target="echo">' in page  # its row in the table
+    assert "<td>torch (echo)</td>" in page  # with the runtime its session reported
+    assert EchoTarget.color in page  # and its colour in the charts
