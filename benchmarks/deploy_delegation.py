@@ -89,14 +89,18 @@ def main() -> None:
     size = (args.size, args.size)
     print(f"{shape} at {args.size}x{args.size}")
     if "xnnpack" not in args.skip:
-        for label, m in (("original", model), ("deploy", deploy(model, target="xnnpack", input_size=size))):
+        for label, m in (("original", model), ("deploy", deploy(model, norm_form="conv-mean", input_size=size))):
             n, outside = xnnpack_partitions(m, x)
             left = ", ".join(f"{k} x{v}" for k, v in outside.most_common()) or "none"
             print(f"ExecuTorch XNNPACK, {label:<8}: {n} delegated partitions; compute ops outside: {left}")
     if "openvino" not in args.skip:
-        show("OpenVINO ops", openvino_ops(model, x), openvino_ops(deploy(model, target="openvino", input_size=size), x))
+        show("OpenVINO ops", openvino_ops(model, x), openvino_ops(deploy(model, norm_form="mvn", input_size=size), x))
     if "coreml" not in args.skip:
-        show("Core ML MIL ops", coreml_ops(model, x), coreml_ops(deploy(model, target="coreml", input_size=size), x))
+        show(
+            "Core ML MIL ops",
+            coreml_ops(model, x),
+            coreml_ops(deploy(model, norm_form="layer-norm", input_size=size), x),
+        )
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def openvino_default_runner(model: torch.nn.Module, x: torch.Tensor) -> Runner:
 def variants(runtime: str, model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace, keep: list[object]):
     size = x.shape[-1]
     if runtime == "xnnpack":
-        graph = deploy(model, target="xnnpack", input_size=(size, size))
+        graph = deploy(model, norm_form="conv-mean", input_size=(size, size))
         return {
             "original fp32": lambda: xnnpack_runner(model, x),
             "deploy fp32": lambda: xnnpack_runner(graph, x),
@@ -136,7 +136,7 @@ def variants(runtime: str, model: torch.nn.Module, x: torch.Tensor, args: argpar
             "nafnet-edge int8": lambda: ours_runner("executorch", model, size, args.qat_iters, keep),
             KEPT_LABEL: lambda: ours_runner("executorch", model, size, args.qat_iters, keep, args.keep_float),
         }
-    graph = deploy(model, target="openvino", input_size=(size, size))
+    graph = deploy(model, norm_form="mvn", input_size=(size, size))
     return {
         "original fp32": lambda: openvino_runner(model, x),
         "original default hint": lambda: openvino_default_runner(model, x),

@@ -28,7 +28,7 @@ from nafnet_edge.artifact_files import artifact_file, loading
 from nafnet_edge.errors import MissingBackendError, OptionError
 
 if TYPE_CHECKING:  # torch is imported by the targets that export; the registry and file checks need none of it
-    import torch
+    from nafnet_edge.deploy import DeployNAFNet, NormForm
 
 Precision = Literal["fp32", "fp16", "int8"]
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -114,7 +114,7 @@ class Target(ABC):
     extra: ClassVar[str] = ""  # the pip extra that installs ``modules``: nafnet-edge[EXTRA]
     modules: ClassVar[tuple[str, ...]] = ()  # Python modules needed to export and run
     runtime_packages: ClassVar[tuple[str, ...]] = ()  # distributions whose versions the manifest records
-    norm_form: ClassVar[str] = "reference"  # the deploy graph's channel-norm form (nafnet_edge.deploy.NormForm)
+    norm_form: ClassVar[NormForm] = "reference"  # the deploy graph's channel-norm form
     artifact: ClassVar[str]  # main file or bundle in the artifact directory, e.g. "model.mlpackage"
     file_kind: ClassVar[str] = "model"  # what the artifact is, in error messages: "ONNX model"
     precisions: ClassVar[tuple[Precision, ...]] = ("fp32",)
@@ -171,7 +171,7 @@ class Target(ABC):
             )
 
     @abstractmethod
-    def export(self, graph: torch.nn.Module, out_dir: Path, options: ExportOptions) -> Exported:
+    def export(self, graph: DeployNAFNet, out_dir: Path, options: ExportOptions) -> Exported:
         """Write the artifact for ``graph`` (a deploy graph fixed for ``options.input_size``) into ``out_dir``."""
 
     @abstractmethod
@@ -220,4 +220,4 @@ def operator_profile(source: str, ops: Counter[str], counts: Counter[str], runs:
         }
         for op, ms in ops.most_common()
     ]
-    return {"source": source, "total_ms": round(float(total), 3), "ops": top}
+    return {"source": source, "total_ms": round(float(total), 3), "top": top}

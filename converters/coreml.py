@@ -49,9 +49,7 @@ from nafnet_edge.errors import ArtifactError, MissingBackendError, OptionError
 from nafnet_edge.sizes import parse_size
 
 if TYPE_CHECKING:
-    import torch
-
-    from nafnet_edge.deploy import DeployRecipe
+    from nafnet_edge.deploy import DeployNAFNet, DeployRecipe, NormForm
 
 MINIMUM_TARGET = "iOS17"  # ML program features the deploy graph relies on; macOS14 is the same spec version
 DEFAULT_COMPUTE_UNITS = "ALL"
@@ -129,7 +127,7 @@ class CoreMLTarget(Target):
     extra: ClassVar[str] = "coreml"
     modules: ClassVar[tuple[str, ...]] = ("coremltools",)
     runtime_packages: ClassVar[tuple[str, ...]] = ("coremltools",)
-    norm_form: ClassVar[str] = "layer-norm"
+    norm_form: ClassVar[NormForm] = "layer-norm"
     artifact: ClassVar[str] = "model.mlpackage"
     file_kind: ClassVar[str] = "Core ML package"
     precisions: ClassVar[tuple[Precision, ...]] = ("fp16", "fp32")
@@ -175,7 +173,7 @@ class CoreMLTarget(Target):
         super().check_options(options)
         deployment_target(self.setting(options, "minimum_target"))
 
-    def export(self, graph: torch.nn.Module, out_dir: Path, options: ExportOptions) -> Exported:
+    def export(self, graph: DeployNAFNet, out_dir: Path, options: ExportOptions) -> Exported:
         import torch
 
         ct = import_coremltools()
@@ -271,7 +269,7 @@ class ExecuTorchCoreMLTarget(Target):
     extra: ClassVar[str] = "executorch,coreml"
     modules: ClassVar[tuple[str, ...]] = ("coremltools", "executorch")
     runtime_packages: ClassVar[tuple[str, ...]] = ("coremltools", "executorch")
-    norm_form: ClassVar[str] = "layer-norm"
+    norm_form: ClassVar[NormForm] = "layer-norm"
     artifact: ClassVar[str] = "model.pte"
     file_kind: ClassVar[str] = "ExecuTorch program"
     precisions: ClassVar[tuple[Precision, ...]] = ("fp16", "fp32")
@@ -301,7 +299,7 @@ class ExecuTorchCoreMLTarget(Target):
         super().check_options(options)
         deployment_target(self.setting(options, "minimum_target"))
 
-    def export(self, graph: torch.nn.Module, out_dir: Path, options: ExportOptions) -> Exported:
+    def export(self, graph: DeployNAFNet, out_dir: Path, options: ExportOptions) -> Exported:
         import torch
 
         ct = import_coremltools()
@@ -430,7 +428,7 @@ def deployment_target(name: str) -> Any:
     return chosen
 
 
-def input_sizes(graph: torch.nn.Module, options: ExportOptions) -> list[tuple[int, int]]:
+def input_sizes(graph: DeployNAFNet, options: ExportOptions) -> list[tuple[int, int]]:
     """``input_size`` then the extra enumerated sizes (duplicates dropped), each checked against the graph."""
     extra = CoreMLTarget.setting(options, "extra_sizes") or ()
     sizes = list(dict.fromkeys([tuple(options.input_size), *map(tuple, extra)]))
@@ -443,7 +441,7 @@ def input_sizes(graph: torch.nn.Module, options: ExportOptions) -> list[tuple[in
             "enumerated sizes need global channel-attention pooling; TLC (NAFNetLocal) pooling is fixed for "
             "one input size: export one artifact per size"
         )
-    return sizes  # type: ignore[return-value]
+    return sizes
 
 
 def unpack_coreml_payloads(payloads: list[bytes], into: Path) -> list[Path]:
@@ -493,8 +491,8 @@ def _load_program(package: Path) -> Any:
     return load_program(package)
 
 
-def _channels(graph: torch.nn.Module) -> int:
-    return int(graph.intro.in_channels)  # type: ignore[union-attr]
+def _channels(graph: DeployNAFNet) -> int:
+    return int(graph.intro.in_channels)
 
 
 def _ct_precision(precision: Precision) -> Any:

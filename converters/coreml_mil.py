@@ -34,7 +34,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -216,9 +216,11 @@ def _windows(
     """[N, C, *spatial] -> [N, C, *out, *kernel] view of the (padded) input under every kernel position."""
     x = np.pad(x, [(0, 0), (0, 0), *pads], constant_values=fill)
     span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
-    w = sliding_window_view(x, span, axis=tuple(range(2, x.ndim)))
+    # numpy's stub types ``axis`` as one int; it takes a tuple of axes too (documented)
+    w = sliding_window_view(x, span, axis=tuple(range(2, x.ndim)))  # type: ignore[call-overload]
     steps = (*(slice(None, None, s) for s in strides), *(slice(None, None, d) for d in dilations))
-    return w[(slice(None), slice(None), *steps)]
+    index = (slice(None), slice(None), *steps)
+    return w[index]
 
 
 def _conv_f32(x: np.ndarray, w: np.ndarray, strides: list[int], dilations: list[int], pads, groups: int) -> np.ndarray:
@@ -254,6 +256,8 @@ def _along(v: Value, ndim: int, axis: Value | None) -> np.ndarray:
     v = np.asarray(v)
     if v.ndim == 0:
         return v
+    if axis is None:
+        raise ValueError(f"a quantization parameter of shape {v.shape} needs an axis")
     shape = [1] * ndim
     shape[int(axis) % ndim] = v.size
     return v.reshape(shape)
@@ -295,7 +299,8 @@ def _conv_transpose(a: Args) -> np.ndarray:
         y = np.einsum("nihw,ioab->nohawb", x, w, optimize=True)
         return _add_bias(y.reshape(n, og, spatial[0] * kernel[0], spatial[1] * kernel[1]), a.get("bias"))
     up = np.zeros((n, c_in, *[(i - 1) * s + 1 for i, s in zip(spatial, strides, strict=True)]), np.float32)
-    up[(slice(None), slice(None), *(slice(None, None, s) for s in strides))] = x
+    dilated = (slice(None), slice(None), *(slice(None, None, s) for s in strides))
+    up[dilated] = x
     wc = w.reshape(groups, c_in // groups, og, *kernel).swapaxes(1, 2).reshape(groups * og, c_in // groups, *kernel)
     wc = np.flip(wc, axis=tuple(range(2, wc.ndim)))
     full_pads = [((k - 1) * d, (k - 1) * d) for k, d in zip(kernel, dilations, strict=True)]
@@ -306,7 +311,8 @@ def _conv_transpose(a: Args) -> np.ndarray:
         sizes = _ints(a["output_shape"])[2:]
     extra = [max(0, lo + s - f) for f, (lo, _), s in zip(y.shape[2:], pads, sizes, strict=True)]
     y = np.pad(y, [(0, 0), (0, 0), *((0, e) for e in extra)])
-    y = y[(slice(None), slice(None), *(slice(lo, lo + s) for (lo, _), s in zip(pads, sizes, strict=True)))]
+    crop = (slice(None), slice(None), *(slice(lo, lo + s) for (lo, _), s in zip(pads, sizes, strict=True)))
+    y = y[crop]
     return _add_bias(y, a.get("bias"))
 
 
@@ -372,7 +378,8 @@ def _pad(a: Args) -> np.ndarray:
     mode = str(a.get("mode", "constant"))
     if mode == "constant":
         return np.pad(x, widths, constant_values=np.asarray(a.get("constant_val", 0), x.dtype))
-    return np.pad(x, widths, mode={"reflect": "reflect", "replicate": "edge"}[mode])
+    modes: dict[str, Literal["reflect", "edge"]] = {"reflect": "reflect", "replicate": "edge"}
+    return np.pad(x, widths, mode=modes[mode])
 
 
 def _reshape(a: Args) -> np.ndarray:

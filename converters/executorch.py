@@ -40,6 +40,8 @@ from nafnet_edge.errors import ArtifactError, MissingBackendError, OptionError
 if TYPE_CHECKING:
     import torch
 
+    from nafnet_edge.deploy import DeployNAFNet, NormForm
+
 BACKEND = "XnnpackBackend"
 METHOD = "forward"
 BUNDLE = "model.bpte"
@@ -126,7 +128,7 @@ class ExecuTorchTarget(Target):
     extra: ClassVar[str] = "executorch"
     modules: ClassVar[tuple[str, ...]] = ("executorch",)
     runtime_packages: ClassVar[tuple[str, ...]] = ("executorch",)
-    norm_form: ClassVar[str] = "conv-mean"
+    norm_form: ClassVar[NormForm] = "conv-mean"
     artifact: ClassVar[str] = "model.pte"
     file_kind: ClassVar[str] = "ExecuTorch program"
     precisions: ClassVar[tuple[Precision, ...]] = ("fp32",)
@@ -156,7 +158,7 @@ class ExecuTorchTarget(Target):
                         f"at the input size; got {a.shape}: pad or crop them to it"
                     )
 
-    def export(self, graph: torch.nn.Module, out_dir: Path, options: ExportOptions) -> Exported:
+    def export(self, graph: DeployNAFNet, out_dir: Path, options: ExportOptions) -> Exported:
         import torch
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
@@ -168,7 +170,7 @@ class ExecuTorchTarget(Target):
                 "a bundled program (--bundle) needs test inputs to carry and none were given: keep validation on "
                 "(the first validation image becomes the test case) or drop --bundle"
             )
-        example = torch.zeros(1, graph.intro.in_channels, *options.input_size)  # type: ignore[union-attr]
+        example = torch.zeros(1, graph.intro.in_channels, *options.input_size)
         with torch.no_grad():
             exported = torch.export.export(graph, (example,))
         edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
@@ -195,7 +197,7 @@ class ExecuTorchTarget(Target):
         return Exported(files=files, info=info)
 
     @staticmethod
-    def _bundle(program: Any, graph: torch.nn.Module, options: ExportOptions) -> bytes:
+    def _bundle(program: Any, graph: DeployNAFNet, options: ExportOptions) -> bytes:
         """The program with its test cases; expected outputs are ``options.test_outputs`` or, when none are
         given, the deploy graph's own outputs for the test inputs."""
         import torch

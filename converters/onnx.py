@@ -40,7 +40,7 @@ from nafnet_edge.converters.base import (
 from nafnet_edge.errors import OptionError
 
 if TYPE_CHECKING:
-    import torch
+    from nafnet_edge.deploy import DeployNAFNet, NormForm
 
 PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")  # in order of preference, where available
 
@@ -69,7 +69,7 @@ class ONNXTarget(Target):
     extra: ClassVar[str] = "onnx"
     modules: ClassVar[tuple[str, ...]] = ("onnx", "onnxruntime")
     runtime_packages: ClassVar[tuple[str, ...]] = ("onnx", "onnxruntime")
-    norm_form: ClassVar[str] = "mvn"
+    norm_form: ClassVar[NormForm] = "mvn"
     artifact: ClassVar[str] = "model.onnx"
     file_kind: ClassVar[str] = "ONNX model"
     precisions: ClassVar[tuple[Precision, ...]] = ("fp32",)
@@ -81,7 +81,7 @@ class ONNXTarget(Target):
     usage_body: ClassVar[str] = USAGE
     opset: ClassVar[int] = 17
 
-    def export(self, graph: torch.nn.Module, out_dir: Path, options: ExportOptions) -> Exported:
+    def export(self, graph: DeployNAFNet, out_dir: Path, options: ExportOptions) -> Exported:
         import onnx
         import onnxruntime
         import torch
@@ -102,7 +102,7 @@ class ONNXTarget(Target):
                 "which one file cannot do; drop --dynamic (one file per size) and tile larger images"
             )
         path = out_dir / self.artifact
-        example = torch.zeros(1, graph.intro.in_channels, h, w)  # type: ignore[union-attr]
+        example = torch.zeros(1, graph.intro.in_channels, h, w)
         axes = {2: "height", 3: "width"}
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated, not wrong

@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 
@@ -41,6 +41,8 @@ from nafnet_edge.errors import ArtifactError
 
 if TYPE_CHECKING:
     import torch
+
+    from nafnet_edge.deploy import DeployNAFNet, DeployRecipe, NormForm
 
 XML, BIN = "model.xml", "model.bin"
 RT_INFO_SECTION = "nafnet_edge"
@@ -82,7 +84,7 @@ class OpenVINOTarget(Target):
     extra: ClassVar[str] = "openvino"
     modules: ClassVar[tuple[str, ...]] = ("openvino",)
     runtime_packages: ClassVar[tuple[str, ...]] = ("openvino",)
-    norm_form: ClassVar[str] = "mvn"
+    norm_form: ClassVar[NormForm] = "mvn"
     artifact: ClassVar[str] = XML
     file_kind: ClassVar[str] = "OpenVINO IR"
     precisions: ClassVar[tuple[Precision, ...]] = ("fp32", "fp16")
@@ -103,7 +105,7 @@ class OpenVINOTarget(Target):
     usage_title: ClassVar[str] = "OpenVINO"
     usage_body: ClassVar[str] = USAGE
 
-    def export(self, graph: torch.nn.Module, out_dir: Path, options: ExportOptions) -> Exported:
+    def export(self, graph: DeployNAFNet, out_dir: Path, options: ExportOptions) -> Exported:
         import openvino as ov
         import torch
 
@@ -244,7 +246,8 @@ def save_ir(
 
     ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})
     ov_model.outputs[0].get_tensor().set_names({OUTPUT_NAME})
-    metadata = graph.recipe.metadata
+    recipe = cast("DeployRecipe", graph.recipe)  # the deploy graph's; NNCF's wrapper forwards attribute reads to it
+    metadata = recipe.metadata
     name = metadata.get(f"{RT_INFO_SECTION}.release") or metadata.get(f"{RT_INFO_SECTION}.arch")
     ov_model.set_friendly_name(name or type(graph).__name__)
     entries = {**ir_metadata(graph, input_size, precision, metadata), **(rt_info or {})}

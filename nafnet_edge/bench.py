@@ -23,6 +23,7 @@ reason.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import platform
 import resource
@@ -32,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsFloat
 
 import numpy as np
 import torch
@@ -426,7 +427,7 @@ def bench_artifacts(
             done = bar.n
             measure(
                 result,
-                lambda d=directory, m=manifest: open_session(d, m, settings),
+                functools.partial(open_session, directory, manifest, settings),
                 settings,
                 macs=macs,
                 peak_gflops=peak,
@@ -513,5 +514,5 @@ def format_table(report: BenchReport) -> str:
     return "\n".join(lines)
 
 
-def _r(value: float) -> float:
+def _r(value: SupportsFloat) -> float:
     return round(float(value), 3)

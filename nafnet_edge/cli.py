@@ -14,7 +14,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nafnet_edge import __version__
 from nafnet_edge.errors import (
@@ -28,6 +28,9 @@ from nafnet_edge.errors import (
 )
 from nafnet_edge.manifest import Manifest
 from nafnet_edge.sizes import MAX_SIDE_PX, parse_size
+
+if TYPE_CHECKING:
+    from nafnet_edge.deploy import NormForm
 
 EPILOG = (
     "exit codes: 0 ok, 1 internal error, 2 usage, 3 budget missed, 4 missing backend, 5 bad input, "
@@ -125,7 +128,7 @@ BATCH = bounded(positive_int, MAX_BATCH)
 ITERS = bounded(positive_int, MAX_ITERS)
 
 
-def checkpoint_options() -> argparse.ArgumentParser:
+def checkpoint_options() -> Parser:
     p = Parser(add_help=False)
     g = p.add_argument_group("checkpoint")
     g.add_argument(
@@ -297,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target",
         default="generic",
-        choices=[*REPARAM_LABELS, *names],
-        help="target whose normalization form to use (generic: the reference form; xnnpack: as executorch)",
+        choices=["generic", *names],
+        help="target whose normalization form to use (generic: upstream's reference form)",
     )
     p.add_argument(
         "--input-size",
@@ -710,9 +713,6 @@ def _size_settings(settings: dict[str, dict[str, Any]]) -> list[tuple[str, list[
     return list(found.items())
 
 
-REPARAM_LABELS = ("generic", "xnnpack")  # reparam --target names besides the targets: deploy labels of a norm form
-
-
 def cmd_reparam(args: argparse.Namespace) -> int:
     import torch
 
@@ -756,16 +756,11 @@ def cmd_reparam(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reparam_norm_form(target: str) -> str:
-    """The deploy norm form for ``reparam --target``: a registered target's own, or an earlier deploy label's
-    (generic, xnnpack)."""
-    from nafnet_edge.deploy import NORM_FORMS, norm_form_of
-
-    if target in REPARAM_LABELS:
-        return NORM_FORMS[target]
+def _reparam_norm_form(target: str) -> NormForm:
+    """The deploy norm form for ``reparam --target``: a registered target's own, or upstream's for generic."""
     from nafnet_edge.converters import target_class
 
-    return norm_form_of(target_class(target))
+    return "reference" if target == "generic" else target_class(target).norm_form
 
 
 def _validation_settings(args: argparse.Namespace, channels: int) -> Any:
@@ -776,7 +771,8 @@ def _validation_settings(args: argparse.Namespace, channels: int) -> Any:
     if args.data and args.data_pairs:
         raise UsageError("--data and --data-pairs are alternatives; give one")
     if args.data_pairs:
-        images, data = paired_images(*args.data_pairs, channels=channels), f"pairs {args.data_pairs[0]}"
+        inputs, targets = args.data_pairs  # nargs=2
+        images, data = paired_images(inputs, targets, channels=channels), f"pairs {inputs}"
     elif args.data:
         images, data = folder_images(args.data, channels=channels), f"folder {args.data}"
     else:

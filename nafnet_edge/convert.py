@@ -24,7 +24,7 @@ import torch
 from nafnet_edge.atomic import output_lock, staged_directory
 from nafnet_edge.checkpoint import LoadedCheckpoint
 from nafnet_edge.converters import INPUT_NAME, OUTPUT_NAME, ExportOptions, get_target, target_class, target_names
-from nafnet_edge.deploy import deploy, norm_form_of
+from nafnet_edge.deploy import DeployNAFNet, deploy
 from nafnet_edge.errors import BadInputError, OptionError
 from nafnet_edge.manifest import (
     MANIFEST_FILE,
@@ -112,7 +112,7 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def tlc_settings(loaded: LoadedCheckpoint, graph: torch.nn.Module) -> dict[str, Any]:
+def tlc_settings(loaded: LoadedCheckpoint, graph: DeployNAFNet) -> dict[str, Any]:
     """How channel attention pools in the exported graph (TLC's local pooling is fixed for the input size), from
     the deploy graph's recipe."""
     recipe = graph.recipe
@@ -150,7 +150,7 @@ def build_manifest(
     loaded: LoadedCheckpoint,
     target: str,
     options: ExportOptions,
-    graph: torch.nn.Module,
+    graph: DeployNAFNet,
     exported_files: list[str],
     export_info: dict[str, Any],
     overlap_px: int,
@@ -241,15 +241,13 @@ def convert(
     say = step or (lambda _: None)
     final = Path(out_dir) / target
     if quantizer is not None and int8 is not None and int8.rank != 0:
-        graph = deploy(loaded.model, norm_form=norm_form_of(quantizer), input_size=options.input_size)
+        graph = deploy(loaded.model, norm_form=quantizer.norm_form, input_size=options.input_size)
         quantize(quantizer, graph, options.input_size, int8)
         return ConvertResult(target, final, None)
     with output_lock(final), staged_directory(final) as tmp:
         say(f"{target}: deploy graph")
         metadata = graph_metadata(loaded, target, options)
-        graph = deploy(
-            loaded.model, norm_form=norm_form_of(converter), input_size=options.input_size, metadata=metadata
-        )
+        graph = deploy(loaded.model, norm_form=converter.norm_form, input_size=options.input_size, metadata=metadata)
         if converter.needs_test_io(options) and validation is not None and not options.test_inputs:
             options = _with_test_io(options, loaded, validation)
         stage = _Stage(loaded, target, converter, graph, options, validation, say)
@@ -272,7 +270,7 @@ class _Stage:
     loaded: LoadedCheckpoint
     target: str
     converter: Any
-    graph: torch.nn.Module
+    graph: DeployNAFNet
     options: ExportOptions
     validation: ValidationSettings | None
     say: Callable[[str], None]

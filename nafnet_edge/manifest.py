@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeGuard
 
 from nafnet_edge.artifact_files import MAX_PATH_CHARS, MAX_RECORD_BYTES, artifact_file, name_problem
 from nafnet_edge.errors import ArtifactError, BadInputError
@@ -334,8 +334,8 @@ class Reference:
         """What a manifest written before the ``reference`` section existed implies: its source config's class
         and TLC training size."""
         arch, size = config.get("arch"), config.get("train_size")
-        local = arch == "nafnet-local" and _is_size(size)
-        return cls(arch if arch in ARCHS else None, (size[0], size[1]) if local else None, None, None)
+        train_size = (size[0], size[1]) if arch == "nafnet-local" and _is_size(size) else None
+        return cls(arch if arch in ARCHS else None, train_size, None, None)
 
 
 @dataclass
@@ -655,9 +655,9 @@ def _json_default(value: Any) -> Any:
 
 def normalize_profile(profile: Any, *, limit: int | None = None) -> dict[str, Any] | None:
     """An operator profile in the one schema ``bench.json`` keeps: ``{"source", "total_ms", "top": [{"op",
-    "ms", "share", "count"}, ...]}``, the slowest first, at most ``limit`` of them. Profiles that list the
-    operators under ``ops`` (runtimes' profilers; ``bench.json`` version 1) are read too. None when ``profile``
-    is not an object."""
+    "ms", "share", "count"}, ...]}``, the slowest first, at most ``limit`` of them (``Session.profile`` and
+    ``converters.base.operator_profile`` produce it). ``bench.json`` version 1 listed them under ``ops``: read
+    too. None when ``profile`` is not an object."""
     if not isinstance(profile, dict):
         return None
     rows = profile.get("top", profile.get("ops"))
@@ -825,7 +825,7 @@ def write_bench(directory: str | Path, record: BenchRecord) -> Path:
 # --- helpers -------------------------------------------------------------------------------------------------------
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -833,7 +833,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _is_size(value: Any) -> bool:
+def _is_size(value: Any) -> TypeGuard[list[int] | tuple[int, ...]]:
     return isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) and v >= 1 for v in value)
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ from nafnet_edge.errors import BadInputError, CheckpointError
 from nafnet_edge.images import is_image_path, read_image
 from nafnet_edge.manifest import ValidationSummary
 from nafnet_edge.tiling import run_tiled
+
+if TYPE_CHECKING:
+    from nafnet_edge.model import NAFNet
 
 DEFAULT_NOISE_SIGMA = 25.0 / 255.0
 DEFAULT_NOISE_SEED = 2022
@@ -286,7 +289,7 @@ def reference_identity(
         t = tensor.detach().to("cpu", torch.float32).contiguous()
         weights.update(f"{name}:{list(t.shape)};".encode())
         weights.update(t.numpy().tobytes())
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     identity: dict[str, Any] = {
         "format": CACHE_FORMAT,
         "nafnet_edge": __version__,
@@ -326,7 +329,7 @@ def cache_key(
 
 
 def reference_outputs(
-    model: torch.nn.Module,
+    model: NAFNet,
     checkpoint_sha256: str,
     images: Sequence[ValidationImage],
     *,
@@ -405,11 +408,11 @@ def _read_cached(
             return None
         tiled = np.empty(shape, "<f4")
         mac = bytearray(_MAC_BYTES)
-        if _read_exactly(f, memoryview(tiled).cast("B")) is None or _read_exactly(f, mac) is None:
+        if _read_exactly(f, tiled.data.cast("B")) is None or _read_exactly(f, mac) is None:
             return None
     expected = hmac.new(secret, material, hashlib.sha256)
     expected.update(header)
-    expected.update(memoryview(tiled).cast("B"))
+    expected.update(tiled.data.cast("B"))
     if not hmac.compare_digest(expected.digest(), bytes(mac)):
         return None
     if not np.isfinite(tiled).all() or math.isnan(db):
@@ -434,13 +437,13 @@ def _write_cached(path: Path, tiled: np.ndarray, tiling_db: float | None, secret
     header = _ENTRY_HEADER.pack(_ENTRY_MAGIC, *payload.shape, tiling_db is not None, tiling_db or 0.0)
     mac = hmac.new(secret, material, hashlib.sha256)
     mac.update(header)
-    mac.update(memoryview(payload).cast("B"))
+    mac.update(payload.data.cast("B"))
     try:
         fd, tmp = tempfile.mkstemp(prefix=".", suffix=".partial", dir=path.parent)  # private (0600) from the start
         try:
             with open(fd, "wb") as f:
                 f.write(header)
-                f.write(memoryview(payload).cast("B"))
+                f.write(payload.data.cast("B"))
                 f.write(mac.digest())
             os.replace(tmp, path)
         except BaseException:

@@ -17,19 +17,21 @@ import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from nafnet_edge.converters.base import Exported
 from nafnet_edge.errors import MissingBackendError
 
+if TYPE_CHECKING:
+    from nafnet_edge.deploy import NormForm
+
 
 class Quantizer(ABC):
     """One target's int8 path. Subclasses set the class attributes and implement the three methods."""
 
     target: ClassVar[str]  # the converter whose runner executes the artifact: executorch, openvino, coreml
-    deploy_target: ClassVar[str]  # the deploy graph's form for nafnet_edge.deploy
     artifact: ClassVar[str]
     modules: ClassVar[tuple[str, ...]] = ()
     extra: ClassVar[str] = ""
@@ -37,6 +39,13 @@ class Quantizer(ABC):
     def __init__(self, *, keep_float: Collection[str] = ()) -> None:
         # deploy-graph units (``nafnet_edge.quantization.sensitivity.graph_units``) that ``prepare`` leaves float
         self.keep_float: frozenset[str] = frozenset(keep_float)
+
+    @property
+    def norm_form(self) -> NormForm:
+        """The deploy graph's norm form: its target's (``nafnet_edge.converters``)."""
+        from nafnet_edge.converters import target_class
+
+        return target_class(self.target).norm_form
 
     def check_available(self) -> None:
         missing = [m for m in self.modules if importlib.util.find_spec(m) is None]

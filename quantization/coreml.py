@@ -90,7 +90,6 @@ class _Facts:
 
 class CoreMLQuantizer(Pt2eQuantizer):
     target: ClassVar[str] = "coreml"
-    deploy_target: ClassVar[str] = "coreml"
     artifact: ClassVar[str] = "model.mlpackage"
     modules: ClassVar[tuple[str, ...]] = ("coremltools",)
     extra: ClassVar[str] = "coreml"

@@ -62,7 +62,6 @@ class NotPreparedError(ValueError):
 
 class OpenVINOQuantizer(Quantizer):
     target: ClassVar[str] = "openvino"
-    deploy_target: ClassVar[str] = "openvino"
     artifact: ClassVar[str] = XML
     modules: ClassVar[tuple[str, ...]] = ("openvino", "nncf")
     extra: ClassVar[str] = "openvino"

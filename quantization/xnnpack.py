@@ -48,7 +48,6 @@ QAT_ACTIVATION_OBSERVER: str | None = "HistogramObserver"  # None: the config's 
 
 class XNNPACKQuantizer(Pt2eQuantizer):
     target: ClassVar[str] = "executorch"
-    deploy_target: ClassVar[str] = "xnnpack"
     artifact: ClassVar[str] = "model.pte"
     modules: ClassVar[tuple[str, ...]] = ("executorch", "torchao")
     extra: ClassVar[str] = "executorch"

@@ -57,7 +57,8 @@ def test_each_artifact_runs_in_its_runtime_with_full_statistics(artifacts: Path,
         assert a["gflops_per_s"] == pytest.approx(expected, rel=0.01)
         assert a["peak_fraction"] == pytest.approx(a["gflops_per_s"] / report["machine"]["sgemm_gflops"], rel=0.01)
         ops = a["profile"]["top"]
-        assert ops and sum(op["share"] for op in ops) <= 1.0001 and all(op["ms"] >= 0 for op in ops)
+        # shares are rounded to 4 decimals: their sum may pass 1 by half a unit of the last decimal per operator
+        assert ops and sum(op["share"] for op in ops) <= 1 + 5e-5 * len(ops) and all(op["ms"] >= 0 for op in ops)
     assert got["openvino"]["info"]["inference_precision"] == "f32"
     assert got["openvino"]["throughput"]["mode"] == "OpenVINO THROUGHPUT hint"
     assert got["openvino"]["throughput"]["requests"] >= 1 and got["openvino"]["throughput"]["streams"] >= 1

@@ -95,8 +95,8 @@ def test_pte_matches_pytorch_in_the_executorch_runtime(artifact: Artifact) -> No
     with pytest.raises(ValueError, match=r"takes input \(1, 3, 64, 64\), got \(1, 3, 64, 80\)"):
         runner.run(photo(64, 80))
     profile = runner.profile(photo(*SIZE), 1)  # ETDump through executorch.runtime: XNNPACK's own operators
-    assert profile["source"].startswith("ExecuTorch ETDump") and profile["ops"]
-    assert any("NHWC" in op["op"] or "GEMM" in op["op"] for op in profile["ops"])
+    assert profile["source"].startswith("ExecuTorch ETDump") and profile["top"]
+    assert any("NHWC" in op["op"] or "GEMM" in op["op"] for op in profile["top"])
 
 
 def test_bundled_program_verifies_itself_in_the_runtime(artifact: Artifact) -> None:

@@ -90,7 +90,7 @@ def test_fixed_size_file_matches_pytorch_and_describes_itself(model: NAFNet, tmp
 
 
 def test_dynamic_file_runs_at_other_sizes(model: NAFNet, tmp_path: Path) -> None:
-    graph = deploy(model, target="onnx", input_size=(64, 64))
+    graph = deploy(model, norm_form="mvn", input_size=(64, 64))
     converter, exported = export(graph, tmp_path, input_size=(64, 64), dynamic=True)
     assert exported.info["dynamic"] is True
     proto = onnx.load(str(tmp_path / "model.onnx"))
@@ -112,7 +112,7 @@ def test_dynamic_file_runs_at_other_sizes(model: NAFNet, tmp_path: Path) -> None
 
 def test_tlc_local_pooling_exports_fixed_but_refuses_dynamic(tmp_path: Path) -> None:
     tlc = randomize(NAFNetLocal(CFG.replace(train_size=(32, 32))), seed=1)  # kernel 48 < 96: local pooling
-    graph = deploy(tlc, target="onnx", input_size=(96, 128))
+    graph = deploy(tlc, norm_form="mvn", input_size=(96, 128))
     with pytest.raises(ValueError, match="--dynamic needs global pooling.*pools locally at 96x128"):
         export(graph, tmp_path / "dynamic", input_size=(96, 128), dynamic=True)
     assert not (tmp_path / "dynamic" / "model.onnx").exists()
@@ -125,7 +125,7 @@ def test_tlc_local_pooling_exports_fixed_but_refuses_dynamic(tmp_path: Path) -> 
 
 def test_tlc_pooling_globally_at_the_given_size_still_refuses_dynamic(tmp_path: Path) -> None:
     tlc = randomize(NAFNetLocal(CFG.replace(train_size=(96, 96))), seed=2)  # kernel 144 covers 64x64: global
-    graph = deploy(tlc, target="onnx", input_size=(64, 64))  # only its recipe says TLC: every pool is global
+    graph = deploy(tlc, norm_form="mvn", input_size=(64, 64))  # only its recipe says TLC: every pool is global
     assert graph.recipe.local_pooling == ()
     with pytest.raises(ValueError, match="--dynamic cannot keep TLC.*locally at larger sizes"):
         export(graph, tmp_path, input_size=(64, 64), dynamic=True)

@@ -68,7 +68,7 @@ def image() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def coreml_graph() -> torch.nn.Module:
-    return deploy(randomize(build_model(CONFIG)), target="coreml", input_size=(SIZE, SIZE))
+    return deploy(randomize(build_model(CONFIG)), norm_form="layer-norm", input_size=(SIZE, SIZE))
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_fp16_program_of_the_deploy_graph_is_clean_where_upstream_overflows(tmp_
     out = plain.run({"image": image}, fetch=[*squares, "restored"])
     assert any(np.isinf(out[name]).any() for name in squares)
     assert _psnr(np.clip(out["restored"].astype(np.float32), 0, 1), ref.clip(0, 1)) < 45.0
-    graph = deploy(model, target="generic", input_size=(SIZE, SIZE))
+    graph = deploy(model, norm_form="reference", input_size=(SIZE, SIZE))
     program = _export(graph, tmp_path / "deploy.mlpackage", ct.precision.FLOAT16)
     every = [name for op in program.ops for name in op.outputs]
     values = program.run({"image": image}, fetch=every)
@@ -186,7 +186,7 @@ def test_fp16_program_of_the_deploy_graph_is_clean_where_upstream_overflows(tmp_
 def test_tlc_local_pooling_program(tmp_path, image):
     # train_size 32x24 -> TLC kernels 48x36 and 24x18: smaller than both feature maps of a 64x64 input
     model = randomize(build_model(ONE_LEVEL.replace(arch="nafnet-local", train_size=(32, 24))))
-    graph = deploy(model, target="coreml", input_size=(SIZE, SIZE))
+    graph = deploy(model, norm_form="layer-norm", input_size=(SIZE, SIZE))
     program = _export(graph, tmp_path / "tlc.mlpackage", ct.precision.FLOAT32)
     assert {"avg_pool", "pad"} <= program.op_types
     out = program.run({"image": image})["restored"]

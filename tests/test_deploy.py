@@ -13,7 +13,6 @@ from helpers import randomize
 
 from nafnet_edge.deploy import (
     NORM_FORM_NAMES,
-    NORM_FORMS,
     PASSES,
     ChannelNorm,
     PadCrop,
@@ -236,14 +235,13 @@ def test_recipe_lists_tlc_local_pooling_at_the_export_size() -> None:
     assert wide.arch == "NAFNetLocal" and wide.local_pooling == ()  # kernels cover the map: global at this size
 
 
-def test_norm_forms_by_earlier_labels_and_by_owner() -> None:
-    from nafnet_edge.deploy import norm_form_of, resolve_norm_form
+def test_every_target_asks_for_a_norm_form_and_an_unknown_one_is_refused() -> None:
+    from nafnet_edge.converters import target_class, target_names
+    from nafnet_edge.deploy import check_norm_form
 
     model = MODELS["nafnet"]()
-    for label, form in NORM_FORMS.items():
-        assert deploy(model, target=label).recipe.norm_form == form  # the earlier keyword, still read
-        assert resolve_norm_form(label) == form
-    assert norm_form_of(type("T", (), {"norm_form": "layer-norm"})) == "layer-norm"
-    assert norm_form_of(type("Q", (), {"deploy_target": "xnnpack"})) == "conv-mean"
-    with pytest.raises(ValueError, match="names no deploy norm form"):
-        norm_form_of(object())
+    for name in target_names():
+        form = target_class(name).norm_form
+        assert deploy(model, norm_form=form).recipe.norm_form == form
+    with pytest.raises(ValueError, match="unknown deploy norm form 'xnnpack'; choose one of reference, conv-mean"):
+        check_norm_form("xnnpack")

@@ -11,7 +11,7 @@ from nafnet_edge.checkpoint import load_checkpoint
 from nafnet_edge.cli import main
 from nafnet_edge.deploy import PASSES, PadCrop
 from nafnet_edge.deploy.io import load_deploy
-from nafnet_edge.errors import EXIT_BAD_INPUT, EXIT_USAGE
+from nafnet_edge.errors import EXIT_BAD_INPUT, EXIT_USAGE, CheckpointError
 from nafnet_edge.model import NAFNet, NAFNetConfig
 
 CFG = NAFNetConfig(width=8, enc_blk_nums=(1, 1), middle_blk_num=1, dec_blk_nums=(1, 1))
@@ -40,7 +40,7 @@ def test_reparam_safetensors_round_trip_is_exact(ckpt: Path, tmp_path: Path, cap
                 "-o",
                 str(out),
                 "--target",
-                "xnnpack",
+                "executorch",
                 "--arch",
                 "nafnet-local",
                 "--train-size",
@@ -100,8 +100,8 @@ def test_reparam_takes_target_names(ckpt: Path, tmp_path: Path, capsys) -> None:
     assert load_deploy(out).recipe.norm_form == "conv-mean"
 
 
-def test_deploy_files_of_earlier_releases_still_load(ckpt: Path, tmp_path: Path) -> None:
-    """Files written before norm forms had names record a deploy ``target`` label instead."""
+def test_deploy_files_of_earlier_releases_are_refused_with_what_to_do(ckpt: Path, tmp_path: Path) -> None:
+    """Files written before norm forms had names (a deploy ``target`` label instead) are rebuilt, not guessed."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -112,4 +112,5 @@ def test_deploy_files_of_earlier_releases_still_load(ckpt: Path, tmp_path: Path)
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     old = {k: v for k, v in meta.items() if k not in ("norm_form", "arch", "passes")} | {"target": "coreml"}
     save_file(state, str(out), metadata=old)
-    assert load_deploy(out).recipe.norm_form == "layer-norm"
+    with pytest.raises(CheckpointError, match="written by an earlier nafnet-edge: run `nafnet-edge reparam` again"):
+        load_deploy(out)

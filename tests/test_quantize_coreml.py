@@ -72,7 +72,7 @@ class Artifact:
 
 @pytest.fixture(scope="module")
 def graph() -> DeployNAFNet:
-    return deploy(randomize(build_model(CFG)), target="coreml", input_size=SIZE)
+    return deploy(randomize(build_model(CFG)), norm_form="layer-norm", input_size=SIZE)
 
 
 @pytest.fixture(scope="module")

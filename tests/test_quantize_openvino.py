@@ -85,7 +85,7 @@ def int8_ir(ptq, calibration, tmp_path_factory):
 def test_registry_and_class_facts():
     quantizer = get_quantizer("openvino")
     assert isinstance(quantizer, OpenVINOQuantizer)
-    assert (quantizer.target, quantizer.deploy_target, quantizer.artifact) == ("openvino", "openvino", "model.xml")
+    assert (quantizer.target, quantizer.norm_form, quantizer.artifact) == ("openvino", "mvn", "model.xml")
     assert (quantizer.modules, quantizer.extra, quantizer.preset) == (("openvino", "nncf"), "openvino", "performance")
     quantizer.check_available()
     with pytest.raises(ValueError, match="choose mixed or performance"):

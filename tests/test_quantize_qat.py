@@ -64,7 +64,7 @@ from nafnet_edge.quantization.train import TrainConfig, init_distributed, load_t
 
 rank, world = init_distributed()
 model = randomize(build_model(NAFNetConfig(width=8, enc_blk_nums=(1, 1), middle_blk_num=1, dec_blk_nums=(1, 1))))
-graph = deploy(model, target="xnnpack", input_size=({crop}, {crop}))
+graph = deploy(model, norm_form="conv-mean", input_size=({crop}, {crop}))
 images = load_training_images({kodak!r}, {crop})
 config = TrainConfig(method="qat", iters=6, batch=2, lr=1e-3, seed=0)
 prepared, log = quantize_graph(get_quantizer("executorch"), graph, images, {crop}, config, progress=False)
@@ -95,7 +95,7 @@ QAT_GAIN_DB = 0.5  # measured: PTQ .pte 43.43 dB, QAT (60 steps) .pte 44.66 dB a
 def test_qat_artifact_is_closer_to_fp32_than_the_ptq_artifact(tmp_path: Path) -> None:
     """Same graph, same seed, same calibration crops: fine-tuning must pay off in the program ExecuTorch runs."""
     size = 64
-    graph = deploy(randomize(build_model(CONFIG)), target="xnnpack", input_size=(size, size))
+    graph = deploy(randomize(build_model(CONFIG)), norm_form="conv-mean", input_size=(size, size))
     images = load_training_images(KODAK_DIR, size)
     evaluation = [  # two fixed regions per photo (training draws random crops of the same photos)
         torch.from_numpy(np.ascontiguousarray(read_image(p).pixels[t : t + size, x : x + size].transpose(2, 0, 1)))

@@ -45,7 +45,7 @@ def noisy(x: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def test_units_of_the_deploy_graph_in_execution_order() -> None:
-    graph = deploy(build_model(TINY), target="xnnpack", input_size=(SIZE, SIZE))
+    graph = deploy(build_model(TINY), norm_form="conv-mean", input_size=(SIZE, SIZE))
     assert graph_units(graph) == [
         "intro",
         "encoders.0.0",
@@ -86,7 +86,7 @@ def test_xnnpack_keeps_the_units_ops_float_in_one_partition(tmp_path: Path) -> N
 
     from nafnet_edge.converters.executorch import ExecuTorchTarget
 
-    graph = deploy(randomize(build_model(TINY)), target="xnnpack", input_size=(SIZE, SIZE))
+    graph = deploy(randomize(build_model(TINY)), norm_form="conv-mean", input_size=(SIZE, SIZE))
     calibration = [torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     counts = {}
     for kept in ((), KEPT):
@@ -111,7 +111,7 @@ def test_openvino_keeps_the_units_weights_float(tmp_path: Path) -> None:
     require("nncf")
     import openvino as ov
 
-    graph = deploy(randomize(build_model(TINY)), target="openvino", input_size=(SIZE, SIZE))
+    graph = deploy(randomize(build_model(TINY)), norm_form="mvn", input_size=(SIZE, SIZE))
     example = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     ops = {}
     for kept in ((), KEPT):
@@ -134,7 +134,7 @@ def test_ranking_predicts_what_keeping_the_top_unit_gains() -> None:
     require("executorch")
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    graph = deploy(load_checkpoint(None).model, target="xnnpack", input_size=(SIZE, SIZE))
+    graph = deploy(load_checkpoint(None).model, norm_form="conv-mean", input_size=(SIZE, SIZE))
     images = load_training_images(KODAK_DIR, SIZE)
     config = TrainConfig(method="ptq")
     calibration = [noisy(x, i) for i, x in enumerate(calibration_crops(images, SIZE, config))]
@@ -217,7 +217,7 @@ class _FakeRounds:
     """Stands in for quantizing, exporting, loading and validating: round N (1-based) exports ``model.pte`` naming
     itself and its float units, and validates as ``measured[N - 1]`` = (drift dB or None, min fidelity dB)."""
 
-    deploy_target = "xnnpack"
+    norm_form = "conv-mean"
     artifact = "model.pte"
 
     def __init__(self, measured: list[tuple[float | None, float]], *, max_drift_db: float) -> None:

@@ -63,7 +63,7 @@ class Artifact:
 
 @pytest.fixture(scope="module")
 def graph() -> DeployNAFNet:
-    return deploy(randomize(build_model(CFG)), target="xnnpack", input_size=SIZE)
+    return deploy(randomize(build_model(CFG)), norm_form="conv-mean", input_size=SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import torch
 from helpers import KODAK, randomize, running_in_ci
 
 from nafnet_edge.converters.base import Exported
-from nafnet_edge.deploy import DeployNAFNet, deploy, norm_form_of
+from nafnet_edge.deploy import DeployNAFNet, deploy
 from nafnet_edge.errors import MissingBackendError
 from nafnet_edge.images import read_image
 from nafnet_edge.model import NAFNetConfig, build_model
@@ -80,7 +80,7 @@ def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         if running_in_ci():  # every extra is installed there: a missing backend is a broken install
             raise
         pytest.skip(str(e))
-    graph = deploy(randomize(build_model(TINY)), norm_form=norm_form_of(quantizer), input_size=(SIZE, SIZE))
+    graph = deploy(randomize(build_model(TINY)), norm_form=quantizer.norm_form, input_size=(SIZE, SIZE))
     calibration = [crop(i, 100, 50) for i in range(4)]
     prepared = quantizer.prepare(graph, calibration[0], qat=False, calibration=calibration)
     with torch.no_grad():  # what the shared loop does: one pass over all calibration crops

@@ -33,20 +33,17 @@ from nafnet_edge.deploy.passes import (
 from nafnet_edge.deploy.pipeline import (
     DEFAULT_STREAM_SCALE,
     NORM_FORM_NAMES,
-    NORM_FORMS,
     PASSES,
     DeployRecipe,
     DeploySettings,
     Pass,
+    check_norm_form,
     deploy,
     local_pooling,
-    norm_form_of,
-    resolve_norm_form,
 )
 
 __all__ = [
     "DEFAULT_STREAM_SCALE",
-    "NORM_FORMS",
     "NORM_FORM_NAMES",
     "PASSES",
     "ChannelNorm",
@@ -63,8 +60,7 @@ __all__ = [
     "fold_beta_gamma",
     "fold_layernorm_affine",
     "local_pooling",
-    "norm_form_of",
-    "resolve_norm_form",
+    "check_norm_form",
     "scale_residual_stream",
     "set_norm_form",
     "split_simple_gate",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,10 +12,14 @@ from nafnet_edge.atomic import atomic_path
 from nafnet_edge.errors import CheckpointError, UsageError
 from nafnet_edge.model import NAFNetConfig, build_model
 
+if TYPE_CHECKING:
+    from nafnet_edge.deploy.modules import DeployNAFNet
+    from nafnet_edge.deploy.pipeline import DeployRecipe
+
 DEPLOY_FORMAT = "nafnet-edge-deploy"
 
 
-def recipe_metadata(recipe: Any) -> dict[str, str]:
+def recipe_metadata(recipe: DeployRecipe) -> dict[str, str]:
     """What a saved deploy graph stores of its ``DeployRecipe`` (str -> str), enough to rebuild its structure."""
     return {
         **recipe.metadata,
@@ -29,10 +33,9 @@ def recipe_metadata(recipe: Any) -> dict[str, str]:
     }
 
 
-def build_graph(meta: dict[str, str]):  # -> DeployNAFNet
-    """An untrained deploy graph of the structure ``meta`` (see :func:`recipe_metadata`) describes; files
-    written before norm forms had names give a deploy ``target`` label instead."""
-    from nafnet_edge.deploy import deploy, resolve_norm_form
+def build_graph(meta: dict[str, str]) -> DeployNAFNet:
+    """An untrained deploy graph of the structure ``meta`` (see :func:`recipe_metadata`) describes."""
+    from nafnet_edge.deploy import check_norm_form, deploy
 
     size = json.loads(meta["input_size"])
     with torch.device("meta"):
@@ -40,13 +43,13 @@ def build_graph(meta: dict[str, str]):  # -> DeployNAFNet
     skeleton = skeleton.to_empty(device="cpu")
     return deploy(
         skeleton,
-        norm_form=resolve_norm_form(meta.get("norm_form") or meta["target"]),
-        input_size=tuple(size) if size else None,  # type: ignore[arg-type]
+        norm_form=check_norm_form(meta["norm_form"]),
+        input_size=tuple(size) if size else None,
         stream_scale=float(meta["stream_scale"]),
     )
 
 
-def save_deploy(graph: torch.nn.Module, path: str | Path, *, extra: dict[str, str] | None = None) -> None:
+def save_deploy(graph: DeployNAFNet, path: str | Path, *, extra: dict[str, str] | None = None) -> None:
     """Write the graph made by ``deploy`` to ``path`` (.safetensors: weights + its recipe; .pt2: a static
     torch.export program)."""
     path = Path(path)
@@ -63,12 +66,13 @@ def save_deploy(graph: torch.nn.Module, path: str | Path, *, extra: dict[str, st
             state = {k: v.contiguous() for k, v in graph.state_dict().items()}
             save_file(state, str(tmp), metadata=meta)
         else:
+            assert recipe.input_size is not None  # refused above: a .pt2 needs a static size
             example = torch.zeros(1, recipe.channels, *recipe.input_size)
             program = torch.export.export(graph.eval(), (example,))
             torch.export.save(program, str(tmp), extra_files={"nafnet_edge.json": json.dumps(meta)})
 
 
-def load_deploy(path: str | Path):  # -> DeployNAFNet
+def load_deploy(path: str | Path) -> DeployNAFNet:
     """Rebuild a deploy graph saved as .safetensors by :func:`save_deploy`."""
     from safetensors import safe_open
 
@@ -78,6 +82,8 @@ def load_deploy(path: str | Path):  # -> DeployNAFNet
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     if meta.get("format") != DEPLOY_FORMAT:
         raise CheckpointError(f"{path} is not a deploy graph written by `nafnet-edge reparam`")
+    if "norm_form" not in meta:
+        raise CheckpointError(f"{path} was written by an earlier nafnet-edge: run `nafnet-edge reparam` again")
     graph = build_graph(meta)
     graph.load_state_dict(state, strict=True)
     return graph.eval().requires_grad_(False)

@@ -10,11 +10,14 @@ and the crop back are done by the caller (``PadCrop``, or the tiler), so exporte
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from nafnet_edge.deploy.pipeline import DeployRecipe
 
 NormForm = Literal["reference", "conv-mean", "layer-norm", "mvn"]
 
@@ -37,6 +40,9 @@ class ChannelNorm(nn.Module):
     is capped at fp16's largest value, so a flat input (var = 0, eps flushed to zero in fp16) gives 0, not 0/0;
     the cap never binds in fp32 while ``eps`` >= 1/FP16_MAX**2 (any stream scale up to 64 with eps 1e-6).
     """
+
+    mean_weight: torch.Tensor  # buffers, registered in __init__
+    eps_bias: torch.Tensor
 
     def __init__(self, channels: int, eps: float = 1e-6, *, form: NormForm = "reference") -> None:
         super().__init__()
@@ -156,6 +162,8 @@ class DeployBlock(nn.Module):
 class DeployNAFNet(nn.Module):
     """The NAFNet U-Net over deploy blocks; inputs must already be padded to ``pad_multiple``."""
 
+    recipe: DeployRecipe  # how the graph was made; set by ``deploy()``
+
     def __init__(
         self,
         *,
@@ -173,7 +181,6 @@ class DeployNAFNet(nn.Module):
         self.encoders, self.downs, self.middle_blks = encoders, downs, middle_blks
         self.ups, self.decoders = ups, decoders
         self.pad_multiple = pad_multiple
-        self.recipe: Any = None  # nafnet_edge.deploy.DeployRecipe, set by deploy()
 
     def blocks(self) -> list[DeployBlock]:
         stages = [*self.encoders, self.middle_blks, *self.decoders]

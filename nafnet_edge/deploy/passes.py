@@ -7,6 +7,7 @@ Every pass keeps the function (within float rounding) and mutates the ``DeployNA
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 from torch import nn
@@ -46,22 +47,23 @@ def to_deploy_modules(model: NAFNet) -> DeployNAFNet:
     """An independent copy of ``model`` as deploy modules, computing the same function (nothing folded yet)."""
     model = copy.deepcopy(model).eval()
 
-    def convert(blk: NAFBlock) -> DeployBlock:
+    def convert(module: nn.Module) -> DeployBlock:
+        blk = cast(NAFBlock, module)  # NAFNet's stages hold only NAFBlocks
         d = DeployBlock()
         d.norm1, d.norm2 = _norm_from(blk.norm1), _norm_from(blk.norm2)
         d.conv1, d.conv2, d.conv3, d.conv4, d.conv5 = blk.conv1, blk.conv2, blk.conv3, blk.conv4, blk.conv5
-        d.pool, d.sca = blk.sca[0], blk.sca[1]
+        d.pool, d.sca = blk.sca[0], cast(nn.Conv2d, blk.sca[1])
         d.beta, d.gamma = blk.beta, blk.gamma
         return d
 
     graph = DeployNAFNet(
         intro=model.intro,
         ending=model.ending,
-        encoders=nn.ModuleList(nn.Sequential(*map(convert, stage)) for stage in model.encoders),
+        encoders=nn.ModuleList(nn.Sequential(*map(convert, cast(nn.Sequential, s))) for s in model.encoders),
         downs=model.downs,
         middle_blks=nn.Sequential(*map(convert, model.middle_blks)),
         ups=model.ups,
-        decoders=nn.ModuleList(nn.Sequential(*map(convert, stage)) for stage in model.decoders),
+        decoders=nn.ModuleList(nn.Sequential(*map(convert, cast(nn.Sequential, s))) for s in model.decoders),
         pad_multiple=model.pad_multiple,
     )
     return graph.eval().requires_grad_(False)
@@ -121,7 +123,8 @@ def transposed_conv_upsampling(graph: DeployNAFNet) -> None:
     for i, up in enumerate(graph.ups):
         if isinstance(up, nn.ConvTranspose2d):
             continue
-        conv, shuffle = up[0], up[1]
+        upsample = cast(nn.Sequential, up)  # 1x1 conv + PixelShuffle, as NAFNet builds them
+        conv, shuffle = upsample[0], upsample[1]
         if conv.bias is not None:  # a bias per sub-pixel has no transposed-conv equivalent; NAFNet has none
             raise ValueError("upsampling convs with a bias are not NAFNet's")
         r = shuffle.upscale_factor
@@ -156,8 +159,10 @@ def scale_residual_stream(graph: DeployNAFNet, scale: float) -> None:
     graph.intro = _rescaled(graph.intro, inv, inv)
     graph.ending = _rescaled(graph.ending, scale, 1.0)
     for i, down in enumerate(graph.downs):
-        graph.downs[i] = _rescaled(down, 1.0, inv)
-    if any((up if isinstance(up, nn.ConvTranspose2d) else up[0]).bias is not None for up in graph.ups):
+        graph.downs[i] = _rescaled(cast(nn.Conv2d, down), 1.0, inv)
+    if any(
+        (up if isinstance(up, nn.ConvTranspose2d) else cast(nn.Sequential, up)[0]).bias is not None for up in graph.ups
+    ):
         raise ValueError("upsampling convs with a bias are not NAFNet's")
     for block in graph.blocks():
         if block.beta is not None or block.gamma is not None:
@@ -185,7 +190,7 @@ def fix_pooling(graph: DeployNAFNet, input_size: tuple[int, int]) -> None:
     stages += [(levels - 1 - i, s) for i, s in enumerate(graph.decoders)]
     for depth, stage in stages:
         fh, fw = h >> depth, w >> depth
-        for block in stage:
+        for block in cast(nn.Sequential, stage):
             pool = block.pool
             if isinstance(pool, FixedPool):
                 continue

@@ -31,14 +31,6 @@ if TYPE_CHECKING:
 
 Arch = Literal["NAFNet", "NAFNetLocal"]
 NORM_FORM_NAMES: tuple[NormForm, ...] = get_args(NormForm)
-# Deploy labels of earlier releases (``reparam --target``, ``deploy(target=...)``, saved deploy graphs) -> form.
-NORM_FORMS: dict[str, NormForm] = {
-    "generic": "reference",
-    "xnnpack": "conv-mean",
-    "coreml": "layer-norm",
-    "openvino": "mvn",
-    "onnx": "mvn",
-}
 DEFAULT_STREAM_SCALE = 16.0  # |x| up to 4096 keeps the norms' squares below fp16's 65504
 
 
@@ -117,7 +109,7 @@ class DeployRecipe:
 
     @property
     def model_config(self) -> NAFNetConfig:
-        return NAFNetConfig(**self.config)  # type: ignore[arg-type]
+        return NAFNetConfig(**self.config)
 
     @property
     def channels(self) -> int:
@@ -133,25 +125,11 @@ class DeployRecipe:
         return self.arch == "NAFNetLocal"
 
 
-def norm_form_of(owner: object) -> NormForm:
-    """The norm form a target or quantizer asks for: its ``norm_form``, or the form its older ``deploy_target``
-    label names."""
-    label = getattr(owner, "deploy_target", None)
-    form = NORM_FORMS[label] if label in NORM_FORMS else getattr(owner, "norm_form", None)
-    if form not in NORM_FORM_NAMES:
-        names = ", ".join(NORM_FORM_NAMES)
-        raise OptionError(f"{type(owner).__name__} names no deploy norm form; set its norm_form to one of {names}")
-    return form  # type: ignore[return-value]
-
-
-def resolve_norm_form(name: str) -> NormForm:
-    """A norm form given by itself or by an earlier deploy label (``generic``, ``xnnpack``, ...)."""
-    if name in NORM_FORM_NAMES:
-        return name  # type: ignore[return-value]
-    if name in NORM_FORMS:
-        return NORM_FORMS[name]
-    names = ", ".join((*NORM_FORM_NAMES, *NORM_FORMS))
-    raise OptionError(f"unknown deploy norm form {name!r}; choose one of {names}")
+def check_norm_form(name: str) -> NormForm:
+    """``name`` as a norm form; an ``OptionError`` naming the forms otherwise."""
+    if name not in NORM_FORM_NAMES:
+        raise OptionError(f"unknown deploy norm form {name!r}; choose one of {', '.join(NORM_FORM_NAMES)}")
+    return name  # narrowed to NormForm by the membership test
 
 
 def local_pooling(graph: DeployNAFNet) -> tuple[tuple[int, int], ...]:
@@ -176,7 +154,6 @@ def deploy(
     input_size: tuple[int, int] | None = None,
     stream_scale: float = DEFAULT_STREAM_SCALE,
     metadata: Mapping[str, str] | None = None,
-    target: str | None = None,
 ) -> DeployNAFNet:
     """A new inference-only module computing ``model``'s function, with ``graph.recipe`` saying how it was made;
     ``model`` itself is left untouched.
@@ -185,10 +162,9 @@ def deploy(
     ``norm_form``). ``input_size`` (padded height, width) fixes TLC pooling for a static-shape export; without it,
     pooling keeps the original shape-dependent rule. ``stream_scale`` (a power of two, 1 to 64) divides the
     residual stream for fp16 safety; it changes weights, not the op count. ``metadata`` (str -> str) is what
-    exporters embed in the artifact. ``target`` is the earlier spelling of ``norm_form`` by deploy label
-    (``"xnnpack"``, ``"coreml"``, ...), still read.
+    exporters embed in the artifact.
     """
-    form = resolve_norm_form(target if target is not None else norm_form)
+    form = check_norm_form(norm_form)
     settings = DeploySettings(
         norm_form=form,
         input_size=None if input_size is None else (int(input_size[0]), int(input_size[1])),
