@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
-from nafnet_edge.artifact_files import artifact_file, loading
+from nafnet_edge.artifact_files import artifact_file, loading, runtime_reason
 from nafnet_edge.errors import MissingBackendError, OptionError
 
 if TYPE_CHECKING:  # torch is imported by the targets that export; the registry and file checks need none of it
@@ -196,10 +196,15 @@ class Target(ABC):
         """The exceptions this target's runtime raises for a file it cannot load."""
         return (RuntimeError,)
 
+    @staticmethod
+    def load_reason(error: BaseException) -> str:
+        """The informative part of this runtime's load error, for a one-line message."""
+        return runtime_reason(error)
+
     @contextmanager
     def loading(self, path: Path) -> Iterator[None]:
         """Around a runtime loading ``path``: its refusal becomes an ``ArtifactError`` naming the file (exit 5)."""
-        with loading(path, self.file_kind, self.load_errors()):
+        with loading(path, self.file_kind, self.load_errors(), self.load_reason):
             yield
 
 

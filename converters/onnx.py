@@ -15,6 +15,7 @@ would pool locally at larger ones.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import warnings
 from collections import Counter
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from nafnet_edge.artifact_files import artifact_file, loading
+from nafnet_edge.artifact_files import artifact_file, loading, runtime_reason
 from nafnet_edge.converters.base import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -62,6 +63,7 @@ session = ort.InferenceSession("{artifact}", providers=["CPUExecutionProvider"])
 y = session.run(["{out}"], {{"{inp}": x}})[0]
 {python_save}```
 """
+ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")  # onnxruntime's error prefix
 
 
 class ONNXTarget(Target):
@@ -150,6 +152,11 @@ class ONNXTarget(Target):
             artifact_file(out_dir, location)
         return path
 
+    @staticmethod
+    def load_reason(error: BaseException) -> str:
+        """onnxruntime's message without its ``[ONNXRuntimeError] : 7 : INVALID_PROTOBUF :`` prefix."""
+        return runtime_reason(Exception(ORT_PREFIX.sub("", str(error).strip())))
+
     def load_errors(self) -> tuple[type[BaseException], ...]:
         from google.protobuf.message import DecodeError
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
@@ -212,7 +219,7 @@ def external_data_locations(path: Path) -> list[str]:
     import onnx
     from google.protobuf.message import DecodeError
 
-    with loading(path, ONNXTarget.file_kind, (DecodeError,)):
+    with loading(path, ONNXTarget.file_kind, (DecodeError,), ONNXTarget.load_reason):
         model = onnx.load(str(path), load_external_data=False)
     locations: list[str] = []
     graphs = [model.graph]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 
-from nafnet_edge.artifact_files import artifact_file
+from nafnet_edge.artifact_files import artifact_file, runtime_reason
 from nafnet_edge.converters.base import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -133,6 +133,11 @@ class OpenVINOTarget(Target):
         """``model.xml`` and the ``model.bin`` OpenVINO reads beside it, checked (see ``Target.artifact_path``)."""
         artifact_file(out_dir, BIN)
         return artifact_file(out_dir, XML)
+
+    @staticmethod
+    def load_reason(error: BaseException) -> str:
+        """OpenVINO's message without its ``Exception from src/...`` location lines."""
+        return runtime_reason(error, skip=lambda line: line.startswith("Exception from "))
 
     def open_session(
         self, out_dir: Path, *, export: Mapping[str, Any] | None = None, settings: SessionSettings | None = None

@@ -18,9 +18,8 @@ files between its own names.
 from __future__ import annotations
 
 import os
-import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
@@ -32,7 +31,6 @@ MAX_BUNDLE_ENTRIES = 10_000  # files and folders inside one bundle (.mlpackage)
 MAX_NAME_BYTES = 255  # one path component, as most file systems allow
 MAX_PATH_CHARS = 1024  # a whole name in a manifest's ``files``
 BUNDLE_SUFFIXES = (".mlpackage",)  # artifacts that are folders; every other artifact file is a regular file
-_RUNTIME_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
 
 def name_problem(name: str) -> str | None:
@@ -77,25 +75,31 @@ def artifact_size(directory: str | Path, name: str) -> int | None:
 
 
 @contextmanager
-def loading(path: Path, what: str, errors: tuple[type[BaseException], ...]) -> Iterator[None]:
-    """Turn a runtime's refusal to load ``path`` (one of ``errors``) into a one-line ArtifactError naming it."""
+def loading(
+    path: Path,
+    what: str,
+    errors: tuple[type[BaseException], ...],
+    reason: Callable[[BaseException], str] | None = None,
+) -> Iterator[None]:
+    """Turn a runtime's refusal to load ``path`` (one of ``errors``) into a one-line ArtifactError naming it;
+    ``reason`` picks the informative part of the runtime's message (default :func:`runtime_reason`)."""
+    reason = reason or runtime_reason
     try:
         yield
     except NafnetEdgeError:
         raise
     except errors as e:
-        raise ArtifactError(f"{display_path(path)} is not a loadable {what}: {runtime_reason(e)}; convert again") from e
+        raise ArtifactError(f"{display_path(path)} is not a loadable {what}: {reason(e)}; convert again") from e
 
 
-def runtime_reason(error: BaseException) -> str:
-    """The informative part of a runtime's error: OpenVINO's ``Exception from src/...`` location lines and
-    onnxruntime's ``[ONNXRuntimeError] : 7 : INVALID_PROTOBUF :`` prefix dropped, first sentence, at most 300
-    characters."""
+def runtime_reason(error: BaseException, *, skip: Callable[[str], bool] = lambda line: False) -> str:
+    """The informative part of a runtime's error: the first sentence of its first line that ``skip`` keeps, at
+    most 300 characters (targets pass ``skip`` for their runtime's location lines and strip its prefixes)."""
     lines = [line.strip() for line in str(error).splitlines()]
-    lines = [line for line in lines if line and not line.startswith("Exception from ")]
+    lines = [line for line in lines if line and not skip(line)]
     if not lines:
         return type(error).__name__
-    text = first_sentence(Exception(_RUNTIME_PREFIX.sub("", lines[0])))
+    text = first_sentence(Exception(lines[0]))
     return text if len(text) <= 300 else text[:297] + "..."
 
 
