@@ -132,17 +132,18 @@ class Target(ABC):
     @classmethod
     def setting(cls, options: ExportOptions, dest: str) -> Any:
         """The value of this target's option ``dest`` in ``options`` (its default when not given)."""
-        for option in cls.options:
-            if option.dest == dest:
-                return options.settings.get(dest, option.default)
-        raise KeyError(f"{cls.name} has no option {dest!r}")
+        return cls._value(options.settings, dest)
 
     @classmethod
     def hint(cls, settings: SessionSettings, dest: str) -> Any:
         """The value of this target's runtime option ``dest`` in ``settings`` (its default when not given)."""
+        return cls._value(settings.hints, dest)
+
+    @classmethod
+    def _value(cls, given: Mapping[str, Any], dest: str) -> Any:
         for option in cls.options:
             if option.dest == dest:
-                return settings.hints.get(dest, option.default)
+                return given.get(dest, option.default)
         raise KeyError(f"{cls.name} has no option {dest!r}")
 
     def needs_test_io(self, options: ExportOptions) -> bool:

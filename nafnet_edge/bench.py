@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from nafnet_edge.converters.base import NotRunnable, Session, SessionSettings, operator_profile
 from nafnet_edge.errors import ArtifactError, BadInputError
 from nafnet_edge.manifest import BENCH_FILE as BENCH_FILE  # where save writes (re-exported)
-from nafnet_edge.manifest import BENCH_VERSION, BenchRecord, Manifest, normalize_profile, write_bench
+from nafnet_edge.manifest import BENCH_VERSION, BenchRecord, Manifest, find_artifacts, normalize_profile, write_bench
 
 Runner = Callable[[np.ndarray], Any]
 
@@ -344,8 +344,6 @@ def full_frame(run: Runner, frame: tuple[int, int], tile: tuple[int, int], overl
 def artifact_directories(paths: Sequence[str | Path]) -> list[Path]:
     """Each path is an artifact directory (it has manifest.json) or a conversion output holding some, found as
     ``report`` finds them."""
-    from nafnet_edge.report import find_artifacts
-
     return [directory for path in paths for directory in find_artifacts(path)]
 
 

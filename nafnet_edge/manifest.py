@@ -14,6 +14,7 @@ ignored.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -579,10 +580,9 @@ class Manifest:
 
 def _target_names() -> list[str]:
     """The registered targets (the registry is imported here, not at the top: it imports this module's users)."""
-    import nafnet_edge.converters as registry
+    from nafnet_edge.converters import target_names
 
-    names = getattr(registry, "target_names", None)
-    return list(names()) if callable(names) else list(registry.TARGETS)
+    return target_names()
 
 
 def _files(files: list[Any]) -> list[str]:
@@ -604,6 +604,45 @@ def _padding_multiple(config: dict[str, Any]) -> int:
 
 
 # --- reading and writing -----------------------------------------------------------------------------------------
+
+
+def find_artifacts(directory: str | Path) -> list[Path]:
+    """The artifact directories under ``directory``: itself when it holds a manifest, else its subdirectories
+    that do (the layout ``convert -o OUT`` writes: ``OUT/<target>/manifest.json``)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BadInputError(
+            f"{directory} is not a directory: give the output directory of nafnet-edge convert (-o OUT) "
+            "or one artifact directory OUT/<target>"
+        )
+    if os.path.lexists(directory / MANIFEST_FILE):  # read_manifest says what is wrong with one that is not a file
+        return [directory]
+    found = sorted(p for p in _subdirectories(directory) if os.path.lexists(p / MANIFEST_FILE))
+    if not found:
+        raise BadInputError(
+            f"{directory} has no {MANIFEST_FILE}, nor any subdirectory with one: point at the output directory of "
+            "nafnet-edge convert (-o OUT) or at one OUT/<target>"
+        )
+    return found
+
+
+def _subdirectories(directory: Path) -> list[Path]:
+    """The visible subdirectories of ``directory``; a link among them is followed only when it resolves inside
+    ``directory`` (a link to ``/`` or to another tree is not this directory's artifact)."""
+    root = directory.resolve()
+    found = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            if entry.is_symlink():
+                with contextlib.suppress(OSError, RuntimeError):  # broken or looping links are no artifacts
+                    if path.resolve(strict=True).is_relative_to(root) and path.is_dir():
+                        found.append(path)
+            elif entry.is_dir(follow_symlinks=False):
+                found.append(path)
+    return found
 
 
 def read_manifest(directory: str | Path) -> Manifest:
@@ -872,6 +911,7 @@ __all__ = [
     "TensorSpec",
     "Tiling",
     "ValidationSummary",
+    "find_artifacts",
     "normalize_profile",
     "read_bench",
     "read_manifest",

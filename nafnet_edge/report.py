@@ -19,11 +19,9 @@ that is a link out of the directory, a pipe or a device) is refused naming the f
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import math
-import os
 import shlex
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +40,7 @@ from nafnet_edge.manifest import (
     BenchRecord,
     Manifest,
     ValidationSummary,
+    find_artifacts,
     read_bench,
     read_manifest,
 )
@@ -156,45 +155,6 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
-
-
-def find_artifacts(directory: str | Path) -> list[Path]:
-    """The artifact directories under ``directory``: itself when it holds a manifest, else its subdirectories
-    that do (the layout ``convert -o OUT`` writes: ``OUT/<target>/manifest.json``)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise BadInputError(
-            f"{directory} is not a directory: give the output directory of nafnet-edge convert (-o OUT) "
-            "or one artifact directory OUT/<target>"
-        )
-    if os.path.lexists(directory / MANIFEST):  # read_manifest says what is wrong with one that is not a file
-        return [directory]
-    found = sorted(p for p in _subdirectories(directory) if os.path.lexists(p / MANIFEST))
-    if not found:
-        raise BadInputError(
-            f"{directory} has no {MANIFEST}, nor any subdirectory with one: point at the output directory of "
-            "nafnet-edge convert (-o OUT) or at one OUT/<target>"
-        )
-    return found
-
-
-def _subdirectories(directory: Path) -> list[Path]:
-    """The visible subdirectories of ``directory``; a link among them is followed only when it resolves inside
-    ``directory`` (a link to ``/`` or to another tree is not this directory's artifact)."""
-    root = directory.resolve()
-    found = []
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            path = Path(entry.path)
-            if entry.is_symlink():
-                with contextlib.suppress(OSError, RuntimeError):  # broken or looping links are no artifacts
-                    if path.resolve(strict=True).is_relative_to(root) and path.is_dir():
-                        found.append(path)
-            elif entry.is_dir(follow_symlinks=False):
-                found.append(path)
-    return found
 
 
 def read_artifact(directory: Path) -> Artifact:
