@@ -23,7 +23,7 @@ import torch
 
 from nafnet_edge.atomic import output_lock, staged_directory
 from nafnet_edge.checkpoint import LoadedCheckpoint
-from nafnet_edge.converters import INPUT_NAME, OUTPUT_NAME, ExportOptions, get_target, target_class, target_names
+from nafnet_edge.converters import ExportOptions, get_target, target_class, target_names
 from nafnet_edge.deploy import DeployNAFNet, deploy
 from nafnet_edge.errors import BadInputError, OptionError
 from nafnet_edge.manifest import (
@@ -189,6 +189,7 @@ def build_manifest(
 def graph_metadata(loaded: LoadedCheckpoint, target: str, options: ExportOptions) -> dict[str, str]:
     """The manifest essentials every artifact carries inside itself (str -> str)."""
     release = loaded.release
+    io = IOSpec.image(loaded.config.img_channels, options.input_size)
     return {
         "nafnet_edge.version": tool_versions().get("nafnet-edge", "unknown"),
         "nafnet_edge.target": target,
@@ -197,9 +198,8 @@ def graph_metadata(loaded: LoadedCheckpoint, target: str, options: ExportOptions
         "nafnet_edge.release": release.name if release else "",
         "nafnet_edge.arch": type(loaded.model).__name__,
         "nafnet_edge.config": json.dumps(loaded.config.to_dict()),
-        "nafnet_edge.input": f"{INPUT_NAME}: float32 NCHW [1,{loaded.config.img_channels},"
-        f"{options.input_size[0]},{options.input_size[1]}] RGB in [0,1]",
-        "nafnet_edge.output": f"{OUTPUT_NAME}: same shape, unclamped",
+        "nafnet_edge.input": io.input.describe(),
+        "nafnet_edge.output": io.output.describe(),
         "nafnet_edge.padding_multiple": str(loaded.config.pad_multiple),
     }
 

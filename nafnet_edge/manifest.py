@@ -101,6 +101,14 @@ class TensorSpec:
             out["note"] = self.note
         return out
 
+    def describe(self) -> str:
+        """One line for people and artifact metadata: ``image: float32 NCHW [1,3,256,256] RGB in [0, 1]``."""
+        bounds = f" in [{self.value_range[0]:g}, {self.value_range[1]:g}]" if self.value_range else ""
+        shape = ",".join(str(d) for d in self.shape)
+        return f"{self.name}: {self.dtype} {self.layout} [{shape}] {self.channels}{bounds}" + (
+            f", {self.note}" if self.note else ""
+        )
+
     @classmethod
     def from_dict(cls, data: Any, where: str) -> TensorSpec:
         if not isinstance(data, dict):

@@ -363,3 +363,11 @@ def test_an_unusable_bench_json_is_left_out_with_the_reason(tmp_path: Path) -> N
     os.mkfifo(tmp_path / BENCH_FILE)
     record, note = read_bench(tmp_path)
     assert record is None and note is not None and "bench.json is not used" in note and "named pipe" in note
+
+
+def test_tensors_describe_themselves_in_one_line_for_artifact_metadata() -> None:
+    io = IOSpec.image(1, (64, 96), scale=2)
+    assert io.input.describe() == "image: float32 NCHW [1,1,64,96] gray in [0, 1]"
+    assert io.output.describe() == (
+        "restored: float32 NCHW [1,1,128,192] gray, unclamped; clamp to [0, 1] before quantizing"
+    )
