@@ -6,9 +6,18 @@ The public API is imported lazily so that ``import nafnet_edge`` (and ``nafnet-e
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 __version__ = "0.1.0"
+
+# In a source checkout ``converters/`` and ``quantization/`` sit beside this folder; installed, setuptools'
+# package-dir puts them inside it (nafnet_edge.converters, nafnet_edge.quantization). So that ``python -m
+# nafnet_edge`` run in the checkout (where this folder shadows the installed package) finds them too, the checkout
+# root joins this package's search path. Installed copies have no pyproject.toml beside them and are left alone.
+_checkout = Path(__file__).resolve().parent.parent
+if (_checkout / "pyproject.toml").is_file() and (_checkout / "converters" / "__init__.py").is_file():
+    __path__.append(str(_checkout))
 
 _EXPORTS = {
     "NAFNet": "nafnet_edge.model",

@@ -49,7 +49,7 @@ FileFormat = Literal["torch-zip", "torch-legacy", "safetensors"]
 
 
 def default_checkpoint_path() -> Path:
-    """The small denoiser shipped inside the package (see the model card in the README)."""
+    """The small denoiser shipped inside the package (see docs/model-card.md)."""
     return Path(str(resources.files("nafnet_edge") / "weights" / DEFAULT_CHECKPOINT_NAME))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-# Exit codes of the `nafnet-edge` command (documented in the README).
+# Exit codes of the `nafnet-edge` command (documented in docs/cli.md).
 EXIT_OK = 0
 EXIT_FAILURE = 1  # an unexpected internal error (a bug: please report it with --debug output)
 EXIT_USAGE = 2  # bad command line (argparse)

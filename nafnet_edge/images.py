@@ -1,6 +1,6 @@
 """Reading and writing images for restoration: 8- and 16-bit PNG/JPEG/TIFF, grayscale and alpha.
 
-Conventions (also in the README):
+Conventions (also in docs/images.md):
 - Pixels become float32 RGB in [0, 1] (value / 255 or / 65535); nothing else is done to them (no gamma).
 - Grayscale inputs given to a 3-channel model are replicated to RGB and the output is converted back to one
   channel (channel mean); a 1-channel model refuses colour inputs.

@@ -6,7 +6,7 @@ overlaps. The window is separable and normalised per axis, so the weights at eve
 no full-size weight map is kept: memory is the input, the output and one batch of tiles.
 
 NAFNet's channel attention averages over whatever it sees, so a tile's statistics differ from the whole
-frame's: tiled output is close to, not equal to, whole-frame output (measured in the README). With TLC
+frame's: tiled output is close to, not equal to, whole-frame output (measured in docs/tiling.md). With TLC
 (NAFNetLocal) the pooling is already local, so tiles larger than the TLC kernel change less.
 """
 
