@@ -328,7 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1e-3,
         help="AdamW step relative to each tensor's RMS, cosine (1e-3)",
     )
-    g.add_argument("--seed", type=bounded(non_negative_int, MAX_SEED), default=0, metavar="N", help="(0)")
+    g.add_argument(
+        "--seed",
+        type=bounded(non_negative_int, MAX_SEED),
+        default=0,
+        metavar="N",
+        help="seed of the training crops and their order (0)",
+    )
     g.add_argument("--resume", action="store_true", help="continue from OUT/.<target>-train.pt")
     g.add_argument(
         "--keep-float",
@@ -355,7 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     validation_only = Parser(add_help=False)
     g = validation_only.add_argument_group("validation")
     g.add_argument("--val-data", dest="data", type=Path, metavar="DIR", help="validation images (default: shipped)")
-    g.add_argument("--val-pairs", dest="data_pairs", nargs=2, type=Path, metavar=("INPUTS", "TARGETS"))
+    g.add_argument(
+        "--val-pairs",
+        dest="data_pairs",
+        nargs=2,
+        type=Path,
+        metavar=("INPUTS", "TARGETS"),
+        help="validation degraded/ground-truth folders",
+    )
     _validation_knobs(g)
 
     validation = Parser(add_help=False)
@@ -401,7 +414,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, choices=int8_names, help="int8 runtime")
     p.add_argument("--data", dest="train_data", required=True, type=Path, metavar="DIR", help="training images")
     p.add_argument("--pairs", dest="train_pairs", type=Path, metavar="CLEAN", help="ground truth for --data")
-    p.add_argument("-o", "--out", "--output", dest="output", type=Path, default=Path("artifacts"), metavar="OUT")
+    p.add_argument(
+        "-o",
+        "--out",
+        "--output",
+        dest="output",
+        type=Path,
+        default=Path("artifacts"),
+        metavar="OUT",
+        help="(./artifacts)",
+    )
     p.add_argument("--input-size", type=parse_size, default=(256, 256), metavar="PX", help="tile and crop (256)")
     p.add_argument("--force", action="store_true", help="replace OUT/<target> when it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -137,3 +137,18 @@ def test_usage_error_exit_code(capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main(["run", "--tile", "-3", "x.png", "-o", "o"])
     assert info.value.code == EXIT_USAGE
+
+
+def test_every_option_of_every_command_says_what_it_does() -> None:
+    import argparse
+
+    from nafnet_edge.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    silent = [
+        f"{name} {'/'.join(action.option_strings) or action.dest}"
+        for name, parser in commands.items()
+        for action in parser._actions
+        if not action.help and not isinstance(action, argparse._HelpAction)
+    ]
+    assert len(commands) >= 8 and silent == []
