@@ -55,6 +55,24 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def target_list(names: Sequence[str]) -> Callable[[str], str]:
+    """A parser for ``--target``: one of ``names``, several joined by commas (each once), or ``all``."""
+
+    def parse(text: str) -> str:
+        chosen = [t.strip() for t in text.split(",")]
+        for name in chosen:
+            if name not in names:
+                allowed = ", ".join(repr(n) for n in [*names, "all"])
+                extra = " ('all' stands alone)" if name == "all" else ""
+                raise argparse.ArgumentTypeError(f"invalid choice: {name!r}{extra} (choose from {allowed})")
+        return ",".join(dict.fromkeys(chosen))
+
+    def all_or_list(text: str) -> str:
+        return "all" if text.strip() == "all" else parse(text)
+
+    return all_or_list
+
+
 def positive_int(text: str) -> int:
     value = non_negative_int(text)
     if value == 0:
@@ -389,7 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     p.add_argument("checkpoint", nargs="?", metavar="CKPT", help="checkpoint file (default: the embedded model)")
-    p.add_argument("--target", required=True, choices=[*names, "all"], help="what to produce")
+    p.add_argument(
+        "--target",
+        required=True,
+        type=target_list(names),
+        metavar="{" + ",".join([*names, "all"]) + "}",
+        help="what to produce: one target, several separated by commas, or all",
+    )
     p.add_argument("-o", "--output", type=Path, default=Path("artifacts"), metavar="OUT", help="(./artifacts)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], help=_precision_help())
     p.add_argument("--train-data", type=Path, metavar="DIR", help="int8: images to calibrate / fine-tune on")
@@ -838,7 +862,7 @@ def _print_result(result: Any) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     from nafnet_edge.converters import target_names
 
-    targets = target_names() if args.target == "all" else [args.target]
+    targets = target_names() if args.target == "all" else args.target.split(",")
     target_settings(args, targets)  # an option none of them owns is refused before anything is locked or loaded
     with contextlib.ExitStack() as locks:
         if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes artifacts

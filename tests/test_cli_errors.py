@@ -192,3 +192,19 @@ def test_interrupt_exit_code_and_handlers_restored(files: Path, capsys, monkeypa
     assert main(["inspect"]) == EXIT_INTERRUPTED
     assert capsys.readouterr().err == "nafnet-edge: interrupted; no partial output was left in place\n"
     assert {s: signal.getsignal(s) for s in before} == before  # notebooks keep their own handlers
+
+
+def test_target_takes_a_comma_separated_list_each_once_and_all_alone(tmp_path: Path, capsys) -> None:
+    from nafnet_edge.cli import main
+
+    out = tmp_path / "out"
+    assert (
+        main(["convert", "--target", "onnx,openvino,onnx", "--no-validate", "--input-size", "32", "-o", str(out)]) == 0
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["onnx", "openvino"]
+    capsys.readouterr()
+    for bad, said in (("onnx,tflite", "invalid choice: 'tflite'"), ("onnx,all", "'all' stands alone")):
+        with pytest.raises(SystemExit) as info:
+            main(["convert", "--target", bad, "-o", str(tmp_path / "never")])
+        assert info.value.code == EXIT_USAGE and said in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
