@@ -152,7 +152,41 @@ def machine(*, probe: bool = True) -> dict[str, Any]:
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "sgemm_gflops": round(sgemm_gflops(), 1) if probe else None,
+        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,  # 1 min, at the start
     }
+
+
+UNSTABLE_SPREAD = 1.3  # p90 / median above this: the timings are dominated by interference, not the model
+BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average per core above this: other work competes for the cores
+
+
+def stability_notes(report: BenchReport) -> list[str]:
+    """Warnings about the conditions of a run: a busy machine, and results whose p90 is far from their median
+    (ratios against an unstable baseline are not printed)."""
+    notes = []
+    load, cores = report.machine.get("load_average"), report.machine.get("cores") or 1
+    if load is not None and load > BUSY_LOAD_PER_CORE * cores:
+        notes.append(
+            f"warning: the machine is busy (load average {load:.2f} on {cores} cores when the run started); "
+            "timings are noisy: rerun when it is quiet, or compare only ratios measured in one run"
+        )
+    rows = [*report.artifacts, *([report.baseline] if report.baseline else [])]
+    for r in rows:
+        spread = _spread(r)
+        if spread is not None and spread > UNSTABLE_SPREAD:
+            what = "baseline" if r is report.baseline else f"{r.target} {r.precision}"
+            consequence = "; no ratios against it" if r is report.baseline else ""
+            notes.append(
+                f"warning: {what} is unstable (p90 {spread:.2f}x its median){consequence}; rerun with more "
+                "--iters on a quieter machine"
+            )
+    return notes
+
+
+def _spread(result: BenchResult | None) -> float | None:
+    if result is None or result.latency_ms is None or result.latency_ms.median <= 0:
+        return None
+    return result.latency_ms.p90 / result.latency_ms.median
 
 
 class PeakMemory:
@@ -472,7 +506,9 @@ def save(report: BenchReport) -> list[Path]:
 def format_table(report: BenchReport) -> str:
     """The human table: one line per artifact, the baseline last, then each artifact's top operators."""
     rows = [*report.artifacts, *([report.baseline] if report.baseline else [])]
-    base = report.baseline.median_ms if report.baseline else None
+    spread = _spread(report.baseline)
+    stable = spread is not None and spread <= UNSTABLE_SPREAD
+    base = report.baseline.median_ms if report.baseline and stable else None
     header = (
         f"{'target':<18}{'prec':<6}{'runtime':<13}{'median':>9}{'p90':>9}{'min':>9}{'fps':>8}"
         f"{'load s':>8}{'first':>9}{'+MB':>7}{'GFLOP/s':>9}{'peak':>7}{'vs torch':>9}"
@@ -497,6 +533,7 @@ def format_table(report: BenchReport) -> str:
         )
     if report.baseline is None and report.baseline_reason:
         lines.append(f"(no PyTorch baseline: {report.baseline_reason})")
+    lines += stability_notes(report)
     for r in rows:
         if r.frame:
             f = r.frame

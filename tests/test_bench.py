@@ -79,7 +79,8 @@ def test_the_table_shows_every_artifact_and_where_the_time_goes(artifacts: Path,
     lines = out.splitlines()
     assert any(line.startswith("openvino") and "openvino" in line[18:] for line in lines)
     assert any(line.startswith("coreml") and "not runnable here" in line for line in lines) or sys.platform == "darwin"
-    assert any(line.startswith("pytorch") and line.rstrip().endswith("1.00x") for line in lines)
+    ratio = any(line.startswith("pytorch") and line.rstrip().endswith("1.00x") for line in lines)
+    assert ratio or "warning: baseline is unstable" in out  # a noisy baseline gives no ratios, and says so
     assert "top operators (OpenVINO performance counters" in out
 
 
@@ -153,3 +154,30 @@ def test_convert_with_bench_measures_what_it_built(tiny_checkpoint: Path, tmp_pa
     assert artifact["bench"]["runtime"] == "onnxruntime" and len(artifact["bench"]["latency_ms"]["runs"]) == 3
     saved = json.loads((tmp_path / "out" / "onnx" / BENCH_FILE).read_text())
     assert saved["latency_ms"] == artifact["bench"]["latency_ms"]
+
+
+def test_a_busy_machine_and_an_unstable_baseline_are_said_and_give_no_ratio() -> None:
+    from nafnet_edge.bench import BenchReport, BenchResult, BenchSettings, LatencyStats, format_table
+
+    def result(target: str, runs: list[float]) -> BenchResult:
+        return BenchResult(
+            "d",
+            target,
+            "fp32",
+            target,
+            True,
+            [1, 3, 64, 64],
+            latency_ms=LatencyStats.from_ms(runs),
+            load_s=0.1,
+            first_inference_ms=1.0,
+        )
+
+    steady, jumpy = [10.0] * 9 + [10.5], [10.0] * 5 + [30.0] * 5  # p90/median 1.0 and 1.5
+    machine = {"cpu": "test CPU", "cores": 2, "sgemm_gflops": 100.0, "load_average": 3.5}
+    table = format_table(BenchReport(machine, BenchSettings(), [result("onnx", steady)], result("pytorch", jumpy)))
+    assert "warning: the machine is busy (load average 3.50 on 2 cores" in table
+    assert "warning: baseline is unstable (p90 1.50x its median); no ratios against it" in table
+    assert "x" not in table.splitlines()[3].split()[-1]  # the onnx row's ratio column: "-", not "0.50x"
+    quiet = {**machine, "load_average": 0.2}
+    table = format_table(BenchReport(quiet, BenchSettings(), [result("onnx", steady)], result("pytorch", steady)))
+    assert "warning" not in table and table.splitlines()[3].split()[-1] == "1.00x"
