@@ -328,7 +328,7 @@ def measure(
         result.macs, result.gmacs = macs, round(macs / 1e9, 3)
         result.gflops_per_s = _r(2 * macs / median_s / 1e9)
         if peak_gflops:
-            result.peak_fraction = round(result.gflops_per_s / peak_gflops, 3)
+            result.peak_fraction = float(f"{result.gflops_per_s / peak_gflops:.3g}")  # 3 significant digits
     if settings.profile and session.profile is not None:
         tick("profile")
         result.profile = normalize_profile(session.profile(x, max(3, min(settings.iters, 5))), limit=settings.top)
