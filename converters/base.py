@@ -125,10 +125,6 @@ class Target(ABC):
     usage_title: ClassVar[str] = ""  # USAGE.md: title and body template (``nafnet_edge.usage`` fills the fields)
     usage_body: ClassVar[str] = ""
 
-    @property
-    def target(self) -> str:  # the name under its older attribute
-        return self.name
-
     @classmethod
     def setting(cls, options: ExportOptions, dest: str) -> Any:
         """The value of this target's option ``dest`` in ``options`` (its default when not given)."""
