@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from common import random_release_shape  # benchmarks/common.py: the script folder is on sys.path
 
-from nafnet_edge.bench import sgemm_gflops
+from nafnet_edge.benchmark import sgemm_gflops
 from nafnet_edge.complexity import count_macs
 from nafnet_edge.deploy import deploy
 from nafnet_edge.releases import RELEASE_SHAPES

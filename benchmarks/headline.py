@@ -52,12 +52,12 @@ import torch
 from common import random_release_shape  # benchmarks/common.py: the script folder is on sys.path
 from deploy_speed import Runner, onnxruntime_runner, openvino_runner, time_interleaved, xnnpack_runner
 
-from nafnet_edge.bench import BenchSettings, LatencyStats, full_frame, machine, pytorch_session, sgemm_gflops
+from nafnet_edge.benchmark import BenchSettings, LatencyStats, full_frame, machine, pytorch_session, sgemm_gflops
 from nafnet_edge.cli import parse_frame
 from nafnet_edge.complexity import count_macs
 from nafnet_edge.deploy import deploy
 from nafnet_edge.releases import RELEASE_SHAPES
-from nafnet_edge.validate import psnr
+from nafnet_edge.validation import psnr
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REFERENCE = "openvino_f32_original"

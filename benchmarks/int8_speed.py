@@ -41,7 +41,7 @@ from nafnet_edge.images import read_image
 from nafnet_edge.quantization import get_quantizer
 from nafnet_edge.quantization.train import TrainConfig, TrainImage, quantize_graph
 from nafnet_edge.releases import RELEASE_SHAPES
-from nafnet_edge.validate import psnr
+from nafnet_edge.validation import psnr
 
 KODAK = Path(__file__).resolve().parents[1] / "nafnet_edge" / "data" / "kodak"
 CALIBRATION_CROPS = 2  # speed does not depend on the ranges; calibrating and tracing dominate the set-up time

@@ -1,6 +1,6 @@
 """The one small interface every target implements: export a deploy graph, and load a runner for the artifact.
 
-A converter never sees checkpoints, manifests on disk or validation images: ``nafnet_edge.convert`` builds the
+A converter never sees checkpoints, manifests on disk or validation images: ``nafnet_edge.conversion`` builds the
 deploy graph (``nafnet_edge.deploy``), calls ``export`` into an empty temporary directory, writes the manifest,
 validates through ``load_runner`` and only then moves the directory into place.
 

@@ -42,7 +42,7 @@ MAX_INPUT_PIXELS = 64 << 20  # 8192 x 8192: one input tensor of 0.75 GiB in floa
 MAX_SCALE = 8  # output side / input side
 MAX_FILES = 64
 MAX_TENSORS = 16
-DEFAULT_OVERLAP_PX = 32  # tile overlap when a manifest records none (nafnet_edge.validate.DEFAULT_OVERLAP_PX)
+DEFAULT_OVERLAP_PX = 32  # tile overlap when a manifest records none (nafnet_edge.validation.DEFAULT_OVERLAP_PX)
 BLEND = "raised cosine, weights sum to one"
 OUTPUT_NOTE = "unclamped; clamp to [0, 1] before quantizing"
 SECTIONS = ("tlc", "deploy", "export", "tools", "host", "runtime", "quantization", "seconds")
@@ -378,7 +378,7 @@ class Tiling:
 
 @dataclass
 class ValidationSummary:
-    """The artifact's validation in its runtime against the fp32 reference (``nafnet_edge.validate``)."""
+    """The artifact's validation in its runtime against the fp32 reference (``nafnet_edge.validation``)."""
 
     passed: bool
     failures: list[str]

@@ -26,7 +26,7 @@ import torch
 
 from nafnet_edge.errors import OptionError
 from nafnet_edge.quantization.base import Quantizer
-from nafnet_edge.validate import psnr
+from nafnet_edge.validation import psnr
 
 SENSITIVITY_CROPS = 8  # held-out crops the ranking is measured on (``train.held_out_crops``)
 

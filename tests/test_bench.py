@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import Converted, require
 
-from nafnet_edge.bench import BENCH_FILE, LatencyStats
+from nafnet_edge.benchmark import BENCH_FILE, LatencyStats
 from nafnet_edge.cli import main, parse_frame
 from nafnet_edge.errors import EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_USAGE
 
@@ -157,7 +157,7 @@ def test_convert_with_bench_measures_what_it_built(tiny_checkpoint: Path, tmp_pa
 
 
 def test_a_busy_machine_and_an_unstable_baseline_are_said_and_give_no_ratio() -> None:
-    from nafnet_edge.bench import BenchReport, BenchResult, BenchSettings, LatencyStats, format_table
+    from nafnet_edge.benchmark import BenchReport, BenchResult, BenchSettings, LatencyStats, format_table
 
     def result(target: str, runs: list[float]) -> BenchResult:
         return BenchResult(

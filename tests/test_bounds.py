@@ -154,7 +154,7 @@ def test_each_bound_is_named_in_a_one_line_usage_error(files: Path, capsys, monk
 
 
 def test_threads_are_bounded_by_the_cores_here(capsys, monkeypatch) -> None:
-    monkeypatch.setattr(cli, "cpu_count", lambda: 4)
+    monkeypatch.setattr("nafnet_edge.cli.common.cpu_count", lambda: 4)
     assert build_parser().parse_args(["bench", "d", "--threads", "4"]).threads == 4
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(["bench", "d", "--threads", "1000"])

@@ -187,7 +187,7 @@ def test_a_damaged_or_unwritable_cache_costs_time_not_correctness(
     def summary(out: Path) -> dict:
         return json.loads((out / "onnx" / "manifest.json").read_text())["validation"]["summary"]
 
-    monkeypatch.setattr("nafnet_edge.validate._cache_warned", False)
+    monkeypatch.setattr("nafnet_edge.validation._cache_warned", False)
     assert convert(checkpoint, tmp_path / "a", data, "--target", "onnx") == 0
     cached = sorted((tmp_path / "cache" / "reference").glob("*.ref"))
     sizes = [p.stat().st_size for p in cached]

@@ -383,7 +383,7 @@ def test_a_checkpoint_that_produces_nan_gets_no_verdict_and_no_deploy_graph(
 
 def test_a_nan_score_is_a_failure_whichever_image_has_it() -> None:
     """min() over [50, nan] is 50 but over [nan, 50] is nan: a NaN fidelity or drift must fail in any order."""
-    from nafnet_edge.validate import Budgets, ValidationImage, validate_runner
+    from nafnet_edge.validation import Budgets, ValidationImage, validate_runner
 
     pixels = np.full((16, 16, 3), 0.5, np.float32)
     images = [ValidationImage(name=f"{i}.png", input=pixels, target=pixels) for i in range(2)]

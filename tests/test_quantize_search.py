@@ -278,7 +278,7 @@ def _search(
 ) -> tuple[int, _FakeRounds]:
     from helpers import save_tiny_checkpoint
 
-    import nafnet_edge.convert as convert_module
+    import nafnet_edge.conversion as convert_module
     import nafnet_edge.quantization as quantization_module
     import nafnet_edge.quantization.search as search_module
     import nafnet_edge.quantization.sensitivity as sensitivity_module

@@ -16,8 +16,8 @@ import pytest
 import torch
 from helpers import kodak_crops, randomize, require
 
-import nafnet_edge.convert as convert_module
-from nafnet_edge import validate
+import nafnet_edge.conversion as convert_module
+from nafnet_edge import validation as validate
 from nafnet_edge.atomic import _acquire
 from nafnet_edge.checkpoint import load_checkpoint
 from nafnet_edge.cli import main
@@ -169,7 +169,7 @@ def test_a_tlc_conversion_validates_alike_with_and_without_a_warm_cache(
 def test_the_report_compares_each_artifact_with_its_own_reference(tlc_checkpoint: Path, tmp_path: Path) -> None:
     """Two artifacts of one checkpoint file, one converted with TLC and one without: each report row is scored
     against the reference its manifest records, not against whichever model the file was loaded as first."""
-    from nafnet_edge.report import compare_images, read_artifact
+    from nafnet_edge.reporting import compare_images, read_artifact
 
     data = kodak_crops(tmp_path / "data", [(128, 128)])
     for name, extra in (("plain", []), ("tlc", ["--arch", "nafnet-local", "--train-size", "64"])):

@@ -39,7 +39,7 @@ from nafnet_edge.manifest import (
     write_manifest,
 )
 from nafnet_edge.usage import usage_note
-from nafnet_edge.validate import (
+from nafnet_edge.validation import (
     DEFAULT_OVERLAP_PX,
     Budgets,
     ValidationImage,

@@ -274,7 +274,7 @@ class _Sources:
 
 
 def _load_images(data: str | Path | None, channels: int) -> list[Any]:
-    from nafnet_edge.validate import default_images, folder_images
+    from nafnet_edge.validation import default_images, folder_images
 
     return folder_images(data, channels=channels) if data is not None else default_images(channels)
 
@@ -293,7 +293,7 @@ def compare_images(
     import torch
 
     from nafnet_edge.converters import get_target
-    from nafnet_edge.validate import apply_tiled, runner_fn
+    from nafnet_edge.validation import apply_tiled, runner_fn
 
     say = progress or (lambda _: None)
     sources = _Sources(checkpoint)
@@ -356,7 +356,7 @@ def compare_images(
 
 
 def _psnr(output: np.ndarray, reference: np.ndarray) -> float:
-    from nafnet_edge.validate import psnr
+    from nafnet_edge.validation import psnr
 
     return psnr(np.clip(np.nan_to_num(output, nan=0.0), 0, 1), np.clip(reference, 0, 1))
 

@@ -1,0 +1,380 @@
+"""Parsing, option types and helpers every command shares."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nafnet_edge.errors import (
+    EXIT_USAGE,
+    UsageError,
+)
+from nafnet_edge.sizes import MAX_SIDE_PX, parse_size
+
+EPILOG = (
+    "exit codes: 0 ok, 1 internal error, 2 usage, 3 budget missed, 4 missing backend, 5 bad input, "
+    "6 output not writable, 130 interrupted"
+)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: what is wrong and where the help is (exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def target_list(names: Sequence[str]) -> Callable[[str], str]:
+    """A parser for ``--target``: one of ``names``, several joined by commas (each once), or ``all``."""
+
+    def parse(text: str) -> str:
+        chosen = [t.strip() for t in text.split(",")]
+        for name in chosen:
+            if name not in names:
+                allowed = ", ".join(repr(n) for n in [*names, "all"])
+                extra = " ('all' stands alone)" if name == "all" else ""
+                raise argparse.ArgumentTypeError(f"invalid choice: {name!r}{extra} (choose from {allowed})")
+        return ",".join(dict.fromkeys(chosen))
+
+    def all_or_list(text: str) -> str:
+        return "all" if text.strip() == "all" else parse(text)
+
+    return all_or_list
+
+
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a positive integer, got 0")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+# Upper bounds of the numeric options: past them a command runs out of memory or time rather than doing more of
+# what was asked. A model input side (tile, export shape, training crop) of 16384 px (MAX_SIDE_PX) already needs
+# hundreds of GB for one forward pass of the official models; full frames may be larger, up to the image reader's
+# pixel limit.
+MAX_FRAME_SIDE_PX = 65535  # the largest side JPEG, and so most cameras' files, can hold
+
+
+MAX_FRAME_PIXELS = 1 << 30  # images.MAX_IMAGE_PIXELS, OpenCV's default limit
+
+
+MAX_BATCH = 1024
+
+
+MAX_ITERS = 1_000_000
+
+
+MAX_SEED = 2**32 - 1  # numpy's and every runtime's seed range
+
+
+MAX_SEARCH_ROUNDS = 16  # round k keeps 2^(k-1) units float: 16 rounds cover any NAFNet's units
+
+
+MAX_LISTED = 1000  # profile rows, report images
+
+
+STREAM_SCALES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def bounded(parse: Callable[[str], Any], high: float | Callable[[], float], what: str = "") -> Callable[[str], Any]:
+    """An argparse type: ``parse`` (which sets the lower bound), then at most ``high`` (a number, or a function
+    for a limit of this machine), saying ``what`` the limit is."""
+
+    def parse_bounded(text: str) -> Any:
+        value = parse(text)
+        limit = high() if callable(high) else high
+        if value > limit:
+            shown = f"{limit:g}" if isinstance(limit, float) else str(limit)
+            raise argparse.ArgumentTypeError(f"expected at most {shown}{f' ({what})' if what else ''}, got {text!r}")
+        return value
+
+    return parse_bounded
+
+
+def cpu_count() -> int:
+    """The CPU cores this process may run on (the affinity mask where there is one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def stream_scale(text: str) -> float:
+    value = finite_float(text)
+    if value not in STREAM_SCALES:
+        raise argparse.ArgumentTypeError(f"expected a power of two from 1 to 64, got {text!r}")
+    return value
+
+
+SIDE_OR_ZERO = bounded(non_negative_int, MAX_SIDE_PX, "px, the largest model input side")
+
+
+BATCH = bounded(positive_int, MAX_BATCH)
+
+
+ITERS = bounded(positive_int, MAX_ITERS)
+
+
+def checkpoint_options() -> Parser:
+    p = Parser(add_help=False)
+    g = p.add_argument_group("checkpoint")
+    g.add_argument(
+        "--param-key",
+        default="auto",
+        choices=["auto", "params", "params_ema", "state_dict", "model_state_dict", "model", "net", "network"],
+        help="which entry of a wrapped checkpoint to use (auto: 'params' first, as the official files)",
+    )
+    g.add_argument("--arch", choices=["nafnet", "nafnet-local"], help="override the identified class (TLC or not)")
+    g.add_argument("--train-size", type=parse_size, metavar="PX", help="TLC training crop, e.g. 256 (default)")
+    return p
+
+
+def _validation_knobs(g: Any) -> None:
+    g.add_argument("--reference-device", default="auto", choices=["auto", "cpu", "cuda"], help="fp32 reference on")
+    g.add_argument(
+        "--overlap", type=SIDE_OR_ZERO, metavar="PX", help="tile overlap (convert: 32; validate: the manifest's)"
+    )
+    g.add_argument(
+        "--min-fidelity", type=finite_float, metavar="DB", help="PSNR vs reference (fp32 60, fp16 45, int8 35)"
+    )
+    g.add_argument(
+        "--max-drift", type=finite_float, metavar="DB", help="task PSNR loss vs ground truth (0.01/0.05/0.1)"
+    )
+    g.add_argument("--no-cache", action="store_true", help="recompute the reference outputs")
+
+
+def _target_classes() -> list[Any]:
+    """Every registered target class (their modules import no backend: the parser needs no heavy import)."""
+    from nafnet_edge.converters import target_class, target_names
+
+    return [target_class(name) for name in target_names()]
+
+
+def title(cls: Any) -> str:
+    """A target as prose: its usage title ("Core ML"), else its name."""
+    return str(cls.usage_title or cls.name)
+
+
+def titles(classes: list[Any], conjunction: str) -> str:
+    titles = [title(cls) for cls in classes]
+    return titles[0] if len(titles) == 1 else f"{', '.join(titles[:-1])} {conjunction} {titles[-1]}"
+
+
+def precision_help() -> str:
+    """convert --precision's help: each target's default precision."""
+    classes = _target_classes()
+    other = [c for c in classes if c.default_precision != "fp32"]
+    by_precision = {
+        precision: [c for c in other if c.default_precision == precision]
+        for precision in dict.fromkeys(c.default_precision for c in other)
+    }
+    parts = [f"{precision} for {titles(owners, 'and')}" for precision, owners in by_precision.items()]
+    return "default: " + ", ".join([*parts, "fp32 elsewhere" if parts else "fp32"])
+
+
+def target_options(command: str | None = None) -> list[tuple[Any, tuple[Any, ...]]]:
+    """Every registered target's own options (those of ``command`` when given) with the targets owning each: an
+    option two targets declare with the same flag and destination is listed once, with both owners."""
+    from nafnet_edge.converters import all_options
+
+    merged: dict[tuple[str, str], tuple[Any, tuple[Any, ...]]] = {}
+    for cls, option in all_options():
+        if command is None or command in option.commands:
+            key = (option.flag, option.dest)
+            first, owners = merged.get(key, (option, ()))
+            merged[key] = (first, (*owners, cls))
+    return list(merged.values())
+
+
+def add_target_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """Add the registered targets' options for ``command`` to ``parser``: one argument group per owner, the help
+    prefixed by the owner. An option not given stays out of the parsed namespace (``target_settings`` then tells
+    given options from defaults, and each target falls back to its option's default)."""
+    groups: dict[tuple[str, ...], Any] = {}
+    for option, owners in target_options(command):
+        key = tuple(cls.name for cls in owners)
+        if key not in groups:
+            groups[key] = parser.add_argument_group(f"{titles(list(owners), 'and')} options")
+        owner = " and ".join(title(cls) for cls in owners)
+        kwargs: dict[str, Any] = {"dest": option.dest, "default": argparse.SUPPRESS, "help": f"{owner}: {option.help}"}
+        if option.kind == "flag":
+            kwargs["action"] = "store_true"
+        else:
+            kwargs.update(type=option.type, metavar=option.metavar, choices=option.choices)
+            if option.kind == "values":
+                kwargs["nargs"] = "+"
+        groups[key].add_argument(option.flag, **kwargs)
+
+
+def target_settings(args: argparse.Namespace, targets: list[str]) -> dict[str, dict[str, Any]]:
+    """The target options given on the command line, by chosen target: ``{target: {dest: value}}`` with each
+    target's own options only (with ``--target all`` an option goes to the targets owning it). An option that
+    none of ``targets`` owns is refused (``UsageError``, exit 2) naming its owner."""
+    given = vars(args)
+    settings: dict[str, dict[str, Any]] = {name: {} for name in targets}
+    for option, owners in target_options():
+        if option.dest not in given:
+            continue
+        owning = [cls.name for cls in owners if cls.name in settings]
+        if not owning:
+            names = " or ".join(cls.name for cls in owners)
+            raise UsageError(f"{option.flag} is an option of --target {names}")
+        for name in owning:
+            settings[name][option.dest] = given[option.dest]
+    return settings
+
+
+def load_model(args: argparse.Namespace, checkpoint: str | None, device: str = "cpu") -> Any:
+    from nafnet_edge.checkpoint import load_checkpoint
+
+    return load_checkpoint(
+        checkpoint, param_key=args.param_key, arch=args.arch, train_size=args.train_size, device=device
+    )
+
+
+def check_input_sizes(
+    config: Any, sizes: list[tuple[int, int]], *, more: Sequence[tuple[str, list[tuple[int, int]]]] = ()
+) -> None:
+    """Refuse (exit 2) fixed model input sizes whose forward pass does not fit in this machine's memory:
+    ``sizes`` (--input-size) and the sizes of target options (``more``: flag and sizes)."""
+    from nafnet_edge.inference import check_input_size_memory
+
+    check_input_size_memory(config, sizes, option="--input-size")
+    for flag, extra in more:
+        check_input_size_memory(config, extra, option=flag)
+
+
+def size_settings(settings: dict[str, dict[str, Any]]) -> list[tuple[str, list[tuple[int, int]]]]:
+    """The given target options that are model input sizes (parsed by ``parse_size``), as (flag, sizes)."""
+    found: dict[str, list[tuple[int, int]]] = {}
+    for option, owners in target_options():
+        if option.type is not parse_size:
+            continue
+        for cls in owners:
+            if option.dest in settings.get(cls.name, {}):
+                value = settings[cls.name][option.dest]
+                found[option.flag] = list(value) if option.kind == "values" else [value]
+    return list(found.items())
+
+
+def kodak_dir() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("nafnet_edge") / "data" / "kodak"))
+
+
+@dataclass(frozen=True)
+class Parents:
+    """The option groups several commands share (argparse parents) and the registered targets."""
+
+    ckpt: Parser
+    int8: Parser
+    bench: Parser
+    validation: Parser
+    validation_only: Parser
+    targets: list[Any]
+    names: list[str]
+    int8_names: list[str]
+
+
+def parents() -> Parents:
+    ckpt = checkpoint_options()
+    targets = _target_classes()
+    names = [cls.name for cls in targets]
+    int8_names = [cls.name for cls in targets if cls.quantizer is not None]
+
+    int8 = Parser(add_help=False)
+    g = int8.add_argument_group("int8")
+    g.add_argument("--method", choices=["qat", "ptq"], default="qat", help="fine-tune or calibrate only (qat)")
+    g.add_argument("--iters", type=ITERS, default=300, metavar="N", help="QAT steps (300)")
+    g.add_argument("--batch", type=BATCH, default=4, metavar="N", help="crops per step (4)")
+    g.add_argument(
+        "--lr",
+        type=bounded(positive_float, 1.0, "a step as large as the weights"),
+        default=1e-3,
+        help="AdamW step relative to each tensor's RMS, cosine (1e-3)",
+    )
+    g.add_argument(
+        "--seed",
+        type=bounded(non_negative_int, MAX_SEED),
+        default=0,
+        metavar="N",
+        help="seed of the training crops and their order (0)",
+    )
+    g.add_argument("--resume", action="store_true", help="continue from OUT/.<target>-train.pt")
+    g.add_argument(
+        "--keep-float",
+        type=lambda text: tuple(u for u in text.split(",") if u),
+        default=(),
+        metavar="UNITS",
+        help="units to leave in float, comma-separated (intro, encoders.0.0, downs.0, middle_blks.0, ups.0, "
+        "decoders.0.0, ending, ...)",
+    )
+    g.add_argument(
+        "--search-rounds",
+        type=bounded(non_negative_int, MAX_SEARCH_ROUNDS),
+        default=4,
+        metavar="N",
+        help="when the artifact misses --max-drift: up to N more rounds keeping the most sensitive units float "
+        "(1, 2, 4, ...); 0 turns the search off (4)",
+    )
+
+    bench = Parser(add_help=False)
+    g = bench.add_argument_group("benchmark")
+    g.add_argument("--bench", action="store_true", help="benchmark what was built (nafnet-edge bench --save)")
+    g.add_argument("--bench-iters", type=ITERS, default=20, metavar="N", help="timed runs with --bench (20)")
+
+    validation_only = Parser(add_help=False)
+    g = validation_only.add_argument_group("validation")
+    g.add_argument("--val-data", dest="data", type=Path, metavar="DIR", help="validation images (default: shipped)")
+    g.add_argument(
+        "--val-pairs",
+        dest="data_pairs",
+        nargs=2,
+        type=Path,
+        metavar=("INPUTS", "TARGETS"),
+        help="validation degraded/ground-truth folders",
+    )
+    _validation_knobs(g)
+
+    validation = Parser(add_help=False)
+    g = validation.add_argument_group("validation")
+    g.add_argument("--data", type=Path, metavar="DIR", help="your images (default: shipped Kodak photos + noise)")
+    g.add_argument(
+        "--data-pairs", nargs=2, type=Path, metavar=("INPUTS", "TARGETS"), help="degraded/ground-truth folders"
+    )
+    _validation_knobs(g)
+    return Parents(ckpt, int8, bench, validation, validation_only, targets, names, int8_names)
