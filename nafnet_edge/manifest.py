@@ -926,3 +926,9 @@ __all__ = [
     "write_bench",
     "write_manifest",
 ]
+
+
+def artifact_dirname(target: str, precision: str) -> str:
+    """The folder ``convert -o OUT`` writes an artifact into, ``OUT/<target>-<precision>``: one target's fp32, fp16
+    and int8 artifacts live side by side."""
+    return f"{target}-{precision}"

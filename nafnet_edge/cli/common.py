@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -378,3 +379,33 @@ def parents() -> Parents:
     )
     _validation_knobs(g)
     return Parents(ckpt, int8, bench, validation, validation_only, targets, names, int8_names)
+
+
+DEPRECATED_UNTIL = "0.3"  # the release that drops the old spellings of renamed flags
+
+
+class _DeprecatedAlias(argparse.Action):
+    """Stores like the flag it stands for, after a one-line note on stderr naming the new spelling."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, new: str, store_true: bool = False, **kwargs: Any):
+        if store_true:
+            kwargs.update(nargs=0)
+        self.new = new
+        self.store_true = store_true
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        print(
+            f"nafnet-edge: warning: {option_string} is deprecated, use {self.new} "
+            f"(the old name goes in nafnet-edge {DEPRECATED_UNTIL})",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, True if self.store_true else values)
+
+
+def deprecated_alias(parser: Any, old: str, new: str, *, dest: str, **kwargs: Any) -> None:
+    """Accept ``old`` as a hidden, deprecated spelling of the flag ``new`` (same ``dest``; give the same ``type``,
+    ``nargs`` and ``metavar`` as ``new``). Its value wins only if given after ``new``; it is not listed in --help."""
+    parser.add_argument(
+        old, dest=dest, action=_DeprecatedAlias, new=new, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs
+    )
