@@ -1,6 +1,6 @@
 """The conversion pipeline: checkpoint -> deploy graph -> artifact -> manifest and usage note -> validation.
 
-Each target gets its own directory ``OUT/<target>/`` holding the artifact, ``manifest.json`` and ``USAGE.md``.
+Each artifact gets its own directory ``OUT/<target>-<precision>/`` holding the artifact, ``manifest.json`` and ``USAGE.md``.
 The directory is built under a temporary name beside it and renamed into place only when export and
 validation have finished (a validation that misses its budget still lands, marked failed in the manifest,
 so the user can inspect it); on any error or interrupt the temporary directory is removed and a previous
@@ -35,6 +35,7 @@ from nafnet_edge.manifest import (
     Source,
     Tiling,
     ValidationSummary,
+    artifact_dirname,
     read_manifest,
     write_manifest,
 )
@@ -239,7 +240,7 @@ def convert(
     if options.input_size[0] % m or options.input_size[1] % m:
         raise OptionError(f"input size {options.input_size[0]}x{options.input_size[1]} must be a multiple of {m}")
     say = step or (lambda _: None)
-    final = Path(out_dir) / target
+    final = Path(out_dir) / artifact_dirname(target, options.precision)
     if quantizer is not None and int8 is not None and int8.rank != 0:
         graph = deploy(loaded.model, norm_form=quantizer.norm_form, input_size=options.input_size)
         quantize(quantizer, graph, options.input_size, int8)

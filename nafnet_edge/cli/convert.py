@@ -80,6 +80,14 @@ def print_result(result: Any) -> None:
     print(line)
 
 
+def _dirname(target: str, args: argparse.Namespace) -> str:
+    """OUT/<target>-<precision>: the precision asked for, else the target's default."""
+    from nafnet_edge.converters import target_class
+    from nafnet_edge.manifest import artifact_dirname
+
+    return artifact_dirname(target, args.precision or target_class(target).default_precision)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from nafnet_edge.converters import target_names
 
@@ -90,7 +98,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             from nafnet_edge.atomic import output_lock
 
             for target in targets:  # held from the existence check to the rename: --force races are impossible
-                locks.enter_context(output_lock(args.output / target))
+                locks.enter_context(output_lock(args.output / _dirname(target, args)))
         return _convert_targets(args, targets)
 
 
@@ -110,7 +118,7 @@ def _convert_targets(args: argparse.Namespace, targets: list[str]) -> int:
             f"--overlap {args.overlap} must be smaller than the tile the artifact runs on (--input-size "
             f"{args.input_size[0]}x{args.input_size[1]})"
         )
-    existing = [str(args.output / t) for t in targets if (args.output / t).exists()]
+    existing = [str(args.output / _dirname(t, args)) for t in targets if (args.output / _dirname(t, args)).exists()]
     if existing and not args.force:
         raise UsageError(f"{', '.join(existing)} exists; pass --force to replace it or choose another -o")
     own = target_settings(args, targets)
@@ -193,7 +201,7 @@ def _int8_settings(args: argparse.Namespace, loaded: Any) -> Any:
         images=images,
         config=config,
         data=f"{args.train_data}" + (f" (ground truth {args.train_pairs})" if args.train_pairs else " (distilled)"),
-        checkpoint=args.output / f".{args.target}-train.pt",
+        checkpoint=args.output / f".{_dirname(args.target, args)}-train.pt",
         resume=args.resume,
         progress=rank == 0,
         rank=rank,
