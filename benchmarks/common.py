@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
 import torch
 
 from nafnet_edge.model import NAFNet, build_model
@@ -18,3 +25,36 @@ def random_release_shape(shape: str, *, seed: int = 0, beta_gamma_std: float = 0
             if name.endswith(("beta", "gamma")):
                 p.normal_(0, beta_gamma_std)
     return model
+
+
+PACKAGES = ("nafnet-edge", "torch", "onnxruntime", "openvino", "nncf", "executorch", "torchao", "coremltools")
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for package in PACKAGES:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def run_record(script: str, *, probe: bool = True) -> dict[str, Any]:
+    """Where and how a results file was made: the script and its command line, the date, the machine (CPU model,
+    ISA flags, cores, memory, sgemm probe, load) and the package versions."""
+    from nafnet_edge.benchmark import machine
+
+    return {
+        "script": script,
+        "command": " ".join(["python", script, *sys.argv[1:]]),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine(probe=probe),
+        "versions": versions(),
+    }
+
+
+def write_results(path: Path, record: dict[str, Any], **results: Any) -> None:
+    """Write ``record`` (from :func:`run_record`) and ``results`` to ``path`` as one JSON object."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**record, **results}, indent=2))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import statistics
 import time
 import warnings
@@ -20,7 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import random_release_shape  # benchmarks/common.py: the script folder is on sys.path
+from common import (  # benchmarks/common.py: the script folder is on sys.path
+    random_release_shape,
+    run_record,
+    write_results,
+)
 
 from nafnet_edge.benchmark import sgemm_gflops
 from nafnet_edge.complexity import count_macs
@@ -97,6 +100,7 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], choices=list(BACKENDS))
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
+    record = run_record("benchmarks/deploy_speed.py", probe=False)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(torch.get_num_threads())
     peak = sgemm_gflops()
@@ -145,8 +149,7 @@ def main() -> None:
             f"{row['deploy_over_floor']:.2f}x"
         )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"sgemm_gflops": peak, "rows": rows}, indent=2))
+        write_results(args.json, record, sgemm_gflops=peak, rows=rows)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import random_release_shape  # benchmarks/common.py: the script folder is on sys.path
+from common import random_release_shape, versions  # benchmarks/common.py: the script folder is on sys.path
 from deploy_speed import Runner, onnxruntime_runner, openvino_runner, time_interleaved, xnnpack_runner
 
 from nafnet_edge.benchmark import BenchSettings, LatencyStats, full_frame, machine, pytorch_session, sgemm_gflops
@@ -509,16 +509,6 @@ def write_png(result: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for package in ("nafnet-edge", "torch", "onnxruntime", "openvino", "nncf", "executorch", "torchao"):
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = None
-    return found
 
 
 def frame_arg(text: str) -> tuple[int, int] | None:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import run_record, write_results  # benchmarks/common.py: the script folder is on sys.path
 
 from nafnet_edge.cli import main as nafnet_edge
 from nafnet_edge.images import RGBImage, read_image, write_image
@@ -65,6 +66,7 @@ def main() -> None:
     ap.add_argument("--input-size", type=int, default=128, help="artifact tile and training crop")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    record = run_record("benchmarks/int8_quality.py", probe=False)
     work = Path(tempfile.mkdtemp(prefix="int8-quality-"))
     add_noise(args.train, work / "train", args.sigma, seed=1)
     add_noise(args.eval, work / "eval-noisy", args.sigma, seed=2)
@@ -113,8 +115,7 @@ def main() -> None:
             + (f"  float: {', '.join(r['kept_float'])} (latency x{r['kept_latency_ratio']})" if r["kept_float"] else "")
         )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"sigma": args.sigma, "iters": args.iters, "rows": rows}, indent=2))
+        write_results(args.json, record, sigma=args.sigma, iters=args.iters, rows=rows)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Ratios are against the original fp32 graph of the same runtime; "floor" is the i
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import warnings
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import random_release_shape
+from common import random_release_shape, run_record, write_results
 from deploy_speed import Runner, openvino_runner, sgemm_gflops, time_interleaved, xnnpack_runner
 
 from nafnet_edge.complexity import count_macs
@@ -169,6 +168,7 @@ def main() -> None:
         help=f"units the '{KEPT_LABEL}' variant leaves float ({','.join(KEPT_BY_SEARCH)})",
     )
     args = ap.parse_args()
+    record = run_record("benchmarks/int8_speed.py", probe=False)
     warnings.filterwarnings("ignore")
     peak = sgemm_gflops()
     print(f"sgemm probe: {peak:.0f} GFLOP/s fp32; {args.runs} interleaved runs; medians in ms", flush=True)
@@ -222,8 +222,7 @@ def main() -> None:
         )
     print("(random weights: the PSNR column only shows which variants are quantized, not their quality)")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"sgemm_gflops": peak, "runs": args.runs, "rows": rows}, indent=2))
+        write_results(args.json, record, sgemm_gflops=peak, runs=args.runs, rows=rows)
 
 
 if __name__ == "__main__":

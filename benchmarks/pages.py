@@ -274,7 +274,8 @@ def render_int8_quality(data: dict[str, Any]) -> list[str]:
     return out
 
 
-def render_tiled_memory(data: list[dict[str, Any]]) -> list[str]:
+def render_tiled_memory(data: list[dict[str, Any]] | dict[str, Any]) -> list[str]:
+    rows = data["rows"] if isinstance(data, dict) else data
     out = [
         "Peak resident memory of tiled fp32 PyTorch inference, one process per row (tile 0 = whole image).",
         "",
@@ -290,7 +291,7 @@ def render_tiled_memory(data: list[dict[str, Any]]) -> list[str]:
                 num(r.get("seconds"), 0),
                 num(r["height"] * r["width"] / 1e6 / r["seconds"], 3) if r.get("seconds") else "-",
             ]
-            for r in data
+            for r in rows
         ],
     )
     return out
@@ -365,7 +366,7 @@ TITLES: dict[str, str] = {
 
 
 def renderer(stem: str, data: Any) -> Callable[[Any], list[str]]:
-    if isinstance(data, dict) and ("rows" in data or "frame_rows" in data) and "machine" in data:
+    if stem.startswith("headline") and isinstance(data, dict):
         return render_headline
     if stem == "deploy_speed":
         return render_deploy_speed
@@ -373,7 +374,7 @@ def renderer(stem: str, data: Any) -> Callable[[Any], list[str]]:
         return render_int8_speed
     if stem.startswith("int8_quality") and isinstance(data, dict) and "rows" in data:
         return render_int8_quality
-    if stem == "tiled_memory" and isinstance(data, list):
+    if stem == "tiled_memory" and isinstance(data, (list, dict)):
         return render_tiled_memory
     if isinstance(data, dict) and "target" in data and "validation" in data:
         return render_manifest

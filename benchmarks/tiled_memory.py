@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import run_record, write_results  # benchmarks/common.py: the script folder is on sys.path
+
 BUDGET_MB = 4096
 
 
@@ -51,6 +53,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a 2 MP frame instead of 12 MP")
     ap.add_argument("--json", type=Path, help="also write the rows to this file")
     args = ap.parse_args()
+    record = run_record("benchmarks/tiled_memory.py", probe=False)
     if args.child:
         child(*(int(v) for v in args.child.split(",")))
         return
@@ -80,8 +83,7 @@ def main() -> None:
             flush=True,
         )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+        write_results(args.json, record, rows=results)
 
 
 if __name__ == "__main__":
