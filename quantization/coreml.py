@@ -18,11 +18,9 @@ described like the fp16 artifact (``CoreMLConverter``, whose runner executes the
   A row whose largest weight is below 127 * 2**-25 gets a scale that underflows fp16 to 0 and dequantizes to
   zeros (an error below 4e-6 per weight; 8 rows of the trained default denoiser).
 
-Scales are fp16 like everything in the program: 21% of the trained default denoiser's weight-channel scales are
-fp16 subnormals (the deploy graph divides the weights writing the residual stream by its stream scale), yet its
-W8A8 program stays within 0.05 dB of PyTorch's fp32 quantize/dequantize simulation. Measured on that model
-(width 16, PTQ on eight 128-px noisy Kodak crops, sigma 25, four held-out crops): W8A8 42.6-43.6 dB against the
-fp32 deploy graph, weight-only 53.6-57.6 dB.
+Scales are fp16 like everything in the program; many weight-channel scales are fp16 subnormals (the deploy
+graph divides the weights writing the residual stream by its stream scale), which Core ML handles: the program
+matches PyTorch's fp32 quantize/dequantize simulation (docs/int8.md has the figures).
 
 coremltools' own ``coremltools.optimize.torch.quantization._coreml_quantizer.CoreMLQuantizer`` cannot be
 imported with torch 2.13 (it imports ``torch.ao.quantization.quantizer``, which moved to torchao); the W8A8 mode
@@ -38,12 +36,11 @@ What stays fp16 in W8A8: the channel norms (the quantizer has no ``layer_norm`` 
 dequantize and a quantize, as XNNPACK's ``fp32_norms`` do), the global-average pooling (``reduce_mean``),
 the two transposed-conv upsamplings (no pattern; their weights stay fp16) and, by choice
 (``fp_global_residual``), the global residual ``ending(x) + input``: quantized, its 8-bit output grid (about
-0.009 for outputs in [-0.2, 1.2]) is coarser than an 8-bit image and the input passes through it quantized too;
-unquantized, the width-8 test model measured 45.3 dB instead of 42.1 dB against fp32 (Kodak crops, PTQ).
+0.009 for outputs in [-0.2, 1.2]) is coarser than an 8-bit image and the input passes through it quantized too.
 
 Only the quantizer's patterns that occur in a deploy graph are matched (conv, add, mul, pooling): NAFNet has
 no activation function, batch norm or linear layer, and tracing the other patterns (``conv_act`` with each of
-13 activations, ...) took 50 of the 55 s of ``prepare`` on two cores for the same annotation.
+13 activations, ...) would be most of ``prepare``'s time for the same annotation.
 """
 
 from __future__ import annotations

@@ -13,17 +13,13 @@ constants with a dequantizing multiply, and ``OpenVINOConverter``'s runner execu
 
 Three choices differ from plain ``nncf.quantize``:
 - The input quantizer is pinned to [0, 1] in 255 steps (the artifact's input contract): an image decoded from
-  8 bits passes exactly, and nothing is clipped. Calibrated on a few crops it takes their largest value
-  (0.76 on four Kodak crops) and clips every brighter pixel of other images: 30 dB instead of 45 dB output PSNR
-  against fp32 on the width-8 test model.
+  8 bits passes exactly, and nothing is clipped. Calibrated on a few crops it would take their largest value
+  and clip every brighter pixel of other images.
 - The channel norms stay unquantized inside (``fp32_norms``): quantizers between their mean, subtract, power
-  and square root split the pattern OpenVINO's frontend folds into one MVN op (SIDD-width32: 987 FakeQuantize
-  and no MVN, versus 627 FakeQuantize and 72 MVN), the placement NNCF's OpenVINO backend also chooses on the
-  fp32 IR. Latency and PSNR measured the same within noise either way; the IR is simpler this way.
+  and square root split the pattern OpenVINO's frontend folds into one MVN op, the placement NNCF's OpenVINO
+  backend also chooses on the fp32 IR. Latency and PSNR are the same either way; the IR is simpler this way.
 - Preset "performance" (NNCF's own default for CNNs) rather than "mixed": with asymmetric activations the CPU
-  plugin runs the transposed-conv upsampling in f32, and the SIDD-width32 IR measured 8-14% slower (four
-  interleaved runs on a busy machine) at the same PSNR against fp32 (within 0.2 dB: random weights, and the
-  width-8 test models).
+  plugin runs the transposed-conv upsampling in f32: slower at the same PSNR.
 
 The CPU plugin runs the FakeQuantize-fed convolutions as u8 x i8 kernels whatever ``INFERENCE_PRECISION_HINT``
 says; the hint (pinned to f32 by the runner) decides what the rest runs in (the norms, the first and last ops).

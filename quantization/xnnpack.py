@@ -9,10 +9,9 @@ What runs int8: every convolution outside the norms (3x3 depthwise, 1x1, strided
 upsampling), the blocks' multiplies (SimpleGate halves, channel attention) and adds (both residuals, the skips,
 the global residual), and the pooling. The channel norms stay fp32 inside the same partition (``fp32_norms``):
 their statistics span decades per pixel, and one per-tensor int8 scale for the inverse standard deviation
-(XNNPACK has no int8 rsqrt, so it gets a scale of its own) rounds high-variance pixels to nothing. Measured on
-the trained default denoiser (Kodak crops, sigma 25, PTQ): int8 norms lose 2.2 dB against fp32, fp32 norms
-0.5-0.8 dB; on the SIDD-width32 shape at 256x256 the fp32 norms cost about 6% latency (212 vs 200 ms; the fp32
-program 424 ms). Each fp32 norm costs three int8/fp32 conversions.
+(XNNPACK has no int8 rsqrt, so it gets a scale of its own) rounds high-variance pixels to nothing: int8 norms
+cost far more PSNR than the budget allows, fp32 norms a few percent of latency (three int8/fp32 conversions each;
+docs/int8.md has the figures).
 
 The deploy graph has no channel slices, so the program avoids the quantized-slice load failure of ExecuTorch
 issue 21829. ``Exported.info`` reports the partitions, any op left outside, and the int8/fp32 split of the ops.
