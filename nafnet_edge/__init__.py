@@ -36,6 +36,18 @@ _EXPORTS = {
     "restore_tensor": "nafnet_edge.inference",
     "run_tiled": "nafnet_edge.tiling",
     "count_macs": "nafnet_edge.complexity",
+    # the pipeline, one function per step (nafnet_edge.api), and what they return
+    "load": "nafnet_edge.api",
+    "convert": "nafnet_edge.api",
+    "quantize": "nafnet_edge.api",
+    "validate": "nafnet_edge.api",
+    "bench": "nafnet_edge.api",
+    "report": "nafnet_edge.api",
+    "ValidationResult": "nafnet_edge.api",
+    "ConvertResult": "nafnet_edge.conversion",
+    "BenchReport": "nafnet_edge.benchmark",
+    "BenchResult": "nafnet_edge.benchmark",
+    "Manifest": "nafnet_edge.manifest",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

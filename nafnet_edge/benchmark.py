@@ -4,8 +4,8 @@
 target (``Target.open_session``, the loader validation uses too, with the threads and runtime options given here),
 and the original PyTorch fp32 model as the baseline, and reports per artifact:
 
-- load (compile) time and the first inference, then ``warmup`` runs excluded and ``iters`` timed runs: min,
-  median, mean, p90, p99, std (``LatencyStats``);
+- load (compile) time and the first inference, then ``warmup`` runs excluded and ``iters`` timed runs (or as
+  many as fit in ``time_s`` seconds): min, median, mean, p90, p99, std (``LatencyStats``);
 - throughput in frames/s: the runtime's own throughput mode where its session has one (several requests in
   flight), otherwise one frame after another;
 - the process's peak resident memory while loading and running the artifact;
@@ -17,7 +17,8 @@ and the original PyTorch fp32 model as the baseline, and reports per artifact:
 
 Everything is measured, nothing is estimated: an artifact that cannot run here (its session raises
 ``NotRunnable``, e.g. where the runtime exists only on another platform) is reported as not runnable, with the
-reason.
+reason. Progress goes through ``nafnet_edge.progress`` (a phase per artifact, a counted task for the timed runs);
+what the runtimes print while loading and running is captured (``progress.backend_output``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nafnet_edge import defaults, progress
 from nafnet_edge.converters.base import NotRunnable, Session, SessionSettings, operator_profile
 from nafnet_edge.errors import ArtifactError, BadInputError
 from nafnet_edge.manifest import BENCH_FILE as BENCH_FILE  # where save writes (re-exported)
@@ -46,17 +48,21 @@ from nafnet_edge.manifest import BENCH_VERSION, BenchRecord, Manifest, find_arti
 
 Runner = Callable[[np.ndarray], Any]
 
+MIN_TIMED_RUNS = 3  # a time budget still times this many runs, however long they take
+MAX_TIMED_RUNS = 1_000_000  # and stops here at the latest (the CLI's bound on --runs)
+
 
 @dataclass(frozen=True)
 class BenchSettings:
-    iters: int = 20  # timed runs per artifact
-    warmup: int = 3  # untimed runs after the first inference
+    iters: int = defaults.BENCH_RUNS  # timed runs per artifact (unless time_s is set)
+    time_s: float | None = None  # time budget per artifact instead: timed runs until it has passed (see timed_runs)
+    warmup: int = defaults.BENCH_WARMUP  # untimed runs after the first inference
     threads: int | None = None  # runtime threads (None: each runtime's default, all cores)
     profile: bool = True  # per-operator profile
-    top: int = 8  # operators listed in the profile
-    throughput_frames: int = 0  # frames for a runtime's throughput mode (0: as many as iters)
+    top: int = defaults.BENCH_TOP  # operators listed in the profile
+    throughput_frames: int = 0  # frames for a runtime's throughput mode (0: as many as were timed)
     frame: tuple[int, int] | None = None  # full frame (height, width) run through the artifact's tile
-    overlap_px: int = 32  # tile overlap for the full frame
+    overlap_px: int = defaults.BENCH_OVERLAP_PX  # tile overlap for the full frame
     # the targets' runtime options by TargetOption.dest (SessionSettings.hints), e.g. {"compute_units": "ALL"}
     hints: dict[str, Any] = field(default_factory=dict)
 
@@ -146,10 +152,51 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# The instruction-set extensions that decide which kernels the runtimes pick (fp16/bf16/int8 paths).
+ISA_FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "asimd",
+    "asimddp",
+    "sve",
+    "i8mm",
+    "bf16",
+)
+
+
+def cpu_isa() -> list[str]:
+    """The ISA_FLAGS this CPU reports (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            present = set(line.split(":", 1)[1].split())
+            return [flag for flag in ISA_FLAGS if flag in present]
+    return []
+
+
+def memory_gb() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def machine(*, probe: bool = True) -> dict[str, Any]:
     return {
         "cpu": cpu_name(),
+        "isa": cpu_isa(),
         "cores": os.cpu_count(),
+        "memory_gb": memory_gb(),
         "platform": platform.platform(),
         "sgemm_gflops": round(sgemm_gflops(), 1) if probe else None,
         "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,  # 1 min, at the start
@@ -178,7 +225,7 @@ def stability_notes(report: BenchReport) -> list[str]:
             consequence = "; no ratios against it" if r is report.baseline else ""
             notes.append(
                 f"warning: {what} is unstable (p90 {spread:.2f}x its median){consequence}; rerun with more "
-                "--iters on a quieter machine"
+                "--runs (or a longer --time) on a quieter machine"
             )
     return notes
 
@@ -280,6 +327,21 @@ def pytorch_session(model: torch.nn.Module, settings: BenchSettings) -> Session:
 # --- measuring -----------------------------------------------------------------------------------------------
 
 
+def timed_runs(run: Callable[[], Any], settings: BenchSettings, advance: Callable[[int], None]) -> list[float]:
+    """Milliseconds of each timed call of ``run``: ``settings.iters`` of them, or with ``settings.time_s`` as many as
+    start before that many seconds have passed (at least :data:`MIN_TIMED_RUNS`, at most :data:`MAX_TIMED_RUNS`)."""
+    runs: list[float] = []
+    deadline = None if settings.time_s is None else time.perf_counter() + settings.time_s
+    while len(runs) < (settings.iters if deadline is None else MAX_TIMED_RUNS):
+        if deadline is not None and len(runs) >= MIN_TIMED_RUNS and time.perf_counter() >= deadline:
+            break
+        started = time.perf_counter()
+        run()
+        runs.append((time.perf_counter() - started) * 1e3)
+        advance(1)
+    return runs
+
+
 def measure(
     result: BenchResult,
     open_: Callable[[], Session],
@@ -287,54 +349,61 @@ def measure(
     *,
     macs: int | None,
     peak_gflops: float | None,
-    tick: Callable[[str], None] = lambda _: None,
+    label: str = "",
 ) -> BenchResult:
-    """Load, time, profile and (optionally) run a full frame; fills ``result`` in place."""
+    """Load, time, profile and (optionally) run a full frame; fills ``result`` in place. ``label`` names the
+    artifact in progress lines. The runtime's own output while it loads and runs is captured."""
     n, c, h, w = result.input
     x = np.random.default_rng(0).random((n, c, h, w), dtype=np.float32)
-    with PeakMemory() as memory:
-        started = time.perf_counter()
-        try:
-            session = open_()
-        except NotRunnable as e:
-            result.runnable, result.reason = False, str(e)
-            return result
-        result.load_s = round(time.perf_counter() - started, 3)
-        result.runtime, result.info = session.runtime, session.info
-        started = time.perf_counter()
-        session.run(x)
-        result.first_inference_ms = round((time.perf_counter() - started) * 1e3, 2)
-        for _ in range(settings.warmup):
-            session.run(x)
-            tick("warm-up")
-        runs = []
-        for _ in range(settings.iters):
+    label = label or f"{result.target}-{result.precision}"
+    with progress.backend_output():
+        with PeakMemory() as memory:
+            started = time.perf_counter()
+            try:
+                session = open_()
+            except NotRunnable as e:
+                result.runnable, result.reason = False, str(e)
+                progress.phase(f"{label}: not runnable here")
+                return result
+            result.load_s = round(time.perf_counter() - started, 3)
+            result.runtime, result.info = session.runtime, session.info
             started = time.perf_counter()
             session.run(x)
-            runs.append((time.perf_counter() - started) * 1e3)
-            tick("timed")
-    result.peak_rss_mb = memory.mb
-    if memory.before_mb is not None:
-        result.added_rss_mb = round(memory.mb - memory.before_mb, 1)
-    result.info["peak_rss"] = "since load" if memory.per_block else "process peak so far (ru_maxrss)"
-    result.latency_ms = LatencyStats.from_ms(runs)
-    median_s = result.latency_ms.median / 1e3
-    frames = settings.throughput_frames or settings.iters
-    if session.throughput is not None:
-        result.throughput = session.throughput(x, frames)
-    else:
-        result.throughput = {"mode": "one frame after another", "fps": _r(1 / median_s), "streams": 1, "requests": 1}
-    if macs:
-        result.macs, result.gmacs = macs, round(macs / 1e9, 3)
-        result.gflops_per_s = _r(2 * macs / median_s / 1e9)
-        if peak_gflops:
-            result.peak_fraction = float(f"{result.gflops_per_s / peak_gflops:.3g}")  # 3 significant digits
-    if settings.profile and session.profile is not None:
-        tick("profile")
-        result.profile = normalize_profile(session.profile(x, max(3, min(settings.iters, 5))), limit=settings.top)
-    if settings.frame is not None:
-        tick("full frame")
-        result.frame = full_frame(session.run, settings.frame, (h, w), settings.overlap_px, c)
+            result.first_inference_ms = round((time.perf_counter() - started) * 1e3, 2)
+            for _ in range(settings.warmup):
+                session.run(x)
+            what = f"{label}: timed runs" + (f" for {settings.time_s:g}s" if settings.time_s is not None else "")
+            total = settings.iters if settings.time_s is None else None
+            with progress.task(what, total=total, unit="run") as advance:
+                runs = timed_runs(lambda: session.run(x), settings, advance)
+        result.peak_rss_mb = memory.mb
+        if memory.before_mb is not None:
+            result.added_rss_mb = round(memory.mb - memory.before_mb, 1)
+        result.info["peak_rss"] = "since load" if memory.per_block else "process peak so far (ru_maxrss)"
+        result.latency_ms = LatencyStats.from_ms(runs)
+        median_s = result.latency_ms.median / 1e3
+        frames = settings.throughput_frames or len(runs)
+        if session.throughput is not None:
+            progress.phase(f"{label}: throughput ({frames} frames)")
+            result.throughput = session.throughput(x, frames)
+        else:
+            result.throughput = {
+                "mode": "one frame after another",
+                "fps": _r(1 / median_s),
+                "streams": 1,
+                "requests": 1,
+            }
+        if macs:
+            result.macs, result.gmacs = macs, round(macs / 1e9, 3)
+            result.gflops_per_s = _r(2 * macs / median_s / 1e9)
+            if peak_gflops:
+                result.peak_fraction = float(f"{result.gflops_per_s / peak_gflops:.3g}")  # 3 significant digits
+        if settings.profile and session.profile is not None:
+            progress.phase(f"{label}: operator profile")
+            result.profile = normalize_profile(session.profile(x, max(3, min(len(runs), 5))), limit=settings.top)
+        if settings.frame is not None:
+            progress.phase(f"{label}: full frame {settings.frame[0]}x{settings.frame[1]}")
+            result.frame = full_frame(session.run, settings.frame, (h, w), settings.overlap_px, c)
     return result
 
 
@@ -412,8 +481,12 @@ class BenchReport:
 
 
 def _settings_dict(settings: BenchSettings) -> dict[str, Any]:
+    """The settings as ``bench.json`` records them: ``iters`` is None when a time budget (``time_s``) set the
+    number of runs instead (each artifact's count is ``latency_ms.runs``)."""
     d = dataclasses.asdict(settings)
     d["frame"] = list(settings.frame) if settings.frame else None
+    if settings.time_s is not None:
+        d["iters"] = None
     return d
 
 
@@ -422,67 +495,52 @@ def bench_artifacts(
     settings: BenchSettings,
     *,
     baseline_model: Callable[[Manifest], torch.nn.Module | None] | None = None,
-    progress: bool = True,
 ) -> BenchReport:
     """Benchmark every artifact directory, then the PyTorch baseline of the first one's source model
     (``baseline_model(manifest)`` loads it; None, or it returning None, skips the baseline)."""
-    from tqdm import tqdm
-
     from nafnet_edge.complexity import count_macs
     from nafnet_edge.manifest import read_manifest
 
     manifests = [read_manifest(d) for d in directories]
     configs = [_source_config(d, m) for d, m in zip(directories, manifests, strict=True)]  # all, before any runs
+    progress.phase("bench: measuring this machine's fp32 matmul rate")
     info = machine()
     peak = info["sgemm_gflops"]
-    per_artifact = settings.warmup + settings.iters
-    units = (len(directories) + (baseline_model is not None)) * per_artifact
     results: list[BenchResult] = []
     baseline: BenchResult | None = None
     reason: str | None = None
-    with tqdm(total=units, unit="run", disable=None if progress else True, file=sys.stderr) as bar:
-
-        def tick_for(label: str) -> Callable[[str], None]:
-            def tick(phase: str) -> None:
-                bar.set_description(f"{label}: {phase}")
-                if phase in ("warm-up", "timed"):
-                    bar.update(1)
-
-            return tick
-
-        for directory, manifest, config in zip(directories, manifests, configs, strict=True):
-            shape = list(manifest.io.input.shape)
-            macs = count_macs(config, shape[2], shape[3])
-            result = BenchResult(str(directory), manifest.target, manifest.precision, "", True, shape)
-            label = f"{manifest.target} {manifest.precision}"
-            bar.set_description(f"{label}: load")
-            done = bar.n
+    for i, (directory, manifest, config) in enumerate(zip(directories, manifests, configs, strict=True), 1):
+        shape = list(manifest.io.input.shape)
+        macs = count_macs(config, shape[2], shape[3])
+        result = BenchResult(str(directory), manifest.target, manifest.precision, "", True, shape)
+        label = f"{manifest.target}-{manifest.precision}"
+        progress.phase(f"{label}: bench {directory} ({i}/{len(directories)})")
+        measure(
+            result,
+            functools.partial(open_session, directory, manifest, settings),
+            settings,
+            macs=macs,
+            peak_gflops=peak,
+            label=label,
+        )
+        results.append(result)
+    if baseline_model is not None and manifests:
+        model = baseline_model(manifests[0])
+        if model is None:
+            reason = "the source checkpoint is not available: pass --checkpoint CKPT"
+        else:
+            shape = list(manifests[0].io.input.shape)
+            baseline = BenchResult("", "pytorch", "fp32", "pytorch", True, shape)
+            macs = count_macs(configs[0], shape[2], shape[3])
+            progress.phase("pytorch-fp32: bench the source model (baseline)")
             measure(
-                result,
-                functools.partial(open_session, directory, manifest, settings),
+                baseline,
+                lambda: pytorch_session(model, settings),
                 settings,
                 macs=macs,
                 peak_gflops=peak,
-                tick=tick_for(label),
+                label="pytorch-fp32",
             )
-            bar.update(done + per_artifact - bar.n)
-            results.append(result)
-        if baseline_model is not None and manifests:
-            model = baseline_model(manifests[0])
-            if model is None:
-                reason = "the source checkpoint is not available: pass --checkpoint CKPT"
-            else:
-                shape = list(manifests[0].io.input.shape)
-                baseline = BenchResult("", "pytorch", "fp32", "pytorch", True, shape)
-                macs = count_macs(configs[0], shape[2], shape[3])
-                measure(
-                    baseline,
-                    lambda: pytorch_session(model, settings),
-                    settings,
-                    macs=macs,
-                    peak_gflops=peak,
-                    tick=tick_for("pytorch fp32"),
-                )
     return BenchReport(info, settings, results, baseline, reason)
 
 
@@ -513,9 +571,11 @@ def format_table(report: BenchReport) -> str:
         f"{'target':<18}{'prec':<6}{'runtime':<13}{'median':>9}{'p90':>9}{'min':>9}{'fps':>8}"
         f"{'load s':>8}{'first':>9}{'+MB':>7}{'GFLOP/s':>9}{'peak':>7}{'vs torch':>9}"
     )
+    settings = report.settings
+    timed = f"{settings.iters} timed runs" if settings.time_s is None else f"timed for {settings.time_s:g} s each"
     lines = [
         f"{report.machine['cpu']}, {report.machine['cores']} cores, fp32 sgemm {report.machine['sgemm_gflops']} "
-        f"GFLOP/s; {report.settings.iters} timed runs after {report.settings.warmup} warm-up, ms",
+        f"GFLOP/s; {timed} after {settings.warmup} warm-up, ms",
         header,
         "-" * len(header),
     ]

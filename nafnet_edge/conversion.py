@@ -1,7 +1,7 @@
 """The conversion pipeline: checkpoint -> deploy graph -> artifact -> manifest and usage note -> validation.
 
-Each artifact gets its own directory ``OUT/<target>-<precision>/`` holding the artifact, ``manifest.json`` and ``USAGE.md``.
-The directory is built under a temporary name beside it and renamed into place only when export and
+Each artifact gets its own directory ``OUT/<target>-<precision>/`` holding the artifact, ``manifest.json`` and
+``USAGE.md``. The directory is built under a temporary name beside it and renamed into place only when export and
 validation have finished (a validation that misses its budget still lands, marked failed in the manifest,
 so the user can inspect it); on any error or interrupt the temporary directory is removed and a previous
 result, if any, is left untouched.
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nafnet_edge import progress
 from nafnet_edge.atomic import output_lock, staged_directory
 from nafnet_edge.checkpoint import LoadedCheckpoint
 from nafnet_edge.converters import ExportOptions, get_target, target_class, target_names
@@ -213,55 +214,70 @@ def convert(
     *,
     validation: ValidationSettings | None,
     int8: Int8Settings | None = None,
-    step: Callable[[str], None] | None = None,
 ) -> ConvertResult:
-    """Export ``loaded`` for ``target`` into ``out_dir/target`` and validate it (unless ``validation`` is None).
+    """Export ``loaded`` for ``target`` into ``out_dir/<target>-<precision>`` and validate it (unless
+    ``validation`` is None), announcing each phase through :mod:`nafnet_edge.progress`.
 
     With ``options.precision == "int8"`` the deploy graph goes through the target's quantizer and the shared
     PTQ/QAT loop (``int8`` settings) before export."""
-    converter = get_target(target)
-    converter.check_available()
-    quantizer = None
-    if options.precision == "int8":
-        from nafnet_edge.quantization import get_quantizer
-        from nafnet_edge.quantization.search import int8_search, quantize
-
-        if int8 is None:
-            raise OptionError("int8 needs training or calibration images: --data DIR")
-        quantizer = get_quantizer(target, keep_float=int8.keep_float, **int8.quantizer_options)
-        quantizer.check_available()
-        own = {option.dest: option for option in converter.options if "quantize" not in option.commands}
-        given = [own[d].flag for d, value in options.settings.items() if d in own and value != own[d].default]
-        if given:  # the quantizer exports its own artifact: the float export's options do not reach it
-            raise OptionError(f"int8 artifacts take none of {', '.join(given)}")
-    else:
-        converter.check_options(options)
+    with progress.backend_output():  # checking the options imports the backend, which has its say on import
+        converter, quantizer = _checked(target, options, int8)
     m = loaded.config.pad_multiple
     if options.input_size[0] % m or options.input_size[1] % m:
         raise OptionError(f"input size {options.input_size[0]}x{options.input_size[1]} must be a multiple of {m}")
-    say = step or (lambda _: None)
-    final = Path(out_dir) / artifact_dirname(target, options.precision)
+    label = artifact_dirname(target, options.precision)
+    final = Path(out_dir) / label
     if quantizer is not None and int8 is not None and int8.rank != 0:
+        from nafnet_edge.quantization.search import quantize
+
         graph = deploy(loaded.model, norm_form=quantizer.norm_form, input_size=options.input_size)
         quantize(quantizer, graph, options.input_size, int8)
         return ConvertResult(target, final, None)
     with output_lock(final), staged_directory(final) as tmp:
-        say(f"{target}: deploy graph")
+        progress.phase(f"{label}: deploy graph")
         metadata = graph_metadata(loaded, target, options)
-        graph = deploy(loaded.model, norm_form=converter.norm_form, input_size=options.input_size, metadata=metadata)
+        with progress.backend_output():
+            graph = deploy(
+                loaded.model, norm_form=converter.norm_form, input_size=options.input_size, metadata=metadata
+            )
         if converter.needs_test_io(options) and validation is not None and not options.test_inputs:
             options = _with_test_io(options, loaded, validation)
-        stage = _Stage(loaded, target, converter, graph, options, validation, say)
+        stage = _Stage(loaded, target, label, converter, graph, options, validation)
         if quantizer is not None and int8 is not None:
+            from nafnet_edge.quantization import get_quantizer
+            from nafnet_edge.quantization.search import int8_search
+
             manifest = int8_search(
                 stage, lambda kept: get_quantizer(target, keep_float=kept, **int8.quantizer_options), int8, tmp
             )
         else:
-            say(f"{target}: export")
+            progress.phase(f"{label}: export")
             manifest, _ = stage.export_and_validate(lambda d: converter.export(graph, d, options), tmp)
+        progress.phase(f"{label}: write {final}")
         (tmp / USAGE).write_text(usage_note(target, manifest))
         write_manifest(tmp, manifest)
     return ConvertResult(target, final, manifest)
+
+
+def _checked(target: str, options: ExportOptions, int8: Int8Settings | None) -> tuple[Any, Any]:
+    """The target's converter and, for int8, its quantizer, once the backends are installed and ``options``
+    suit them."""
+    converter = get_target(target)
+    converter.check_available()
+    if options.precision != "int8":
+        converter.check_options(options)
+        return converter, None
+    from nafnet_edge.quantization import get_quantizer
+
+    if int8 is None:
+        raise OptionError("int8 needs training or calibration images: --train-data DIR")
+    quantizer = get_quantizer(target, keep_float=int8.keep_float, **int8.quantizer_options)
+    quantizer.check_available()
+    own = {option.dest: option for option in converter.options if "quantize" not in option.commands}
+    given = [own[d].flag for d, value in options.settings.items() if d in own and value != own[d].default]
+    if given:  # the quantizer exports its own artifact: the float export's options do not reach it
+        raise OptionError(f"int8 artifacts take none of {', '.join(given)}")
+    return converter, quantizer
 
 
 @dataclass
@@ -270,16 +286,18 @@ class _Stage:
 
     loaded: LoadedCheckpoint
     target: str
+    label: str  # "<target>-<precision>", as the progress lines and the artifact's folder say
     converter: Any
     graph: DeployNAFNet
     options: ExportOptions
     validation: ValidationSettings | None
-    say: Callable[[str], None]
 
     def export_and_validate(self, export: Callable[[Path], Any], directory: Path) -> tuple[Manifest, Any]:
-        """Export into ``directory`` and validate there; the manifest and the runner (None without validation)."""
+        """Export into ``directory`` and validate there; the manifest and the runner (None without validation).
+        The exporter's and the runtime's own output is captured (:func:`progress.backend_output`)."""
         started = time.perf_counter()
-        exported = export(directory)
+        with progress.backend_output():
+            exported = export(directory)
         overlap = self.validation.overlap_px if self.validation else DEFAULT_OVERLAP_PX
         device = str(self.validation.reference_device) if self.validation else None
         manifest = build_manifest(
@@ -295,11 +313,12 @@ class _Stage:
         manifest.seconds = {"export": round(time.perf_counter() - started, 2)}
         if self.validation is None:
             return manifest, None
-        self.say(f"{self.target}: validate in its runtime")
+        progress.phase(f"{self.label}: validate in its runtime")
         started = time.perf_counter()
-        runner = self.converter.load_runner(directory, export=manifest.export)
-        manifest.runtime = runner.info
-        report = run_validation(self.loaded, runner.run, self.options, self.validation)
+        with progress.backend_output():
+            runner = self.converter.load_runner(directory, export=manifest.export)
+            manifest.runtime = runner.info
+            report = run_validation(self.loaded, runner.run, self.options, self.validation, label=self.label)
         manifest.validation = report.to_summary()
         manifest.seconds["validate"] = round(time.perf_counter() - started, 2)
         return manifest, runner
@@ -310,7 +329,11 @@ def run_validation(
     run: Callable[[np.ndarray], np.ndarray],
     options: ExportOptions,
     settings: ValidationSettings,
+    *,
+    label: str = "artifact",
 ) -> ValidationReport:
+    """Validate ``run`` (the artifact in its runtime) against the fp32 reference; ``label`` (``coreml-fp16``)
+    starts its progress lines."""
     if not settings.images:
         raise BadInputError("no validation images")
     tile = options.input_size
@@ -323,6 +346,7 @@ def run_validation(
         device=settings.reference_device,
         use_cache=settings.use_cache,
         param_key=loaded.raw_param_key,
+        label=f"{label}: fp32 reference",
     )
     loaded.model.cpu()
     budgets = Budgets.for_precision(
@@ -338,6 +362,7 @@ def run_validation(
         budgets=budgets,
         reference_device=str(settings.reference_device),
         data=settings.data,
+        label=f"{label}: run in its runtime",
     )
     report.reference_settings = reference_settings(loaded, str(settings.reference_device))
     return report
@@ -375,9 +400,12 @@ def validate_directory(
             )
         converter = get_target(manifest.target)
         converter.check_available()
-        runner = converter.load_runner(directory, export=manifest.export)
+        label = artifact_dirname(manifest.target, manifest.precision)
+        progress.phase(f"{label}: validate in its runtime")
         options = ExportOptions(input_size=manifest.io.input_size, precision=manifest.precision)  # type: ignore[arg-type]
-        report = run_validation(loaded, runner.run, options, settings)
+        with progress.backend_output():
+            runner = converter.load_runner(directory, export=manifest.export)
+            report = run_validation(loaded, runner.run, options, settings, label=label)
         manifest.runtime = runner.info
         manifest.validation = report.to_summary()
         manifest.tiling.overlap_px = settings.overlap_px  # validate runs with it by default

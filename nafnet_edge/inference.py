@@ -1,8 +1,10 @@
-"""Reference inference: a loaded model applied to whole images, tiled when they are large.
+"""Inference on whole images, tiled when they are large: with a loaded model, or with an exported artifact.
 
-This is the fp32 PyTorch path that every exported artifact is compared against; with ``device="auto"`` it
-runs on CUDA when there is one. Before a forward pass that would not fit in the memory available (a whole camera
-frame with tiling off, say) it refuses with the option that fixes it, instead of being killed half way.
+The model path is the fp32 PyTorch reference that every exported artifact is compared against; with
+``device="auto"`` it runs on CUDA when there is one. Before a forward pass that would not fit in the memory
+available (a whole camera frame with tiling off, say) it refuses with the option that fixes it, instead of being
+killed half way. The artifact path (:func:`restore_image_with`) runs an artifact's runtime session on its fixed
+input size, tiled and padded exactly as validation ran it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from nafnet_edge.errors import CheckpointError, ImageError, UsageError
+from nafnet_edge.errors import ArtifactError, CheckpointError, ImageError, UsageError
 from nafnet_edge.images import RGBImage
 from nafnet_edge.model import NAFNet, NAFNetConfig
 from nafnet_edge.tiling import DEFAULT_OVERLAP_PX, DEFAULT_TILE_PX, make_grid, run_tiled
@@ -196,13 +198,13 @@ def check_forward_memory(
         return frame_bytes + forward_peak_bytes(config, tile_h, tile_w, batch=n) <= available
 
     if tiled and batch > 1 and fits(height, width):
-        raise ImageError(f"{message}; fewer tiles per pass: --batch 1")
+        raise ImageError(f"{message}; fewer tiles per pass: --tile-batch 1")
     m = config.pad_multiple
 
     def tile_options(tile: int) -> str:
         text = f"--tile {tile}" + (" (the default)" if tile == DEFAULT_TILE_PX else "")
         text += f" --overlap {min(tile // 4, tile - m)}" if tile - overlap_px < m else ""
-        return text + (" --batch 1" if batch > 1 else "")
+        return text + (" --tile-batch 1" if batch > 1 else "")
 
     for tile in (DEFAULT_TILE_PX, 256, 128, 64):
         if m <= tile < max(height, width) and fits(min(tile, height), min(tile, width)):
@@ -365,19 +367,78 @@ def restore_image(
     """
     model_channels = model.config.img_channels
     pixels = image.pixels
-    gray_in = pixels.shape[2] == 1
-    if pixels.shape[2] != model_channels and not (gray_in and model_channels == 3):
-        raise ImageError(
-            f"this checkpoint restores {model_channels}-channel images and the input has {pixels.shape[2]}; "
-            "convert the input to grayscale first"
-        )
+    _check_channels(pixels.shape[2], model_channels, "this checkpoint")
     # A view of the pixels (the tiler copies tiles out of it); gray is replicated to RGB as a view, too.
     x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].expand(-1, model_channels, -1, -1)
     name = str(image.path) if image.path is not None else "the image"
     y = restore_tensor(model, x, tile_px=tile_px, overlap_px=overlap_px, batch=batch, on_tile=on_tile, name=name)
-    out = y[0].permute(1, 2, 0).numpy()  # a view of the tiler's HxWxC accumulator: clamped in place
+    return _restored(image, y[0].permute(1, 2, 0).numpy())  # a view of the tiler's HxWxC accumulator
+
+
+def restore_image_with(
+    run: Callable[[np.ndarray], np.ndarray],
+    image: RGBImage,
+    *,
+    channels: int,
+    tile: tuple[int, int],
+    overlap_px: int,
+    multiple: int,
+    on_tile: Callable[[int], None] | None = None,
+) -> RGBImage:
+    """Restore an image with an artifact's runner (``Session.run``: a float32 (1, ``channels``, *``tile``) array
+    in, the same shape out), the way validation ran it (:func:`nafnet_edge.validation.apply_tiled`): an image
+    within the tile is zero-padded to it, a larger one padded to ``multiple`` and cut into tiles overlapping by
+    ``overlap_px`` whose starts are multiples of ``multiple``. Channels, clamping, alpha and metadata as
+    :func:`restore_image`; an :class:`ArtifactError` when the runtime returns NaN or Inf."""
+    from nafnet_edge.validation import apply_tiled, runner_fn
+
+    pixels = image.pixels
+    _check_channels(pixels.shape[2], channels, "this artifact")
+    name = str(image.path) if image.path is not None else "the image"
+    if tile[0] != tile[1] and (pixels.shape[0] > tile[0] or pixels.shape[1] > tile[1]):
+        raise ImageError(
+            f"{name} is larger than this artifact's {tile[0]}x{tile[1]} input, and tiles must be square: convert "
+            "with a square --input-size to restore larger images"
+        )
+    if pixels.shape[2] != channels:  # gray into an RGB model
+        pixels = np.repeat(pixels, channels, axis=2)
+
+    def counted(x: np.ndarray) -> np.ndarray:
+        out = run(x)
+        if on_tile is not None:
+            on_tile(1)
+        return out
+
+    out, _ = apply_tiled(runner_fn(counted), pixels, tile, overlap_px, multiple)
+    if not np.isfinite(out).all():
+        bad = int((~np.isfinite(out)).sum())
+        raise ArtifactError(
+            f"{name}: the artifact produced non-finite values (NaN or Inf) in {bad:,} of {out.size:,} output values, "
+            "so no image was written for it; check it with nafnet-edge validate, or convert again"
+        )
+    return _restored(image, np.array(out, dtype=np.float32))
+
+
+def artifact_tile_count(height: int, width: int, *, tile: tuple[int, int], overlap_px: int, multiple: int) -> int:
+    """How many runtime calls :func:`restore_image_with` makes for a ``height`` x ``width`` image."""
+    from nafnet_edge.validation import tile_count as validation_tile_count
+
+    return validation_tile_count((height, width), tile, overlap_px, multiple)
+
+
+def _check_channels(image_channels: int, model_channels: int, what: str) -> None:
+    if image_channels != model_channels and not (image_channels == 1 and model_channels == 3):
+        raise ImageError(
+            f"{what} restores {model_channels}-channel images and the input has {image_channels}; "
+            "convert the input to grayscale first"
+        )
+
+
+def _restored(image: RGBImage, out: np.ndarray) -> RGBImage:
+    """``out`` (HxWxC float32, the model's channels; clamped in place) as the restored ``image``: averaged back to
+    gray for a gray input, with the input's alpha, bit depth and metadata."""
     np.clip(out, 0.0, 1.0, out=out)
-    if gray_in and out.shape[2] == 3:
+    if image.pixels.shape[2] == 1 and out.shape[2] == 3:
         out = out.mean(axis=2, keepdims=True)
     return RGBImage(
         pixels=np.ascontiguousarray(out, dtype=np.float32),

@@ -614,42 +614,76 @@ def _padding_multiple(config: dict[str, Any]) -> int:
 # --- reading and writing -----------------------------------------------------------------------------------------
 
 
+MAX_SEARCH_DEPTH = 6  # folder levels below the one given that are searched for artifact directories
+MAX_SEARCH_DIRS = 10_000  # folders looked into before the search gives up (a home directory is not an OUT)
+
+
 def find_artifacts(directory: str | Path) -> list[Path]:
-    """The artifact directories under ``directory``: itself when it holds a manifest, else its subdirectories
-    that do (the layout ``convert -o OUT`` writes: ``OUT/<target>/manifest.json``)."""
+    """The artifact directories under ``directory``, sorted: itself when it holds a manifest, else every folder
+    below it that does, at any depth up to :data:`MAX_SEARCH_DEPTH` (``convert -o OUT`` writes
+    ``OUT/<target>-<precision>/manifest.json``; outputs may be grouped further, ``OUT/phone/coreml-fp16``).
+
+    The search does not look inside an artifact directory, skips hidden folders (staging directories of a
+    conversion in progress, ``.<name>.*.partial``, among them) and follows a link only when it resolves inside
+    ``directory`` (a link to ``/`` or to another tree holds no artifact of this one), each folder once.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise BadInputError(
             f"{directory} is not a directory: give the output directory of nafnet-edge convert (-o OUT) "
-            "or one artifact directory OUT/<target>"
+            "or one artifact directory OUT/<target>-<precision>"
         )
     if os.path.lexists(directory / MANIFEST_FILE):  # read_manifest says what is wrong with one that is not a file
         return [directory]
-    found = sorted(p for p in _subdirectories(directory) if os.path.lexists(p / MANIFEST_FILE))
+    root = directory.resolve()
+    seen = {root}
+    found: list[Path] = []
+    level = [directory]
+    for _ in range(MAX_SEARCH_DEPTH):
+        below: list[Path] = []
+        for folder in level:
+            for sub in _subdirectories(folder, root):
+                resolved = sub.resolve()
+                if resolved in seen:
+                    continue
+                seen.add(resolved)
+                if len(seen) > MAX_SEARCH_DIRS:
+                    raise BadInputError(
+                        f"{directory} holds more than {MAX_SEARCH_DIRS:,} folders: point at the output directory of "
+                        "nafnet-edge convert (-o OUT) or at one artifact directory"
+                    )
+                (found if os.path.lexists(sub / MANIFEST_FILE) else below).append(sub)
+        level = below
     if not found:
         raise BadInputError(
-            f"{directory} has no {MANIFEST_FILE}, nor any subdirectory with one: point at the output directory of "
-            "nafnet-edge convert (-o OUT) or at one OUT/<target>"
+            f"{directory} has no {MANIFEST_FILE}, nor any folder below it with one: point at the output directory "
+            "of nafnet-edge convert (-o OUT) or at one OUT/<target>-<precision>"
         )
-    return found
+    return sorted(found)
 
 
-def _subdirectories(directory: Path) -> list[Path]:
-    """The visible subdirectories of ``directory``; a link among them is followed only when it resolves inside
-    ``directory`` (a link to ``/`` or to another tree is not this directory's artifact)."""
-    root = directory.resolve()
+def _subdirectories(directory: Path, root: Path) -> list[Path]:
+    """The visible subdirectories of ``directory``, folders before links (a folder reached both ways is listed
+    under its own name), each by name; a link is followed only when it resolves inside ``root`` (the folder the
+    search started from)."""
     found = []
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            path = Path(entry.path)
-            if entry.is_symlink():
-                with contextlib.suppress(OSError, RuntimeError):  # broken or looping links are no artifacts
-                    if path.resolve(strict=True).is_relative_to(root) and path.is_dir():
-                        found.append(path)
-            elif entry.is_dir(follow_symlinks=False):
-                found.append(path)
+    try:
+        with os.scandir(directory) as scan:
+            entries = sorted(scan, key=lambda e: (e.is_symlink(), e.name))
+    except OSError:  # unreadable folders hold no artifact the user can use
+        return []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        path = Path(entry.path)
+        if entry.is_symlink():
+            with contextlib.suppress(OSError, RuntimeError):  # broken or looping links are no artifacts
+                if path.resolve(strict=True).is_relative_to(root) and path.is_dir():
+                    found.append(path)
+        else:
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    found.append(path)
     return found
 
 
@@ -909,6 +943,7 @@ __all__ = [
     "BENCH_VERSION",
     "MANIFEST_FILE",
     "MANIFEST_VERSION",
+    "MAX_SEARCH_DEPTH",
     "USAGE_FILE",
     "BenchRecord",
     "IOSpec",
@@ -919,6 +954,7 @@ __all__ = [
     "TensorSpec",
     "Tiling",
     "ValidationSummary",
+    "artifact_dirname",
     "find_artifacts",
     "normalize_profile",
     "read_bench",

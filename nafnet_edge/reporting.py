@@ -1,42 +1,51 @@
-"""``nafnet-edge report``: one self-contained HTML page about a conversion output directory.
+"""``nafnet-edge report``: one self-contained HTML page that says which artifact to ship.
 
-What a person needs to choose an artifact, on one page that can be mailed or attached to a ticket:
+The page, top to bottom:
 
-- a table with one row per artifact: target, precision, runtime, size on disk, fidelity and drift from the
-  manifest's validation, and latency, throughput and peak memory from ``bench.json`` when the directory was
-  benchmarked (``nafnet-edge bench DIR --save`` or ``convert --bench``);
-- charts drawn with matplotlib and inlined as SVG: median latency per artifact, quality against latency;
-- for a few validation images, a crop of each artifact's input size seen four ways: the input, the fp32
-  reference (the original model in PyTorch), the artifact's output in its own runtime and the absolute
-  difference, amplified so that where the artifact differs becomes visible.
+- **What to ship**: per target, the fastest artifact that met its validation budget (latency from ``bench.json``;
+  without one, the smallest, and the page says it was not benchmarked), its precision, latency, fidelity, drift
+  and size, and why each other precision of that target lost (failed its budget, slower, larger). The precisions
+  of one target stand side by side.
+- charts drawn with matplotlib and inlined as SVG: median latency per artifact with the PyTorch baseline as a
+  reference line (never a bar that squashes the artifacts), and quality against latency (drift when the
+  artifacts drift apart, else fidelity to the fp32 reference), told apart by colour (target) and marker
+  (precision) in a legend rather than by labels that overlap;
+- a table with one row per artifact, grouped by target;
+- for a few validation images, a zoomed crop where the artifacts differ most from the fp32 reference: the input,
+  the reference and each artifact's output and difference, every difference on ONE scale that the page prints,
+  so an fp32 artifact looks black where an int8 one shows its error;
+- the details of each artifact (manifest, validation, bench settings, top operators), folded.
 
-Everything is embedded (SVG charts inline, images as base64 PNGs, CSS in the page): no external URL, no
-script, so the file opens anywhere, offline, years later. Artifacts that cannot run here keep their row and say
-why instead of showing images. An artifact directory whose manifest or files cannot be used (damaged, or a file
-that is a link out of the directory, a pipe or a device) is refused naming the file, and nothing of it is opened.
+Everything is embedded (SVG charts inline, images as small base64 PNGs, the CSS of ``templates/report.css`` in
+the page): no external URL, no script, so the file opens anywhere, offline, years later. The HTML comes from
+``templates/report.html.j2`` (Jinja2, autoescaped). Artifacts that cannot run here keep their row and say why
+instead of showing images. An artifact directory whose manifest or files cannot be used (damaged, or a file that
+is a link out of the directory, a pipe or a device) is refused naming the file, and nothing of it is opened.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import math
 import shlex
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from nafnet_edge import progress
 from nafnet_edge.artifact_files import artifact_size
 from nafnet_edge.atomic import atomic_path
 from nafnet_edge.errors import BadInputError, NafnetEdgeError, OutputError
 from nafnet_edge.manifest import (
     BENCH_FILE,
     MANIFEST_FILE,
+    PRECISIONS,
     BenchRecord,
     Manifest,
     ValidationSummary,
@@ -48,38 +57,19 @@ from nafnet_edge.manifest import (
 MANIFEST = MANIFEST_FILE
 BENCH = BENCH_FILE
 REPORT = "report.html"
+TEMPLATE = "report.html.j2"
+STYLESHEET = "report.css"
 DIFF_COLORMAP = "magma"
-BASELINE_COLOR = "#9c9c9c"  # the PyTorch baseline; each target's colour is its Target.color
+BASELINE_COLOR = "#6b6b6b"  # the PyTorch baseline; each target's colour is its Target.color
 FALLBACK_COLORS = ("#76b7b2", "#edc948", "#ff9da7", "#9c755f")
+MARKERS = {"fp32": "o", "fp16": "s", "int8": "^"}  # one marker per precision in the quality chart
+ZOOM_PX = 32  # side of the crop shown where the artifacts differ most
+MAX_DIFF_GAIN = 4096  # the largest amplification of differences (below 1/255/16 nothing matters for 8-bit output)
+FLAT_DRIFT_DB = 0.01  # when every artifact's drift is smaller, the quality chart shows fidelity instead
+BASELINE_ON_SCALE = 3.0  # the baseline is drawn as a line when within this factor of the slowest artifact
 
 
 # --- what one artifact directory holds ---------------------------------------------------------------------------
-
-
-@dataclass
-class Crop:
-    """One validation image's crop seen through one artifact: PNG bytes and how far the output is off."""
-
-    artifact_png: bytes
-    diff_png: bytes
-    max_abs_diff: float
-    psnr_db: float
-
-
-@dataclass
-class CropGroup:
-    """One validation image cropped to one input size: the input and reference shared by every artifact of that
-    size and source checkpoint, and each artifact's output (or why there is none)."""
-
-    image: str
-    size: tuple[int, int]  # crop height, width
-    origin: tuple[int, int]  # top, left in the image
-    tile: tuple[int, int]
-    source: str  # the source checkpoint's short name
-    input_png: bytes
-    reference_png: bytes
-    reference: np.ndarray  # HxWxC fp32 output of the original model on the crop
-    rows: list[tuple[Artifact, Crop | None, str | None]] = field(default_factory=list)
 
 
 @dataclass
@@ -128,6 +118,11 @@ class Artifact:
     @property
     def validation(self) -> ValidationSummary | None:
         return self.manifest.validation
+
+    @property
+    def passed(self) -> bool:
+        """Validated and within its budgets (an artifact never validated does not count as passing)."""
+        return self.validation is not None and self.validation.passed
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -187,7 +182,98 @@ def human_bytes(n: int | None) -> str:
     return f"{value:.1f} GiB"
 
 
+def _precision_rank(precision: str) -> int:
+    return PRECISIONS.index(precision) if precision in PRECISIONS else len(PRECISIONS)
+
+
+def by_target(artifacts: Sequence[Artifact]) -> dict[str, list[Artifact]]:
+    """Artifacts grouped by target (targets in name order), each target's precisions fp32, fp16, int8."""
+    groups: dict[str, list[Artifact]] = {}
+    for a in sorted(artifacts, key=lambda a: (a.target, _precision_rank(a.precision), a.label)):
+        groups.setdefault(a.target, []).append(a)
+    return groups
+
+
+# --- what to ship ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Choice:
+    """One target's recommendation: the artifact to ship (None when none passed), what it was ranked by
+    (``"latency"`` from bench.json, or ``"size"`` when the passing artifacts were not benchmarked) and, for each
+    other artifact of the target, why it lost."""
+
+    target: str
+    artifacts: list[Artifact]
+    chosen: Artifact | None
+    ranked_by: str
+    lost: dict[str, str] = field(default_factory=dict)  # artifact label -> why not
+
+
+def choose(artifacts: Sequence[Artifact]) -> list[Choice]:
+    """Per target, the fastest artifact that passed validation; by size where none of those was benchmarked."""
+    choices = []
+    for target, group in by_target(artifacts).items():
+        passing = [a for a in group if a.passed]
+        timed = [a for a in passing if a.median_ms is not None]
+        chosen: Artifact | None
+        if timed:
+            chosen, ranked_by = min(timed, key=lambda a: (a.median_ms, a.size_bytes or math.inf)), "latency"
+        else:
+            chosen = min(passing, key=lambda a: a.size_bytes or math.inf) if passing else None
+            ranked_by = "size"
+        choice = Choice(target, group, chosen, ranked_by)
+        for a in group:
+            if a is not chosen:
+                choice.lost[a.label] = _why_not(a, chosen, ranked_by)
+        choices.append(choice)
+    return choices
+
+
+def _why_not(a: Artifact, chosen: Artifact | None, ranked_by: str) -> str:
+    if a.validation is None:
+        return "not validated (run nafnet-edge validate on it)"
+    if not a.validation.passed:
+        return "failed its budget: " + ("; ".join(a.validation.failures) or "see details")
+    if chosen is None:
+        return ""
+    if ranked_by == "latency":
+        if a.median_ms is None:
+            return "passed, but not benchmarked"
+        chosen_ms = chosen.median_ms or 0.0
+        slower = f" ({a.median_ms / chosen_ms:.2g}× as long)" if chosen_ms > 0 else ""
+        return f"slower: {a.median_ms:.2f} ms against {chosen_ms:.2f} ms{slower}"
+    return f"larger: {human_bytes(a.size_bytes)} against {human_bytes(chosen.size_bytes)}"
+
+
 # --- running artifacts on validation crops -----------------------------------------------------------------------
+
+
+@dataclass
+class Output:
+    """One artifact's output on one image's tile (or why there is none)."""
+
+    artifact: Artifact
+    pixels: np.ndarray | None = None  # HxWxC, the whole tile
+    difference: np.ndarray | None = None  # HxW, |output - reference| largest over channels
+    psnr_db: float | None = None
+    max_abs_diff: float | None = None
+    note: str | None = None
+
+
+@dataclass
+class Comparison:
+    """One validation image's tile of one input size: the input and reference shared by the artifacts of that
+    size and source checkpoint, each artifact's output, and the zoom box where they differ most."""
+
+    image: str
+    size: tuple[int, int]  # tile height, width
+    origin: tuple[int, int]  # top, left of the tile in the image
+    source: str  # the source checkpoint's short name
+    input: np.ndarray
+    reference: np.ndarray
+    outputs: list[Output] = field(default_factory=list)
+    zoom: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, height, width in the tile
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -203,18 +289,38 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def difference_png(output: np.ndarray, reference: np.ndarray) -> tuple[bytes, float]:
-    """|output - reference|, the largest over channels per pixel, scaled so that the largest difference in the
-    crop is the brightest colour of the colormap (zero stays black); the PNG and that largest difference.
-    Scaling to the maximum shows where an artifact differs at any precision; the caption prints the scale."""
+def difference(output: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """|output - reference|, the largest over channels per pixel; NaN and Inf outputs count as far off."""
+    diff = np.abs(np.nan_to_num(output, nan=np.inf).astype(np.float64) - reference).max(axis=2)
+    return np.minimum(diff, 1e6)
+
+
+def difference_gain(peak: float) -> int:
+    """The power of two that amplifies the largest difference ``peak`` to between half and all of the display
+    range (1 when nothing differs, at most ``MAX_DIFF_GAIN``)."""
+    if not peak > 0:
+        return 1
+    return int(min(max(2 ** math.floor(math.log2(1.0 / peak)), 1), MAX_DIFF_GAIN))
+
+
+def difference_png(diff: np.ndarray, gain: int) -> bytes:
+    """A difference map times ``gain`` through the colormap: black is 0, the brightest colour 1/gain or more."""
     import matplotlib
 
-    diff = np.abs(np.nan_to_num(output, nan=np.inf).astype(np.float64) - reference).max(axis=2)
-    diff = np.minimum(diff, 1e6)  # NaN/Inf outputs: brightest
-    peak = float(diff.max())
-    scaled = diff / peak if peak > 0 else diff
-    rgb = matplotlib.colormaps[DIFF_COLORMAP](scaled)[..., :3]
-    return png_bytes((rgb * 255.0 + 0.5).astype(np.uint8)), peak
+    rgb = matplotlib.colormaps[DIFF_COLORMAP](np.clip(diff * gain, 0.0, 1.0))[..., :3]
+    return png_bytes((rgb * 255.0 + 0.5).astype(np.uint8))
+
+
+def largest_difference_box(diffs: Sequence[np.ndarray], side: int) -> tuple[int, int, int, int]:
+    """The ``side`` x ``side`` window (clamped to the tile) with the largest summed difference of the artifact
+    that differs most there: top, left, height, width."""
+    h, w = diffs[0].shape
+    bh, bw = min(side, h), min(side, w)
+    worst = np.max(np.stack(diffs), axis=0)
+    integral = np.pad(worst.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    sums = integral[bh:, bw:] - integral[:-bh, bw:] - integral[bh:, :-bw] + integral[:-bh, :-bw]
+    top, left = np.unravel_index(int(np.argmax(sums)), sums.shape)
+    return int(top), int(left), bh, bw
 
 
 def centre_crop(pixels: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
@@ -273,51 +379,49 @@ class _Sources:
         return loaded, None
 
 
-def _load_images(data: str | Path | None, channels: int) -> list[Any]:
+def _load_images(val_data: str | Path | None, channels: int) -> list[Any]:
     from nafnet_edge.validation import default_images, folder_images
 
-    return folder_images(data, channels=channels) if data is not None else default_images(channels)
+    return folder_images(val_data, channels=channels) if val_data is not None else default_images(channels)
 
 
 def compare_images(
     artifacts: Sequence[Artifact],
     *,
     images: int,
-    data: str | Path | None,
+    val_data: str | Path | None,
     checkpoint: str | Path | None,
-    progress: Callable[[str], None] | None = None,
-) -> list[CropGroup]:
-    """Run each artifact in its runtime and the fp32 original model in PyTorch on a centre crop (the artifact's
-    input size) of the first ``images`` validation images. An artifact that cannot run here gets
-    ``image_note`` (and a row saying why) instead of images."""
+) -> list[Comparison]:
+    """Run each artifact in its runtime and the fp32 original model in PyTorch on a centre tile (the artifact's
+    input size) of the first ``images`` validation images, and find per image the box where the artifacts differ
+    most. An artifact that cannot run here gets ``image_note`` (and an entry saying why) instead of images."""
     import torch
 
     from nafnet_edge.converters import get_target
-    from nafnet_edge.validation import apply_tiled, runner_fn
+    from nafnet_edge.validation import apply_tiled, psnr, runner_fn
 
-    say = progress or (lambda _: None)
     sources = _Sources(checkpoint)
     image_sets: dict[int, list[Any]] = {}
-    groups: dict[tuple[int, int, int, int, int], CropGroup] = {}
-    order: list[tuple[int, int, int, int, int]] = []
+    comparisons: dict[tuple[int, int, int, int, int], Comparison] = {}
     for artifact in artifacts:
         size = artifact.input_size
         loaded, why = sources.load(artifact.manifest)
         if loaded is None:
             artifact.image_note = why
             continue
-        say(f"{artifact.label}: running {images} crop(s) in its runtime")
+        progress.phase(f"{artifact.label}: running {images} validation crop(s) in its runtime")
         try:
             converter = get_target(artifact.target)
             converter.check_available()
-            runner = converter.load_runner(artifact.directory, export=artifact.manifest.export)
+            with progress.backend_output():
+                runner = converter.load_runner(artifact.directory, export=artifact.manifest.export)
             artifact.runtime_here = runner.info
         except Exception as e:  # e.g. a delegate this machine's runtime lacks: the row stays, with the reason
             reason = str(e) if isinstance(e, NafnetEdgeError) else f"{type(e).__name__}: {e}"
             artifact.image_note = f"cannot run here: {reason}"
             continue
         if artifact.channels not in image_sets:
-            image_sets[artifact.channels] = _load_images(data, artifact.channels)[:images]
+            image_sets[artifact.channels] = _load_images(val_data, artifact.channels)[:images]
         model = loaded.model.float().cpu().eval()
         multiple = loaded.config.pad_multiple
 
@@ -328,40 +432,43 @@ def compare_images(
         artifact_fn = runner_fn(runner.run)
         for index, image in enumerate(image_sets[artifact.channels]):
             key = (id(loaded), artifact.channels, index, *size)  # one loaded reference model per setting
-            crop, origin = centre_crop(image.input, size)
-            if key not in groups:
-                reference, _ = apply_tiled(reference_fn, crop, size, 0, multiple)
-                groups[key] = CropGroup(
+            tile, origin = centre_crop(image.input, size)
+            if key not in comparisons:
+                reference, _ = apply_tiled(reference_fn, tile, size, 0, multiple)
+                comparisons[key] = Comparison(
                     image=image.name,
-                    size=(crop.shape[0], crop.shape[1]),
+                    size=(tile.shape[0], tile.shape[1]),
                     origin=origin,
-                    tile=size,
                     source=artifact.manifest.source.checkpoint or "checkpoint",
-                    input_png=png_bytes(crop),
-                    reference_png=png_bytes(reference),
+                    input=tile,
                     reference=reference,
                 )
-                order.append(key)
-            group = groups[key]
+            comparison = comparisons[key]
             try:
-                output, _ = apply_tiled(artifact_fn, crop, size, 0, multiple)
+                with progress.backend_output():
+                    output, _ = apply_tiled(artifact_fn, tile, size, 0, multiple)
             except Exception as e:  # a runtime failing on one input must not lose the page
-                group.rows.append((artifact, None, f"failed here: {type(e).__name__}: {e}"))
-                artifact.image_note = artifact.image_note or f"failed here: {type(e).__name__}: {e}"
+                note = f"failed here: {type(e).__name__}: {e}"
+                comparison.outputs.append(Output(artifact, note=note))
+                artifact.image_note = artifact.image_note or note
                 continue
-            diff, peak = difference_png(output, group.reference)
-            crop_result = Crop(png_bytes(output), diff, peak, _psnr(output, group.reference))
-            group.rows.append((artifact, crop_result, None))
-    return [groups[k] for k in order]
+            diff = difference(output, comparison.reference)
+            fidelity = psnr(np.clip(np.nan_to_num(output, nan=0.0), 0, 1), np.clip(comparison.reference, 0, 1))
+            comparison.outputs.append(Output(artifact, output, diff, fidelity, float(diff.max())))
+    for comparison in comparisons.values():
+        diffs = [o.difference for o in comparison.outputs if o.difference is not None]
+        h, w = comparison.size
+        comparison.zoom = largest_difference_box(diffs, ZOOM_PX) if diffs else (0, 0, min(ZOOM_PX, h), min(ZOOM_PX, w))
+    return list(comparisons.values())
 
 
-def _psnr(output: np.ndarray, reference: np.ndarray) -> float:
-    from nafnet_edge.validation import psnr
+def shared_gain(comparisons: Sequence[Comparison]) -> int:
+    """One amplification for every difference on the page, from the largest difference of any artifact."""
+    peaks = [o.max_abs_diff for c in comparisons for o in c.outputs if o.max_abs_diff is not None]
+    return difference_gain(max(peaks, default=0.0))
 
-    return psnr(np.clip(np.nan_to_num(output, nan=0.0), 0, 1), np.clip(reference, 0, 1))
 
-
-# --- charts ---------------------------------------------------------------------------------------------------
+# --- charts ------------------------------------------------------------------------------------------------------
 
 
 def _color(target: str, index: int) -> str:
@@ -373,6 +480,10 @@ def _color(target: str, index: int) -> str:
     except (NafnetEdgeError, ImportError, AttributeError):
         color = ""
     return color or FALLBACK_COLORS[index % len(FALLBACK_COLORS)]
+
+
+def _colors(artifacts: Sequence[Artifact]) -> dict[str, str]:
+    return {target: _color(target, i) for i, target in enumerate(by_target(artifacts))}
 
 
 def _svg(fig: Any, salt: str) -> str:
@@ -403,31 +514,62 @@ def _figure(width: float, height: float) -> Any:
 def _style(ax: Any) -> None:
     ax.spines[["top", "right"]].set_visible(False)
     ax.tick_params(labelsize=9)
-    ax.grid(True, axis="x", color="#e4e4e4", linewidth=0.8)
+    ax.grid(True, color="#e4e4e4", linewidth=0.8)
     ax.set_axisbelow(True)
 
 
+def _baseline_ms(artifacts: Sequence[Artifact]) -> float | None:
+    return next((a.bench.baseline_ms for a in artifacts if a.bench is not None and a.bench.baseline_ms), None)
+
+
+def _draw_baseline(ax: Any, baseline: float | None, slowest: float, *, text_y: float) -> float:
+    """The PyTorch baseline as a dashed line when near the artifacts, else a note at the right edge; returns the
+    right end of the x axis."""
+    right = slowest * 1.3
+    if baseline is None:
+        return right
+    if baseline <= slowest * BASELINE_ON_SCALE:
+        right = max(right, baseline * 1.15)
+        ax.axvline(baseline, color=BASELINE_COLOR, linestyle="--", linewidth=1.2, zorder=1)
+        ax.text(baseline, text_y, f" PyTorch fp32 {baseline:.3g} ms", color=BASELINE_COLOR, fontsize=8.5, va="bottom")
+    else:
+        ax.text(
+            right,
+            text_y,
+            f"PyTorch fp32: {baseline:.4g} ms, off the scale →",
+            color=BASELINE_COLOR,
+            fontsize=8.5,
+            ha="right",
+            va="bottom",
+        )
+    return right
+
+
 def latency_chart(artifacts: Sequence[Artifact]) -> str | None:
-    """Horizontal bars: median latency of one input-size call per benchmarked artifact (and the PyTorch fp32
-    baseline when ``bench.json`` records it); None when nothing was benchmarked."""
-    bars = [(f"{a.label} · {a.precision}", a.median_ms, _color(a.target, i)) for i, a in enumerate(artifacts)]
-    bars = [b for b in bars if b[1] is not None]
+    """Horizontal bars: median latency of one input-size call per benchmarked artifact, grouped by target; the
+    PyTorch fp32 baseline from ``bench.json`` as a reference line (or a note when far off the scale), with each
+    artifact's speed-up against it. None when nothing was benchmarked."""
+    colors = _colors(artifacts)
+    bars = [a for group in by_target(artifacts).values() for a in group if a.median_ms is not None]
     if not bars:
         return None
-    baselines = [a.bench.baseline_ms for a in artifacts if a.bench is not None]
-    baseline = next((b for b in baselines if b is not None), None)
-    if baseline is not None:
-        bars.append(("PyTorch fp32 (baseline)", baseline, BASELINE_COLOR))
-    fig = _figure(6.4, 0.42 * len(bars) + 1.1)
+    baseline = _baseline_ms(artifacts)
+    fig = _figure(6.4, 0.42 * len(bars) + 1.3)
     ax = fig.add_subplot()
-    labels = [b[0] for b in bars][::-1]
-    values = [float(b[1]) for b in bars][::-1]  # type: ignore[arg-type]
-    ax.barh(labels, values, color=[b[2] for b in bars][::-1], height=0.6)
-    for y, v in enumerate(values):
-        ax.text(v, y, f" {v:.1f} ms", va="center", fontsize=9)
-    ax.set_xlim(0, max(values) * 1.22)
+    values = [float(a.median_ms or 0.0) for a in bars]
+    positions = list(range(len(bars)))[::-1]  # first artifact at the top
+    hatches = {"fp16": "//", "int8": "xx"}
+    for y, a, v in zip(positions, bars, values, strict=True):
+        ax.barh(y, v, color=colors[a.target], height=0.6, hatch=hatches.get(a.precision, ""), edgecolor="white")
+        speedup = f" · {baseline / v:.2g}× PyTorch" if baseline and v > 0 else ""
+        ax.text(v, y, f" {v:.2f} ms{speedup}", va="center", fontsize=8.5)
+    ax.set_yticks(positions, [a.label for a in bars])
+    right = _draw_baseline(ax, baseline, max(values) * 1.35, text_y=len(bars) - 0.45)
+    ax.set_xlim(0, right)
+    ax.set_ylim(-0.6, len(bars) - 0.1)
     ax.set_xlabel("median latency per call (ms), lower is better", fontsize=9)
     _style(ax)
+    ax.grid(False, axis="y")
     return _svg(fig, "latency")
 
 
@@ -435,66 +577,74 @@ def _quality_points(artifacts: Sequence[Artifact]) -> list[Artifact]:
     return [a for a in artifacts if a.median_ms is not None and a.fidelity_db is not None]
 
 
-def _quality_measure(artifacts: Sequence[Artifact]) -> str:
+def quality_uses_drift(artifacts: Sequence[Artifact]) -> bool:
+    """Drift (against ground truth) when every point has it and the artifacts drift apart; fidelity to the fp32
+    reference otherwise (where every drift is ~0 it would put every point on one line)."""
+    points = _quality_points(artifacts)
+    drifts = [a.drift_db for a in points]
+    return bool(points) and all(d is not None for d in drifts) and max(abs(d or 0.0) for d in drifts) >= FLAT_DRIFT_DB
+
+
+def quality_measure(artifacts: Sequence[Artifact]) -> str:
     """What the quality chart's vertical axis shows, in words."""
-    if all(a.drift_db is not None for a in _quality_points(artifacts)):
+    if quality_uses_drift(artifacts):
         return "Drift: mean PSNR loss against ground truth, fp32 reference minus artifact; lower is better."
     return (
-        "Fidelity: lowest PSNR of the artifact against the fp32 reference (no ground truth for drift); higher is "
-        "better, bit-exact artifacts are drawn at the top."
+        "Fidelity: lowest PSNR of the artifact against the fp32 reference (shown instead of drift, which is about "
+        "zero for every artifact or was not measured); higher is better, bit-exact artifacts are drawn at the top."
     )
 
 
 def quality_chart(artifacts: Sequence[Artifact]) -> str | None:
-    """Scatter: quality against median latency for the benchmarked, validated artifacts. Drift against ground
-    truth when every point has it (the task-level measure), else fidelity to the fp32 reference."""
-    points = _quality_points(artifacts)
+    """Scatter: quality against median latency for the benchmarked, validated artifacts; colour by target,
+    marker by precision, named in a legend (no labels to overlap)."""
+    points = sorted(_quality_points(artifacts), key=lambda a: (a.target, _precision_rank(a.precision), a.label))
     if not points:
         return None
-    use_drift = all(a.drift_db is not None for a in points)
-    fig = _figure(6.4, 3.6)
+    colors = _colors(artifacts)
+    use_drift = quality_uses_drift(artifacts)
+    fig = _figure(6.4, 3.8)
     ax = fig.add_subplot()
     finite = [a.fidelity_db for a in points if a.fidelity_db is not None and math.isfinite(a.fidelity_db)]
     cap = (max(finite) + 10.0) if finite else 200.0  # bit-exact (infinite PSNR) drawn at the top
-    for i, a in enumerate(points):
-        y = a.drift_db if use_drift else min(a.fidelity_db or 0.0, cap)
-        ax.scatter([a.median_ms], [y], s=60, color=_color(a.target, i), edgecolor="white", linewidth=0.8, zorder=3)
-        ax.annotate(
-            f"{a.label} · {a.precision}",
-            (a.median_ms, y),
-            textcoords="offset points",
-            xytext=(6, 5),
-            fontsize=8.5,
+    ys = []
+    for a in points:
+        y = (a.drift_db or 0.0) if use_drift else min(a.fidelity_db or 0.0, cap)
+        ys.append(y)
+        bit_exact = "" if use_drift or math.isfinite(a.fidelity_db or 0.0) else " (bit-exact)"
+        ax.scatter(
+            [a.median_ms],
+            [y],
+            s=70,
+            marker=MARKERS.get(a.precision, "D"),
+            color=colors[a.target],
+            edgecolor="#222222",
+            linewidth=0.6,
+            zorder=3,
+            label=f"{a.label}{bit_exact}",
         )
-    ax.set_xlabel("median latency per call (ms)", fontsize=9)
+    lo, hi = min(ys), max(ys)
+    pad = max(0.15 * (hi - lo), 0.02 if use_drift else 1.0)
+    ax.set_ylim(lo - pad, hi + 2 * pad)
+    slowest = max(a.median_ms or 0.0 for a in points)
+    ax.set_xlim(0, _draw_baseline(ax, _baseline_ms(artifacts), slowest * 1.2, text_y=hi + pad))
+    ax.set_xlabel("median latency per call (ms), lower is better", fontsize=9)
     if use_drift:
         ax.set_ylabel("drift (dB), lower is better", fontsize=9)
         ax.axhline(0.0, color="#bbbbbb", linewidth=0.8)
-        drifts = [a.drift_db or 0.0 for a in points]
-        lo, hi = min(min(drifts), -0.01), max(max(drifts), 0.01)  # at least +-0.01 dB: the fp32 budget
-        ax.set_ylim(lo - 0.2 * (hi - lo), hi + 0.2 * (hi - lo))
         ax.ticklabel_format(axis="y", style="plain", useOffset=False)
     else:
-        ax.set_ylabel("fidelity (dB), higher is better", fontsize=9)
-    ax.set_xlim(left=0, right=max(a.median_ms or 0.0 for a in points) * 1.35)
-    if not use_drift:
-        ax.margins(y=0.25)
+        ax.set_ylabel("fidelity to fp32 (dB), higher is better", fontsize=9)
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     _style(ax)
-    ax.grid(True, axis="y", color="#e4e4e4", linewidth=0.8)
     return _svg(fig, "quality")
 
 
-# --- HTML ----------------------------------------------------------------------------------------------------
+# --- the page ----------------------------------------------------------------------------------------------------
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _img(png: bytes, alt: str, *, pixelated: bool = True) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    cls = ' class="px"' if pixelated else ""
-    return f'<img{cls} alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def _db(value: float | None, *, signed: bool = False) -> str:
@@ -515,168 +665,154 @@ def _fmt(value: Any, unit: str = "", digits: int = 1) -> str:
     return f"{number:.{digits}f}{(' ' + unit) if unit else ''}"
 
 
+def _level(value: float) -> str:
+    """A difference in 8-bit levels: 0.0236 -> '6/255'."""
+    return f"{value * 255:.2g}/255"
+
+
 def _bench_command(root: Path) -> str:
     return f"nafnet-edge bench {shlex.quote(str(root))} --save"
 
 
-def _not_benchmarked(root: Path) -> str:
-    return f"not benchmarked (run {_bench_command(root)})"
+def _short_bench_command(root: Path) -> str:
+    where = shlex.quote(str(root))
+    return f"nafnet-edge bench {where if len(where) <= 24 else 'DIR'} --save"  # DIR: spelled out below the table
 
 
-def _status_cell(a: Artifact) -> str:
+def _latency_text(a: Artifact) -> str:
+    if a.median_ms is not None:
+        return f"{a.median_ms:.1f} ms"
+    if a.bench is not None:
+        return "not runnable here"
+    return "not benchmarked"
+
+
+def _row(a: Artifact, root: Path) -> dict[str, Any]:
+    """One table row's values, formatted."""
+    throughput = None
+    if a.bench is not None and a.median_ms is not None:
+        t = a.bench.throughput or {}
+        if a.fps is not None:
+            streams = t.get("streams")
+            throughput = (f"{a.fps:.1f} fps", f"{streams} stream{'s' * (streams != 1)}" if streams else "")
+        else:
+            throughput = (f"{1000.0 / a.median_ms:.1f} fps", "1 / latency")
     v = a.validation
-    if v is None:
-        return '<span class="badge none">not validated</span>'
-    if v.passed:
-        return '<span class="badge ok">pass</span>'
-    failures = "; ".join(v.failures)
-    return f'<span class="badge fail" title="{_e(failures)}">fail</span><div class="small">{_e(failures)}</div>'
+    return {
+        "a": a,
+        "input": f"{a.input_size[0]}×{a.input_size[1]}",
+        "size": human_bytes(a.size_bytes),
+        "fidelity": _db(a.fidelity_db),
+        "drift": _db(a.drift_db, signed=True) if a.drift_db is not None else None,
+        "status": "none" if v is None else ("ok" if v.passed else "fail"),
+        "failures": "; ".join(v.failures) if v is not None else "",
+        "latency": f"{a.median_ms:.1f} ms" if a.median_ms is not None else None,
+        "p90": f"p90 {a.bench.p90_ms:.1f} ms" if a.bench is not None and a.bench.p90_ms is not None else "",
+        "latency_note": (
+            a.bench_note
+            if a.bench is None and a.bench_note
+            else (f"not runnable here: {a.bench.reason or 'no latency recorded'}" if a.bench is not None else None)
+        ),
+        "bench_command": _short_bench_command(root),
+        "throughput": throughput,
+        "memory": _fmt(a.bench.peak_rss_mb, "MB", 0) if a.bench is not None and a.median_ms is not None else "—",
+    }
 
 
-def _latency_cell(a: Artifact, root: Path) -> str:
-    if a.bench is None:
-        if a.bench_note:
-            return f'<td class="muted small">{_e(a.bench_note)}</td>'
-        where = shlex.quote(str(root))
-        command = f"nafnet-edge bench {where if len(where) <= 24 else 'DIR'} --save"  # DIR: spelled out below
-        return f'<td class="muted small">not benchmarked (run <code>{_e(command)}</code>)</td>'
-    if a.median_ms is None:
-        reason = a.bench.reason or "no latency recorded"
-        return f'<td class="muted small">not runnable here: {_e(reason)}</td>'
-    p90 = a.bench.p90_ms
-    extra = f'<div class="small muted">p90 {p90:.1f} ms</div>' if p90 is not None else ""
-    return f'<td class="num">{a.median_ms:.1f} ms{extra}</td>'
-
-
-def _throughput_cell(a: Artifact) -> str:
-    if a.bench is None or a.median_ms is None:
-        return '<td class="num muted">—</td>'
-    t = a.bench.throughput or {}
-    if a.fps is not None:
-        streams = t.get("streams")
-        extra = f'<div class="small muted">{_e(streams)} streams</div>' if streams else ""
-        return f'<td class="num">{a.fps:.1f} fps{extra}</td>'
-    return f'<td class="num">{1000.0 / a.median_ms:.1f} fps<div class="small muted">1 / latency</div></td>'
-
-
-def _table(artifacts: Sequence[Artifact], root: Path) -> str:
-    rows = []
-    for a in artifacts:
-        size = f"{a.input_size[0]}×{a.input_size[1]}" if a.input_size else "?"
-        where = "" if a.label == a.target else f"{a.label} · "
-        drift = (
-            _db(a.drift_db, signed=True)
-            if a.drift_db is not None
-            else '<span class="muted" title="needs ground truth">—</span>'
+def _summary(choice: Choice, baseline: float | None) -> dict[str, Any]:
+    """A 'what to ship' card: the choice in one sentence and the target's precisions side by side."""
+    c = choice.chosen
+    headline = ""
+    if c is not None:
+        facts = [c.precision, _latency_text(c)]
+        if c.median_ms and baseline:
+            facts.append(f"{baseline / c.median_ms:.2g}× the speed of PyTorch fp32")
+        facts += [f"fidelity {_db(c.fidelity_db)}"]
+        if c.drift_db is not None:
+            facts.append(f"drift {_db(c.drift_db, signed=True)}")
+        facts.append(human_bytes(c.size_bytes))
+        headline = " · ".join(facts)
+    columns = []
+    for a in choice.artifacts:
+        columns.append(
+            {
+                "a": a,
+                "chosen": a is c,
+                "status": "none" if a.validation is None else ("ok" if a.validation.passed else "fail"),
+                "latency": _latency_text(a),
+                "fidelity": _db(a.fidelity_db),
+                "drift": _db(a.drift_db, signed=True) if a.drift_db is not None else "—",
+                "size": human_bytes(a.size_bytes),
+                "verdict": "ship this" if a is c else choice.lost.get(a.label, ""),
+            }
         )
-        memory = _fmt(a.bench.peak_rss_mb, "MB", 0) if a.bench is not None and a.median_ms is not None else "—"
-        rows.append(
-            f'<tr class="artifact" data-target="{_e(a.target)}">'
-            f'<td><a href="#{_e(a.anchor)}">{_e(a.target)}</a>'
-            f'<div class="small muted">{_e(where)}{_e(size)} input</div></td>'
-            f"<td>{_e(a.precision)}</td><td>{_e(a.runtime or '—')}</td>"
-            f'<td class="num">{_e(human_bytes(a.size_bytes))}</td>'
-            f'<td class="num">{_e(_db(a.fidelity_db))}</td><td class="num">{drift}</td>'
-            f"<td>{_status_cell(a)}</td>{_latency_cell(a, root)}{_throughput_cell(a)}"
-            f'<td class="num">{_e(memory)}</td></tr>'
+    return {"choice": choice, "headline": headline, "columns": columns}
+
+
+def _comparison_view(c: Comparison, gain: int) -> dict[str, Any]:
+    t, x, h, w = c.zoom
+
+    def zoom(pixels: np.ndarray) -> np.ndarray:
+        return pixels[t : t + h, x : x + w]
+
+    outputs = []
+    for o in c.outputs:
+        if o.pixels is None or o.difference is None:
+            outputs.append({"a": o.artifact, "note": o.note})
+            continue
+        outputs.append(
+            {
+                "a": o.artifact,
+                "output": _data_uri(png_bytes(zoom(o.pixels))),
+                "diff": _data_uri(difference_png(zoom(o.difference), gain)),
+                "psnr": _db(o.psnr_db),
+                "peak": _level(o.max_abs_diff or 0.0),
+                "note": None,
+            }
         )
-    head = "".join(
-        f"<th{' class=num' if num else ''}>{_e(h)}</th>"
-        for h, num in [
-            ("Target", False),
-            ("Precision", False),
-            ("Runtime", False),
-            ("Size", True),
-            ("Fidelity", True),
-            ("Drift", True),
-            ("Validation", False),
-            ("Latency", True),
-            ("Throughput", True),
-            ("Peak RSS", True),
-        ]
-    )
+    return {
+        "c": c,
+        "where": f"{h}×{w} px at y {c.origin[0] + t}, x {c.origin[1] + x} of the image",
+        "input": _data_uri(png_bytes(zoom(c.input))),
+        "reference": _data_uri(png_bytes(zoom(c.reference))),
+        "outputs": outputs,
+    }
+
+
+def _gradient() -> str:
+    """The difference colormap as a CSS gradient, for the scale bar."""
+    import matplotlib
+    from matplotlib.colors import to_hex
+
+    cmap = matplotlib.colormaps[DIFF_COLORMAP]
+    return "linear-gradient(to right, " + ", ".join(f"{to_hex(cmap(i / 8))} {i * 12.5:g}%" for i in range(9)) + ")"
+
+
+def _scale_text(gain: int, comparisons: Sequence[Comparison]) -> str:
+    if not any(o.difference is not None and o.max_abs_diff for c in comparisons for o in c.outputs):
+        return "no artifact differs from the reference: every difference is black"
     return (
-        f'<div class="scroll"><table class="artifacts" id="artifacts"><thead><tr>{head}</tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table></div>"
+        f"difference ×{gain}, one scale for every artifact: 1 colour step = {1 / gain:.2g}/255 of error, "
+        f"the brightest colour = {_level(1.0 / gain)} or more"
     )
 
 
-def _charts(artifacts: Sequence[Artifact], root: Path) -> str:
-    latency, quality = latency_chart(artifacts), quality_chart(artifacts)
-    if latency is None:
-        return f'<p class="note">No latency chart: {_e(_not_benchmarked(root))}.</p>'
-    parts = [
-        f'<figure class="chart">{latency}<figcaption>Median latency of one call at the artifact\'s '
-        "input size, from each <code>bench.json</code>.</figcaption></figure>"
-    ]
-    if quality is not None:
-        parts.append(
-            f'<figure class="chart">{quality}<figcaption>Quality against latency. {_e(_quality_measure(artifacts))}'
-            "</figcaption></figure>"
-        )
-    return f'<div class="charts">{"".join(parts)}</div>'
-
-
-def _comparisons(groups: Sequence[CropGroup], artifacts: Sequence[Artifact], images: int) -> str:
-    if images == 0:
-        return '<p class="note">Image comparison turned off (<code>--images 0</code>).</p>'
-    notes = [a for a in artifacts if a.image_note and not any(a is r[0] for g in groups for r in g.rows)]
-    out = [
-        '<p class="lead">A centre crop of the artifact\'s input size from each validation image: the input, the '
-        "fp32 reference (the original model in PyTorch), and per artifact its output in its own runtime and the "
-        "difference |artifact − reference| (largest over the colour channels), <strong>scaled to its own "
-        "maximum</strong>: black is 0, the brightest colour is the maximum printed under it, and the gain says "
-        "how much it was amplified.</p>"
-    ]
-    for group in groups:
-        px = min(max(group.size[1], 150), 256)  # small tiles enlarged (pixelated), large ones shrunk
-        fixed = (
-            f'<div class="cell">{_img(group.input_png, "input " + group.image)}<span>input</span></div>'
-            f'<div class="cell">{_img(group.reference_png, "reference " + group.image)}'
-            "<span>fp32 reference (PyTorch)</span></div>"
-        )
-        pairs = []
-        for artifact, crop, note in group.rows:
-            name = f"{artifact.label} · {artifact.precision}"
-            if crop is None:
-                pairs.append(f'<div class="pair note"><strong>{_e(name)}</strong>: {_e(note)}</div>')
-                continue
-            gain = f"×{1.0 / crop.max_abs_diff:.3g}" if crop.max_abs_diff > 0 else "identical"
-            pairs.append(
-                f'<div class="pair"><div class="cell">{_img(crop.artifact_png, name + " output")}'
-                f"<span><strong>{_e(name)}</strong> · {_e(_db(crop.psnr_db))}</span></div>"
-                f'<div class="cell">{_img(crop.diff_png, name + " difference")}'
-                f"<span>difference {_e(gain)} (max {crop.max_abs_diff:.2g})</span></div></div>"
-            )
-        h, w = group.size
-        out.append(
-            f'<figure class="compare" style="--px: {px}px"><figcaption><strong>{_e(group.image)}</strong> · '
-            f"{h}×{w} crop at y {group.origin[0]}, x {group.origin[1]} · source {_e(group.source)} · "
-            "PSNR of each output against the reference</figcaption>"
-            f'<div class="rows"><div class="fixed">{fixed}</div><div class="pairs">{"".join(pairs)}</div></div>'
-            "</figure>"
-        )
-    for a in notes:
-        out.append(f'<p class="note"><strong>{_e(a.label)}</strong>: no images, {_e(a.image_note)}</p>')
-    return "".join(out)
-
-
-def _facts(rows: Sequence[tuple[str, Any]]) -> str:
-    return "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in rows if v not in (None, "")) + "</dl>"
-
-
-def _artifact_section(a: Artifact, root: Path) -> str:
+def _details(a: Artifact, root: Path) -> dict[str, Any]:
+    """The audit record of one artifact: manifest, validation, bench and its top operators."""
     m = a.manifest
-    files = ", ".join(m.files)
     runtime = m.runtime or a.runtime_here or {}
     facts: list[tuple[str, Any]] = [
         ("directory", str(a.directory)),
-        ("files", f"{files} ({human_bytes(a.size_bytes)})"),
+        ("files", f"{', '.join(m.files)} ({human_bytes(a.size_bytes)})"),
         ("input", " × ".join(str(d) for d in m.io.input.shape)),
         ("runtime", _runtime_text(runtime)),
         ("created", m.created),
         ("seconds", ", ".join(f"{k} {v}" for k, v in m.seconds.items())),
     ]
+    if m.quantization:
+        q = m.quantization
+        kept = q.get("kept_float") or []
+        facts.append(("int8", f"{q.get('method', '?')}{'; kept float: ' + ', '.join(kept) if kept else ''}"))
     v = a.validation
     if v is not None:
         s = a.summary
@@ -696,18 +832,14 @@ def _artifact_section(a: Artifact, root: Path) -> str:
             f"≤ {budgets.get('max_drift_db', '?')} dB drift"
         )
         facts.append(("validation", "; ".join(quality)))
-        for failure in v.failures:
-            facts.append(("failure", failure))
+        facts += [("failure", failure) for failure in v.failures]
     b = a.bench
     if b is not None:
         lat = b.latency_ms or {}
         frame = b.frame or {}
         machine = b.machine
         facts += [
-            (
-                "benchmarked",
-                f"{b.created or '?'} on {machine.get('cpu', '?')} ({machine.get('cores', '?')} cores)",
-            ),
+            ("benchmarked", f"{b.created or '?'} on {machine.get('cpu', '?')} ({machine.get('cores', '?')} cores)"),
             (
                 "latency",
                 f"min {_fmt(lat.get('min'), 'ms')}, median {_fmt(lat.get('median'), 'ms')}, p90 "
@@ -728,33 +860,31 @@ def _artifact_section(a: Artifact, root: Path) -> str:
         if not b.runnable:
             facts.append(("not runnable", b.reason or "?"))
     else:
-        facts.append(("latency", a.bench_note or _not_benchmarked(root)))
+        facts.append(("latency", a.bench_note or f"not benchmarked (run {_bench_command(root)})"))
     if a.image_note:
         facts.append(("images", a.image_note))
     note = runtime.get("note") if isinstance(runtime, dict) else None
     if note:
         facts.append(("note", note))
     profile = (b.profile if b is not None else None) or {}
-    top = profile.get("top") or []
-    ops = ""
-    if top:
-        rows = "".join(
-            f"<tr><td>{_e(t.get('op', '?'))}</td><td class=num>{_e(_fmt(t.get('ms'), 'ms', 2))}</td>"
-            f"<td class=num>{_e(_fmt((_number(t.get('share')) or 0) * 100, '%', 1))}</td>"
-            f"<td class=num>{_e(t.get('count', ''))}</td></tr>"
-            for t in top[:10]
-        )
-        ops = (
-            f"<h4>Top operators ({_e(profile.get('source', 'profiler'))}, "
-            f"total {_e(_fmt(profile.get('total_ms'), 'ms'))})</h4>"
-            f'<table class="ops"><thead><tr><th>operator</th><th class=num>time</th><th class=num>share</th>'
-            f"<th class=num>count</th></tr></thead><tbody>{rows}</tbody></table>"
-        )
-    return (
-        f'<section class="artifact-details" id="{_e(a.anchor)}"><h3>{_e(a.label)} <span class="muted">'
-        f"{_e('' if a.label == a.target else a.target + ' · ')}{_e(a.precision)}</span> {_status_cell(a)}</h3>"
-        f"{_facts(facts)}{ops}</section>"
-    )
+    ops = [
+        {
+            "op": t.get("op", "?"),
+            "ms": _fmt(t.get("ms"), "ms", 2),
+            "share": _fmt((_number(t.get("share")) or 0) * 100, "%", 1),
+            "count": t.get("count", ""),
+        }
+        for t in (profile.get("top") or [])[:10]
+    ]
+    return {
+        "a": a,
+        "facts": [(k, v) for k, v in facts if v not in (None, "")],
+        "status": "none" if v is None else ("ok" if v.passed else "fail"),
+        "failures": "; ".join(v.failures) if v is not None else "",
+        "ops": ops,
+        "ops_source": profile.get("source", "profiler"),
+        "ops_total": _fmt(profile.get("total_ms"), "ms"),
+    }
 
 
 def _runtime_text(info: dict[str, Any]) -> str:
@@ -788,106 +918,61 @@ def _sources(artifacts: Sequence[Artifact]) -> str:
     return "; ".join(seen.values())
 
 
-CSS = """
-:root { color-scheme: light; --fg: #1d232b; --muted: #66707c; --line: #e3e6ea; --bg: #ffffff; --soft: #f6f7f9;
-  --ok: #1a7f37; --fail: #c62828; --accent: #2f6fb3; }
-* { box-sizing: border-box; }
-body { margin: 0; background: var(--soft); color: var(--fg);
-  font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
-main { max-width: 1240px; margin: 0 auto; padding: 28px 28px 60px; }
-header h1 { font-size: 26px; margin: 0 0 4px; letter-spacing: -0.01em; }
-header p { margin: 2px 0; color: var(--muted); }
-h2 { font-size: 19px; margin: 36px 0 12px; padding-bottom: 6px; border-bottom: 1px solid var(--line); }
-h3 { font-size: 16px; margin: 0 0 10px; }
-h4 { font-size: 14px; margin: 14px 0 6px; }
-a { color: var(--accent); text-decoration: none; } a:hover { text-decoration: underline; }
-code { font: 13px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background: #eef0f3;
-  padding: 1px 4px; border-radius: 4px; }
-.card, .artifact-details, figure.compare { background: var(--bg); border: 1px solid var(--line); border-radius: 10px; }
-.scroll { overflow-x: auto; background: var(--bg); border: 1px solid var(--line); border-radius: 10px; }
-table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
-th, td { padding: 9px 12px; text-align: left; vertical-align: top; border-bottom: 1px solid var(--line); }
-thead th { font-size: 12px; text-transform: uppercase; letter-spacing: 0.04em; color: var(--muted);
-  background: #fafbfc; white-space: nowrap; }
-tbody tr:last-child td { border-bottom: 0; }
-tbody tr:hover { background: #f8fafc; }
-.num { text-align: right; white-space: nowrap; }
-table.artifacts td.small { max-width: 210px; white-space: normal; }
-table.artifacts td code { white-space: nowrap; }
-.small { font-size: 12.5px; } .muted { color: var(--muted); }
-.badge { display: inline-block; padding: 1px 9px; border-radius: 999px; font-size: 12px; font-weight: 600; }
-.badge.ok { background: #dcf3e3; color: var(--ok); } .badge.fail { background: #fde2e1; color: var(--fail); }
-.badge.none { background: #eceff3; color: var(--muted); }
-.charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(440px, 1fr)); gap: 16px; align-items: start; }
-figure { margin: 0; }
-figure.chart { background: var(--bg); border: 1px solid var(--line); border-radius: 10px; padding: 14px; }
-figure.chart svg { width: 100%; height: auto; display: block; }
-figcaption { font-size: 13px; color: var(--muted); margin-top: 6px; }
-figure.compare { padding: 14px; margin-bottom: 16px; }
-figure.compare > figcaption { margin: 0 0 10px; color: var(--fg); }
-.rows { display: flex; gap: 14px 28px; align-items: flex-start; flex-wrap: wrap; }
-.fixed, .pair { display: flex; gap: 10px; flex: none; }
-.fixed { padding-right: 28px; border-right: 1px solid var(--line); }
-.pairs { display: flex; flex-wrap: wrap; gap: 14px 28px; flex: 1 1 0; min-width: calc(2 * var(--px) + 10px); }
-.cell { width: var(--px); }
-.cell img { width: 100%; height: auto; display: block; border-radius: 4px; background: #000; }
-img.px { image-rendering: pixelated; }
-.cell span { display: block; font-size: 12.5px; color: var(--muted); margin-top: 4px; }
-.pair.note { width: calc(2 * var(--px) + 10px); margin: 0; }
-.note { background: #fff8e6; border: 1px solid #f3e0a8; border-radius: 8px; padding: 8px 12px; font-size: 14px; }
-p.lead { color: var(--muted); max-width: 900px; }
-.artifact-details { padding: 16px 18px; margin-bottom: 14px; }
-.artifact-details h3 .badge { margin-left: 6px; vertical-align: 2px; }
-dl { display: grid; grid-template-columns: 130px 1fr; gap: 4px 14px; margin: 0; font-size: 14px; }
-dt { color: var(--muted); } dd { margin: 0; overflow-wrap: anywhere; }
-table.ops { width: auto; font-size: 13px; } table.ops td, table.ops th { padding: 4px 10px; }
-footer { margin-top: 40px; color: var(--muted); font-size: 13px; }
-"""
+def _environment() -> Any:
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("nafnet_edge", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
 
 
-def render_html(artifacts: Sequence[Artifact], groups: Sequence[CropGroup], root: Path, images: int) -> str:
-    """The page: header, table, charts, image comparison, one details section per artifact."""
+def render_html(artifacts: Sequence[Artifact], comparisons: Sequence[Comparison], root: Path, images: int) -> str:
+    """The page, from ``templates/report.html.j2`` with ``templates/report.css`` inlined."""
+    from markupsafe import Markup
+
     from nafnet_edge import __version__
 
-    created = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    unbenchmarked = any(a.bench is None for a in artifacts)
-    machine = next((a.bench.machine for a in artifacts if a.bench is not None and a.bench.machine), None)
-    header = [
-        f"<p>Directory <code>{_e(root)}</code> · {len(artifacts)} artifact{'s' * (len(artifacts) != 1)}</p>",
-        f"<p>Source: {_e(_sources(artifacts))}</p>",
-    ]
-    if isinstance(machine, dict):
-        header.append(
-            f"<p>Benchmarked on {_e(machine.get('cpu', '?'))}, {_e(machine.get('cores', '?'))} cores"
-            f"{', sgemm ' + _fmt(machine.get('sgemm_gflops'), 'GFLOP/s', 0) if machine.get('sgemm_gflops') else ''}"
-            "</p>"
-        )
-    body = [
-        "<header><h1>nafnet-edge report</h1>",
-        *header,
-        "</header>",
-        "<h2>Artifacts</h2>",
-        _table(artifacts, root),
-        '<p class="small muted">Fidelity: lowest PSNR of the artifact against the fp32 reference over the validation '
-        "images (data range 1.0). Drift: mean PSNR loss against ground truth, reference minus artifact (only with "
-        "ground truth). Latency: median of one call at the artifact's input size"
-        + (f"; to benchmark, run <code>{_e(_bench_command(root))}</code>" if unbenchmarked else "")
-        + ".</p>",
-        "<h2>Charts</h2>",
-        _charts(artifacts, root),
-        "<h2>Where the artifacts differ</h2>",
-        _comparisons(groups, artifacts, images),
-        "<h2>Details</h2>",
-        *(_artifact_section(a, root) for a in artifacts),
-        f"<footer>Written by nafnet-edge {_e(__version__)} on {_e(created)}. Self-contained: charts are inline SVG, "
-        "images are embedded PNGs.</footer>",
-    ]
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>nafnet-edge report · {_e(root.resolve().name)}</title><style>{CSS}</style></head>"
-        f"<body><main>{''.join(body)}</main></body></html>\n"
-    )
+    ordered = [a for group in by_target(artifacts).values() for a in group]
+    baseline = _baseline_ms(artifacts)
+    gain = shared_gain(comparisons)
+    latency, quality = latency_chart(artifacts), quality_chart(artifacts)
+    machine = next((a.bench.machine for a in ordered if a.bench is not None and a.bench.machine), None)
+    css = (resources.files("nafnet_edge") / "templates" / STYLESHEET).read_text(encoding="utf-8")
+    context = {
+        "title": f"nafnet-edge report · {root.resolve().name}",
+        "css": Markup(css),  # our own file, not user data; escaping would break selectors such as "a > b"
+        "root": str(root),
+        "count": len(artifacts),
+        "sources": _sources(artifacts),
+        "machine": machine if isinstance(machine, dict) else None,
+        "sgemm": _fmt(machine.get("sgemm_gflops"), "GFLOP/s", 0) if isinstance(machine, dict) else "—",
+        "baseline": f"{baseline:.4g} ms" if baseline else None,
+        "summaries": [_summary(c, baseline) for c in choose(artifacts)],
+        "rows": [_row(a, root) for a in ordered],
+        "unbenchmarked": any(a.bench is None for a in artifacts),
+        "bench_command": _bench_command(root),
+        "latency_chart": Markup(latency) if latency else None,  # matplotlib's SVG, its text escaped by matplotlib
+        "quality_chart": Markup(quality) if quality else None,
+        "quality_measure": quality_measure(artifacts),
+        "images": images,
+        "gain": gain,
+        "scale": _scale_text(gain, comparisons),
+        "top_level": _level(1.0 / gain),
+        "zoom_px": ZOOM_PX,
+        "gradient": _gradient(),
+        "comparisons": [_comparison_view(c, gain) for c in comparisons],
+        "image_notes": [
+            a for a in ordered if a.image_note and not any(a is o.artifact for c in comparisons for o in c.outputs)
+        ],
+        "details": [_details(a, root) for a in ordered],
+        "version": __version__,
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    return _environment().get_template(TEMPLATE).render(context)
 
 
 def write_report(
@@ -895,35 +980,33 @@ def write_report(
     output: str | Path | None = None,
     *,
     images: int = 3,
-    data: str | Path | None = None,
+    val_data: str | Path | None = None,
     checkpoint: str | Path | None = None,
-    progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write the HTML report of ``directory`` (a ``convert -o OUT`` directory or one ``OUT/<target>``) to
+    """Write the HTML report of ``directory`` (a ``convert -o OUT`` directory or one artifact directory in it) to
     ``output`` (default ``directory/report.html``), atomically; returns its path.
 
-    ``images``: how many validation images to crop for the image comparison (0: none, and no model is loaded).
-    ``data``: a folder of images to crop instead of the shipped Kodak photos with seeded noise.
+    ``images``: how many validation images to compare (0: none, and no model is loaded).
+    ``val_data``: a folder of images to compare on instead of the shipped Kodak photos with seeded noise.
     ``checkpoint``: the source checkpoint for the fp32 reference when the one recorded in the manifests moved.
-    ``progress``: called with a line of text before each slow step.
+    Progress goes through :mod:`nafnet_edge.progress` (a line per slow step).
     Raises ``BadInputError`` when ``directory`` is missing or holds no manifest (``ArtifactError`` when one is
     damaged or a file in it is not a regular file inside it), ``OutputError`` when ``output`` is a directory.
     """
     if images < 0:
         raise ValueError("images must be 0 or more")
     root = Path(directory)
-    if data is not None and not Path(data).is_dir():
-        raise BadInputError(f"--data {data} is not a folder of images")
+    if val_data is not None and not Path(val_data).is_dir():
+        raise BadInputError(f"--val-data {val_data} is not a folder of images")
     path = Path(output) if output is not None else root / REPORT
     if path.is_dir():
         raise OutputError(
             f"cannot write the report to {path}: it is a directory; give a file name, e.g. -o {path / REPORT}"
         )
     artifacts = [read_artifact(p) for p in find_artifacts(root)]
-    groups = (
-        compare_images(artifacts, images=images, data=data, checkpoint=checkpoint, progress=progress) if images else []
-    )
-    page = render_html(artifacts, groups, root, images)
+    comparisons = compare_images(artifacts, images=images, val_data=val_data, checkpoint=checkpoint) if images else []
+    progress.phase(f"writing {path}")
+    page = render_html(artifacts, comparisons, root, images)
     with atomic_path(path) as tmp:
         # A name that is not UTF-8 on disk (its bytes held as surrogates) is shown with escapes, e.g. \udcff.
         tmp.write_text(page, encoding="utf-8", errors="backslashreplace")

@@ -36,18 +36,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nafnet_edge import __version__
+from nafnet_edge import __version__, progress
+from nafnet_edge.defaults import VALIDATION_OVERLAP_PX
 from nafnet_edge.errors import BadInputError, CheckpointError
 from nafnet_edge.images import is_image_path, read_image
 from nafnet_edge.manifest import ValidationSummary
-from nafnet_edge.tiling import run_tiled
+from nafnet_edge.tiling import make_grid, run_tiled
 
 if TYPE_CHECKING:
     from nafnet_edge.model import NAFNet
 
 DEFAULT_NOISE_SIGMA = 25.0 / 255.0
 DEFAULT_NOISE_SEED = 2022
-DEFAULT_OVERLAP_PX = 32
+DEFAULT_OVERLAP_PX = VALIDATION_OVERLAP_PX
 MIN_FIDELITY_DB = {"fp32": 60.0, "fp16": 45.0, "int8": 35.0}
 MAX_DRIFT_DB = {"fp32": 0.01, "fp16": 0.05, "int8": 0.1}
 
@@ -214,6 +215,22 @@ def _channels(pixels: np.ndarray, channels: int) -> np.ndarray:
 # --- running ---------------------------------------------------------------------------------------------------
 
 
+def _padded(shape: tuple[int, ...], tile: tuple[int, int] | None, multiple: int) -> tuple[int, int, int, int]:
+    """The padded image size and the tile ``apply_tiled`` uses for an HxW(xC) image."""
+    h, w = shape[0], shape[1]
+    ph, pw = -(-h // multiple) * multiple, -(-w // multiple) * multiple
+    th, tw = tile or (ph, pw)
+    return max(th, ph), max(tw, pw), th, tw
+
+
+def tile_count(shape: tuple[int, ...], tile: tuple[int, int] | None, overlap: int, multiple: int) -> int:
+    """How many calls :func:`apply_tiled` makes for an HxW(xC) image."""
+    ph, pw, th, tw = _padded(shape, tile, multiple)
+    if (ph, pw) == (th, tw) or th != tw:
+        return 1
+    return len(make_grid(ph, pw, tile_px=th, overlap_px=overlap, align_px=multiple))
+
+
 def apply_tiled(
     fn: Callable[[torch.Tensor], torch.Tensor],
     pixels: np.ndarray,
@@ -225,9 +242,7 @@ def apply_tiled(
     the multiple for one whole-image call), tile, crop back; returns the output and the number of calls."""
     x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None]
     h, w = x.shape[-2:]
-    ph, pw = -(-h // multiple) * multiple, -(-w // multiple) * multiple
-    th, tw = tile or (ph, pw)
-    ph, pw = max(th, ph), max(tw, pw)
+    ph, pw, th, tw = _padded(pixels.shape, tile, multiple)
     x = F.pad(x, (0, pw - w, 0, ph - h))
     calls = []
 
@@ -338,8 +353,10 @@ def reference_outputs(
     device: torch.device,
     use_cache: bool = True,
     param_key: str | None = None,
+    label: str = "fp32 reference",
 ) -> list[tuple[np.ndarray, float | None]]:
-    """fp32 outputs of the original model, tiled like the artifact, and the tiling drift (tiled vs whole, dB)."""
+    """fp32 outputs of the original model, tiled like the artifact, and the tiling drift (tiled vs whole, dB);
+    ``label`` names the task in the progress lines."""
     secret = _cache_secret(cache_dir()) if use_cache else None
     identity = None
     if secret is not None:  # hashing the weights is worth it only when there is a cache to look in
@@ -352,31 +369,45 @@ def reference_outputs(
         return model(t.to(device)).float().cpu()
 
     results = []
-    for image in images:
-        path: Path | None = None
-        material = b""
-        if secret is not None and identity is not None:
-            name, material = cache_key(identity, image, tile=tile, overlap=overlap)
-            path = cache_dir() / name
-            cached = _read_cached(path, image.input.shape, secret, material)
-            if cached is not None:
-                results.append(cached)
-                continue
-        tiled, calls = apply_tiled(fn, image.input, tile, overlap, multiple)
-        if not np.isfinite(tiled).all():  # nothing to score against: no verdict rather than a meaningless one
-            raise CheckpointError(
-                f"{image.name}: the source checkpoint itself (the fp32 reference) produces non-finite values (NaN "
-                f"or Inf) on this image, so no artifact of it can be validated; its weights overflow float32: use "
-                "another checkpoint"
-            )
-        tiling_db = None
-        if calls > 1:
-            whole, _ = apply_tiled(fn, image.input, None, overlap, multiple)
-            tiling_db = psnr(np.clip(tiled, 0, 1), np.clip(whole, 0, 1))
-        if secret is not None and path is not None:
-            _write_cached(path, tiled, tiling_db, secret, material)
-        results.append((tiled, tiling_db))
+    with progress.task(label, total=len(images), unit="image") as advance:
+        for image in images:
+            results.append(_reference_output(fn, image, tile, overlap, multiple, secret, identity))
+            advance(1)
     return results
+
+
+def _reference_output(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    image: ValidationImage,
+    tile: tuple[int, int],
+    overlap: int,
+    multiple: int,
+    secret: bytes | None,
+    identity: dict[str, Any] | None,
+) -> tuple[np.ndarray, float | None]:
+    """One image's reference output and tiling drift, from the cache when it holds them (and into it if not)."""
+    path: Path | None = None
+    material = b""
+    if secret is not None and identity is not None:
+        name, material = cache_key(identity, image, tile=tile, overlap=overlap)
+        path = cache_dir() / name
+        cached = _read_cached(path, image.input.shape, secret, material)
+        if cached is not None:
+            return cached
+    tiled, calls = apply_tiled(fn, image.input, tile, overlap, multiple)
+    if not np.isfinite(tiled).all():  # nothing to score against: no verdict rather than a meaningless one
+        raise CheckpointError(
+            f"{image.name}: the source checkpoint itself (the fp32 reference) produces non-finite values (NaN "
+            f"or Inf) on this image, so no artifact of it can be validated; its weights overflow float32: use "
+            "another checkpoint"
+        )
+    tiling_db = None
+    if calls > 1:
+        whole, _ = apply_tiled(fn, image.input, None, overlap, multiple)
+        tiling_db = psnr(np.clip(tiled, 0, 1), np.clip(whole, 0, 1))
+    if secret is not None and path is not None:
+        _write_cached(path, tiled, tiling_db, secret, material)
+    return tiled, tiling_db
 
 
 def _entry_bytes(shape: tuple[int, ...]) -> int:
@@ -539,32 +570,24 @@ def validate_runner(
     reference_device: str,
     data: str,
     on_image: Callable[[ImageResult], None] | None = None,
+    label: str = "run in its runtime",
 ) -> ValidationReport:
-    """Run the artifact over ``images`` and score it against the references and any ground truth."""
+    """Run the artifact over ``images`` and score it against the references and any ground truth; ``label``
+    names the task (counted in tiles) in the progress lines."""
     results = []
-    fn = runner_fn(run)
-    for image, (ref, tiling_db) in zip(images, references, strict=True):
-        out, calls = apply_tiled(fn, image.input, tile, overlap, multiple)
-        nonfinite = int((~np.isfinite(out)).sum())
-        out_c, ref_c = np.clip(np.nan_to_num(out, nan=0.0), 0, 1), np.clip(ref, 0, 1)
-        r = ImageResult(
-            name=image.name,
-            size=(image.input.shape[0], image.input.shape[1]),
-            tiles=calls,
-            fidelity_db=psnr(out_c, ref_c),
-            max_abs_error=float(np.nanmax(np.abs(out - ref))) if nonfinite < out.size else math.inf,
-            nonfinite=nonfinite,
-            tiling_db=tiling_db,
-        )
-        if image.target is not None:
-            r.reference_psnr_db = psnr(ref_c, image.target)
-            r.artifact_psnr_db = psnr(out_c, image.target)
-            r.drift_db = r.reference_psnr_db - r.artifact_psnr_db
-            r.reference_ssim = ssim(ref_c, image.target)
-            r.artifact_ssim = ssim(out_c, image.target)
-        results.append(r)
-        if on_image is not None:
-            on_image(r)
+    tiles = sum(tile_count(image.input.shape, tile, overlap, multiple) for image in images)
+    with progress.task(label, total=tiles, unit="tile") as advance:
+
+        def counted(x: np.ndarray) -> np.ndarray:
+            out = run(x)
+            advance(1)
+            return out
+
+        fn = runner_fn(counted)
+        for image, (ref, tiling_db) in zip(images, references, strict=True):
+            results.append(_score(fn, image, ref, tiling_db, tile, overlap, multiple))
+            if on_image is not None:
+                on_image(results[-1])
     report = ValidationReport(results, budgets, reference_device, data)
     summary = report.summary()
     if summary["nonfinite"]:
@@ -578,3 +601,34 @@ def validate_runner(
             f"drift {summary['drift_db_mean']:.3f} dB > budget {budgets.max_drift_db:g} dB (--max-drift)"
         )
     return report
+
+
+def _score(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    image: ValidationImage,
+    ref: np.ndarray,
+    tiling_db: float | None,
+    tile: tuple[int, int],
+    overlap: int,
+    multiple: int,
+) -> ImageResult:
+    """Run ``fn`` over one image, tiled like its reference ``ref``, and score the output."""
+    out, calls = apply_tiled(fn, image.input, tile, overlap, multiple)
+    nonfinite = int((~np.isfinite(out)).sum())
+    out_c, ref_c = np.clip(np.nan_to_num(out, nan=0.0), 0, 1), np.clip(ref, 0, 1)
+    r = ImageResult(
+        name=image.name,
+        size=(image.input.shape[0], image.input.shape[1]),
+        tiles=calls,
+        fidelity_db=psnr(out_c, ref_c),
+        max_abs_error=float(np.nanmax(np.abs(out - ref))) if nonfinite < out.size else math.inf,
+        nonfinite=nonfinite,
+        tiling_db=tiling_db,
+    )
+    if image.target is not None:
+        r.reference_psnr_db = psnr(ref_c, image.target)
+        r.artifact_psnr_db = psnr(out_c, image.target)
+        r.drift_db = r.reference_psnr_db - r.artifact_psnr_db
+        r.reference_ssim = ssim(ref_c, image.target)
+        r.artifact_ssim = ssim(out_c, image.target)
+    return r

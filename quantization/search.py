@@ -10,14 +10,14 @@ Split the way NNCF's accuracy-control algorithm (``nncf.quantize_with_accuracy_c
   budget met, a round worse than the best so far, rounds spent, nothing left to keep) and which round to keep
   (``round_order``: passed first, then the lowest drift, else the highest minimum fidelity).
 
-``int8_search`` runs the three for ``convert``, prints one line per round on stderr, and records every round,
+``int8_search`` runs the three for ``convert``, announces each round and its result (``nafnet_edge.progress``),
+and records every round,
 the ranking and the kept round's latency against the first round's in the manifest's ``quantization.search``.
 """
 
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nafnet_edge import progress
 from nafnet_edge.errors import OptionError
 from nafnet_edge.manifest import Manifest
 from nafnet_edge.quantization.base import Quantizer
@@ -71,26 +72,31 @@ def next_kept(kept: Sequence[str], ranking: Sequence[tuple[str, float]]) -> list
     return [*kept, *candidates[: max(1, len(kept))]]
 
 
-def round_line(target: str, number: int, total: int, entry: dict[str, Any], verdict: str) -> str:
-    kept = entry["kept_float"]
-    units = f"{len(kept)} unit(s) float ({', '.join(kept)})" if kept else "all units int8"
+def round_name(label: str, number: int, total: int) -> str:
+    """``executorch-int8: search round 2/5`` (``executorch-int8`` alone when there is one round only)."""
+    return f"{label}: search round {number}/{total}" if total > 1 else label
+
+
+def float_units(kept: Sequence[str]) -> str:
+    """``2 units float (encoders.0.0, ups.0)``, or ``all units int8``."""
+    if not kept:
+        return "all units int8"
+    return f"{len(kept)} unit{'s' if len(kept) > 1 else ''} float ({', '.join(kept)})"
+
+
+def round_line(label: str, number: int, total: int, entry: dict[str, Any], verdict: str) -> str:
+    """A validated round's result: its float units, what it measured and the verdict."""
     drift = entry["drift_db_mean"]
     measured = (f"drift {drift:+.3f} dB, " if drift is not None else "") + f"fidelity {entry['fidelity_db_min']:.1f} dB"
-    return f"{target} int8 round {number}/{total}: {units}: {measured} - {verdict}"
-
-
-def tell(line: str) -> None:
-    """One line on stderr, above the progress bar when one is shown."""
-    from tqdm import tqdm
-
-    tqdm.write(line, file=sys.stderr)
+    return f"{round_name(label, number, total)}: {float_units(entry['kept_float'])}: {measured} - {verdict}"
 
 
 def quantize(
-    quantizer: Quantizer, graph: torch.nn.Module, input_size: tuple[int, int], int8: Any
+    quantizer: Quantizer, graph: torch.nn.Module, input_size: tuple[int, int], int8: Any, label: str = "int8"
 ) -> tuple[torch.nn.Module, torch.Tensor, dict[str, Any]]:
     """Calibrate (and with QAT fine-tune) ``graph`` for ``quantizer`` with ``int8``'s images and loop settings
-    (``convert.Int8Settings``); the prepared module, an export example of ``input_size`` and the loop's log."""
+    (``convert.Int8Settings``); the prepared module, an export example of ``input_size`` and the loop's log.
+    ``label`` (``executorch-int8``) starts the progress lines."""
     from nafnet_edge.quantization.train import quantize_graph
 
     h, w = input_size
@@ -105,6 +111,7 @@ def quantize(
         checkpoint=int8.checkpoint,
         resume=int8.resume,
         progress=int8.progress,
+        label=label,
     )
     return prepared, torch.rand(1, graph.intro.in_channels, h, w), log  # type: ignore[union-attr, arg-type]
 
@@ -113,7 +120,7 @@ def quantize(
 class Evaluator:
     """Quantizes, exports and validates one round into its own folder under ``scratch``."""
 
-    stage: Any  # convert's stage: target, graph, options, say, export_and_validate(export, directory)
+    stage: Any  # convert's stage: target, label, graph, options, export_and_validate(export, directory)
     make_quantizer: MakeQuantizer
     int8: Any  # convert.Int8Settings
     scratch: Path
@@ -121,11 +128,11 @@ class Evaluator:
     def __call__(self, number: int, kept: Sequence[str]) -> Round:
         stage = self.stage
         quantizer = self.make_quantizer(kept)
-        note = f" keeping {len(kept)} unit(s) float" if kept else ""
-        stage.say(f"{stage.target}: int8 {self.int8.config.method}{note}")
+        units = f"keeping {float_units(kept)}" if kept else float_units(kept)
+        progress.phase(f"{round_name(stage.label, number, self.int8.search_rounds + 1)}: {units}")
         settings = self.int8 if number == 1 else replace(self.int8, resume=False)  # the checkpoint is round 1's
         started = time.perf_counter()
-        prepared, example, log = quantize(quantizer, stage.graph, stage.options.input_size, settings)
+        prepared, example, log = quantize(quantizer, stage.graph, stage.options.input_size, settings, stage.label)
         seconds = round(time.perf_counter() - started, 2)
         directory = self.scratch / str(number)
         directory.mkdir(parents=True)
@@ -152,14 +159,15 @@ class Ranker:
             from nafnet_edge.quantization import sensitivity
             from nafnet_edge.quantization.train import calibration_crops, held_out_crops
 
-            self.stage.say(f"{self.stage.target}: ranking units by int8 sensitivity")
+            progress.phase(f"{self.stage.label}: ranking units by int8 sensitivity")
             quantizer = self.make_quantizer(kept)
             if not quantizer.switches_units:
                 raise NotImplementedError(f"{type(quantizer).__name__} cannot switch quantizers per unit")
             h = self.stage.options.input_size[0]
             crops = held_out_crops(self.int8.images, h, self.int8.config, sensitivity.SENSITIVITY_CROPS)
             calibration = calibration_crops(self.int8.images, h, self.int8.config)
-            self.ranking = sensitivity.rank_units(quantizer, self.stage.graph, crops, calibration, exclude=kept)
+            with progress.backend_output():
+                self.ranking = sensitivity.rank_units(quantizer, self.stage.graph, crops, calibration, exclude=kept)
         return self.ranking
 
 
@@ -178,12 +186,13 @@ def search(
     *,
     keep_float: Sequence[str],
     search_rounds: int,
-    target: str,
+    label: str,
 ) -> SearchResult:
     """Evaluate with ``keep_float`` float; while the artifact misses its budget, keep the next most sensitive
     units in float (1, 2, 4, ... more of them, ``rank``-ed once) and evaluate again, at most ``search_rounds``
-    times, stopping early at the first round worse than the best so far (``round_order``). Each validated round
-    is reported on stderr; the folders of rounds that are neither the first nor the best are removed."""
+    times, stopping early at the first round worse than the best so far (``round_order``). Each validated round's
+    result is a progress note starting with ``label``; the folders of rounds that are neither the first nor the
+    best are removed."""
     kept = list(keep_float)
     total = search_rounds + 1
     rounds: list[dict[str, Any]] = []
@@ -212,7 +221,7 @@ def search(
             stopped = f"round {number} was worse than round {previous.number}"
         else:
             verdict = f"no better than round {previous.number}"
-        tell(round_line(target, number, total, rounds[-1], verdict))
+        progress.note(round_line(label, number, total, rounds[-1], verdict))
         if previous is not None and previous is not best and previous is not first:
             shutil.rmtree(previous.directory)  # superseded: only the first (for latency) and the best stay
         if this is not best and this is not first:
@@ -251,7 +260,7 @@ def int8_search(stage: Any, make_quantizer: MakeQuantizer, int8: Any, tmp: Path)
             Ranker(stage, make_quantizer, int8),
             keep_float=int8.keep_float,
             search_rounds=int8.search_rounds,
-            target=stage.target,
+            label=stage.label,
         )
         manifest = result.best.manifest
         if result.rounds:
@@ -261,8 +270,8 @@ def int8_search(stage: Any, make_quantizer: MakeQuantizer, int8: Any, tmp: Path)
                 from nafnet_edge.usage import budget_advice
 
                 failures = "; ".join(manifest.validation.failures)
-                tell(
-                    f"{stage.target} int8 missed its budget in {len(result.rounds)} round(s) ({result.stopped}); "
+                progress.note(
+                    f"{stage.label} missed its budget in {len(result.rounds)} round(s) ({result.stopped}); "
                     f"kept round {result.best.number}: {failures}. Try next: {budget_advice(manifest)}"
                 )
         for path in list(result.best.directory.iterdir()):
@@ -286,10 +295,11 @@ def _search_record(stage: Any, result: SearchResult, search_rounds: int) -> dict
         record["sensitivity_db"] = {unit: round(gain, 3) for unit, gain in result.ranking}
     first, best = result.first, result.best
     if first is not None and first is not best:
-        stage.say(f"{stage.target}: latency of the kept units")
+        progress.phase(f"{stage.label}: latency of the kept round against the first")
         c = stage.loaded.config.img_channels
         x = np.random.default_rng(0).random((1, c, *stage.options.input_size), dtype=np.float32)
-        medians = interleaved_medians({"first": first.runner.run, "kept": best.runner.run}, x)
+        with progress.backend_output():
+            medians = interleaved_medians({"first": first.runner.run, "kept": best.runner.run}, x)
         record["latency_ms"] = {
             "first_round": medians["first"],
             "kept_round": medians["kept"],

@@ -4,8 +4,8 @@
   targets: distillation, no labels needed); with ``pairs`` (degraded, clean) the clean images are the targets.
   Random crops of the artifact's input size, random flips.
 - Loss: PSNR loss (10 log10 MSE). AdamW, small learning rate, cosine decay (``CosineAnnealingLR``); the
-  quantizer's observers are frozen for the last part of training. A progress bar shows the current fidelity
-  (PSNR of the prepared module against the teacher on the batch, dB).
+  quantizer's observers are frozen for the last part of training. The progress lines (a bar on a terminal) show
+  the current fidelity (PSNR of the prepared module against the teacher on the batch, dB).
 - Checkpoint and resume: the prepared module, the optimizer, the schedule and the step go to ``checkpoint`` every
   ``save_every`` steps (atomically) and are picked up again by ``resume=True``.
 - Scale-out: under ``torchrun`` (``torch.distributed`` initialised from the environment; gloo on CPU, NCCL on
@@ -20,6 +20,7 @@ import copy
 import itertools
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,7 @@ import torch.distributed as dist
 from nafnet_edge.atomic import atomic_path
 from nafnet_edge.errors import BadInputError, first_sentence
 from nafnet_edge.images import is_image_path, read_image
+from nafnet_edge.progress import Advance, backend_output, phase, task
 from nafnet_edge.quantization.base import Quantizer
 
 Method = Literal["qat", "ptq"]
@@ -175,19 +177,24 @@ def quantize_graph(
     checkpoint: Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    label: str = "int8",
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Calibrate (and with QAT fine-tune) ``graph`` for ``quantizer``; returns the prepared module and a log."""
-    from tqdm import tqdm
-
+    """Calibrate (and with QAT fine-tune) ``graph`` for ``quantizer``; returns the prepared module and a log.
+    With ``progress`` (on rank 0 only) the phases are announced, their lines starting with ``label``; the
+    quantizer's own output is captured (:func:`nafnet_edge.progress.backend_output`)."""
     rank, world = _world()
+    show = progress and rank == 0
     torch.manual_seed(config.seed)
     teacher = copy.deepcopy(graph).eval()  # the fp32 function QAT distils from, untouched by training
     example = torch.rand(1, images[0].input.shape[2], crop, crop)
     calibration = calibration_crops(images, crop, config)
-    prepared = quantizer.prepare(graph, example, qat=config.method == "qat", calibration=calibration)
-    quantizer.set_training(prepared, False)
-    with torch.no_grad():  # one batch of all calibration crops: QAT's moving-average observers start from the
-        prepared(torch.cat(calibration))  # range of every crop, not of the first one
+    if show:
+        phase(f"{label}: calibrate on {len(calibration)} crop(s)")
+    with backend_output():
+        prepared = quantizer.prepare(graph, example, qat=config.method == "qat", calibration=calibration)
+        quantizer.set_training(prepared, False)
+        with torch.no_grad():  # one batch of all calibration crops: QAT's moving-average observers start from
+            prepared(torch.cat(calibration))  # the range of every crop, not of the first one
     log: dict[str, Any] = {"method": config.method, "calibration_batches": len(calibration), "world_size": world}
     if config.method == "ptq":
         return prepared, log
@@ -211,32 +218,44 @@ def quantize_graph(
     model = _data_parallel(prepared)  # starts every rank from rank 0's weights and ranges
     freeze_at = int(config.freeze_observers_at * config.iters)
     stream = batches(images, crop, config.batch, config.seed + 1000 * (rank + 1) + start)
-    bar = tqdm(range(start, config.iters), disable=not progress or rank != 0, unit="it", desc=f"{config.method}")
     fidelity = float("nan")
-    for step in bar:
-        if step >= freeze_at:
-            quantizer.freeze_observers(prepared)
-        x, y = next(stream)
-        with torch.no_grad():
-            teacher_out = teacher(x)
-        quantizer.set_training(prepared, True)
-        out = model(x)
-        loss = psnr_loss(out, y if y is not None else teacher_out)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # data-parallel: averages the gradients across ranks
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            fidelity = -float(psnr_loss(out.detach(), teacher_out))
-        bar.set_postfix(fidelity=f"{fidelity:.2f} dB")
-        if checkpoint is not None and rank == 0 and ((step + 1) % config.save_every == 0 or step + 1 == config.iters):
-            with atomic_path(checkpoint) as tmp:
-                state = {"model": prepared.state_dict(), "optimizer": optimizer.state_dict()}
-                torch.save({**state, "schedule": schedule.state_dict(), "step": step + 1}, tmp)
+    saving = checkpoint if rank == 0 else None
+    steps = task(f"{label}: {config.method} training", total=config.iters - start, unit="step") if show else _silent()
+    with steps as advance, backend_output():
+        for step in range(start, config.iters):
+            if step >= freeze_at:
+                quantizer.freeze_observers(prepared)
+            x, y = next(stream)
+            with torch.no_grad():
+                teacher_out = teacher(x)
+            quantizer.set_training(prepared, True)
+            out = model(x)
+            loss = psnr_loss(out, y if y is not None else teacher_out)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # data-parallel: averages the gradients across ranks
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                fidelity = -float(psnr_loss(out.detach(), teacher_out))
+            advance(1, info=f"fidelity {fidelity:.2f} dB")
+            if saving is not None and ((step + 1) % config.save_every == 0 or step + 1 == config.iters):
+                with atomic_path(saving) as tmp:
+                    state = {"model": prepared.state_dict(), "optimizer": optimizer.state_dict()}
+                    torch.save({**state, "schedule": schedule.state_dict(), "step": step + 1}, tmp)
     _broadcast_buffers(prepared)
     quantizer.set_training(prepared, False)
     log.update(iters=config.iters, resumed_from=start, last_batch_fidelity_db=fidelity, lr=config.lr)
     return prepared, log
+
+
+@contextmanager
+def _silent() -> Iterator[Advance]:
+    """A task that shows nothing (other ranks, ``progress=False``)."""
+
+    def advance(n: int = 1, *, info: str | None = None) -> None:
+        pass
+
+    yield advance
 
 
 def _relative_groups(module: torch.nn.Module, lr: float) -> list[dict[str, Any]]:

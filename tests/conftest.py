@@ -115,7 +115,7 @@ def converted_artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoin
             args = ["convert", str(tiny_checkpoint), "--target", target, "-o", str(out), "--input-size", "64"]
             printed = io.StringIO()
             with contextlib.redirect_stdout(printed):
-                code = main([*args, "--data", str(kodak_data)])
+                code = main([*args, "--val-data", str(kodak_data)])
             assert code == 0, f"converting the shared {target} artifact failed (exit {code})"
             stdout[target] = printed.getvalue()
     return Converted(out=out, checkpoint=tiny_checkpoint, data=kodak_data, stdout=stdout)

@@ -19,10 +19,20 @@ KODAK = Path(__file__).resolve().parents[1] / "nafnet_edge" / "data" / "kodak"  
 TINY_CONFIG = NAFNetConfig(width=8, enc_blk_nums=(1, 1), middle_blk_num=1, dec_blk_nums=(1, 1))  # pads to 4
 
 
+def artifact_dir(out: Path, target: str, precision: str | None = None) -> Path:
+    """``out/<target>-<precision>``, where ``convert -o out`` writes an artifact (``precision`` None: the target's
+    default precision, which convert uses when none is asked for)."""
+    from nafnet_edge.converters import target_class
+    from nafnet_edge.manifest import artifact_dirname
+
+    return Path(out) / artifact_dirname(target, precision or target_class(target).default_precision)
+
+
 @dataclass(frozen=True)
 class Converted:
-    """The session's shared artifacts (conftest ``converted_artifacts``): ``out/<target>/`` as convert wrote them,
-    from ``checkpoint``, validated on ``data``; ``stdout`` is what convert printed for each target."""
+    """The session's shared artifacts (conftest ``converted_artifacts``): ``out/<target>-<precision>/`` (each
+    target's default precision) as convert wrote them, from ``checkpoint``, validated on ``data``; ``stdout`` is
+    what convert printed for each target."""
 
     out: Path
     checkpoint: Path
@@ -32,6 +42,10 @@ class Converted:
     @property
     def targets(self) -> list[str]:
         return list(self.stdout)
+
+    def dir(self, target: str) -> Path:
+        """The shared artifact directory of ``target``."""
+        return artifact_dir(self.out, target)
 
 
 def running_in_ci() -> bool:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import Converted, require
+from helpers import Converted, artifact_dir, require
 
 from nafnet_edge.benchmark import BENCH_FILE, LatencyStats
 from nafnet_edge.cli import main, parse_frame
@@ -38,7 +38,7 @@ def bench_json(capsys, *args: str) -> tuple[int, dict]:
 
 
 def test_each_artifact_runs_in_its_runtime_with_full_statistics(artifacts: Path, capsys) -> None:
-    code, report = bench_json(capsys, str(artifacts), "--iters", "6", "--warmup", "1")
+    code, report = bench_json(capsys, str(artifacts), "--runs", "6", "--warmup", "1")
     assert code == 0 and report["failures"] == []
     got = {a["target"]: a for a in report["artifacts"]}
     assert sorted(got) == sorted(TARGETS)
@@ -74,7 +74,8 @@ def test_each_artifact_runs_in_its_runtime_with_full_statistics(artifacts: Path,
 
 
 def test_the_table_shows_every_artifact_and_where_the_time_goes(artifacts: Path, capsys) -> None:
-    assert main(["bench", str(artifacts / "openvino"), str(artifacts / "coreml"), "--iters", "3"]) == 0
+    directories = [str(artifact_dir(artifacts, "openvino")), str(artifact_dir(artifacts, "coreml"))]
+    assert main(["bench", *directories, "--runs", "3"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert any(line.startswith("openvino") and "openvino" in line[18:] for line in lines)
@@ -85,14 +86,14 @@ def test_the_table_shows_every_artifact_and_where_the_time_goes(artifacts: Path,
 
 
 def test_max_latency_gates_ci_with_exit_3(artifacts: Path, capsys) -> None:
-    directory = str(artifacts / "onnx")
+    directory = str(artifact_dir(artifacts, "onnx"))
     code, report = bench_json(
-        capsys, directory, "--iters", "3", "--no-profile", "--no-baseline", "--max-latency-ms", "1e-6"
+        capsys, directory, "--runs", "3", "--no-profile", "--no-baseline", "--max-latency-ms", "1e-6"
     )
     capsys.readouterr()
     assert code == EXIT_BUDGET and len(report["failures"]) == 1 and "onnx fp32: median" in report["failures"][0]
     code, report = bench_json(
-        capsys, directory, "--iters", "3", "--no-profile", "--no-baseline", "--max-latency-ms", "1e6"
+        capsys, directory, "--runs", "3", "--no-profile", "--no-baseline", "--max-latency-ms", "1e6"
     )
     assert code == 0 and report["failures"] == [] and report["baseline"] is None
     with pytest.raises(SystemExit) as usage:
@@ -101,9 +102,9 @@ def test_max_latency_gates_ci_with_exit_3(artifacts: Path, capsys) -> None:
 
 
 def test_save_writes_bench_json_beside_the_manifest(artifacts: Path, capsys) -> None:
-    directory = artifacts / "executorch"
+    directory = artifact_dir(artifacts, "executorch")
     (directory / BENCH_FILE).unlink(missing_ok=True)
-    code, report = bench_json(capsys, str(directory), "--iters", "3", "--no-profile", "--save")
+    code, report = bench_json(capsys, str(directory), "--runs", "3", "--no-profile", "--save")
     assert code == 0
     saved = json.loads((directory / BENCH_FILE).read_text())
     assert saved["target"] == "executorch" and saved["latency_ms"] == report["artifacts"][0]["latency_ms"]
@@ -112,7 +113,8 @@ def test_save_writes_bench_json_beside_the_manifest(artifacts: Path, capsys) -> 
 
 
 def test_a_full_frame_runs_through_the_tile(artifacts: Path, capsys) -> None:
-    code, report = bench_json(capsys, str(artifacts / "openvino"), "--iters", "2", "--no-profile", "--frame", "100x150")
+    directory = str(artifact_dir(artifacts, "openvino"))
+    code, report = bench_json(capsys, directory, "--runs", "2", "--no-profile", "--frame", "100x150")
     frame = report["artifacts"][0]["frame"]
     assert code == 0 and frame["height"] == 100 and frame["width"] == 150 and frame["tile"] == 64
     assert frame["tiles"] >= math.ceil(100 / 64) * math.ceil(150 / 64)
@@ -120,7 +122,8 @@ def test_a_full_frame_runs_through_the_tile(artifacts: Path, capsys) -> None:
 
 
 def test_a_frame_smaller_than_the_tile_is_padded_to_it(artifacts: Path, capsys) -> None:
-    code, report = bench_json(capsys, str(artifacts / "openvino"), "--iters", "1", "--no-profile", "--frame", "1x1")
+    directory = str(artifact_dir(artifacts, "openvino"))
+    code, report = bench_json(capsys, directory, "--runs", "1", "--no-profile", "--frame", "1x1")
     frame = report["artifacts"][0]["frame"]
     assert code == 0 and frame["tiles"] == 1 and (frame["height"], frame["width"]) == (1, 1)
 
@@ -149,10 +152,10 @@ def test_convert_with_bench_measures_what_it_built(tiny_checkpoint: Path, tmp_pa
     monkeypatch.setenv("NAFNET_EDGE_CACHE", str(tmp_path / "cache"))
     checkpoint = tiny_checkpoint
     args = ["convert", str(checkpoint), "--target", "onnx", "-o", str(tmp_path / "out"), "--input-size", "64"]
-    assert main([*args, "--no-validate", "--bench", "--bench-iters", "3", "--json"]) == 0
+    assert main([*args, "--no-validate", "--bench", "--bench-runs", "3", "--json"]) == 0
     (artifact,) = json.loads(capsys.readouterr().out)["artifacts"]
     assert artifact["bench"]["runtime"] == "onnxruntime" and len(artifact["bench"]["latency_ms"]["runs"]) == 3
-    saved = json.loads((tmp_path / "out" / "onnx" / BENCH_FILE).read_text())
+    saved = json.loads((artifact_dir(tmp_path / "out", "onnx") / BENCH_FILE).read_text())
     assert saved["latency_ms"] == artifact["bench"]["latency_ms"]
 
 
@@ -181,3 +184,74 @@ def test_a_busy_machine_and_an_unstable_baseline_are_said_and_give_no_ratio() ->
     quiet = {**machine, "load_average": 0.2}
     table = format_table(BenchReport(quiet, BenchSettings(), [result("onnx", steady)], result("pytorch", steady)))
     assert "warning" not in table and table.splitlines()[3].split()[-1] == "1.00x"
+
+
+# --- a time budget instead of a run count ------------------------------------------------------------------------
+
+
+class _Clock:
+    """Stands in for the ``time`` module of nafnet_edge.benchmark: time advances only when a run is made."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("budget_s", "cap", "expected"),
+    [(1.0, None, 4), (1e-6, None, 3), (10.0, 5, 5)],  # runs of 0.25 s: the budget, the minimum, the maximum
+)
+def test_a_time_budget_sets_the_number_of_runs_within_its_bounds(monkeypatch, budget_s, cap, expected) -> None:
+    from nafnet_edge import benchmark
+    from nafnet_edge.benchmark import MIN_TIMED_RUNS, BenchSettings, timed_runs
+
+    clock = _Clock()
+    monkeypatch.setattr(benchmark, "time", clock)
+    if cap is not None:
+        monkeypatch.setattr(benchmark, "MAX_TIMED_RUNS", cap)
+
+    def run() -> None:
+        clock.now += 0.25  # a power of two: the sums are exact
+
+    advanced: list[int] = []
+    runs = timed_runs(run, BenchSettings(iters=50, time_s=budget_s), advanced.append)
+    assert len(runs) == expected == sum(advanced) and all(ms == 250.0 for ms in runs)
+    assert len(runs) >= MIN_TIMED_RUNS
+    assert len(timed_runs(run, BenchSettings(iters=7), advanced.append)) == 7  # no budget: the count given
+
+
+def test_bench_time_is_recorded_with_the_runs_it_made(artifacts: Path, capsys) -> None:
+    directory = artifact_dir(artifacts, "onnx")
+    code, report = bench_json(capsys, str(directory), "--time", "0.05", "--no-profile", "--no-baseline", "--save")
+    assert code == 0 and report["settings"]["time_s"] == 0.05 and report["settings"]["iters"] is None
+    runs = report["artifacts"][0]["latency_ms"]["runs"]
+    assert len(runs) >= 3
+    saved = json.loads((directory / BENCH_FILE).read_text())
+    assert saved["settings"]["time_s"] == 0.05 and saved["latency_ms"]["runs"] == runs
+
+
+def test_bench_finds_precisions_side_by_side_at_any_depth(
+    tiny_checkpoint: Path, converted_artifacts: Converted, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """``convert`` writes OUT/<target>-<precision>: an fp32 and an fp16 OpenVINO artifact in one OUT, and one more
+    in a folder below it, are all benchmarked from ``bench OUT``."""
+    monkeypatch.setenv("NAFNET_EDGE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    shutil.copytree(converted_artifacts.dir("openvino"), artifact_dir(out, "openvino"))
+    shutil.copytree(converted_artifacts.dir("onnx"), artifact_dir(out / "phone" / "older", "onnx"))
+    convert = ["convert", str(tiny_checkpoint), "--target", "openvino", "--precision", "fp16", "-o", str(out)]
+    assert main([*convert, "--input-size", "64", "--no-validate"]) == 0
+    capsys.readouterr()
+    code, report = bench_json(capsys, str(out), "--runs", "2", "--warmup", "0", "--no-profile", "--no-baseline")
+    assert code == 0
+    found = [
+        (Path(a["directory"]).relative_to(out).as_posix(), a["target"], a["precision"]) for a in report["artifacts"]
+    ]
+    assert found == [
+        ("openvino-fp16", "openvino", "fp16"),
+        ("openvino-fp32", "openvino", "fp32"),
+        ("phone/older/onnx-fp32", "onnx", "fp32"),
+    ]
+    assert all(a["runnable"] and len(a["latency_ms"]["runs"]) == 2 for a in report["artifacts"])

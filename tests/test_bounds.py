@@ -66,7 +66,7 @@ REQUIRED = {
     "run": ["x.png", "-o", "o"],
     "reparam": ["-o", "o.safetensors"],
     "convert": ["--target", "onnx"],
-    "quantize": ["--target", "openvino", "--data", "d"],
+    "quantize": ["--target", "openvino", "--train-data", "d"],
     "validate": ["d"],
     "bench": ["d"],
     "report": ["d"],
@@ -127,11 +127,11 @@ BOUNDS = [
      "got '100000'"),
     ("convert --target onnx --seed 4294967296", "argument --seed: expected at most 4294967295, got '4294967296'"),
     ("convert --target onnx --seed -1", "argument --seed: expected a non-negative integer, got '-1'"),
-    ("quantize --target openvino --data d --lr 2", "argument --lr: expected at most 1 (a step as large as the "
+    ("quantize --target openvino --train-data d --lr 2", "argument --lr: expected at most 1 (a step as large as the "
      "weights), got '2'"),
-    ("quantize --target openvino --data d --search-rounds 17", "argument --search-rounds: expected at most 16, "
+    ("quantize --target openvino --train-data d --search-rounds 17", "argument --search-rounds: expected at most 16, "
      "got '17'"),
-    ("quantize --target openvino --data d --iters 1000001", "argument --iters: expected at most 1000000, "
+    ("quantize --target openvino --train-data d --steps 1000001", "argument --steps: expected at most 1000000, "
      "got '1000001'"),
     ("bench d --frame 70000x100", "argument --frame: expected at most 65535 px per side, got '70000x100'"),
     ("bench d --frame 40000x30000", "argument --frame: expected at most 1074 megapixels (the image reader's "
@@ -337,8 +337,8 @@ def test_memory_advice_only_suggests_what_fits(
     advice = message.split("; ")[1]
     kinds = ("smaller tiles: ", "tile it: ", "fewer tiles per pass: ", "the image is too large for this machine's")
     assert advice.startswith(kinds), message
-    for flag, value in re.findall(r"--(tile|overlap|batch) (\d+)", advice):
-        options[{"tile": "tile_px", "overlap": "overlap_px", "batch": "batch"}[flag]] = int(value)
+    for flag, value in re.findall(r"--(tile-batch|tile|overlap) (\d+)", advice):
+        options[{"tile": "tile_px", "overlap": "overlap_px", "tile-batch": "batch"}[flag]] = int(value)
     if parts := re.search(r"crop it into parts of at most (\d+) megapixels", message):
         height = width = int((int(parts[1]) * 1e6) ** 0.5)
     check_restore_memory(tiny_model, height, width, **options, name="x.png")

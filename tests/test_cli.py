@@ -152,3 +152,97 @@ def test_every_option_of_every_command_says_what_it_does() -> None:
         if not action.help and not isinstance(action, argparse._HelpAction)
     ]
     assert len(commands) >= 8 and silent == []
+
+
+# Renamed flags: (command line with the old spelling, the same with the new one, the new flag).
+RENAMED = [
+    ("convert --target onnx --data d", "convert --target onnx --val-data d", "--val-data"),
+    ("convert --target onnx --data-pairs a b", "convert --target onnx --val-pairs a b", "--val-pairs"),
+    ("convert --target onnx --iters 7", "convert --target onnx --steps 7", "--steps"),
+    ("convert --target onnx --batch 2", "convert --target onnx --train-batch 2", "--train-batch"),
+    ("convert --target onnx --bench-iters 3", "convert --target onnx --bench-runs 3", "--bench-runs"),
+    ("validate d --data v", "validate d --val-data v", "--val-data"),
+    ("validate d --data-pairs a b", "validate d --val-pairs a b", "--val-pairs"),
+    ("quantize --target openvino --data t", "quantize --target openvino --train-data t", "--train-data"),
+    ("quantize --target openvino --train-data t --pairs c", "quantize --target openvino --train-data t --train-pairs c",
+     "--train-pairs"),
+    ("quantize --target openvino --train-data t --out o", "quantize --target openvino --train-data t -o o",
+     "--output"),
+    ("quantize --target openvino --train-data t --iters 7", "quantize --target openvino --train-data t --steps 7",
+     "--steps"),
+    ("quantize --target openvino --train-data t --batch 2",
+     "quantize --target openvino --train-data t --train-batch 2", "--train-batch"),
+    ("quantize --target openvino --train-data t --bench-iters 3",
+     "quantize --target openvino --train-data t --bench-runs 3", "--bench-runs"),
+    ("bench d --iters 3", "bench d --runs 3", "--runs"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("old", "new", "flag"), RENAMED, ids=[r[0] for r in RENAMED])
+def test_a_deprecated_spelling_still_works_and_names_the_new_flag(capsys, old: str, new: str, flag: str) -> None:
+    from nafnet_edge.cli import build_parser
+
+    parsed_new = build_parser().parse_args(new.split())
+    assert capsys.readouterr().err == ""
+    parsed_old = build_parser().parse_args(old.split())
+    assert vars(parsed_old) == vars(parsed_new)  # the same options reach the command
+    old_flag = next(word for word in old.split() if word.startswith("--") and word not in new.split())
+    assert capsys.readouterr().err == (
+        f"nafnet-edge: warning: {old_flag} is deprecated, use {flag} (the old name goes in nafnet-edge 0.3)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        "bench d --runs 3 --time 2",
+        "bench d --iters 3 --time 2",
+        "convert --target onnx --bench --bench-runs 3 --bench-time 2",
+        "quantize --target openvino --train-data t --bench --bench-time 2 --bench-runs 3",
+    ],
+)
+def test_a_run_count_and_a_time_budget_are_alternatives(capsys, argv: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv.split())
+    err = capsys.readouterr().err
+    assert info.value.code == EXIT_USAGE and "not allowed with argument" in err
+    assert err.splitlines()[-1].startswith("nafnet-edge ") and "Traceback" not in err
+
+
+def test_bench_time_reaches_the_settings() -> None:
+    from nafnet_edge.cli import build_parser
+
+    assert build_parser().parse_args(["bench", "d", "--time", "2.5"]).time_s == 2.5
+    args = build_parser().parse_args(["convert", "--target", "onnx", "--bench", "--bench-time", "4"])
+    assert (args.bench_time, args.bench_runs) == (4.0, 20)
+
+
+@pytest.mark.parametrize(
+    ("command", "old_names"),
+    [
+        ("convert --target onnx", ["--data", "--data-pairs", "--iters", "--batch", "--bench-iters"]),
+        ("quantize --target openvino", ["--data", "--pairs", "--out", "--iters", "--batch", "--bench-iters"]),
+        ("validate d", ["--data", "--data-pairs"]),
+        ("bench d", ["--iters"]),
+    ],
+)
+def test_help_lists_none_of_the_old_names(capsys, command: str, old_names: list[str]) -> None:
+    import re
+
+    with pytest.raises(SystemExit) as info:
+        main([*command.split(), "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0
+    listed = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", out))
+    assert listed.isdisjoint(old_names), listed & set(old_names)
+
+
+def test_help_shows_the_shared_defaults(capsys) -> None:
+    from nafnet_edge import defaults
+
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # help wraps lines
+    assert f"QAT steps (default: {defaults.STEPS})" in out
+    assert f"(default: {defaults.INPUT_SIZE[0]})" in out and f"(default: {defaults.OUTPUT_DIR})" in out
+    assert f"(default: {defaults.LR:g})" in out

@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from helpers import parser_with, save_tiny_checkpoint
+from helpers import artifact_dir, parser_with, save_tiny_checkpoint
 
 from nafnet_edge import cli
 from nafnet_edge.cli import main
@@ -39,7 +39,7 @@ def files(tmp_path_factory) -> Path:
     for name, manifest in {**manifests, "escape": json.dumps(escape), "valid": json.dumps(valid)}.items():
         (root / name).mkdir()
         (root / name / "manifest.json").write_text(manifest)
-    (root / "exists" / "onnx").mkdir(parents=True)
+    artifact_dir(root / "exists", "onnx").mkdir(parents=True)
     return root
 
 
@@ -54,16 +54,16 @@ CASES = [
     ("overlap-over-tile", "run {x.png} -o o --tile 64 --overlap 64", EXIT_USAGE, "smaller than --tile"),
     ("cuda-absent", "run {x.png} -o o --device cuda", EXIT_USAGE, "no CUDA device"),
     ("exists-no-force", "convert {tiny.pth} --target onnx -o {exists}", EXIT_USAGE, "pass --force"),
-    ("data-and-pairs", "convert --target onnx -o {empty}/a --data {empty} --data-pairs {empty} {empty}",
+    ("data-and-pairs", "convert --target onnx -o {empty}/a --val-data {empty} --val-pairs {empty} {empty}",
      EXIT_USAGE, "alternatives"),
     ("int8-without-data", "convert --target onnx --precision int8 -o {empty}/b", EXIT_USAGE, "--train-data DIR"),
-    ("weights-only-off-coreml", "quantize --target openvino --data {empty} --weights-only -o {empty}/c",
+    ("weights-only-off-coreml", "quantize --target openvino --train-data {empty} --weights-only -o {empty}/c",
      EXIT_USAGE, "--weights-only is an option of --target coreml"),
     ("dynamic-off-onnx", "convert --target openvino -o {empty}/c --dynamic", EXIT_USAGE,
      "--dynamic is an option of --target onnx"),
     ("latency-zero", "bench {empty} --max-latency-ms 0", EXIT_USAGE, "expected a positive number, got '0'"),
     ("budget-nan", "convert --target onnx -o {empty}/g --min-fidelity nan", EXIT_USAGE, "expected a finite number"),
-    ("lr-negative", "quantize --target openvino --data {empty} --lr -1", EXIT_USAGE, "expected a positive number"),
+    ("lr-negative", "quantize --target openvino --train-data {empty} --lr -1", EXIT_USAGE, "expected a positive number"),
     ("overlap-over-input", "convert --target onnx -o {empty}/h --input-size 32 --overlap 32", EXIT_USAGE,
      "--overlap 32 must be smaller than the tile"),
     ("reparam-size", "reparam -o {empty}/d.safetensors --input-size 100", EXIT_USAGE, "multiple of 16"),
@@ -80,9 +80,9 @@ CASES = [
     ("validate-overlap", "validate {valid} --overlap 16", EXIT_USAGE, "must be smaller than the artifact's 16x16"),
     ("bench-tampered-manifest", "bench {tampered}", EXIT_BAD_INPUT, "not a manifest written by nafnet-edge"),
     ("report-no-artifacts", "report {empty}", EXIT_BAD_INPUT, "manifest"),
-    ("train-data-empty", "quantize --target executorch --data {empty} -o {empty}/e",
+    ("train-data-empty", "quantize --target executorch --train-data {empty} -o {empty}/e",
      EXIT_BAD_INPUT, "no PNG, JPEG or TIFF"),
-    ("val-data-missing", "convert --target onnx -o {empty}/f --data {empty}/nope", EXIT_BAD_INPUT, "nope"),
+    ("val-data-missing", "convert --target onnx -o {empty}/f --val-data {empty}/nope", EXIT_BAD_INPUT, "nope"),
 ]  # fmt: skip
 
 
@@ -139,7 +139,7 @@ REFUSALS = _refusals()
 def test_each_target_option_is_refused_for_another_target(
     files: Path, capsys, command: str, other: str, words: list[str], owners: str
 ) -> None:
-    data = ["--data", str(files / "empty")] if command == "quantize" else []
+    data = ["--train-data", str(files / "empty")] if command == "quantize" else []
     out = files / "empty" / "refused"
     assert main([command, "--target", other, "-o", str(out), *data, *words]) == EXIT_USAGE
     assert capsys.readouterr().err == f"nafnet-edge: error: {words[0]} is an option of --target {owners}\n"

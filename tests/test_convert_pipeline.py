@@ -11,7 +11,7 @@ from pathlib import Path
 
 import cv2
 import pytest
-from helpers import KODAK, Converted, require
+from helpers import KODAK, Converted, artifact_dir, require
 
 from nafnet_edge.cli import main
 from nafnet_edge.errors import EXIT_BUDGET, EXIT_USAGE
@@ -38,7 +38,7 @@ def data(kodak_data: Path) -> Path:
 
 
 def convert(checkpoint: Path, out: Path, data: Path, *extra: str) -> int:
-    return main(["convert", str(checkpoint), "-o", str(out), "--input-size", "64", "--data", str(data), *extra])
+    return main(["convert", str(checkpoint), "-o", str(out), "--input-size", "64", "--val-data", str(data), *extra])
 
 
 @pytest.mark.parametrize("target", ["onnx", "openvino"])
@@ -46,7 +46,7 @@ def test_convert_writes_artifact_manifest_and_a_usage_note_whose_python_runs(
     target: str, converted_artifacts: Converted, tmp_path: Path
 ) -> None:
     checkpoint, data = converted_artifacts.checkpoint, converted_artifacts.data  # converted with --input-size 64
-    folder = converted_artifacts.out / target
+    folder = converted_artifacts.dir(target)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["target"] == target and manifest["precision"] == "fp32"
     assert manifest["manifest_version"] == 2
@@ -107,28 +107,29 @@ def test_missed_budget_exits_3_and_keeps_the_artifact_marked_failed(
 ) -> None:
     code = convert(checkpoint, tmp_path / "out", data, "--target", "onnx", "--min-fidelity", "400")
     assert code == EXIT_BUDGET
-    manifest = json.loads((tmp_path / "out" / "onnx" / "manifest.json").read_text())
+    manifest = json.loads((artifact_dir(tmp_path / "out", "onnx") / "manifest.json").read_text())
     assert not manifest["validation"]["passed"]
     failure = manifest["validation"]["failures"][0]
     assert "fidelity" in failure and "--min-fidelity" in failure
-    assert (tmp_path / "out" / "onnx" / "model.onnx").is_file()
+    assert (artifact_dir(tmp_path / "out", "onnx") / "model.onnx").is_file()
 
 
 def test_validate_reruns_in_the_runtime_and_rewrites_the_manifest(checkpoint: Path, data: Path, tmp_path: Path) -> None:
     assert convert(checkpoint, tmp_path / "out", data, "--target", "onnx", "--no-validate") == 0
-    folder = tmp_path / "out" / "onnx"
+    folder = artifact_dir(tmp_path / "out", "onnx")
     assert "validation" not in json.loads((folder / "manifest.json").read_text())
-    assert main(["validate", str(folder), "--data", str(data)]) == 0  # the checkpoint path is recorded
+    assert main(["validate", str(folder), "--val-data", str(data)]) == 0  # the checkpoint path is recorded
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["validation"]["passed"] and manifest["runtime"]["runtime"] == "onnxruntime"
-    assert main(["validate", str(folder), "--data", str(data), "--max-drift", "0", "--min-fidelity", "999"]) == 3
+    assert main(["validate", str(folder), "--val-data", str(data), "--max-drift", "0", "--min-fidelity", "999"]) == 3
 
 
 @pytest.mark.slow
 def test_default_validation_scores_drift_against_ground_truth(checkpoint: Path, tmp_path: Path) -> None:
     """Without --data: the shipped photos with seeded noise, clean photos as ground truth (task PSNR, SSIM)."""
     assert main(["convert", str(checkpoint), "-o", str(tmp_path / "out"), "--target", "onnx"]) == 0
-    summary = json.loads((tmp_path / "out" / "onnx" / "manifest.json").read_text())["validation"]["summary"]
+    manifest = json.loads((artifact_dir(tmp_path / "out", "onnx") / "manifest.json").read_text())
+    summary = manifest["validation"]["summary"]
     assert summary["images"] == 4
     assert abs(summary["drift_db_mean"]) < 0.01
     assert 0 < summary["artifact_ssim_mean"] <= 1
@@ -139,7 +140,7 @@ def test_a_failing_export_leaves_nothing_and_keeps_the_previous_result(
 ) -> None:
     out = tmp_path / "out"
     assert convert(checkpoint, out, data, "--target", "onnx", "--no-validate") == 0
-    before = (out / "onnx" / "manifest.json").read_text()
+    before = (artifact_dir(out, "onnx") / "manifest.json").read_text()
 
     from nafnet_edge.converters.onnx import ONNXTarget
 
@@ -149,8 +150,8 @@ def test_a_failing_export_leaves_nothing_and_keeps_the_previous_result(
 
     monkeypatch.setattr(ONNXTarget, "export", broken)
     assert convert(checkpoint, out, data, "--target", "onnx", "--force") == 130
-    assert (out / "onnx" / "manifest.json").read_text() == before  # the previous result is untouched
-    assert sorted(p.name for p in out.iterdir()) == ["onnx"]  # and no temporary directory is left
+    assert (artifact_dir(out, "onnx") / "manifest.json").read_text() == before  # the previous result is untouched
+    assert sorted(p.name for p in out.iterdir()) == ["onnx-fp32"]  # and no temporary directory is left
 
 
 @pytest.mark.parametrize(
@@ -158,7 +159,7 @@ def test_a_failing_export_leaves_nothing_and_keeps_the_previous_result(
     [
         (["--target", "onnx", "--input-size", "66"], "multiple of 4"),
         (["--target", "openvino", "--dynamic"], "--dynamic is an option of --target onnx"),
-        (["--target", "onnx", "--data", "nowhere"], "not a folder"),
+        (["--target", "onnx", "--val-data", "nowhere"], "not a folder"),
     ],
 )
 def test_bad_options_are_refused_before_anything_is_written(
@@ -185,7 +186,7 @@ def test_a_damaged_or_unwritable_cache_costs_time_not_correctness(
     checkpoint: Path, data: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     def summary(out: Path) -> dict:
-        return json.loads((out / "onnx" / "manifest.json").read_text())["validation"]["summary"]
+        return json.loads((artifact_dir(out, "onnx") / "manifest.json").read_text())["validation"]["summary"]
 
     monkeypatch.setattr("nafnet_edge.validation._cache_warned", False)
     assert convert(checkpoint, tmp_path / "a", data, "--target", "onnx") == 0

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from helpers import parser_with, save_tiny_checkpoint
+from helpers import artifact_dir, parser_with, save_tiny_checkpoint
 
 from nafnet_edge import cli
 from nafnet_edge.artifact_files import artifact_file
@@ -48,14 +48,14 @@ def built(tmp_path_factory) -> Path:
     pixels = (np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)
     cv2.imwrite(str(root / "val" / "a.png"), pixels)
     argv = ["convert", str(root / "tiny.pth"), "--target", "onnx", "--input-size", "32", "--overlap", "8"]
-    assert main([*argv, "--data", str(root / "val"), "-o", str(root / "out")]) == 0
+    assert main([*argv, "--val-data", str(root / "val"), "-o", str(root / "out")]) == 0
     return root
 
 
 @pytest.fixture
 def artifact(built: Path, tmp_path: Path) -> Path:
     """A fresh copy of the ONNX artifact directory."""
-    return Path(shutil.copytree(built / "out" / "onnx", tmp_path / "onnx"))
+    return Path(shutil.copytree(artifact_dir(built / "out", "onnx"), tmp_path / "onnx"))
 
 
 def edit_manifest(directory: Path, **changes) -> None:
@@ -74,9 +74,9 @@ def edit_manifest(directory: Path, **changes) -> None:
 def command(name: str, directory: Path, built: Path) -> list[str]:
     """validate, bench or report of ``directory``, as fast as each goes."""
     if name == "validate":
-        return ["validate", str(directory), "--data", str(built / "val"), "--overlap", "8"]
+        return ["validate", str(directory), "--val-data", str(built / "val"), "--overlap", "8"]
     if name == "bench":
-        return ["bench", str(directory), "--iters", "1", "--warmup", "0", "--no-profile", "--no-baseline"]
+        return ["bench", str(directory), "--runs", "1", "--warmup", "0", "--no-profile", "--no-baseline"]
     return ["report", str(directory), "--images", "0", "-o", str(directory.parent / "report.html")]
 
 
@@ -321,7 +321,8 @@ def test_a_valueerror_inside_a_backend_is_an_internal_error(
     assert main([*argv, "-o", str(tmp_path / "out")]) == EXIT_FAILURE
     err = capsys.readouterr().err
     assert err == "nafnet-edge: internal error: ValueError: boom (rerun with --debug for details)\n"
-    assert not (tmp_path / "out" / "openvino").exists()  # the bug stopped the command, it did not skip a target
+    # the bug stopped the command, it did not skip a target
+    assert not artifact_dir(tmp_path / "out", "openvino").exists()
 
 
 def test_all_with_a_missing_extra_builds_the_others_and_exits_4(
@@ -335,8 +336,8 @@ def test_all_with_a_missing_extra_builds_the_others_and_exits_4(
     assert err == (
         "skipped openvino: --target openvino needs no_such_runtime_module: pip install 'nafnet-edge[openvino]'\n"
     )
-    assert (tmp_path / "out" / "onnx" / "model.onnx").is_file()
-    assert not (tmp_path / "out" / "openvino").exists()
+    assert (artifact_dir(tmp_path / "out", "onnx") / "model.onnx").is_file()
+    assert not artifact_dir(tmp_path / "out", "openvino").exists()
 
 
 def test_all_skips_a_target_an_option_does_not_apply_to(built: Path, tmp_path: Path, capsys, monkeypatch) -> None:
@@ -344,7 +345,7 @@ def test_all_skips_a_target_an_option_does_not_apply_to(built: Path, tmp_path: P
     argv = ["convert", str(built / "tiny.pth"), "--target", "all", "--input-size", "32", "--no-validate"]
     assert main([*argv, "--precision", "fp16", "-o", str(tmp_path / "out")]) == 0
     assert capsys.readouterr().err == "skipped onnx: --target onnx supports precision fp32, not fp16\n"
-    assert (tmp_path / "out" / "openvino" / "model.xml").is_file()
+    assert (artifact_dir(tmp_path / "out", "openvino", "fp16") / "model.xml").is_file()
 
 
 # --- a signal while a failure is being reported -----------------------------------------------------------------

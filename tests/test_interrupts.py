@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import save_tiny_checkpoint
+from helpers import artifact_dir, save_tiny_checkpoint
 
 from nafnet_edge.atomic import output_lock
 from nafnet_edge.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OUTPUT
@@ -125,24 +125,24 @@ def test_convert_interrupted_leaves_nothing_and_keeps_a_previous_artifact(tmp_pa
     out = tmp_path / "out"
     convert = ["convert", str(ckpt), "--target", "onnx", "-o", str(out)]
     proc = start_paused(convert, tmp_path, at=ONNX_EXPORT, when="return")  # exported, not yet validated
-    (staging,) = out.glob(".onnx.*.partial")
+    (staging,) = out.glob(".onnx-fp32.*.partial")
     assert entries(staging) == ["model.onnx"]
     interrupted(proc, signum)
     assert entries(out) == []  # no artifact, no staging directory, no lock file
 
     run_ok(convert, tmp_path)  # the rerun succeeds
-    manifest = (out / "onnx" / "manifest.json").read_bytes()
-    assert entries(out) == ["onnx"]
+    manifest = (artifact_dir(out, "onnx") / "manifest.json").read_bytes()
+    assert entries(out) == ["onnx-fp32"]
 
     # replacing it, interrupted: the previous artifact stays whole
     proc = start_paused([*convert, "--force"], tmp_path, at=ONNX_EXPORT, when="return")
-    (staging,) = out.glob(".onnx.*.partial")
+    (staging,) = out.glob(".onnx-fp32.*.partial")
     assert entries(staging) == ["model.onnx"]
     interrupted(proc, signum)
-    assert entries(out) == ["onnx"]
-    assert (out / "onnx" / "manifest.json").read_bytes() == manifest
+    assert entries(out) == ["onnx-fp32"]
+    assert (artifact_dir(out, "onnx") / "manifest.json").read_bytes() == manifest
     for name in json.loads(manifest)["files"]:
-        assert (out / "onnx" / name).is_file()
+        assert (artifact_dir(out, "onnx") / name).is_file()
 
 
 @pytest.mark.slow
@@ -151,26 +151,26 @@ def test_quantize_interrupted_in_training_resumes(tmp_path: Path, ckpt: Path) ->
     val = tmp_path / "val"  # validating on one Kodak crop, not the four whole images: same checks, far fewer tiles
     val.mkdir()
     cv2.imwrite(str(val / "crop.png"), cv2.imread(str(KODAK / "kodim23.png"))[128:256, 256:384])
-    base = ["quantize", str(ckpt), "--target", "executorch", "--data", str(KODAK), "--input-size", "64"]
-    base += ["--batch", "2", "--val-data", str(val), "-o", str(out)]
-    train_state = out / ".executorch-train.pt"
+    base = ["quantize", str(ckpt), "--target", "executorch", "--train-data", str(KODAK), "--input-size", "64"]
+    base += ["--train-batch", "2", "--val-data", str(val), "-o", str(out)]
+    train_state = out / ".executorch-int8-train.pt"
     # stopped once the first training state (saved every 50 steps, atomically) is in place
     saving = "nafnet_edge.quantization.train:atomic_path"
-    proc = start_paused([*base, "--iters", "200"], tmp_path, at=saving, when="exit")
+    proc = start_paused([*base, "--steps", "200"], tmp_path, at=saving, when="exit")
     interrupted(proc, signal.SIGTERM)
-    assert entries(out) == [".executorch-train.pt"]  # the resumable training state, nothing else
+    assert entries(out) == [".executorch-int8-train.pt"]  # the resumable training state, nothing else
     state = torch.load(train_state, weights_only=True)
     assert state["step"] == 50
 
     saved = train_state.read_bytes()  # a damaged training state: refused in one line, left for the user to judge
     train_state.write_bytes(saved[: len(saved) // 2])
-    code, err = finish(start([*base, "--iters", "60", "--resume"], tmp_path))
+    code, err = finish(start([*base, "--steps", "60", "--resume"], tmp_path))
     assert code == EXIT_BAD_INPUT, err
     assert "--resume: " in one_error_line(err) and "is damaged or belongs to another model" in err
     train_state.write_bytes(saved)
 
-    run_ok([*base, "--iters", str(state["step"] + 2), "--resume"], tmp_path)
-    assert (out / "executorch" / "manifest.json").is_file()
+    run_ok([*base, "--steps", str(state["step"] + 2), "--resume"], tmp_path)
+    assert (artifact_dir(out, "executorch", "int8") / "manifest.json").is_file()
     assert not any(p.name.endswith(".partial") or p.name.endswith(".lock") for p in out.iterdir())
 
 
@@ -201,14 +201,14 @@ def test_run_interrupted_leaves_only_whole_images(tmp_path: Path, ckpt: Path) ->
 def test_a_second_writer_is_refused_while_the_first_holds_the_output(tmp_path: Path, ckpt: Path) -> None:
     out = tmp_path / "out"
     convert = ["convert", str(ckpt), "--target", "onnx", "--no-validate", "-o", str(out)]
-    with output_lock(out / "onnx"):  # this test process plays the first writer
+    with output_lock(artifact_dir(out, "onnx")):  # this test process plays the first writer
         code, err = finish(start(convert, tmp_path))
         assert code == EXIT_OUTPUT, err
         assert err.strip() == (
-            f"nafnet-edge: error: {out / 'onnx'} is being written by another nafnet-edge process "
+            f"nafnet-edge: error: {artifact_dir(out, 'onnx')} is being written by another nafnet-edge process "
             f"(pid {os.getpid()}); wait for it to finish or choose another output location"
         )
-        assert entries(out) == [".onnx.lock"]
+        assert entries(out) == [".onnx-fp32.lock"]
     assert entries(out) == []
     run_ok(convert, tmp_path)
 
@@ -221,9 +221,9 @@ def test_what_a_killed_process_leaves_is_cleaned_up_by_the_next_run(tmp_path: Pa
     proc = start_paused(convert, tmp_path, at=ONNX_EXPORT, when="return")
     proc.kill()
     finish(proc)
-    assert any(out.glob(".onnx.*.partial")) and (out / ".onnx.lock").exists()
+    assert any(out.glob(".onnx-fp32.*.partial")) and (out / ".onnx-fp32.lock").exists()
     run_ok(convert, tmp_path)
-    assert entries(out) == ["onnx"]
+    assert entries(out) == ["onnx-fp32"]
 
 
 def test_an_artifact_moved_aside_by_a_killed_replacement_is_put_back(tmp_path: Path, ckpt: Path) -> None:
@@ -233,12 +233,12 @@ def test_an_artifact_moved_aside_by_a_killed_replacement_is_put_back(tmp_path: P
     out = tmp_path / "out"
     convert = ["convert", str(ckpt), "--target", "onnx", "--no-validate", "-o", str(out)]
     run_ok(convert, tmp_path)
-    manifest = (out / "onnx" / "manifest.json").read_bytes()
-    (out / "onnx").rename(out / ".onnx.4242.old")  # what the killed process left
-    (out / ".onnx.x1y2.partial").mkdir()
+    manifest = (artifact_dir(out, "onnx") / "manifest.json").read_bytes()
+    artifact_dir(out, "onnx").rename(out / ".onnx-fp32.4242.old")  # what the killed process left
+    (out / ".onnx-fp32.x1y2.partial").mkdir()
     code, err = finish(start(convert, tmp_path))
     assert code == 2 and "exists; pass --force" in err, err
-    assert entries(out) == ["onnx"] and (out / "onnx" / "manifest.json").read_bytes() == manifest
+    assert entries(out) == ["onnx-fp32"] and (artifact_dir(out, "onnx") / "manifest.json").read_bytes() == manifest
 
 
 def test_two_conversions_at_once_never_corrupt_the_artifact(tmp_path: Path, ckpt: Path) -> None:
@@ -250,17 +250,17 @@ def test_two_conversions_at_once_never_corrupt_the_artifact(tmp_path: Path, ckpt
     code, err = finish(start(convert, tmp_path))
     assert code == EXIT_OUTPUT, err
     assert err.strip() == (
-        f"nafnet-edge: error: {out / 'onnx'} is being written by another nafnet-edge process "
+        f"nafnet-edge: error: {artifact_dir(out, 'onnx')} is being written by another nafnet-edge process "
         f"(pid {first.pid}); wait for it to finish or choose another output location"
     )
     resume(first)
     code, err = finish(first)
     assert code == 0, err
-    manifest = json.loads((out / "onnx" / "manifest.json").read_text())
+    manifest = json.loads((artifact_dir(out, "onnx") / "manifest.json").read_text())
     import onnx
 
-    onnx.checker.check_model(str(out / "onnx" / manifest["files"][0]))
-    assert entries(out) == ["onnx"]
+    onnx.checker.check_model(str(artifact_dir(out, "onnx") / manifest["files"][0]))
+    assert entries(out) == ["onnx-fp32"]
 
 
 # ---- disks ----------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from nafnet_edge.manifest import (
     BENCH_FILE,
     MANIFEST_FILE,
     MANIFEST_VERSION,
+    MAX_SEARCH_DEPTH,
     PARAM_KEYS,
     BenchRecord,
     IOSpec,
@@ -24,6 +25,8 @@ from nafnet_edge.manifest import (
     Source,
     Tiling,
     ValidationSummary,
+    artifact_dirname,
+    find_artifacts,
     normalize_profile,
     read_bench,
     read_manifest,
@@ -318,6 +321,56 @@ def test_read_manifest_refuses_what_is_not_a_manifest_file(tmp_path: Path) -> No
     os.mkfifo(tmp_path / MANIFEST_FILE)
     with pytest.raises(ArtifactError, match=r"named pipe \(FIFO\)"):
         read_manifest(tmp_path)
+
+
+# --- finding artifact directories ----------------------------------------------------------------------------
+
+
+def _artifact(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / MANIFEST_FILE).write_text("{}")  # found by its name; read_manifest judges the content later
+    return folder
+
+
+def test_precisions_of_one_target_are_found_side_by_side_and_at_any_depth(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    fp32 = _artifact(out / artifact_dirname("executorch", "fp32"))
+    int8 = _artifact(out / artifact_dirname("executorch", "int8"))
+    nested = _artifact(out / "a" / "b" / "coreml-fp16")
+    (out / "a" / "notes").mkdir()  # a folder without artifacts is passed over
+    assert find_artifacts(out) == [nested, fp32, int8]
+    assert find_artifacts(out / "a") == [nested]
+    assert find_artifacts(int8) == [int8]  # an artifact directory is its own result
+
+
+def test_the_search_stays_out_of_artifacts_hidden_folders_and_links_out_of_the_tree(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    onnx = _artifact(out / "onnx-fp32")
+    _artifact(onnx / "inner")  # inside an artifact directory: part of it, not another artifact
+    _artifact(out / ".onnx-int8.1a2b.partial")  # a conversion still writing
+    _artifact(tmp_path / "elsewhere" / "openvino-fp32")
+    (out / "elsewhere").symlink_to(tmp_path / "elsewhere")  # outside the tree: not followed
+    (out / "root").symlink_to("/")
+    (out / "loop").symlink_to(out)  # a loop is walked once
+    (out / "again").symlink_to(onnx)  # the same artifact through a link inside the tree is listed once
+    assert find_artifacts(out) == [onnx]
+
+
+def test_the_search_has_a_depth_limit(tmp_path: Path) -> None:
+    deep = tmp_path / "out" / Path(*["d"] * (MAX_SEARCH_DEPTH - 1))
+    found = _artifact(deep / "onnx-fp32")
+    _artifact(deep / "d" / "onnx-fp32")
+    assert find_artifacts(tmp_path / "out") == [found]
+
+
+def test_no_artifact_below_a_folder_is_one_line_naming_the_layout(tmp_path: Path) -> None:
+    (tmp_path / "out" / "onnx-fp32").mkdir(parents=True)
+    with pytest.raises(BadInputError) as e:
+        find_artifacts(tmp_path / "out")
+    message = str(e.value)
+    assert "\n" not in message and "nafnet-edge convert (-o OUT)" in message and "OUT/<target>-<precision>" in message
+    with pytest.raises(BadInputError, match="is not a directory"):
+        find_artifacts(tmp_path / "missing")
 
 
 # --- bench.json --------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from helpers import require
+from helpers import artifact_dir, require
 
 require("coremltools")
 require("executorch")
@@ -212,7 +212,7 @@ def _quantize_tiny(tmp_path: Path, *options: str) -> int:
     val = tmp_path / "val"
     val.mkdir()
     cv2.imwrite(str(val / "crop.png"), cv2.imread(str(KODAK[1]))[200:264, 100:164])
-    argv = ["quantize", str(path), "--target", "coreml", "--data", str(KODAK_DIR), "-o", str(tmp_path / "out")]
+    argv = ["quantize", str(path), "--target", "coreml", "--train-data", str(KODAK_DIR), "-o", str(tmp_path / "out")]
     return main([*argv, "--input-size", "64", "--val-data", str(val), "--json", *options])
 
 
@@ -221,7 +221,7 @@ def test_quantize_command_writes_a_validated_coreml_int8_artifact(tmp_path: Path
     code = _quantize_tiny(tmp_path, "--method", "ptq", "--min-fidelity", "30")
     report = json.loads(capsys.readouterr().out)
     assert code == 0, report
-    manifest = json.loads((out / "coreml" / "manifest.json").read_text())
+    manifest = json.loads((artifact_dir(out, "coreml", "int8") / "manifest.json").read_text())
     assert manifest["precision"] == "int8" and manifest["quantization"]["method"] == "ptq"
     assert manifest["export"]["quantization_mode"] == "w8a8" and "W8A8" in manifest["export"]["quantization_scheme"]
     assert manifest["export"]["int8_weights"] == 49
@@ -236,12 +236,12 @@ def test_quantize_command_writes_weight_only_coreml_int8(tmp_path: Path, capsys)
     code = _quantize_tiny(tmp_path, "--weights-only", "--min-fidelity", "45")
     report = json.loads(capsys.readouterr().out)
     assert code == 0, report
-    manifest = json.loads((out / "coreml" / "manifest.json").read_text())
+    manifest = json.loads((artifact_dir(out, "coreml", "int8") / "manifest.json").read_text())
     assert manifest["quantization"]["method"] == "ptq"  # implied: nothing to fine-tune
     # all 51 conv weights, the two transposed convs too (W8A8 leaves those fp16)
     assert manifest["export"]["quantization_mode"] == "weights" and manifest["export"]["int8_weights"] == 51
     # weight-only keeps fp16 activations: closer to fp32 than W8A8 (measured 50.7-51.8 dB on the tiny model)
     assert manifest["validation"]["summary"]["fidelity_db_min"] >= 45.0
 
-    code = main(["quantize", "--target", "executorch", "--weights-only", "--data", str(KODAK_DIR)])
+    code = main(["quantize", "--target", "executorch", "--weights-only", "--train-data", str(KODAK_DIR)])
     assert code == EXIT_USAGE and "--weights-only is an option of --target coreml" in capsys.readouterr().err

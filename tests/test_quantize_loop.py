@@ -68,10 +68,10 @@ def test_psnr_loss_is_minus_psnr() -> None:
 
 def test_quantize_command_errors(tmp_path: Path, capsys) -> None:
     (tmp_path / "data").mkdir()
-    code = main(["quantize", "--target", "openvino", "--data", str(tmp_path / "data"), "-o", str(tmp_path / "o")])
+    code = main(["quantize", "--target", "openvino", "--train-data", str(tmp_path / "data"), "-o", str(tmp_path / "o")])
     assert code == EXIT_BAD_INPUT and "holds no PNG" in capsys.readouterr().err
     assert main(["convert", "--target", "onnx", "--precision", "int8", "-o", str(tmp_path / "o")]) == EXIT_USAGE
     assert "--train-data" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        main(["quantize", "--target", "onnx", "--data", str(tmp_path / "data")])
+        main(["quantize", "--target", "onnx", "--train-data", str(tmp_path / "data")])
     assert e.value.code == EXIT_USAGE

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import randomize, require
+from helpers import artifact_dir, randomize, require
 
 require("executorch")
 
@@ -39,12 +39,12 @@ def test_quantize_command_exports_an_int8_pte_that_runs_and_is_validated(tmp_pat
     val.mkdir()
     cv2.imwrite(str(val / "crop.png"), cv2.imread(str(sorted(KODAK_DIR.glob("*.png"))[1]))[200:296, 100:196])
     out = tmp_path / "out"
-    argv = ["quantize", str(path), "--target", "executorch", "--data", str(KODAK_DIR), "-o", str(out)]
-    argv += ["--input-size", "64", "--iters", "10", "--val-data", str(val), "--json", "--min-fidelity", "25"]
+    argv = ["quantize", str(path), "--target", "executorch", "--train-data", str(KODAK_DIR), "-o", str(out)]
+    argv += ["--input-size", "64", "--steps", "10", "--val-data", str(val), "--json", "--min-fidelity", "25"]
     code = main(argv)
     report = json.loads(capsys.readouterr().out)
     assert code == 0, report
-    manifest = json.loads((out / "executorch" / "manifest.json").read_text())
+    manifest = json.loads((artifact_dir(out, "executorch", "int8") / "manifest.json").read_text())
     assert manifest["precision"] == "int8" and manifest["quantization"]["method"] == "qat"
     assert manifest["quantization"]["iters"] == 10 and manifest["export"]["delegated_partitions"] == 1
     assert manifest["runtime"]["runtime"] == "executorch"

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import randomize, require
+from helpers import artifact_dir, randomize, require
 
 from nafnet_edge.checkpoint import load_checkpoint
 from nafnet_edge.cli import main
@@ -66,11 +67,11 @@ def test_units_of_the_deploy_graph_in_execution_order() -> None:
 
 
 def test_quantize_refuses_an_unknown_unit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["quantize", "--target", "openvino", "--method", "ptq", "--data", str(KODAK_DIR), "-o", str(tmp_path)]
+    argv = ["quantize", "--target", "openvino", "--method", "ptq", "--train-data", str(KODAK_DIR), "-o", str(tmp_path)]
     assert main([*argv, "--keep-float", "ending,decoder.9"]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "--keep-float decoder.9: no such unit" in err and "decoders.0.0" in err
-    assert not (tmp_path / "openvino").exists()
+    assert not artifact_dir(tmp_path, "openvino", "int8").exists()
 
 
 def _int8_conv_counts(converted: torch.fx.GraphModule) -> tuple[int, int]:
@@ -179,10 +180,10 @@ def _noisy_folders(root: Path) -> tuple[Path, Path, Path]:
 def _quantize(root: Path, name: str, *extra: str) -> tuple[int, dict]:
     out = root / name
     train, val_in, val_gt = root / "train", root / "val-noisy", root / "val-clean"
-    argv = ["quantize", "--target", "executorch", "--method", "ptq", "--data", str(train), "-o", str(out)]
+    argv = ["quantize", "--target", "executorch", "--method", "ptq", "--train-data", str(train), "-o", str(out)]
     argv += ["--val-pairs", str(val_in), str(val_gt), "--input-size", str(SIZE)]
     code = main([*argv, "--max-drift", "1", *extra])  # a budget on fidelity alone
-    return code, json.loads((out / "executorch" / "manifest.json").read_text())
+    return code, json.loads((artifact_dir(out, "executorch", "int8") / "manifest.json").read_text())
 
 
 @pytest.mark.slow
@@ -254,7 +255,7 @@ class _FakeRounds:
     def needs_test_io(self, options: object) -> bool:
         return False
 
-    def validate(self, *_: object) -> object:
+    def validate(self, *_: object, **__: object) -> object:
         drift, fidelity = self.measured[self.number - 1]
         summary = {"fidelity_db_min": fidelity, "max_abs_error": 0.01}
         failures = []
@@ -291,13 +292,23 @@ def _search(
     ranking = [(unit, 1.0 / (i + 1)) for i, unit in enumerate(RANKED)]
     monkeypatch.setattr(sensitivity_module, "rank_units", lambda *args, exclude=(): ranking)
     checkpoint = save_tiny_checkpoint(root / "tiny.pth")
-    argv = ["quantize", str(checkpoint), "--target", "executorch", "--method", "ptq", "--data", str(KODAK_DIR)]
+    argv = ["quantize", str(checkpoint), "--target", "executorch", "--method", "ptq", "--train-data", str(KODAK_DIR)]
     argv += ["-o", str(root / "out"), "--input-size", str(SIZE), "--max-drift", "0.1"]
     return main([*argv, *extra]), fake
 
 
+def _said(err: str) -> list[str]:
+    """The progress lines in ``err``, without their "nafnet-edge: [  1.2s] " prefix."""
+    return [m[1] for m in re.finditer(r"^nafnet-edge: \[ *[\d.]+s\] (.*)$", err, flags=re.M)]
+
+
+def _round_results(err: str) -> list[str]:
+    """The lines reporting a validated round's result ("... - misses the budget")."""
+    return [line for line in _said(err) if re.match(r"executorch-int8: (search round \d+/\d+: )?.* dB - ", line)]
+
+
 def _landed(root: Path) -> tuple[str, dict, str]:
-    directory = root / "out" / "executorch"
+    directory = artifact_dir(root / "out", "executorch", "int8")
     manifest = json.loads((directory / "manifest.json").read_text())
     assert sorted(p.name for p in directory.iterdir()) == ["USAGE.md", "manifest.json", "model.pte"]
     return (directory / "model.pte").read_text(), manifest, (directory / "USAGE.md").read_text()
@@ -323,23 +334,30 @@ def test_search_keeps_its_best_round_and_stops_at_a_worse_one(
     assert search["stopped"] == "round 5 was worse than round 4"
     assert "latency_ms" in search and search["latency_ms"]["kept_round"] > 0
 
-    lines = err.splitlines()
-    rounds = [line for line in lines if line.startswith("executorch int8 round ")]
-    assert rounds == [
-        "executorch int8 round 1/7: all units int8: drift +0.525 dB, fidelity 40.0 dB - misses the budget",
-        "executorch int8 round 2/7: 1 unit(s) float (decoders.1.0): drift +0.505 dB, fidelity 40.0 dB - misses the "
-        "budget, best so far",
-        "executorch int8 round 3/7: 2 unit(s) float (decoders.1.0, ending): drift +0.483 dB, fidelity 40.0 dB - "
-        "misses the budget, best so far",
-        "executorch int8 round 4/7: 4 unit(s) float (decoders.1.0, ending, encoders.0.0, intro): drift +0.461 dB, "
-        "fidelity 40.0 dB - misses the budget, best so far",
-        "executorch int8 round 5/7: 7 unit(s) float (decoders.1.0, ending, encoders.0.0, intro, ups.1, "
+    said = _said(err)
+    assert [line for line in said if re.fullmatch(r"executorch-int8: search round \d+/7: [^:]*", line)] == [
+        "executorch-int8: search round 1/7: all units int8",  # each round is announced before it runs
+        "executorch-int8: search round 2/7: keeping 1 unit float (decoders.1.0)",
+        "executorch-int8: search round 3/7: keeping 2 units float (decoders.1.0, ending)",
+        "executorch-int8: search round 4/7: keeping 4 units float (decoders.1.0, ending, encoders.0.0, intro)",
+        "executorch-int8: search round 5/7: keeping 7 units float (decoders.1.0, ending, encoders.0.0, intro, "
+        "ups.1, decoders.0.0, middle_blks.0)",
+    ], err
+    assert _round_results(err) == [
+        "executorch-int8: search round 1/7: all units int8: drift +0.525 dB, fidelity 40.0 dB - misses the budget",
+        "executorch-int8: search round 2/7: 1 unit float (decoders.1.0): drift +0.505 dB, fidelity 40.0 dB - misses "
+        "the budget, best so far",
+        "executorch-int8: search round 3/7: 2 units float (decoders.1.0, ending): drift +0.483 dB, fidelity 40.0 dB "
+        "- misses the budget, best so far",
+        "executorch-int8: search round 4/7: 4 units float (decoders.1.0, ending, encoders.0.0, intro): drift "
+        "+0.461 dB, fidelity 40.0 dB - misses the budget, best so far",
+        "executorch-int8: search round 5/7: 7 units float (decoders.1.0, ending, encoders.0.0, intro, ups.1, "
         "decoders.0.0, middle_blks.0): drift +1.639 dB, fidelity 40.0 dB - worse than round 4: stopping, keeping "
         "round 4",
     ]
-    advice = [line for line in lines if "Try next:" in line]
+    advice = [line for line in said if "Try next:" in line]
     assert advice == [
-        "executorch int8 missed its budget in 5 round(s) (round 5 was worse than round 4); kept round 4: drift "
+        "executorch-int8 missed its budget in 5 round(s) (round 5 was worse than round 4); kept round 4: drift "
         "0.461 dB > budget 0.1 dB (--max-drift). Try next: QAT (--method qat); more or more representative --data "
         "(images like the ones it will restore, degradation included); either of those with --keep-float "
         "decoders.1.0,ending,encoders.0.0,intro (the units this artifact keeps float); or accept a looser "
@@ -365,9 +383,9 @@ def test_search_stops_at_the_round_that_meets_the_budget(
     assert pte == "round 3: ['decoders.1.0', 'ending']" and manifest["validation"]["passed"]
     assert manifest["quantization"]["search"]["kept_round"] == 2
     assert manifest["quantization"]["search"]["stopped"] == "met the budget"
-    assert err.splitlines()[-1] == (
-        "executorch int8 round 3/5: 2 unit(s) float (decoders.1.0, ending): drift +0.050 dB, fidelity 44.0 dB - "
-        "meets the budget"
+    assert _round_results(err)[-1] == (
+        "executorch-int8: search round 3/5: 2 units float (decoders.1.0, ending): drift +0.050 dB, fidelity 44.0 dB "
+        "- meets the budget"
     )
     assert "Try next" not in err and usage.startswith("# ExecuTorch (XNNPACK): how to run this artifact\n")
 
@@ -433,8 +451,8 @@ def test_search_misses_keep_the_best_round_and_say_what_to_try(
     assert pte == f"round {len(kept) + 1}: {kept}" and manifest["quantization"]["kept_float"] == kept
     search = manifest["quantization"]["search"]
     assert len(search["rounds"]) == ran and search["kept_round"] == len(kept) and search["stopped"] == stopped
-    assert len([line for line in err.splitlines() if line.startswith("executorch int8 round ")]) == ran
-    advice = [line for line in err.splitlines() if "Try next:" in line]
+    assert len(_round_results(err)) == ran, err
+    advice = [line for line in _said(err) if "Try next:" in line]
     assert len(advice) == 1 and f"({stopped}); kept round {len(kept) + 1}: " in advice[0], err
     assert f"; {keep_float_advice}; or accept a looser --max-drift / --min-fidelity" in advice[0]
     assert usage.startswith("> **FAILED its accuracy budget**") and keep_float_advice in usage.splitlines()[1]

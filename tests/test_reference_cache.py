@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import kodak_crops, randomize, require
+from helpers import artifact_dir, kodak_crops, randomize, require
 
 import nafnet_edge.conversion as convert_module
 from nafnet_edge import validation as validate
@@ -64,7 +64,7 @@ def data(tmp_path: Path) -> Path:
 
 def _convert(checkpoint: Path, out: Path, data: Path, *extra: str) -> int:
     args = ["convert", str(checkpoint), "--target", "onnx", "-o", str(out), "--input-size", "128"]
-    return main([*args, "--data", str(data), *extra])
+    return main([*args, "--val-data", str(data), *extra])
 
 
 def _validation(directory: Path) -> dict:
@@ -119,7 +119,7 @@ def test_a_tlc_conversion_validates_alike_with_and_without_a_warm_cache(
     assert _convert(tlc_checkpoint, tmp_path / "plain", data) == 0
     tlc = ["--arch", "nafnet-local", "--train-size", "64"]
     assert _convert(tlc_checkpoint, tmp_path / "tlc", data, *tlc) == 0
-    art = tmp_path / "tlc" / "onnx"
+    art = artifact_dir(tmp_path / "tlc", "onnx")
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["reference"] == {
         "arch": "nafnet-local",
@@ -131,14 +131,14 @@ def test_a_tlc_conversion_validates_alike_with_and_without_a_warm_cache(
     converted = _validation(art)["summary"]
 
     capsys.readouterr()
-    assert main(["validate", str(art), "--data", str(data)]) == 0  # the manifest's settings, cached
+    assert main(["validate", str(art), "--val-data", str(data)]) == 0  # the manifest's settings, cached
     assert _validation(art)["summary"] == converted
-    assert main(["validate", str(art), "--data", str(data), "--no-cache"]) == 0
+    assert main(["validate", str(art), "--val-data", str(data), "--no-cache"]) == 0
     assert _validation(art)["summary"] == converted
     assert "note" not in capsys.readouterr().err
 
     for cache in ([], ["--no-cache"]):  # an explicit flag still wins, said in one note line
-        assert main(["validate", str(art), "--data", str(data), "--arch", "nafnet", *cache]) == EXIT_BUDGET
+        assert main(["validate", str(art), "--val-data", str(data), "--arch", "nafnet", *cache]) == EXIT_BUDGET
         notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nafnet-edge: note:")]
         assert notes == [
             "nafnet-edge: note: --arch nafnet differs from the manifest's reference (nafnet-local); "
@@ -152,14 +152,14 @@ def test_a_tlc_conversion_validates_alike_with_and_without_a_warm_cache(
 
     del manifest["reference"]  # written before the section existed: the source config says TLC
     (art / "manifest.json").write_text(json.dumps(manifest))
-    assert main(["validate", str(art), "--data", str(data)]) == 0
+    assert main(["validate", str(art), "--val-data", str(data)]) == 0
     assert "FAILED" not in (art / "USAGE.md").read_text()  # a passing re-validation clears the header
     assert _validation(art)["summary"] == converted
 
     manifest["reference"] = {"arch": "nafnet-local", "train_size": [0, 64], "param_key": "params", "device": "cpu"}
     (art / "manifest.json").write_text(json.dumps(manifest))
     capsys.readouterr()
-    assert main(["validate", str(art), "--data", str(data)]) == EXIT_BAD_INPUT
+    assert main(["validate", str(art), "--val-data", str(data)]) == EXIT_BAD_INPUT
     assert capsys.readouterr().err == (
         f"nafnet-edge: error: {art / 'manifest.json'} has a damaged 'reference' section (train_size [0, 64]); "
         "convert again\n"
@@ -174,7 +174,7 @@ def test_the_report_compares_each_artifact_with_its_own_reference(tlc_checkpoint
     data = kodak_crops(tmp_path / "data", [(128, 128)])
     for name, extra in (("plain", []), ("tlc", ["--arch", "nafnet-local", "--train-size", "64"])):
         assert _convert(tlc_checkpoint, tmp_path / name, data, "--no-validate", *extra) == 0
-    artifacts = [read_artifact(tmp_path / name / "onnx") for name in ("plain", "tlc")]
+    artifacts = [read_artifact(artifact_dir(tmp_path / name, "onnx")) for name in ("plain", "tlc")]
     groups = compare_images(artifacts, images=1, data=data, checkpoint=None)
     assert len(groups) == 2  # one reference per recorded setting, not one per checkpoint file
     for group in groups:
@@ -188,17 +188,17 @@ def test_validate_tiles_with_the_overlap_the_artifact_was_validated_with(tlc_che
     data = kodak_crops(tmp_path / "wide", [(128, 400)])  # 4 tiles of 128 across with overlap 16, 5 with 48
     tlc = ["--arch", "nafnet-local", "--train-size", "64"]
     assert _convert(tlc_checkpoint, tmp_path / "out", data, *tlc, "--overlap", "16") == 0
-    art = tmp_path / "out" / "onnx"
+    art = artifact_dir(tmp_path / "out", "onnx")
     converted = _validation(art)["per_image"]
 
-    assert main(["validate", str(art), "--data", str(data), "--overlap", "48"]) == 0
+    assert main(["validate", str(art), "--val-data", str(data), "--overlap", "48"]) == 0
     assert json.loads((art / "manifest.json").read_text())["tiling"]["overlap_px"] == 48
     with_48 = _validation(art)["per_image"]
     assert with_48 != converted  # other tile starts: the overlap shows in the numbers
 
-    assert main(["validate", str(art), "--data", str(data)]) == 0  # the overlap recorded last: 48
+    assert main(["validate", str(art), "--val-data", str(data)]) == 0  # the overlap recorded last: 48
     assert _validation(art)["per_image"] == with_48
-    assert main(["validate", str(art), "--data", str(data), "--overlap", "16"]) == 0
+    assert main(["validate", str(art), "--val-data", str(data), "--overlap", "16"]) == 0
     assert _validation(art)["per_image"] == converted
 
 
@@ -210,8 +210,9 @@ def test_nothing_planted_in_the_cache_makes_a_wrong_artifact_pass(data: Path, tm
     other = randomize(NAFNet(TINY), seed=1)
     assert _convert(good, tmp_path / "out", data, "--no-validate") == 0
     assert _convert(_save(other, tmp_path / "other.pth"), tmp_path / "other", data, "--no-validate") == 0
-    art = tmp_path / "out" / "onnx"
-    (tmp_path / "other" / "onnx" / "model.onnx").replace(art / "model.onnx")  # the wrong model, good's manifest
+    art = artifact_dir(tmp_path / "out", "onnx")
+    wrong = artifact_dir(tmp_path / "other", "onnx") / "model.onnx"
+    wrong.replace(art / "model.onnx")  # the wrong model, good's manifest
 
     manifest = json.loads((art / "manifest.json").read_text())
     runner = get_target("onnx").load_runner(art, export=manifest["export"])
@@ -251,7 +252,7 @@ def test_nothing_planted_in_the_cache_makes_a_wrong_artifact_pass(data: Path, tm
         for path, material, out in planted:
             plant(path, material, out)
         capsys.readouterr()
-        assert main(["validate", str(art), "--data", str(data), "--reference-device", "cpu"]) == EXIT_BUDGET
+        assert main(["validate", str(art), "--val-data", str(data), "--reference-device", "cpu"]) == EXIT_BUDGET
         assert "FAILED: fidelity" in capsys.readouterr().out
         result = _validation(art)
         assert not result["passed"] and result["summary"]["fidelity_db_min"] < 60, plant.__name__
@@ -351,8 +352,8 @@ def test_validate_holds_the_artifact_lock_from_reading_to_writing_the_manifest(
 ) -> None:
     checkpoint = _save(randomize(NAFNet(TINY)), tmp_path / "tiny.pth")
     assert _convert(checkpoint, tmp_path / "out", data, "--no-validate") == 0
-    art = tmp_path / "out" / "onnx"
-    lock = tmp_path / "out" / ".onnx.lock"
+    art = artifact_dir(tmp_path / "out", "onnx")
+    lock = tmp_path / "out" / ".onnx-fp32.lock"
 
     refusals = []
     run_validation = convert_module.run_validation
@@ -364,7 +365,7 @@ def test_validate_holds_the_artifact_lock_from_reading_to_writing_the_manifest(
         return run_validation(*args, **kwargs)
 
     monkeypatch.setattr(convert_module, "run_validation", second_writer)
-    assert main(["validate", str(art), "--data", str(data)]) == 0
+    assert main(["validate", str(art), "--val-data", str(data)]) == 0
     assert len(refusals) == 1 and "is being written by another nafnet-edge process" in refusals[0]
     assert not lock.exists()  # released
 
@@ -373,7 +374,7 @@ def test_validate_holds_the_artifact_lock_from_reading_to_writing_the_manifest(
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         capsys.readouterr()
-        assert main(["validate", str(art), "--data", str(data)]) == EXIT_OUTPUT
+        assert main(["validate", str(art), "--val-data", str(data)]) == EXIT_OUTPUT
         err = capsys.readouterr().err
     finally:
         os.close(fd)

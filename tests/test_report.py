@@ -1,4 +1,5 @@
-"""nafnet-edge report: one self-contained HTML page per conversion directory, checked in a real headless browser.
+"""nafnet-edge report: one self-contained HTML page per conversion directory that says what to ship, checked in a
+real headless browser.
 
 The browser is Debian's chromium (``.ci/run`` installs it), driven by the ``playwright`` package with
 ``executable_path`` (never ``playwright install``: nothing is downloaded). Without chromium the browser test fails
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import cv2
 import pytest
-from helpers import Converted, require
+from helpers import KODAK, Converted, require
 
 from nafnet_edge.cli import main
 from nafnet_edge.errors import EXIT_BAD_INPUT
@@ -28,6 +29,7 @@ require("openvino")
 # Core ML validates through the MIL numpy evaluator off macOS: a third runtime and an fp16 row when installed.
 TARGETS = ["onnx", "openvino"] + (["coreml"] if importlib.util.find_spec("coremltools") else [])
 IMAGES = 2
+PAGE_BYTES_PER_ARTIFACT = 60_000  # measured about 25 kB per artifact with two images (charts and table included)
 
 BENCH = {  # bench.json as `nafnet-edge bench --save` writes it (schema: nafnet_edge.manifest.BenchRecord), by hand
     "bench_version": 2,
@@ -71,13 +73,24 @@ def converted(tmp_path_factory: pytest.TempPathFactory, converted_artifacts: Con
     ``TARGETS``); openvino benchmarked."""
     out = tmp_path_factory.mktemp("report") / "out"
     for target in TARGETS:
-        shutil.copytree(converted_artifacts.out / target, out / target)
+        shutil.copytree(converted_artifacts.dir(target), out / target)
     (out / "openvino" / "bench.json").write_text(json.dumps(BENCH))
     return out
 
 
 def _rows(page: str) -> list[str]:
-    return re.findall(r'<tr class="artifact".*?</tr>', page, flags=re.S)
+    return re.findall(r'<tr class="artifact.*?</tr>', page, flags=re.S)
+
+
+def _scales(page: str) -> list[str]:
+    """The amplification of each difference image, and of the printed scale bar (``data-scale``)."""
+    return re.findall(r'data-scale="([^"]+)"', page)
+
+
+def _shipped(page: str) -> dict[str, str]:
+    """The 'what to ship' cards: target -> the artifact the page says to ship."""
+    cards = re.findall(r'<section class="target-card" data-target="([^"]+)">(.*?)</section>', page, flags=re.S)
+    return {t: m[1] for t, card in cards if (m := re.search(r'class="pick">Ship <a[^>]*><strong>([^<]+)<', card))}
 
 
 def _chromium() -> str:
@@ -115,9 +128,78 @@ def test_report_is_one_self_contained_page_that_renders_in_chromium(converted: P
     without_namespaces = re.sub(r'xmlns(:\w+)?="http://www\.w3\.org/[^"]*"', "", page)
     assert "http://" not in without_namespaces and "https://" not in without_namespaces
     assert "<script" not in page.lower() and "<link" not in page.lower()
-    assert "scaled to its own maximum" in page  # the difference caption says how it is amplified
+    assert _scales(page) == [_scales(page)[0]] * (IMAGES * len(TARGETS) + 1)  # one scale for every difference
+    assert f"difference ×{_scales(page)[0]}, one scale for every artifact" in page  # and the page prints it
+    assert _shipped(page) == {t: t for t in TARGETS}  # each passed, the only artifact of its target
+    assert len(page.encode()) < PAGE_BYTES_PER_ARTIFACT * len(TARGETS)
 
     _check_in_chromium(html_path, tmp_path / "report.png", artifacts=len(TARGETS), images=len(images))
+
+
+@pytest.fixture(scope="module")
+def fp32_and_int8(tmp_path_factory: pytest.TempPathFactory, converted_artifacts: Converted) -> Path:
+    """onnx fp32 and openvino fp32 (the shared artifacts, copied) and openvino int8 (PTQ of the same tiny model
+    at 64 px, validated on the same crops) in one OUT, laid out as convert writes it; both openvino artifacts
+    benchmarked (bench.json by hand: int8 the faster, a PyTorch baseline far slower than any artifact), onnx not."""
+    out = tmp_path_factory.mktemp("fp32-int8") / "out"
+    shutil.copytree(converted_artifacts.dir("onnx"), out / "onnx-fp32")
+    shutil.copytree(converted_artifacts.dir("openvino"), out / "openvino-fp32")
+    args = ["quantize", str(converted_artifacts.checkpoint), "--target", "openvino", "--method", "ptq"]
+    args += ["--train-data", str(KODAK), "--val-data", str(converted_artifacts.data), "--input-size", "64"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NAFNET_EDGE_CACHE", str(out.parent / "cache"))
+        assert main([*args, "-o", str(out), "--quiet"]) == 0
+    for name, median in (("openvino-fp32", 1.375), ("openvino-int8", 0.9)):
+        manifest = json.loads((out / name / "manifest.json").read_text())
+        bench = {**BENCH, "directory": f"out/{name}", "precision": manifest["precision"]}
+        bench["latency_ms"] = {**BENCH["latency_ms"], "median": median}
+        bench["baseline"] = {"runtime": "pytorch", "median_ms": 5500.0}  # a loaded machine: seconds per call
+        (out / name / "bench.json").write_text(json.dumps(bench))
+    return out
+
+
+def test_the_report_says_what_to_ship_over_fp32_and_int8_of_two_targets(fp32_and_int8: Path, tmp_path: Path) -> None:
+    html_path = tmp_path / "report.html"
+    code = main(["report", str(fp32_and_int8), "-o", str(html_path), "--images", str(IMAGES)])
+    assert code == 0
+    page = html_path.read_text(encoding="utf-8")
+    artifacts = ["onnx-fp32", "openvino-fp32", "openvino-int8"]
+
+    # per target the fastest artifact that passed; unbenchmarked onnx ranked by size, and the page says so
+    assert _shipped(page) == {"onnx": "onnx-fp32", "openvino": "openvino-int8"}
+    openvino = re.search(r'data-target="openvino">(.*?)</section>', page, flags=re.S)[1]
+    assert re.findall(r"<thead><tr><th></th>(.*?)</tr>", openvino)[0].count("<th") == 2  # fp32, int8 side by side
+    assert "slower: 1.38 ms against 0.90 ms" in openvino  # why openvino-fp32 lost
+    onnx = re.search(r'data-target="onnx">(.*?)</section>', page, flags=re.S)[1]
+    assert "Not benchmarked: ranked by size" in onnx
+
+    # table rows grouped by target, fp32 before int8
+    rows = _rows(page)
+    assert [
+        (re.search(r'data-target="([^"]+)"', r)[1], re.search(r'data-precision="([^"]+)"', r)[1]) for r in rows
+    ] == [
+        ("onnx", "fp32"),
+        ("openvino", "fp32"),
+        ("openvino", "int8"),
+    ]
+
+    # the baseline is a reference (here: far off the scale, named in a note), never a bar of the latency chart
+    latency_svg = re.findall(r"<svg.*?</svg>", page, flags=re.S)[0]
+    assert "PyTorch fp32: 5500 ms, off the scale" in latency_svg
+    assert "baseline" not in re.sub(r"PyTorch fp32: 5500 ms, off the scale", "", latency_svg).lower()
+
+    # one comparison per image with all three artifacts, every difference on one printed scale
+    scales = _scales(page)
+    assert len(scales) == IMAGES * len(artifacts) + 1 and len(set(scales)) == 1
+    assert f"difference ×{scales[0]}, one scale for every artifact" in page
+    peaks = [float(v) for v in re.findall(r"max ([0-9.e+-]+)/255", page)]
+    assert len(peaks) == IMAGES * len(artifacts)
+    assert max(peaks) * int(scales[0]) <= 255 < max(peaks) * int(scales[0]) * 2  # the scale fits the largest
+    assert len(page.encode()) < PAGE_BYTES_PER_ARTIFACT * len(artifacts)
+
+    images = re.findall(r"<img[^>]*>", page)
+    assert len(images) == IMAGES * (2 + 2 * len(artifacts))
+    _check_in_chromium(html_path, tmp_path / "report.png", artifacts=len(artifacts), images=len(images))
 
 
 def _check_in_chromium(html_path: Path, screenshot: Path, *, artifacts: int, images: int) -> None:
@@ -163,22 +245,24 @@ def _check_in_chromium(html_path: Path, screenshot: Path, *, artifacts: int, ima
 
 
 def test_a_single_artifact_directory_without_bench_json_says_it_was_not_benchmarked(
-    converted: Path, tmp_path: Path
+    converted: Path, tmp_path: Path, capsys
 ) -> None:
     folder = tmp_path / "onnx"
     shutil.copytree(converted / "onnx", folder)
-    assert main(["report", str(folder), "--images", "0"]) == 0
+    assert main(["report", str(folder), "--images", "0", "--data", str(tmp_path)]) == 0  # the old --val-data
+    assert "--data is deprecated, use --val-data" in capsys.readouterr().err
     page = (folder / "report.html").read_text(encoding="utf-8")  # default output: DIR/report.html
     (row,) = _rows(page)
     assert 'data-target="onnx"' in row and "not benchmarked" in row
     assert f"nafnet-edge bench {folder} --save" in page
     assert "No latency chart" in page and "<img" not in page
+    assert _shipped(page) == {"onnx": "onnx"} and "Not benchmarked: ranked by size" in page
 
 
 def test_the_operator_table_renders_from_the_bench_json_that_bench_writes(converted: Path, tmp_path: Path) -> None:
     """Real `bench --save` and then the report: the details section lists the operators bench.json records."""
     folder = Path(shutil.copytree(converted / "onnx", tmp_path / "onnx"))
-    assert main(["bench", str(folder), "--iters", "2", "--warmup", "0", "--no-baseline", "--save"]) == 0
+    assert main(["bench", str(folder), "--runs", "2", "--warmup", "0", "--no-baseline", "--save"]) == 0
     profile = json.loads((folder / "bench.json").read_text())["profile"]
     ops = [row["op"] for row in profile["top"]]
     assert ops and "ops" not in profile  # one key for the operators, the one the report reads

@@ -82,14 +82,14 @@ def data(kodak_data: Path) -> Path:
 
 
 def _convert(checkpoint: Path, data: Path, out: Path, *argv: str) -> int:
-    return main(["convert", str(checkpoint), "-o", str(out), "--input-size", SIZE, "--data", str(data), *argv])
+    return main(["convert", str(checkpoint), "-o", str(out), "--input-size", SIZE, "--val-data", str(data), *argv])
 
 
 def test_a_registered_target_is_converted_validated_and_described(
     echo, checkpoint: Path, data: Path, tmp_path: Path
 ) -> None:
     assert _convert(checkpoint, data, tmp_path / "out", "--target", "echo", "--echo-gain", "1.0") == 0
-    directory = tmp_path / "out" / "echo"
+    directory = tmp_path / "out" / "echo-fp32"
     assert (directory / "model.safetensors").is_file()
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["target"] == "echo" and manifest["files"] == ["model.safetensors"]
@@ -105,7 +105,7 @@ def test_its_option_reaches_its_export_and_validation_judges_it(
     assert (
         _convert(checkpoint, data, tmp_path / "out", "--target", "echo", "--echo-gain", "1.5") == 3
     )  # a missed budget
-    manifest = json.loads((tmp_path / "out" / "echo" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "out" / "echo-fp32" / "manifest.json").read_text())
     assert manifest["export"]["gain"] == 1.5 and not manifest["validation"]["passed"]
 
 
@@ -115,10 +115,10 @@ def test_all_includes_it_and_gives_its_option_to_it_alone(
     for name in [n for n in converters.TARGETS if n not in ("onnx", "echo")]:  # keep --target all quick
         monkeypatch.delitem(converters.TARGETS, name)
     assert _convert(checkpoint, data, tmp_path / "out", "--target", "all", "--no-validate", "--echo-gain", "2") == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["echo", "onnx"]
-    echoed = json.loads((tmp_path / "out" / "echo" / "manifest.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["echo-fp32", "onnx-fp32"]
+    echoed = json.loads((tmp_path / "out" / "echo-fp32" / "manifest.json").read_text())
     assert echoed["export"]["gain"] == 2.0
-    assert "gain" not in json.loads((tmp_path / "out" / "onnx" / "manifest.json").read_text())["export"]
+    assert "gain" not in json.loads((tmp_path / "out" / "onnx-fp32" / "manifest.json").read_text())["export"]
 
 
 def test_help_lists_it_and_its_option(echo, capsys) -> None:
@@ -140,11 +140,12 @@ def test_bench_and_report_show_it(echo, checkpoint: Path, data: Path, tmp_path: 
     out = tmp_path / "out"
     assert _convert(checkpoint, data, out, "--target", "echo") == 0
     capsys.readouterr()
-    bench = ["bench", str(out / "echo"), "--save", "--iters", "2", "--warmup", "0", "--no-profile", "--no-baseline"]
+    bench = ["bench", str(out / "echo-fp32"), "--save", "--runs", "2", "--warmup", "0", "--no-profile"]
+    bench.append("--no-baseline")
     assert main(bench) == 0
     table = capsys.readouterr().out
     assert any(line.split()[:1] == ["echo"] for line in table.splitlines()), table
-    measured = json.loads((out / "echo" / "bench.json").read_text())
+    measured = json.loads((out / "echo-fp32" / "bench.json").read_text())
     assert measured["target"] == "echo" and measured["runtime"] == "torch (echo)"
 
     assert main(["report", str(out), "--images", "1", "--data", str(data)]) == 0

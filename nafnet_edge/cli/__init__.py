@@ -11,11 +11,11 @@ import traceback
 import warnings
 from typing import Any
 
-from nafnet_edge import __version__
+from nafnet_edge import __version__, progress
 from nafnet_edge.cli import bench, convert, inspect, quantize, reparam, report, run, validate
 from nafnet_edge.cli.bench import FRAME_BYTES_PER_PIXEL, parse_frame
 from nafnet_edge.cli.common import EPILOG, Parser, parents, target_options
-from nafnet_edge.errors import EXIT_FAILURE, EXIT_INTERRUPTED, NafnetEdgeError, printable
+from nafnet_edge.errors import EXIT_FAILURE, EXIT_INTERRUPTED, NafnetEdgeError, UsageError, printable
 from nafnet_edge.sizes import parse_size
 
 __all__ = ["FRAME_BYTES_PER_PIXEL", "build_parser", "main", "parse_frame", "parse_size", "target_options"]
@@ -30,12 +30,43 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"nafnet-edge {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors (implies --verbose)")
+    add_output_options(parser, default="normal")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     shared = parents()
     for command in COMMANDS:
         command.add_parser(sub, shared)
+    for command_parser in dict.fromkeys(sub.choices.values()):  # aliases share their parser
+        add_output_options(command_parser, default=argparse.SUPPRESS)  # a top-level flag is not overridden
     return parser
+
+
+def add_output_options(parser: argparse.ArgumentParser, *, default: str) -> None:
+    """``--quiet`` / ``--verbose`` (one ``level`` for :mod:`nafnet_edge.progress`), on the top-level parser and
+    on every command, so they go before or after the command name."""
+    group = parser.add_argument_group("output").add_mutually_exclusive_group()
+    group.add_argument(
+        "--quiet",
+        dest="level",
+        action="store_const",
+        const="quiet",
+        default=default,
+        help="print only results and errors: no progress lines",
+    )
+    group.add_argument(
+        "--verbose",
+        dest="level",
+        action="store_const",
+        const="verbose",
+        default=default,
+        help="also show the backends' own output (converter logs, warnings, progress bars), which is captured "
+        "otherwise",
+    )
+
+
+def output_level(args: argparse.Namespace) -> progress.Level:
+    """The progress level the flags ask for; --debug implies --verbose."""
+    return "verbose" if args.debug else args.level
 
 
 class _Interrupts:
@@ -78,12 +109,15 @@ def _write_whole(text: str) -> None:
         sys.stderr.flush()
 
 
-def _report_failure(interrupts: _Interrupts, line: str | None, *, debug: bool) -> None:
-    """Print a failure: the traceback being handled when ``debug``, then ``line``. A failure that comes with an
-    interrupt (a native call cut short, a KeyboardInterrupt a library turned into its own error, a signal while
-    the message was being put together) is the interrupt: KeyboardInterrupt is raised instead, and main() prints
-    its one line."""
+def _report_failure(interrupts: _Interrupts, line: str | None, *, debug: bool, error: BaseException) -> None:
+    """Print a failure: the traceback being handled when ``debug``, then ``line``, then where the backends'
+    output captured before the failure was saved, if it was. A failure that comes with an interrupt (a native
+    call cut short, a KeyboardInterrupt a library turned into its own error, a signal while the message was being
+    put together) is the interrupt: KeyboardInterrupt is raised instead, and main() prints its one line."""
     text = (traceback.format_exc() if debug else "") + (line + "\n" if line else "")
+    log = progress.failure_log(error)
+    if log is not None and not isinstance(error, UsageError):  # a usage error says all there is to say
+        text += f"nafnet-edge: note: the backends' own output before this error is in {printable(str(log))}\n"
     if interrupts.received:
         raise KeyboardInterrupt
     _write_whole(text)
@@ -94,23 +128,28 @@ def _run_command(args: argparse.Namespace, interrupts: _Interrupts) -> int:
     try:
         return int(args.func(args))
     except NafnetEdgeError as e:
-        _report_failure(interrupts, f"nafnet-edge: error: {printable(str(e))}", debug=args.debug)
+        _report_failure(interrupts, f"nafnet-edge: error: {printable(str(e))}", debug=args.debug, error=e)
         return e.exit_code
     except Exception as e:  # an unexpected failure is a bug: say so in one line unless --debug
         message = " ".join(str(e).split())  # one line, whatever the exception carried
         line = f"nafnet-edge: internal error: {type(e).__name__}: {message} (rerun with --debug for details)"
-        _report_failure(interrupts, None if args.debug else line, debug=args.debug)
+        _report_failure(interrupts, None if args.debug else line, debug=args.debug, error=e)
         return EXIT_FAILURE
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.debug:  # the backends' deprecation chatter is for their developers, not for our users
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    level = output_level(args)
     interrupts = _Interrupts()
     previous = _catch_termination(interrupts)
+    with progress.configured(level=level), warnings.catch_warnings():
+        if level != "verbose":  # the backends' warnings are for their developers (captured in backend_output)
+            warnings.filterwarnings("ignore", module=r"(?!nafnet_edge(\.|$))")
+        return _main(args, interrupts, previous)
+
+
+def _main(args: argparse.Namespace, interrupts: _Interrupts, previous: dict[int, Any]) -> int:
     try:
         try:
             code = _run_command(args, interrupts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import sys
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nafnet_edge import defaults
 from nafnet_edge.errors import (
     EXIT_USAGE,
     UsageError,
@@ -23,8 +25,31 @@ EPILOG = (
 )
 
 
+def shown_default(value: Any) -> Any:
+    """A default as --help shows it: a size as 256 or 512x768, a float as 0.001, a path as its text."""
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return str(value[0]) if value[0] == value[1] else f"{value[0]}x{value[1]}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return value
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """%(default)s in a help string shows the default as the user would type it (``shown_default``)."""
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        shown = copy.copy(action)
+        shown.default = shown_default(action.default)
+        return super()._expand_help(shown)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: what is wrong and where the help is (exit code 2)."""
+    """argparse with one-line errors: what is wrong and where the help is (exit code 2), and defaults in help
+    shown as typed (``HelpFormatter``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -154,9 +179,10 @@ def checkpoint_options() -> Parser:
     g = p.add_argument_group("checkpoint")
     g.add_argument(
         "--param-key",
-        default="auto",
+        default=defaults.PARAM_KEY,
         choices=["auto", "params", "params_ema", "state_dict", "model_state_dict", "model", "net", "network"],
-        help="which entry of a wrapped checkpoint to use (auto: 'params' first, as the official files)",
+        help="which entry of a wrapped checkpoint to use (auto: 'params' first, as the official files; "
+        "default: %(default)s)",
     )
     g.add_argument("--arch", choices=["nafnet", "nafnet-local"], help="override the identified class (TLC or not)")
     g.add_argument("--train-size", type=parse_size, metavar="PX", help="TLC training crop, e.g. 256 (default)")
@@ -164,9 +190,17 @@ def checkpoint_options() -> Parser:
 
 
 def _validation_knobs(g: Any) -> None:
-    g.add_argument("--reference-device", default="auto", choices=["auto", "cpu", "cuda"], help="fp32 reference on")
     g.add_argument(
-        "--overlap", type=SIDE_OR_ZERO, metavar="PX", help="tile overlap (convert: 32; validate: the manifest's)"
+        "--reference-device",
+        default=defaults.REFERENCE_DEVICE,
+        choices=["auto", "cpu", "cuda"],
+        help="where the fp32 reference runs (default: %(default)s; validate: the manifest's)",
+    )
+    g.add_argument(
+        "--overlap",
+        type=SIDE_OR_ZERO,
+        metavar="PX",
+        help=f"tile overlap (default: convert {defaults.VALIDATION_OVERLAP_PX}, validate the manifest's)",
     )
     g.add_argument(
         "--min-fidelity", type=finite_float, metavar="DB", help="PSNR vs reference (fp32 60, fp16 45, int8 35)"
@@ -259,36 +293,10 @@ def target_settings(args: argparse.Namespace, targets: list[str]) -> dict[str, d
 
 
 def load_model(args: argparse.Namespace, checkpoint: str | None, device: str = "cpu") -> Any:
-    from nafnet_edge.checkpoint import load_checkpoint
+    """``checkpoint`` loaded with the checkpoint options (--param-key, --arch, --train-size) in ``args``."""
+    from nafnet_edge import api
 
-    return load_checkpoint(
-        checkpoint, param_key=args.param_key, arch=args.arch, train_size=args.train_size, device=device
-    )
-
-
-def check_input_sizes(
-    config: Any, sizes: list[tuple[int, int]], *, more: Sequence[tuple[str, list[tuple[int, int]]]] = ()
-) -> None:
-    """Refuse (exit 2) fixed model input sizes whose forward pass does not fit in this machine's memory:
-    ``sizes`` (--input-size) and the sizes of target options (``more``: flag and sizes)."""
-    from nafnet_edge.inference import check_input_size_memory
-
-    check_input_size_memory(config, sizes, option="--input-size")
-    for flag, extra in more:
-        check_input_size_memory(config, extra, option=flag)
-
-
-def size_settings(settings: dict[str, dict[str, Any]]) -> list[tuple[str, list[tuple[int, int]]]]:
-    """The given target options that are model input sizes (parsed by ``parse_size``), as (flag, sizes)."""
-    found: dict[str, list[tuple[int, int]]] = {}
-    for option, owners in target_options():
-        if option.type is not parse_size:
-            continue
-        for cls in owners:
-            if option.dest in settings.get(cls.name, {}):
-                value = settings[cls.name][option.dest]
-                found[option.flag] = list(value) if option.kind == "values" else [value]
-    return list(found.items())
+    return api.load(checkpoint, param_key=args.param_key, arch=args.arch, train_size=args.train_size, device=device)
 
 
 def kodak_dir() -> Path:
@@ -299,11 +307,12 @@ def kodak_dir() -> Path:
 
 @dataclass(frozen=True)
 class Parents:
-    """The option groups several commands share (argparse parents) and the registered targets."""
+    """The option groups several commands share (argparse parents) and the registered targets. ``validation``
+    accepts the old spellings --data and --data-pairs; ``validation_only`` does not (quantize's --data was its
+    training images)."""
 
     ckpt: Parser
     int8: Parser
-    bench: Parser
     validation: Parser
     validation_only: Parser
     targets: list[Any]
@@ -319,23 +328,36 @@ def parents() -> Parents:
 
     int8 = Parser(add_help=False)
     g = int8.add_argument_group("int8")
-    g.add_argument("--method", choices=["qat", "ptq"], default="qat", help="fine-tune or calibrate only (qat)")
-    g.add_argument("--iters", type=ITERS, default=300, metavar="N", help="QAT steps (300)")
-    g.add_argument("--batch", type=BATCH, default=4, metavar="N", help="crops per step (4)")
+    g.add_argument(
+        "--method",
+        choices=["qat", "ptq"],
+        default=defaults.METHOD,
+        help="fine-tune with fake quantization (qat) or calibrate only (ptq) (default: %(default)s)",
+    )
+    g.add_argument("--steps", type=ITERS, default=defaults.STEPS, metavar="N", help="QAT steps (default: %(default)s)")
+    deprecated_alias(g, "--iters", "--steps", dest="steps", type=ITERS, metavar="N")
+    g.add_argument(
+        "--train-batch",
+        type=BATCH,
+        default=defaults.TRAIN_BATCH,
+        metavar="N",
+        help="training crops per QAT step (default: %(default)s)",
+    )
+    deprecated_alias(g, "--batch", "--train-batch", dest="train_batch", type=BATCH, metavar="N")
     g.add_argument(
         "--lr",
         type=bounded(positive_float, 1.0, "a step as large as the weights"),
-        default=1e-3,
-        help="AdamW step relative to each tensor's RMS, cosine (1e-3)",
+        default=defaults.LR,
+        help="AdamW step relative to each tensor's RMS, cosine decay (default: %(default)s)",
     )
     g.add_argument(
         "--seed",
         type=bounded(non_negative_int, MAX_SEED),
-        default=0,
+        default=defaults.SEED,
         metavar="N",
-        help="seed of the training crops and their order (0)",
+        help="seed of the training crops and their order (default: %(default)s)",
     )
-    g.add_argument("--resume", action="store_true", help="continue from OUT/.<target>-train.pt")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/.<target>-int8-train.pt")
     g.add_argument(
         "--keep-float",
         type=lambda text: tuple(u for u in text.split(",") if u),
@@ -347,38 +369,63 @@ def parents() -> Parents:
     g.add_argument(
         "--search-rounds",
         type=bounded(non_negative_int, MAX_SEARCH_ROUNDS),
-        default=4,
+        default=defaults.SEARCH_ROUNDS,
         metavar="N",
         help="when the artifact misses --max-drift: up to N more rounds keeping the most sensitive units float "
-        "(1, 2, 4, ...); 0 turns the search off (4)",
+        "(1, 2, 4, ...); 0 turns the search off (default: %(default)s)",
     )
 
-    bench = Parser(add_help=False)
-    g = bench.add_argument_group("benchmark")
-    g.add_argument("--bench", action="store_true", help="benchmark what was built (nafnet-edge bench --save)")
-    g.add_argument("--bench-iters", type=ITERS, default=20, metavar="N", help="timed runs with --bench (20)")
-
     validation_only = Parser(add_help=False)
-    g = validation_only.add_argument_group("validation")
-    g.add_argument("--val-data", dest="data", type=Path, metavar="DIR", help="validation images (default: shipped)")
+    _validation_data(validation_only.add_argument_group("validation"), deprecated=False)
+
+    validation = Parser(add_help=False)
+    _validation_data(validation.add_argument_group("validation"), deprecated=True)
+    return Parents(ckpt, int8, validation, validation_only, targets, names, int8_names)
+
+
+def _validation_data(g: Any, *, deprecated: bool) -> None:
+    """--val-data / --val-pairs and the validation knobs; ``deprecated``: also their old spellings --data and
+    --data-pairs (not on quantize, where --data named the training images)."""
+    g.add_argument(
+        "--val-data", type=Path, metavar="DIR", help=f"validation images (default: {defaults.VALIDATION_DATA_NOTE})"
+    )
     g.add_argument(
         "--val-pairs",
-        dest="data_pairs",
         nargs=2,
         type=Path,
         metavar=("INPUTS", "TARGETS"),
-        help="validation degraded/ground-truth folders",
+        help="validation degraded and ground-truth folders (instead of --val-data)",
     )
+    if deprecated:
+        deprecated_alias(g, "--data", "--val-data", dest="val_data", type=Path, metavar="DIR")
+        deprecated_alias(
+            g, "--data-pairs", "--val-pairs", dest="val_pairs", nargs=2, type=Path, metavar=("INPUTS", "TARGETS")
+        )
     _validation_knobs(g)
 
-    validation = Parser(add_help=False)
-    g = validation.add_argument_group("validation")
-    g.add_argument("--data", type=Path, metavar="DIR", help="your images (default: shipped Kodak photos + noise)")
-    g.add_argument(
-        "--data-pairs", nargs=2, type=Path, metavar=("INPUTS", "TARGETS"), help="degraded/ground-truth folders"
+
+MAX_TIME_S = 24 * 3600.0  # a time budget for timed runs: a day
+
+
+def add_bench_options(parser: argparse.ArgumentParser) -> None:
+    """convert/quantize --bench and its run count or time budget (alternatives)."""
+    g = parser.add_argument_group("benchmark")
+    g.add_argument("--bench", action="store_true", help="benchmark what was built (nafnet-edge bench --save)")
+    runs = g.add_mutually_exclusive_group()
+    runs.add_argument(
+        "--bench-runs",
+        type=ITERS,
+        default=defaults.BENCH_RUNS,
+        metavar="N",
+        help="timed runs per artifact with --bench (default: %(default)s)",
     )
-    _validation_knobs(g)
-    return Parents(ckpt, int8, bench, validation, validation_only, targets, names, int8_names)
+    runs.add_argument(
+        "--bench-time",
+        type=bounded(positive_float, MAX_TIME_S, "s, a day"),
+        metavar="S",
+        help="with --bench: time each artifact for about S seconds instead of --bench-runs",
+    )
+    deprecated_alias(runs, "--bench-iters", "--bench-runs", dest="bench_runs", type=ITERS, metavar="N")
 
 
 DEPRECATED_UNTIL = "0.3"  # the release that drops the old spellings of renamed flags

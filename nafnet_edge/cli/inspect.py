@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from nafnet_edge import defaults
 from nafnet_edge.cli.common import EPILOG, Parents, load_model
 from nafnet_edge.sizes import parse_size
 
@@ -111,5 +112,11 @@ def add_parser(sub: Any, parents: Parents) -> None:
     )
     p.add_argument("checkpoint", nargs="?", metavar="CKPT", help="checkpoint file (.pth, .pt, .safetensors)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--size", type=parse_size, default=(256, 256), metavar="PX", help="GMACs input size (256)")
+    p.add_argument(
+        "--size",
+        type=parse_size,
+        default=defaults.GMACS_SIZE,
+        metavar="PX",
+        help="input size the GMACs are counted at (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_inspect)

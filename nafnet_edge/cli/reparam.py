@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nafnet_edge import defaults
 from nafnet_edge.errors import (
     CheckpointError,
     UsageError,
@@ -17,12 +18,13 @@ from nafnet_edge.sizes import parse_size
 if TYPE_CHECKING:
     from nafnet_edge.deploy import NormForm
 
-from nafnet_edge.cli.common import EPILOG, Parents, check_input_sizes, kodak_dir, load_model, stream_scale
+from nafnet_edge.cli.common import EPILOG, Parents, kodak_dir, load_model, stream_scale
 
 
 def cmd_reparam(args: argparse.Namespace) -> int:
     import torch
 
+    from nafnet_edge import api
     from nafnet_edge.deploy import PadCrop, deploy
     from nafnet_edge.deploy.io import save_deploy
     from nafnet_edge.images import read_image
@@ -31,12 +33,12 @@ def cmd_reparam(args: argparse.Namespace) -> int:
     m = loaded.config.pad_multiple
     if args.input_size and (args.input_size[0] % m or args.input_size[1] % m):
         raise UsageError(f"--input-size {args.input_size[0]}x{args.input_size[1]} must be a multiple of {m}")
-    check_input_sizes(loaded.config, [args.input_size or (256, 256)])
+    api.check_input_sizes(loaded.config, [args.input_size or defaults.INPUT_SIZE])
     norm_form = _reparam_norm_form(args.target)
     graph = deploy(loaded.model, norm_form=norm_form, input_size=args.input_size, stream_scale=args.stream_scale)
 
-    # Check on a real photo: a crop of the input size (or 256 px) from a shipped Kodak image.
-    h, w = args.input_size or (256, 256)
+    # Check on a real photo: a crop of the input size (or the default input size) from a shipped Kodak image.
+    h, w = args.input_size or defaults.INPUT_SIZE
     photo = read_image(sorted(kodak_dir().glob("*.png"))[0]).pixels[:h, :w]
     x = torch.from_numpy(photo.transpose(2, 0, 1).copy())[None]
     x = torch.nn.functional.pad(x, (0, w - x.shape[3], 0, h - x.shape[2]), mode="replicate")  # photo < size
@@ -88,7 +90,7 @@ def add_parser(sub: Any, parents: Parents) -> None:
         "--target",
         default="generic",
         choices=["generic", *names],
-        help="target whose normalization form to use (generic: upstream's reference form)",
+        help="target whose normalization form to use (generic: upstream's reference form; default: %(default)s)",
     )
     p.add_argument(
         "--input-size",
@@ -99,7 +101,8 @@ def add_parser(sub: Any, parents: Parents) -> None:
     p.add_argument(
         "--stream-scale",
         type=stream_scale,
-        default=16.0,
-        help="power of two (1-64) dividing the residual stream so fp16 norms cannot overflow (default 16)",
+        default=defaults.STREAM_SCALE,
+        metavar="S",
+        help="power of two (1-64) dividing the residual stream so fp16 norms cannot overflow (default: %(default)s)",
     )
     p.set_defaults(func=cmd_reparam)

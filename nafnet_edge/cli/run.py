@@ -1,16 +1,26 @@
-"""``nafnet-edge run``: restore images."""
+"""``nafnet-edge run``: restore images with a checkpoint in PyTorch, or with an artifact in its own runtime."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from nafnet_edge.cli.common import BATCH, EPILOG, SIDE_OR_ZERO, Parents, load_model
-from nafnet_edge.errors import (
-    UsageError,
-)
+from nafnet_edge import defaults
+from nafnet_edge.cli.common import BATCH, EPILOG, SIDE_OR_ZERO, Parents, deprecated_alias, load_model
+from nafnet_edge.errors import BadInputError, UsageError
+
+
+class _Given(argparse.Action):
+    """Stores the value like ``store`` and remembers that the option was given (``args.given``): an artifact has
+    its own tile size and runtime, so ``--tile`` and ``--device`` are refused for one and ``--overlap`` replaces
+    the one it records only when given."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option: Any = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
 
 
 def _expand_inputs(paths: list[str]) -> list[Path]:
@@ -23,7 +33,7 @@ def _expand_inputs(paths: list[str]) -> list[Path]:
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.is_file() and is_image_path(f))
             if not found:
-                raise ImageError(f"{p} contains no PNG, JPEG or TIFF images")
+                raise ImageError(f"{p} contains no PNG, JPEG or TIFF images" + _artifacts_hint(p))
             files += found
         elif not p.exists():
             raise ImageError(f"input not found: {p}")
@@ -32,28 +42,77 @@ def _expand_inputs(paths: list[str]) -> list[Path]:
     return files
 
 
+def _artifacts_hint(folder: Path) -> str:
+    """When ``folder`` holds artifact directories (``convert -o OUT``), the advice to name one of them."""
+    from nafnet_edge.manifest import find_artifacts
+
+    try:
+        found = find_artifacts(folder)
+    except BadInputError:
+        return ""
+    names = ", ".join(str(p) for p in found[:3]) + (", ..." if len(found) > 3 else "")
+    return f"; it holds artifacts: give one of them first, as the model to run ({names})"
+
+
+def artifact_directory(path: Path) -> Path | None:
+    """The artifact directory ``path`` names, or None when it names none (a checkpoint, an image, a folder of
+    images): a directory holding ``manifest.json``, or the artifact ``convert`` wrote inside one (``model.pte``,
+    ``model.xml``, ``model.onnx``, ``X.mlpackage``). A file of an artifact kind without the manifest beside it was
+    not written by nafnet-edge: refused in one line."""
+    from nafnet_edge.converters import target_class, target_names
+    from nafnet_edge.errors import display_path
+    from nafnet_edge.manifest import MANIFEST_FILE, read_manifest
+
+    if path.is_dir() and os.path.lexists(path / MANIFEST_FILE):
+        return path
+    kinds = {Path(target_class(name).artifact).suffix.lower() for name in target_names()}
+    if path.suffix.lower() not in kinds - {""}:
+        return None
+    if not path.exists():
+        raise BadInputError(f"artifact not found: {display_path(path)}")
+    folder = path.parent
+    if not os.path.lexists(folder / MANIFEST_FILE):
+        raise BadInputError(
+            f"{display_path(path)} has no {MANIFEST_FILE} beside it, so nafnet-edge cannot tell how to run it: pass "
+            f"the directory nafnet-edge convert wrote it into (OUT/<target>-<precision>, with its {MANIFEST_FILE})"
+        )
+    manifest = read_manifest(folder)
+    if path.name not in manifest.files:
+        raise BadInputError(
+            f"{display_path(path)} is not the artifact of {display_path(folder)} (its {MANIFEST_FILE} lists "
+            f"{', '.join(manifest.files)}): pass the directory {display_path(folder)}"
+        )
+    return folder
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from nafnet_edge.images import is_image_path
 
     inputs = list(args.inputs)
     checkpoint = None
     first = Path(inputs[0])
-    if not is_image_path(first) and not first.is_dir():
+    artifact = artifact_directory(first)
+    if artifact is not None:
+        inputs.pop(0)
+    elif not is_image_path(first) and not first.is_dir():
         checkpoint = inputs.pop(0)
     if not inputs:
-        raise UsageError("no input images: give images or folders after the checkpoint")
-    if args.tile and args.overlap >= args.tile:
+        model = "artifact" if artifact is not None else "checkpoint"
+        raise UsageError(f"no input images: give images or folders after the {model}")
+    if artifact is None and args.tile and args.overlap >= args.tile:
         raise UsageError(f"--overlap ({args.overlap}) must be smaller than --tile ({args.tile})")
     files = _expand_inputs(inputs)
+    if artifact is not None:
+        return _run_artifact(args, artifact, files)
     return _run_files(args, checkpoint, files)
 
 
-def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Path]) -> int:
-    from tqdm import tqdm
-
-    from nafnet_edge.errors import ImageError, display_path
-    from nafnet_edge.images import check_image_file, output_suffix, read_image, write_image
-    from nafnet_edge.inference import check_restore_memory, resolve_device, restore_image, tile_count
+def _outputs(args: argparse.Namespace, files: list[Path]) -> tuple[list[Path], list[Any]]:
+    """Where each input goes, and each input's probe (header and structure, nothing decoded) against what reading
+    it and writing it in the chosen format accept: a bad file is reported at once, in one line, before anything
+    loads and before any output of the batch is written."""
+    from nafnet_edge.errors import ImageError
+    from nafnet_edge.images import check_image_file, output_suffix
 
     targets = [args.output / (f.stem + output_suffix(f, args.format)) for f in files]
     seen: dict[Path, Path] = {}
@@ -63,26 +122,40 @@ def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Pat
         if dst.resolve() == src.resolve():
             raise ImageError(f"the output {dst} would overwrite its input; choose another --output folder")
         seen[dst] = src
-    # Every input is checked (header and structure, nothing decoded) against what reading it and writing it in the
-    # chosen format accept before the model loads, then against the model's channels and the memory its pass
-    # needs: a bad file is reported at once, in one line, and before any output of the batch is written.
     probes = [check_image_file(src, write_as=dst.suffix) for src, dst in zip(files, targets, strict=True)]
+    return targets, probes
+
+
+def _check_channels(src: Path, probe: Any, model_channels: int, what: str) -> None:
+    from nafnet_edge.errors import ImageError
+
+    if probe.channels != model_channels and not (probe.channels == 1 and model_channels == 3):
+        raise ImageError(
+            f"{src}: {what} restores {model_channels}-channel images and the input has {probe.channels}; "
+            "convert the input to grayscale first"
+        )
+
+
+def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Path]) -> int:
+    from nafnet_edge import progress
+    from nafnet_edge.errors import display_path
+    from nafnet_edge.images import read_image, write_image
+    from nafnet_edge.inference import check_restore_memory, resolve_device, restore_image, tile_count
+
+    targets, probes = _outputs(args, files)
+    # Then against the model's channels and the memory its pass needs.
     device = resolve_device(args.device)
     loaded = load_model(args, checkpoint, device=str(device))
     model_channels = loaded.config.img_channels
     for src, probe in zip(files, probes, strict=True):
-        if probe.channels != model_channels and not (probe.channels == 1 and model_channels == 3):
-            raise ImageError(
-                f"{src}: this checkpoint restores {model_channels}-channel images and the input has "
-                f"{probe.channels}; convert the input to grayscale first"
-            )
+        _check_channels(src, probe, model_channels, "this checkpoint")
         check_restore_memory(
             loaded.model,
             probe.height,
             probe.width,
             tile_px=args.tile,
             overlap_px=args.overlap,
-            batch=args.batch,
+            batch=args.tile_batch,
             name=str(src),
             channels=probe.channels,
             alpha=probe.has_alpha,
@@ -94,24 +167,117 @@ def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Pat
         if loaded.release
         else ("embedded default" if loaded.is_default else display_path(loaded.path.name))
     )
-    print(
+    progress.note(
         f"model: {name} ({'NAFNetLocal' if cfg.arch == 'nafnet-local' else 'NAFNet'}, width {cfg.width}) on {device}; "
-        f"tile {args.tile or 'off'}, overlap {args.overlap if args.tile else '-'}",
-        file=sys.stderr,
+        f"tile {args.tile or 'off'}, overlap {args.overlap if args.tile else '-'}"
     )
-    for src, dst in tqdm(list(zip(files, targets, strict=True)), desc="images", unit="img", disable=None):
+    for src, dst in zip(files, targets, strict=True):
         image = read_image(src)
         n = tile_count(
             image.height, image.width, tile_px=args.tile, overlap_px=args.overlap, pad_multiple=cfg.pad_multiple
         )
-        label = display_path(src.name)
-        with tqdm(total=n, desc=label, unit="tile", leave=False, disable=None if n > 1 else True) as bar:
+        with progress.task(display_path(src.name), total=n, unit="tile") as advance:
             result = restore_image(
-                loaded.model, image, tile_px=args.tile, overlap_px=args.overlap, batch=args.batch, on_tile=bar.update
+                loaded.model, image, tile_px=args.tile, overlap_px=args.overlap, batch=args.tile_batch, on_tile=advance
             )
         write_image(dst, result)
     print(f"wrote {len(files)} image(s) to {display_path(args.output)}", file=sys.stderr)
     return 0
+
+
+# Peak memory of restoring one image through an artifact besides the runtime's own: frame_peak_bytes (reading and
+# writing) plus the tiler's float32 copies per pixel and model channel (the CHW input, its padded copy, the output
+# accumulator and its cropped HxWxC copy).
+_ARTIFACT_COPIES = 4
+
+
+def _run_artifact(args: argparse.Namespace, directory: Path, files: list[Path]) -> int:
+    from nafnet_edge import progress
+    from nafnet_edge.converters import get_target
+    from nafnet_edge.converters.base import NotRunnable
+    from nafnet_edge.errors import MissingBackendError, display_path
+    from nafnet_edge.images import read_image, write_image
+    from nafnet_edge.inference import artifact_tile_count, restore_image_with
+    from nafnet_edge.manifest import read_manifest
+
+    manifest = read_manifest(directory)
+    tile, multiple, channels = manifest.io.input_size, manifest.padding_multiple, manifest.io.channels
+    overlap = _artifact_overlap(args, manifest)
+    targets, probes = _outputs(args, files)
+    for src, probe in zip(files, probes, strict=True):
+        _check_channels(src, probe, channels, "this artifact")
+        _check_artifact_memory(src, probe, channels)
+    target = get_target(manifest.target)
+    target.check_available()
+    with progress.backend_output():
+        try:
+            session = target.open_session(directory, export=manifest.export)
+        except NotRunnable as e:
+            raise MissingBackendError(f"{display_path(directory)} cannot run on this machine: {e}") from None
+    note = session.info.get("note")
+    progress.note(
+        f"artifact: {display_path(directory)} ({manifest.target} {manifest.precision}) in {session.runtime}; "
+        f"{tile[0]}x{tile[1]} tiles, overlap {overlap}" + (f" ({note})" if isinstance(note, str) and note else "")
+    )
+    for src, dst in zip(files, targets, strict=True):
+        image = read_image(src)
+        n = artifact_tile_count(image.height, image.width, tile=tile, overlap_px=overlap, multiple=multiple)
+        with progress.task(display_path(src.name), total=n, unit="tile") as advance, progress.backend_output():
+            result = restore_image_with(
+                session.run,
+                image,
+                channels=channels,
+                tile=tile,
+                overlap_px=overlap,
+                multiple=multiple,
+                on_tile=advance,
+            )
+        write_image(dst, result)
+    print(f"wrote {len(files)} image(s) to {display_path(args.output)}", file=sys.stderr)
+    return 0
+
+
+def _artifact_overlap(args: argparse.Namespace, manifest: Any) -> int:
+    """The tile overlap for the artifact ``manifest`` describes (``--overlap`` when given, else the one it records),
+    refusing what an artifact cannot honour: its tile size and batch were fixed at conversion, its runtime is its
+    own."""
+    given: set[str] = getattr(args, "given", set())
+    tile = manifest.io.input_size
+    size = f"{tile[0]}x{tile[1]}"
+    if "tile" in given:
+        raise UsageError(
+            f"--tile: an artifact restores the {size} tiles it was converted for; leave --tile out (or convert "
+            "again with another --input-size)"
+        )
+    if "device" in given:
+        raise UsageError("--device: an artifact runs in its own runtime; leave --device out")
+    if args.tile_batch != defaults.TILE_BATCH:
+        raise UsageError(f"--tile-batch: an artifact runs one {size} tile at a time; leave --tile-batch out")
+    overlap = args.overlap if "overlap" in given else manifest.tiling.overlap_px
+    if overlap >= min(tile):
+        raise UsageError(f"--overlap {overlap} must be smaller than this artifact's {size} tiles")
+    return overlap
+
+
+def _check_artifact_memory(src: Path, probe: Any, channels: int) -> None:
+    """Refuse an image whose whole-image buffers cannot fit in the memory here (the runtime needs its own)."""
+    import torch
+
+    from nafnet_edge.errors import ImageError
+    from nafnet_edge.inference import available_memory_bytes, frame_peak_bytes
+
+    h, w = probe.height, probe.width
+    per_pixel = frame_peak_bytes(
+        1, 1, channels=probe.channels, alpha=probe.has_alpha, bit_depth=probe.bit_depth, model_channels=channels
+    )
+    per_pixel += _ARTIFACT_COPIES * 4 * channels
+    available = available_memory_bytes(torch.device("cpu"))
+    if available is not None and h * w * per_pixel > available:
+        raise ImageError(
+            f"{src}: restoring {h}x{w} needs about {h * w * per_pixel / 1e9:.1f} GB for the whole image, "
+            f"{available / 1e9:.1f} GB are available; crop it into parts of at most "
+            f"{int(available / per_pixel / 1e6)} megapixels"
+        )
 
 
 def add_parser(sub: Any, parents: Parents) -> None:
@@ -119,21 +285,56 @@ def add_parser(sub: Any, parents: Parents) -> None:
     p = sub.add_parser(
         "run",
         parents=[ckpt],
-        help="restore images at full resolution with the fp32 PyTorch reference",
-        description="Restore images with a checkpoint (the embedded default when the first argument is an "
-        "image or a folder). Large images are processed in overlapping tiles blended with a smooth window.",
+        help="restore images at full resolution with a checkpoint (PyTorch) or an artifact (its runtime)",
+        description="Restore images with a checkpoint in PyTorch fp32 (the embedded default when the first argument "
+        "is an image or a folder), or with an artifact written by convert/quantize in its own runtime (the first "
+        "argument is its directory OUT/<target>-<precision>, or the model file in it). Large images are processed "
+        "in overlapping tiles blended with a smooth window; an artifact uses its own tile size and the overlap "
+        "its manifest records, exactly as its validation ran it.",
         epilog=EPILOG,
     )
-    p.add_argument("inputs", nargs="+", metavar="[CKPT] INPUT", help="optional checkpoint, then images or folders")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="[CKPT|ARTIFACT] INPUT",
+        help="optional checkpoint or artifact directory, then images or folders",
+    )
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR", help="folder for the results")
-    p.add_argument("--tile", type=SIDE_OR_ZERO, default=512, metavar="PX", help="tile size, 0 = whole image (512)")
-    p.add_argument("--overlap", type=SIDE_OR_ZERO, default=64, metavar="PX", help="tile overlap (64)")
-    p.add_argument("--batch", type=BATCH, default=1, metavar="N", help="tiles per forward pass (1)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when present")
+    p.add_argument(
+        "--tile",
+        type=SIDE_OR_ZERO,
+        action=_Given,
+        default=defaults.RUN_TILE_PX,
+        metavar="PX",
+        help="tile size, 0 = whole image (default: %(default)s; an artifact's is fixed)",
+    )
+    p.add_argument(
+        "--overlap",
+        type=SIDE_OR_ZERO,
+        action=_Given,
+        default=defaults.RUN_OVERLAP_PX,
+        metavar="PX",
+        help="tile overlap (default: %(default)s; for an artifact, the one its manifest records)",
+    )
+    p.add_argument(
+        "--tile-batch",
+        type=BATCH,
+        default=defaults.TILE_BATCH,
+        metavar="N",
+        help="tiles per forward pass (default: %(default)s; an artifact runs one at a time)",
+    )
+    deprecated_alias(p, "--batch", "--tile-batch", dest="tile_batch", type=BATCH, metavar="N")
+    p.add_argument(
+        "--device",
+        default="auto",
+        action=_Given,
+        choices=["auto", "cpu", "cuda"],
+        help="auto = CUDA when present (the PyTorch path only)",
+    )
     p.add_argument(
         "--format",
         default="auto",
         choices=["auto", "png", "tiff", "jpg"],
         help="output format (auto: TIFF for TIFF inputs, else PNG); bit depth follows the input",
     )
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, given=set())
