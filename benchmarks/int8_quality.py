@@ -4,8 +4,8 @@ The embedded default (width 16, trained on CBSD68 with sigma 5-50 noise) restore
 (held out from its training). For every target the script runs the tool's own commands, in process:
 
     nafnet-edge convert  --target T                           (fp32 artifact)
-    nafnet-edge quantize --target T --method ptq --data TRAIN (calibration only)
-    nafnet-edge quantize --target T --method qat --data TRAIN (distillation from the fp32 teacher, no labels)
+    nafnet-edge quantize --target T --method ptq --train-data TRAIN (calibration only)
+    nafnet-edge quantize --target T --method qat --train-data TRAIN (distillation from the fp32 teacher, no labels)
 
 each validated against the clean images (``--val-pairs``): PSNR of the artifact's output vs ground truth, the
 same for the fp32 PyTorch reference, and drift = reference - artifact (the int8 budget is 0.1 dB). Training
@@ -72,18 +72,18 @@ def main() -> None:
     add_noise(args.eval, work / "eval-noisy", args.sigma, seed=2)
     size = ["--input-size", str(args.input_size)]
     pairs = [str(work / "eval-noisy"), str(args.eval)]
-    train = ["--data", str(work / "train")]
-    variants = {  # convert validates with --data-pairs, quantize (whose --data is training data) with --val-pairs
-        "fp32": ["convert", "--precision", "fp32", "--data-pairs", *pairs],
+    train = ["--train-data", str(work / "train")]
+    variants = {  # each validated on the held-out pairs
+        "fp32": ["convert", "--precision", "fp32", "--val-pairs", *pairs],
         "PTQ int8": ["quantize", "--method", "ptq", *train, "--val-pairs", *pairs],
-        "QAT int8": ["quantize", "--method", "qat", *train, "--iters", str(args.iters), "--val-pairs", *pairs]
+        "QAT int8": ["quantize", "--method", "qat", *train, "--steps", str(args.iters), "--val-pairs", *pairs]
         + (["--lr", str(args.lr)] if args.lr else []),
     }
     rows = []
     for target in args.targets:
         for name, argv in variants.items():
             t = time.perf_counter()
-            code, report = run([*argv, "--target", target, "-o", str(work / name.split()[0] / target), *size])
+            code, report = run([*argv, "--target", target, "-o", str(work / name.split()[0]), *size])
             v = report["validation"]
             manifest = json.loads((Path(report["directory"]) / "manifest.json").read_text())
             search = manifest.get("quantization", {}).get("search", {})

@@ -109,7 +109,8 @@ def check_free(directories: Iterable[Path], *, force: bool) -> None:
     existing = [str(d) for d in directories if d.exists()]
     if existing and not force:
         raise UsageError(
-            f"{', '.join(existing)} exists; pass --force (force=True in Python) to replace it or choose another -o"
+            f"{', '.join(existing)} exists; pass --force (force=True in Python) to replace it, or choose another "
+            "output folder"
         )
 
 
@@ -673,7 +674,6 @@ def bench(
         raise UsageError(f"--time {time}: give a positive number of seconds")
     if frame is not None:
         check_frame_memory(frame)
-    timing: dict[str, Any] = {} if time is None else {"time_s": time}
     settings = BenchSettings(
         iters=runs,
         warmup=warmup,
@@ -683,13 +683,13 @@ def bench(
         frame=frame,
         overlap_px=overlap,
         hints=bench_hints(options),
-        **timing,
+        time_s=time,
     )
     loader = baseline_loader(checkpoint) if baseline else None
-    report = bench_artifacts(artifact_directories(directories), settings, baseline_model=loader)
+    measured = bench_artifacts(artifact_directories(directories), settings, baseline_model=loader)
     if save:
-        save_bench(report)
-    return report
+        save_bench(measured)
+    return measured
 
 
 def report(

@@ -220,12 +220,13 @@ def convert(
 
     With ``options.precision == "int8"`` the deploy graph goes through the target's quantizer and the shared
     PTQ/QAT loop (``int8`` settings) before export."""
+    label = artifact_dirname(target, options.precision)
+    progress.phase(f"{label}: load the converter")
     with progress.backend_output():  # checking the options imports the backend, which has its say on import
         converter, quantizer = _checked(target, options, int8)
     m = loaded.config.pad_multiple
     if options.input_size[0] % m or options.input_size[1] % m:
         raise OptionError(f"input size {options.input_size[0]}x{options.input_size[1]} must be a multiple of {m}")
-    label = artifact_dirname(target, options.precision)
     final = Path(out_dir) / label
     if quantizer is not None and int8 is not None and int8.rank != 0:
         from nafnet_edge.quantization.search import quantize

@@ -1,7 +1,8 @@
 """What a long command is doing, and the third-party output it keeps out of the user's way.
 
-- :func:`phase` and :func:`note`: one line each on stderr, ``nafnet-edge: [  12.3s] coreml-fp16: export`` (the
-  time since :func:`configure`, or since import for the Python API).
+- :func:`phase`: one line on stderr, ``nafnet-edge: [  12.3s] coreml-fp16: export`` (the time since
+  :func:`configure`, or since import for the Python API); :func:`note`: ``nafnet-edge: note: ...``, something to
+  read rather than a step.
 - :func:`task`: a counted phase. On a terminal a progress bar; otherwise (CI logs, ``2> file``) a line when it
   starts, a line at most every :data:`INTERVAL_S` seconds while it runs (``... 12/24 tiles, 30.1s``) and one
   when it ends.
@@ -118,23 +119,23 @@ def _write(text: str) -> None:
     if _bars:
         from tqdm import tqdm
 
-        tqdm.write(line(text), file=_REAL_STDERR)  # type: ignore[arg-type]
+        tqdm.write(text, file=_REAL_STDERR)
         return
     stream = _out()
-    stream.write(line(text) + "\n")
+    stream.write(text + "\n")
     stream.flush()
 
 
 def phase(text: str) -> None:
     """Announce a phase (``"coreml-fp16: export"``): one line, unless quiet."""
     if _level != "quiet":
-        _write(text)
+        _write(line(text))
 
 
 def note(text: str) -> None:
-    """Something the user should read even in a long run (unless quiet)."""
+    """Something the user should read even in a long run: ``nafnet-edge: note: text`` (unless quiet)."""
     if _level != "quiet":
-        _write(text)
+        _write(f"{PREFIX} note: {text}")
 
 
 class Advance(Protocol):

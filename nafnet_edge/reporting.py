@@ -41,7 +41,7 @@ import numpy as np
 from nafnet_edge import progress
 from nafnet_edge.artifact_files import artifact_size
 from nafnet_edge.atomic import atomic_path
-from nafnet_edge.errors import BadInputError, NafnetEdgeError, OutputError
+from nafnet_edge.errors import BadInputError, NafnetEdgeError, OutputError, printable
 from nafnet_edge.manifest import (
     BENCH_FILE,
     MANIFEST_FILE,
@@ -241,7 +241,7 @@ def _why_not(a: Artifact, chosen: Artifact | None, ranked_by: str) -> str:
         if a.median_ms is None:
             return "passed, but not benchmarked"
         chosen_ms = chosen.median_ms or 0.0
-        slower = f" ({a.median_ms / chosen_ms:.2g}× as long)" if chosen_ms > 0 else ""
+        slower = f" ({_ratio(a.median_ms / chosen_ms)}× as long)" if chosen_ms > 0 else ""
         return f"slower: {a.median_ms:.2f} ms against {chosen_ms:.2f} ms{slower}"
     return f"larger: {human_bytes(a.size_bytes)} against {human_bytes(chosen.size_bytes)}"
 
@@ -409,7 +409,7 @@ def compare_images(
         if loaded is None:
             artifact.image_note = why
             continue
-        progress.phase(f"{artifact.label}: running {images} validation crop(s) in its runtime")
+        progress.phase(printable(f"{artifact.label}: running {images} validation image(s) in its runtime"))
         try:
             converter = get_target(artifact.target)
             converter.check_available()
@@ -561,7 +561,7 @@ def latency_chart(artifacts: Sequence[Artifact]) -> str | None:
     hatches = {"fp16": "//", "int8": "xx"}
     for y, a, v in zip(positions, bars, values, strict=True):
         ax.barh(y, v, color=colors[a.target], height=0.6, hatch=hatches.get(a.precision, ""), edgecolor="white")
-        speedup = f" · {baseline / v:.2g}× PyTorch" if baseline and v > 0 else ""
+        speedup = f" · {_ratio(baseline / v)}× PyTorch" if baseline and v > 0 else ""
         ax.text(v, y, f" {v:.2f} ms{speedup}", va="center", fontsize=8.5)
     ax.set_yticks(positions, [a.label for a in bars])
     right = _draw_baseline(ax, baseline, max(values) * 1.35, text_y=len(bars) - 0.45)
@@ -665,6 +665,11 @@ def _fmt(value: Any, unit: str = "", digits: int = 1) -> str:
     return f"{number:.{digits}f}{(' ' + unit) if unit else ''}"
 
 
+def _ratio(value: float) -> str:
+    """A speed-up for people: 0.53, 3.2, 19, 6,110."""
+    return f"{value:,.0f}" if value >= 10 else f"{value:.2g}"
+
+
 def _level(value: float) -> str:
     """A difference in 8-bit levels: 0.0236 -> '6/255'."""
     return f"{value * 255:.2g}/255"
@@ -726,7 +731,7 @@ def _summary(choice: Choice, baseline: float | None) -> dict[str, Any]:
     if c is not None:
         facts = [c.precision, _latency_text(c)]
         if c.median_ms and baseline:
-            facts.append(f"{baseline / c.median_ms:.2g}× the speed of PyTorch fp32")
+            facts.append(f"{_ratio(baseline / c.median_ms)}× the speed of PyTorch fp32")
         facts += [f"fidelity {_db(c.fidelity_db)}"]
         if c.drift_db is not None:
             facts.append(f"drift {_db(c.drift_db, signed=True)}")
@@ -1005,7 +1010,6 @@ def write_report(
         )
     artifacts = [read_artifact(p) for p in find_artifacts(root)]
     comparisons = compare_images(artifacts, images=images, val_data=val_data, checkpoint=checkpoint) if images else []
-    progress.phase(f"writing {path}")
     page = render_html(artifacts, comparisons, root, images)
     with atomic_path(path) as tmp:
         # A name that is not UTF-8 on disk (its bytes held as surrogates) is shown with escapes, e.g. \udcff.

@@ -24,7 +24,8 @@ COMMON = """\
 
 - Smaller images: zero-pad right and bottom to {h}x{w}, run, crop the output back.
 - Larger images: run {h}x{w} tiles overlapping by {overlap} px and blend the overlaps (what `nafnet-edge run
-  --tile {h} --overlap {overlap}` does); tile starts on multiples of {multiple} follow the whole-image result best.
+  DIR photo.png -o OUT` does with this folder as DIR); tile starts on multiples of {multiple} follow the
+  whole-image result best.
 - Validation of this file in its runtime is in `manifest.json` (`validation`).
 """
 
@@ -90,8 +91,10 @@ def budget_advice(manifest: Manifest) -> str:
     elif quantization.get("method") == "ptq":
         tries.append("QAT (--method qat)")
     else:
-        tries.append(f"longer QAT (--iters {2 * quantization.get('iters', 300)})")
-    tries.append("more or more representative --data (images like the ones it will restore, degradation included)")
+        tries.append(f"longer QAT (--steps {2 * quantization.get('iters', 300)})")
+    tries.append(
+        "more or more representative --train-data (images like the ones it will restore, degradation included)"
+    )
     search = quantization.get("search", {})
     kept = list(quantization.get("kept_float", []))
     others = [u for u in search.get("sensitivity_db", {}) if u not in kept]

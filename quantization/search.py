@@ -191,7 +191,7 @@ def search(
     """Evaluate with ``keep_float`` float; while the artifact misses its budget, keep the next most sensitive
     units in float (1, 2, 4, ... more of them, ``rank``-ed once) and evaluate again, at most ``search_rounds``
     times, stopping early at the first round worse than the best so far (``round_order``). Each validated round's
-    result is a progress note starting with ``label``; the folders of rounds that are neither the first nor the
+    result is a progress line starting with ``label``; the folders of rounds that are neither the first nor the
     best are removed."""
     kept = list(keep_float)
     total = search_rounds + 1
@@ -221,7 +221,7 @@ def search(
             stopped = f"round {number} was worse than round {previous.number}"
         else:
             verdict = f"no better than round {previous.number}"
-        progress.note(round_line(label, number, total, rounds[-1], verdict))
+        progress.phase(round_line(label, number, total, rounds[-1], verdict))
         if previous is not None and previous is not best and previous is not first:
             shutil.rmtree(previous.directory)  # superseded: only the first (for latency) and the best stay
         if this is not best and this is not first:

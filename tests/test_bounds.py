@@ -115,7 +115,7 @@ def test_every_numeric_option_refuses_a_huge_value_in_one_line(command: str, opt
 BOUNDS = [
     ("run {x.png} -o o --tile 16385", "argument --tile: expected at most 16384 (px, the largest model input side), "
      "got '16385'"),
-    ("run {x.png} -o o --batch 1025", "argument --batch: expected at most 1024, got '1025'"),
+    ("run {x.png} -o o --tile-batch 1025", "argument --tile-batch: expected at most 1024, got '1025'"),
     ("inspect --size 16385", "argument --size: expected at most 16384 px per side, got '16385'"),
     ("inspect --size 99999999999999999999", "argument --size: expected at most 16384 px per side, "
      "got '99999999999999999999'"),
@@ -233,13 +233,13 @@ def test_a_batch_larger_than_the_tile_count_counts_only_the_tiles(
 ) -> None:
     tiles = tile_count(64, 64, tile_px=32, overlap_px=8, pad_multiple=TINY.pad_multiple)
     assert tiles == 9
-    # Room for the image and the 9 tiles at once, not for the 64 tiles --batch 64 asks for.
+    # Room for the image and the 9 tiles at once, not for the 64 tiles --tile-batch 64 asks for.
     available = frame_peak_bytes(64, 64, alpha=False, bit_depth=8) + forward_peak_bytes(TINY, 32, 32, batch=tiles)
     assert available < forward_peak_bytes(TINY, 32, 32, batch=64)
     monkeypatch.setattr(inference, "available_memory_bytes", lambda device: available)
     out = tmp_path / "out"
     argv = ["run", str(files / "tiny.pth"), str(files / "x.png"), "-o", str(out)]
-    assert main([*argv, "--tile", "32", "--overlap", "8", "--batch", "64"]) == 0, capsys.readouterr().err
+    assert main([*argv, "--tile", "32", "--overlap", "8", "--tile-batch", "64"]) == 0, capsys.readouterr().err
     assert cv2.imread(str(out / "x.png")).shape == (64, 64, 3)
 
 

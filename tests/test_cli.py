@@ -175,6 +175,8 @@ RENAMED = [
     ("quantize --target openvino --train-data t --bench-iters 3",
      "quantize --target openvino --train-data t --bench-runs 3", "--bench-runs"),
     ("bench d --iters 3", "bench d --runs 3", "--runs"),
+    ("run x.png -o o --batch 2", "run x.png -o o --tile-batch 2", "--tile-batch"),
+    ("report d --data v", "report d --val-data v", "--val-data"),
 ]  # fmt: skip
 
 

@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import require
+from helpers import TINY_CONFIG, require
 
 from nafnet_edge import progress
 from nafnet_edge.cli import build_parser
+from nafnet_edge.defaults import VALIDATION_OVERLAP_PX
+from nafnet_edge.images import read_image
+from nafnet_edge.validation import tile_count
 
-LINE = re.compile(r"nafnet-edge: \[ *\d+\.\d+s\] (.*)")
+LINE = re.compile(r"nafnet-edge: (?:\[ *\d+\.\ds\]|note:) (.*)")  # a progress line or a note
 # What the backends print during a Core ML convert when nothing captures it: coremltools' progress bars, its
 # failed native-proxy load off macOS, and the source line Python shows under a warning.
 THIRD_PARTY_MARKERS = ("MLModelProxy", "Running MIL", "%|", "warnings.warn", "Converting PyTorch")
@@ -52,7 +55,7 @@ def real_fds() -> Iterator[None]:
 
 
 def said(err: str) -> list[str]:
-    """The progress lines in ``err`` without their prefix; fails on any other line."""
+    """The progress lines and notes in ``err`` without their prefix; fails on any other line."""
     lines = []
     for line in err.splitlines():
         match = LINE.fullmatch(line)
@@ -249,8 +252,18 @@ def test_convert_prints_its_phases_and_none_of_the_backends_output(
     assert normal.returncode == 0, normal.stderr
     lines = said(normal.stderr)  # every stderr line is one of ours
     phases = [line for line in lines if re.fullmatch(r"coreml-fp16: [a-z0-9 ]+( \(\d+ \w+\))?", line)]
-    assert phases[:3] == ["coreml-fp16: deploy graph", "coreml-fp16: export", "coreml-fp16: validate in its runtime"]
-    assert "coreml-fp16: run in its runtime (5 tiles)" in phases  # 96x120 in 64 px tiles with overlap, and 50x40
+    assert phases[:4] == [
+        "coreml-fp16: load the converter",
+        "coreml-fp16: deploy graph",
+        "coreml-fp16: export",
+        "coreml-fp16: validate in its runtime",
+    ]
+    multiple = TINY_CONFIG.pad_multiple
+    tiles = sum(
+        tile_count(read_image(p).pixels.shape, (64, 64), VALIDATION_OVERLAP_PX, multiple) for p in kodak_data.iterdir()
+    )
+    assert tiles > len(list(kodak_data.iterdir()))  # the larger crop is tiled
+    assert phases[4:] == ["coreml-fp16: fp32 reference (2 images)", f"coreml-fp16: run in its runtime ({tiles} tiles)"]
     assert lines[-1] == f"coreml-fp16: write {tmp_path / 'normal' / 'coreml-fp16'}"
     assert not [marker for marker in THIRD_PARTY_MARKERS if marker in normal.stderr], normal.stderr
     assert normal.stdout.strip(), "the result goes to stdout"

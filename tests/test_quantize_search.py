@@ -298,8 +298,8 @@ def _search(
 
 
 def _said(err: str) -> list[str]:
-    """The progress lines in ``err``, without their "nafnet-edge: [  1.2s] " prefix."""
-    return [m[1] for m in re.finditer(r"^nafnet-edge: \[ *[\d.]+s\] (.*)$", err, flags=re.M)]
+    """The progress lines and notes in ``err``, without their "nafnet-edge: [  1.2s] " or "nafnet-edge: note: "."""
+    return [m[1] for m in re.finditer(r"^nafnet-edge: (?:\[ *[\d.]+s\]|note:) (.*)$", err, flags=re.M)]
 
 
 def _round_results(err: str) -> list[str]:
@@ -358,8 +358,8 @@ def test_search_keeps_its_best_round_and_stops_at_a_worse_one(
     advice = [line for line in said if "Try next:" in line]
     assert advice == [
         "executorch-int8 missed its budget in 5 round(s) (round 5 was worse than round 4); kept round 4: drift "
-        "0.461 dB > budget 0.1 dB (--max-drift). Try next: QAT (--method qat); more or more representative --data "
-        "(images like the ones it will restore, degradation included); either of those with --keep-float "
+        "0.461 dB > budget 0.1 dB (--max-drift). Try next: QAT (--method qat); more or more representative "
+        "--train-data (images like the ones it will restore, degradation included); either of those with --keep-float "
         "decoders.1.0,ending,encoders.0.0,intro (the units this artifact keeps float); or accept a looser "
         "--max-drift / --min-fidelity"
     ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import cv2
@@ -86,6 +87,21 @@ def test_the_executorch_program_file_names_its_artifact(
     err = run_artifact(directory / "model.pte", converted_artifacts, tmp_path, capsys)
     assert f"artifact: {directory} (executorch fp32) in executorch" in err
     budget = json.loads((directory / "manifest.json").read_text())["validation"]["budgets"]["min_fidelity_db"]
+    for image in reference.iterdir():
+        assert psnr_db(cv2.imread(str(tmp_path / image.name)), cv2.imread(str(image))) > budget
+
+
+def test_a_core_ml_package_runs_where_validation_ran_it(
+    converted_artifacts: Converted, reference: Path, tmp_path: Path, capsys
+) -> None:
+    """The .mlpackage names its artifact; off macOS it runs in the ML-program evaluator validation uses (fp16)."""
+    require("coremltools")
+    directory = converted_artifacts.dir("coreml")
+    err = run_artifact(directory / "model.mlpackage", converted_artifacts, tmp_path, capsys)
+    runtime = "coreml" if sys.platform == "darwin" else "mil-numpy-evaluator"
+    assert f"artifact: {directory} (coreml fp16) in {runtime}" in err
+    manifest = json.loads((directory / "manifest.json").read_text())
+    budget = manifest["validation"]["budgets"]["min_fidelity_db"]
     for image in reference.iterdir():
         assert psnr_db(cv2.imread(str(tmp_path / image.name)), cv2.imread(str(image))) > budget
 

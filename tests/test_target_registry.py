@@ -148,7 +148,7 @@ def test_bench_and_report_show_it(echo, checkpoint: Path, data: Path, tmp_path: 
     measured = json.loads((out / "echo-fp32" / "bench.json").read_text())
     assert measured["target"] == "echo" and measured["runtime"] == "torch (echo)"
 
-    assert main(["report", str(out), "--images", "1", "--data", str(data)]) == 0
+    assert main(["report", str(out), "--images", "1", "--val-data", str(data)]) == 0
     page = (out / "report.html").read_text()
     assert '<tr class="artifact" data-target="echo">' in page  # its row in the table
     assert "<td>torch (echo)</td>" in page  # with the runtime its session reported
