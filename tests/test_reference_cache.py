@@ -175,11 +175,11 @@ def test_the_report_compares_each_artifact_with_its_own_reference(tlc_checkpoint
     for name, extra in (("plain", []), ("tlc", ["--arch", "nafnet-local", "--train-size", "64"])):
         assert _convert(tlc_checkpoint, tmp_path / name, data, "--no-validate", *extra) == 0
     artifacts = [read_artifact(artifact_dir(tmp_path / name, "onnx")) for name in ("plain", "tlc")]
-    groups = compare_images(artifacts, images=1, data=data, checkpoint=None)
+    groups = compare_images(artifacts, images=1, val_data=data, checkpoint=None)
     assert len(groups) == 2  # one reference per recorded setting, not one per checkpoint file
     for group in groups:
-        [(_, crop, why)] = group.rows
-        assert why is None and crop is not None and crop.psnr_db > 100, (group.rows, why)
+        [output] = group.outputs
+        assert output.note is None and output.psnr_db is not None and output.psnr_db > 100, output
 
 
 def test_validate_tiles_with_the_overlap_the_artifact_was_validated_with(tlc_checkpoint: Path, tmp_path: Path) -> None:
