@@ -28,10 +28,10 @@ if TYPE_CHECKING:
     import torch
 
     from nafnet_edge.benchmark import BenchReport
-    from nafnet_edge.checkpoint import LoadedCheckpoint
+    from nafnet_edge.checkpoint import LoadedCheckpoint, ParamKey
     from nafnet_edge.conversion import ConvertResult, Int8Settings, ValidationSettings
     from nafnet_edge.manifest import Manifest, ValidationSummary
-    from nafnet_edge.model import NAFNetConfig
+    from nafnet_edge.model import Arch, NAFNetConfig
     from nafnet_edge.validation import ValidationReport
 
 PathLike = str | Path  # a file or folder, as text or a Path
@@ -66,8 +66,8 @@ class ValidationResult:
 def load(
     checkpoint: PathLike | None = None,
     *,
-    param_key: str = defaults.PARAM_KEY,
-    arch: str | None = None,
+    param_key: ParamKey = defaults.PARAM_KEY,
+    arch: Arch | None = None,
     train_size: tuple[int, int] | None = None,
     device: str = "cpu",
 ) -> LoadedCheckpoint:
@@ -76,13 +76,7 @@ def load(
     training crop) override what is identified; ``param_key`` picks the entry of a wrapped checkpoint."""
     from nafnet_edge.checkpoint import load_checkpoint
 
-    return load_checkpoint(
-        checkpoint,
-        param_key=param_key,  # type: ignore[arg-type]
-        arch=arch,  # type: ignore[arg-type]
-        train_size=train_size,
-        device=device,
-    )
+    return load_checkpoint(checkpoint, param_key=param_key, arch=arch, train_size=train_size, device=device)
 
 
 def _loaded(checkpoint: PathLike | LoadedCheckpoint | None) -> LoadedCheckpoint:
@@ -446,8 +440,8 @@ def validate(
     min_fidelity: float | None = None,
     max_drift: float | None = None,
     cache: bool = True,
-    param_key: str = defaults.PARAM_KEY,
-    arch: str | None = None,
+    param_key: ParamKey = defaults.PARAM_KEY,
+    arch: Arch | None = None,
     train_size: tuple[int, int] | None = None,
 ) -> ValidationResult:
     """Validate an artifact directory written by :func:`convert` again, in its runtime, against the fp32
@@ -491,8 +485,8 @@ def _validate_locked(
     min_fidelity: float | None,
     max_drift: float | None,
     cache: bool,
-    param_key: str,
-    arch: str | None,
+    param_key: ParamKey,
+    arch: Arch | None,
     train_size: tuple[int, int] | None,
 ) -> ValidationResult:
     from nafnet_edge.checkpoint import LoadedCheckpoint

@@ -4,39 +4,40 @@ function never disagree. Imports nothing heavy (no torch): the parser reads it a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Final
 
 # convert / quantize
-INPUT_SIZE = (256, 256)  # fixed model input (tile) of an artifact, height x width; int8 trains on crops of it
-OUTPUT_DIR = Path("artifacts")  # where convert/quantize write OUT/<target>-<precision>/
-REFERENCE_DEVICE = "auto"  # where the fp32 reference of validation runs: CUDA when present, else CPU
-PARAM_KEY = "auto"  # entry of a wrapped checkpoint: 'params' first, as in the official files
+INPUT_SIZE: Final = (256, 256)  # fixed model input (tile) of an artifact, height x width; int8 trains on crops of it
+OUTPUT_DIR: Final = Path("artifacts")  # where convert/quantize write OUT/<target>-<precision>/
+REFERENCE_DEVICE: Final = "auto"  # where the fp32 reference of validation runs: CUDA when present, else CPU
+PARAM_KEY: Final = "auto"  # entry of a wrapped checkpoint: 'params' first, as in the official files
 
 # validation
-VALIDATION_OVERLAP_PX = 32  # tile overlap of validation (and of convert's manifest); smaller than the tile
-VALIDATION_DATA_NOTE = "shipped Kodak photos, Gaussian noise sigma 25/255 (seeded)"  # the default validation set
+VALIDATION_OVERLAP_PX: Final = 32  # tile overlap of validation (and of convert's manifest); smaller than the tile
+VALIDATION_DATA_NOTE: Final = "shipped Kodak photos, Gaussian noise sigma 25/255 (seeded)"  # the default validation set
 
 # int8 training (quantize, convert --precision int8)
-METHOD = "qat"  # quantization-aware fine-tuning; "ptq" calibrates only
-STEPS = 300  # QAT optimisation steps
-TRAIN_BATCH = 4  # crops per QAT step
-LR = 1e-3  # AdamW step relative to each tensor's RMS, cosine schedule
-SEED = 0  # seed of the training crops and their order
-SEARCH_ROUNDS = 4  # rounds keeping the most sensitive units float when the artifact misses its drift budget
+METHOD: Final = "qat"  # quantization-aware fine-tuning; "ptq" calibrates only
+STEPS: Final = 300  # QAT optimisation steps
+TRAIN_BATCH: Final = 4  # crops per QAT step
+LR: Final = 1e-3  # AdamW step relative to each tensor's RMS, cosine schedule
+SEED: Final = 0  # seed of the training crops and their order
+SEARCH_ROUNDS: Final = 4  # rounds keeping the most sensitive units float when the artifact misses its drift budget
 
 # bench (and convert/quantize --bench)
-BENCH_RUNS = 20  # timed runs per artifact
-BENCH_WARMUP = 3  # untimed runs first
-BENCH_TOP = 8  # operators listed per profile
-BENCH_OVERLAP_PX = 32  # tile overlap of bench --frame
+BENCH_RUNS: Final = 20  # timed runs per artifact
+BENCH_WARMUP: Final = 3  # untimed runs first
+BENCH_TOP: Final = 8  # operators listed per profile
+BENCH_OVERLAP_PX: Final = 32  # tile overlap of bench --frame
 
 # run
-RUN_TILE_PX = 512  # tile side of full-resolution restoration, 0 = whole image
-RUN_OVERLAP_PX = 64  # tile overlap of run
-TILE_BATCH = 1  # tiles per forward pass
+RUN_TILE_PX: Final = 512  # tile side of full-resolution restoration, 0 = whole image
+RUN_OVERLAP_PX: Final = 64  # tile overlap of run
+TILE_BATCH: Final = 1  # tiles per forward pass
 
 # report
-REPORT_IMAGES = 3  # validation images cropped into the page
+REPORT_IMAGES: Final = 3  # validation images cropped into the page
 
 # inspect / reparam
-GMACS_SIZE = (256, 256)  # input size inspect counts multiply-accumulates at
-STREAM_SCALE = 16.0  # power of two dividing the residual stream so fp16 norms cannot overflow
+GMACS_SIZE: Final = (256, 256)  # input size inspect counts multiply-accumulates at
+STREAM_SCALE: Final = 16.0  # power of two dividing the residual stream so fp16 norms cannot overflow

@@ -325,11 +325,11 @@ def backend_output() -> Iterator[Captured]:
     from nafnet_edge.atomic import _signals_deferred
 
     capture = _Capture()
-    with _signals_deferred():  # an interrupt never finds the fds half swapped
-        capture.start()
-        _capture = capture
     failed: Exception | None = None
-    try:
+    try:  # an interrupt, held while the fds are swapped either way, lands inside: they are always swapped back
+        with _signals_deferred():
+            capture.start()
+            _capture = capture
         yield captured
     except Exception as e:
         failed = e
