@@ -220,6 +220,7 @@ def convert(
 
     With ``options.precision == "int8"`` the deploy graph goes through the target's quantizer and the shared
     PTQ/QAT loop (``int8`` settings) before export."""
+    get_target(target).check_available()  # a missing backend is said before anything starts
     label = artifact_dirname(target, options.precision)
     progress.phase(f"{label}: load the converter")
     with progress.backend_output():  # checking the options imports the backend, which has its say on import

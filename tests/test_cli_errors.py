@@ -202,7 +202,7 @@ def test_target_takes_a_comma_separated_list_each_once_and_all_alone(tmp_path: P
     assert (
         main(["convert", "--target", "onnx,openvino,onnx", "--no-validate", "--input-size", "32", "-o", str(out)]) == 0
     )
-    assert sorted(p.name for p in out.iterdir()) == ["onnx", "openvino"]
+    assert sorted(p.name for p in out.iterdir()) == ["onnx-fp32", "openvino-fp32"]
     capsys.readouterr()
     for bad, said in (("onnx,tflite", "invalid choice: 'tflite'"), ("onnx,all", "'all' stands alone")):
         with pytest.raises(SystemExit) as info:

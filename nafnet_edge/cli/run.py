@@ -329,7 +329,7 @@ def add_parser(sub: Any, parents: Parents) -> None:
         default="auto",
         action=_Given,
         choices=["auto", "cpu", "cuda"],
-        help="auto = CUDA when present (the PyTorch path only)",
+        help="auto = CUDA when present (default: %(default)s; the PyTorch path only)",
     )
     p.add_argument(
         "--format",
