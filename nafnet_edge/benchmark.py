@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from nafnet_edge import defaults, progress
 from nafnet_edge.converters.base import NotRunnable, Session, SessionSettings, operator_profile
-from nafnet_edge.errors import ArtifactError, BadInputError
+from nafnet_edge.errors import ArtifactError, BadInputError, display_path
 from nafnet_edge.manifest import BENCH_FILE as BENCH_FILE  # where save writes (re-exported)
 from nafnet_edge.manifest import BENCH_VERSION, BenchRecord, Manifest, find_artifacts, normalize_profile, write_bench
 
@@ -514,7 +514,7 @@ def bench_artifacts(
         macs = count_macs(config, shape[2], shape[3])
         result = BenchResult(str(directory), manifest.target, manifest.precision, "", True, shape)
         label = f"{manifest.target}-{manifest.precision}"
-        progress.phase(f"{label}: bench {directory} ({i}/{len(directories)})")
+        progress.phase(f"{label}: bench {display_path(directory)} ({i}/{len(directories)})")
         measure(
             result,
             functools.partial(open_session, directory, manifest, settings),

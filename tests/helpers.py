@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -46,6 +47,15 @@ class Converted:
     def dir(self, target: str) -> Path:
         """The shared artifact directory of ``target``."""
         return artifact_dir(self.out, target)
+
+
+PROGRESS_LINE = re.compile(r"nafnet-edge: \[ *\d+\.\ds\] ")  # nafnet_edge.progress's phase and task lines
+
+
+def without_progress(err: str) -> str:
+    """``err`` without the progress lines (``nafnet-edge: [  1.2s] coreml-fp16: export``): the messages (errors,
+    warnings, notes) a test asserts on."""
+    return "".join(line for line in err.splitlines(keepends=True) if not PROGRESS_LINE.match(line))
 
 
 def running_in_ci() -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import artifact_dir, inspect_refused
+from helpers import artifact_dir, inspect_refused, without_progress
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -368,7 +368,9 @@ def test_a_checkpoint_that_produces_nan_gets_no_verdict_and_no_deploy_graph(
     ckpt = _overflowing_checkpoint(tiny_sd, tmp_path / "overflows.pth")
     out = tmp_path / "out"
     assert main(["convert", str(ckpt), "--target", "onnx", "--input-size", "64", "-o", str(out)]) == EXIT_BAD_INPUT
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nafnet-edge:")]
+    errors = [
+        line for line in without_progress(capsys.readouterr().err).splitlines() if line.startswith("nafnet-edge:")
+    ]
     assert len(errors) == 1 and "the source checkpoint itself (the fp32 reference) produces non-finite" in errors[0]
     assert not artifact_dir(out, "onnx").exists()
 

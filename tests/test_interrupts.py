@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import artifact_dir, save_tiny_checkpoint
+from helpers import artifact_dir, save_tiny_checkpoint, without_progress
 
 from nafnet_edge.atomic import output_lock
 from nafnet_edge.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OUTPUT
@@ -301,7 +301,7 @@ def _limited_file_size(limit: int):
 
 
 def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("nafnet-edge")]
+    lines = [line for line in without_progress(err).splitlines() if line.startswith("nafnet-edge")]
     assert len(lines) == 1, err
     return lines[0]
 
