@@ -353,7 +353,9 @@ def test_run_refuses_an_output_with_nan_and_writes_no_image(tmp_path: Path, tiny
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(image)
     out = tmp_path / "out"
     assert main(["run", str(ckpt), str(image), "-o", str(out), "--tile", tile, "--overlap", "8"]) == EXIT_BAD_INPUT
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nafnet-edge:")]
+    errors = [
+        line for line in without_progress(capsys.readouterr().err).splitlines() if line.startswith("nafnet-edge:")
+    ]
     assert len(errors) == 1, errors
     assert errors[0].startswith(f"nafnet-edge: error: {image}: the checkpoint produced non-finite values (NaN or Inf)")
     assert "of 6,720 output values, so no image was written for it" in errors[0]

@@ -288,9 +288,9 @@ def test_whole_image_beyond_memory_is_refused_with_the_flag_that_fixes_it(
     ("height", "width", "tiled", "batch", "overlap", "fits", "advice"),
     [
         pytest.param(3000, 4000, False, 1, 64, 512, "; tile it: --tile 512 (the default)", id="whole-frame"),
-        pytest.param(512, 512, True, 4, 64, 512, "; fewer tiles per pass: --batch 1", id="tile-batch"),
+        pytest.param(512, 512, True, 4, 64, 512, "; fewer tiles per pass: --tile-batch 1", id="tile-batch"),
         pytest.param(1024, 1024, True, 1, 64, 512, "; smaller tiles: --tile 512 (the default)", id="big-tiles"),
-        pytest.param(1024, 1024, True, 2, 64, 256, "; smaller tiles: --tile 256 --batch 1", id="big-tile-batch"),
+        pytest.param(1024, 1024, True, 2, 64, 256, "; smaller tiles: --tile 256 --tile-batch 1", id="big-tile-batch"),
         pytest.param(300, 300, False, 1, 256, 256, "; tile it: --tile 256 --overlap 64", id="overlap-too-large"),
         pytest.param(300, 300, False, 1, 64, 32, "; free some memory or use a smaller model", id="nothing-fits"),
     ],

@@ -167,7 +167,7 @@ def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Pat
         if loaded.release
         else ("embedded default" if loaded.is_default else display_path(loaded.path.name))
     )
-    progress.note(
+    progress.phase(
         f"model: {name} ({'NAFNetLocal' if cfg.arch == 'nafnet-local' else 'NAFNet'}, width {cfg.width}) on {device}; "
         f"tile {args.tile or 'off'}, overlap {args.overlap if args.tile else '-'}"
     )
@@ -215,7 +215,7 @@ def _run_artifact(args: argparse.Namespace, directory: Path, files: list[Path]) 
         except NotRunnable as e:
             raise MissingBackendError(f"{display_path(directory)} cannot run on this machine: {e}") from None
     note = session.info.get("note")
-    progress.note(
+    progress.phase(
         f"artifact: {display_path(directory)} ({manifest.target} {manifest.precision}) in {session.runtime}; "
         f"{tile[0]}x{tile[1]} tiles, overlap {overlap}" + (f" ({note})" if isinstance(note, str) and note else "")
     )
