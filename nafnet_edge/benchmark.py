@@ -129,17 +129,23 @@ class BenchResult:
 # --- the machine ---------------------------------------------------------------------------------------------
 
 
-def sgemm_gflops(n: int = 2048, repeats: int = 3) -> float:
-    """This machine's fp32 matrix-multiply rate in GFLOP/s (best of ``repeats``, PyTorch's threads): the peak
-    that achieved GFLOP/s are compared with."""
+def sgemm_probe(n: int = 2048, repeats: int = 3) -> tuple[float, float]:
+    """This machine's fp32 matrix-multiply rate in GFLOP/s (best of ``repeats``, PyTorch's threads), the peak that
+    achieved GFLOP/s are compared with, and the spread of the repeats (slowest / fastest): on a quiet machine the
+    same multiply takes the same time, so a large spread means other work is competing for the cores."""
     a, b = torch.rand(n, n), torch.rand(n, n)
     a @ b
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         started = time.perf_counter()
         a @ b
-        best = min(best, time.perf_counter() - started)
-    return 2 * n**3 / best / 1e9
+        times.append(time.perf_counter() - started)
+    return 2 * n**3 / min(times) / 1e9, max(times) / min(times)
+
+
+def sgemm_gflops(n: int = 2048, repeats: int = 3) -> float:
+    """The rate of :func:`sgemm_probe`."""
+    return sgemm_probe(n, repeats)[0]
 
 
 def cpu_name() -> str:
@@ -191,6 +197,13 @@ def memory_gb() -> float | None:
         return None
 
 
+def _probe(probe: bool) -> dict[str, float | None]:
+    if not probe:
+        return {"sgemm_gflops": None}
+    gflops, spread = sgemm_probe()
+    return {"sgemm_gflops": round(gflops, 1), "sgemm_spread": round(spread, 2)}
+
+
 def machine(*, probe: bool = True) -> dict[str, Any]:
     return {
         "cpu": cpu_name(),
@@ -198,7 +211,7 @@ def machine(*, probe: bool = True) -> dict[str, Any]:
         "cores": os.cpu_count(),
         "memory_gb": memory_gb(),
         "platform": platform.platform(),
-        "sgemm_gflops": round(sgemm_gflops(), 1) if probe else None,
+        **_probe(probe),
         "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,  # 1 min, at the start
     }
 
@@ -216,6 +229,12 @@ def stability_notes(report: BenchReport) -> list[str]:
         notes.append(
             f"warning: the machine is busy (load average {load:.2f} on {cores} cores when the run started); "
             "timings are noisy: rerun when it is quiet, or compare only ratios measured in one run"
+        )
+    probe = report.machine.get("sgemm_spread")
+    if probe is not None and probe > UNSTABLE_SPREAD:
+        notes.append(
+            f"warning: the matrix-multiply probe varied {probe:.2f}x between repeats at the start: other work "
+            "is competing for the cores, so timings are noisy"
         )
     rows = [*report.artifacts, *([report.baseline] if report.baseline else [])]
     for r in rows:

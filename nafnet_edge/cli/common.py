@@ -456,3 +456,16 @@ def deprecated_alias(parser: Any, old: str, new: str, *, dest: str, **kwargs: An
     parser.add_argument(
         old, dest=dest, action=_DeprecatedAlias, new=new, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs
     )
+
+
+def validation_options(args: argparse.Namespace, *, overlap: int | None) -> dict[str, Any]:
+    """The validation group's options as keyword arguments of ``api.convert``/``api.validate``."""
+    return {
+        "val_data": args.val_data,
+        "val_pairs": args.val_pairs,
+        "reference_device": args.reference_device,
+        "overlap": overlap,
+        "min_fidelity": args.min_fidelity,
+        "max_drift": args.max_drift,
+        "cache": not args.no_cache,
+    }

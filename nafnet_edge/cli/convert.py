@@ -21,6 +21,7 @@ from nafnet_edge.cli.common import (
     target_list,
     target_settings,
     titles,
+    validation_options,
 )
 from nafnet_edge.errors import (
     UsageError,
@@ -103,13 +104,7 @@ def _convert_targets(
                     precision=args.precision,
                     input_size=args.input_size,
                     validate=not args.no_validate,
-                    val_data=args.val_data,
-                    val_pairs=args.val_pairs,
-                    reference_device=args.reference_device,
-                    overlap=overlap,
-                    min_fidelity=args.min_fidelity,
-                    max_drift=args.max_drift,
-                    cache=not args.no_cache,
+                    **validation_options(args, overlap=overlap),
                     train_data=args.train_data,
                     train_pairs=args.train_pairs,
                     method=args.method,

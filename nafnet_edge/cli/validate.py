@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nafnet_edge.cli.common import EPILOG, Parents
+from nafnet_edge.cli.common import EPILOG, Parents, validation_options
 from nafnet_edge.cli.convert import print_result, result_json
 
 
@@ -18,13 +18,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     result = api.validate(
         args.directory,
         checkpoint=args.checkpoint,
-        val_data=args.val_data,
-        val_pairs=args.val_pairs,
-        reference_device=args.reference_device,
-        overlap=args.overlap,
-        min_fidelity=args.min_fidelity,
-        max_drift=args.max_drift,
-        cache=not args.no_cache,
+        **validation_options(args, overlap=args.overlap),
         param_key=args.param_key,
         arch=args.arch,
         train_size=args.train_size,
