@@ -138,6 +138,12 @@ def note(text: str) -> None:
         _write(f"{PREFIX} note: {text}")
 
 
+def warning(text: str) -> None:
+    """A condition the user must know about (results still valid, something costs more): ``nafnet-edge: warning:
+    text``, shown even with quiet and while backend output is captured."""
+    _write(f"{PREFIX} warning: {text}")
+
+
 class Advance(Protocol):
     def __call__(self, n: int = 1, *, info: str | None = None) -> None: ...
 

@@ -24,7 +24,6 @@ import os
 import secrets
 import stat
 import struct
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -491,7 +490,7 @@ def _warn_uncached(reason: str, advice: str = "set NAFNET_EDGE_CACHE to a folder
     global _cache_warned
     if not _cache_warned:
         _cache_warned = True
-        print(f"nafnet-edge: warning: reference outputs not cached ({reason}); {advice}", file=sys.stderr)
+        progress.warning(f"reference outputs not cached ({reason}); {advice}")
 
 
 def _cache_secret(directory: Path) -> bytes | None:
