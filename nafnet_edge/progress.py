@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, TextIO
 
+from nafnet_edge.errors import printable
+
 Level = Literal["quiet", "normal", "verbose"]
 LEVELS: tuple[Level, ...] = ("quiet", "normal", "verbose")
 PREFIX = "nafnet-edge:"
@@ -116,6 +118,7 @@ def line(text: str) -> str:
 
 
 def _write(text: str) -> None:
+    text = printable(text)  # a path with a newline or a terminal escape can neither fake lines nor change the terminal
     if _bars:
         from tqdm import tqdm
 

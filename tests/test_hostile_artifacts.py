@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from helpers import artifact_dir, parser_with, save_tiny_checkpoint
+from helpers import artifact_dir, parser_with, save_tiny_checkpoint, without_progress
 
 from nafnet_edge import cli
 from nafnet_edge.artifact_files import artifact_file
@@ -83,7 +83,7 @@ def command(name: str, directory: Path, built: Path) -> list[str]:
 def refused(argv: list[str], capsys, code: int, *needles: str) -> str:
     """``main(argv)`` exits ``code`` with one stderr line, an error naming ``needles``."""
     got = main(argv)
-    err = capsys.readouterr().err
+    err = without_progress(capsys.readouterr().err)
     assert got == code, err
     assert err.count("\n") == 1 and err.startswith("nafnet-edge: error: "), err
     for needle in needles:
@@ -319,7 +319,7 @@ def test_a_valueerror_inside_a_backend_is_an_internal_error(
     monkeypatch.setattr(ONNXTarget, "export", _boom)
     argv = ["convert", str(built / "tiny.pth"), "--target", target, "--input-size", "32", "--no-validate"]
     assert main([*argv, "-o", str(tmp_path / "out")]) == EXIT_FAILURE
-    err = capsys.readouterr().err
+    err = without_progress(capsys.readouterr().err)
     assert err == "nafnet-edge: internal error: ValueError: boom (rerun with --debug for details)\n"
     # the bug stopped the command, it did not skip a target
     assert not artifact_dir(tmp_path / "out", "openvino").exists()
@@ -332,7 +332,7 @@ def test_all_with_a_missing_extra_builds_the_others_and_exits_4(
     monkeypatch.setattr(OpenVINOTarget, "modules", ("no_such_runtime_module",))
     argv = ["convert", str(built / "tiny.pth"), "--target", "all", "--input-size", "32", "--no-validate"]
     assert main([*argv, "-o", str(tmp_path / "out")]) == EXIT_MISSING_BACKEND
-    err = capsys.readouterr().err
+    err = without_progress(capsys.readouterr().err)
     assert err == (
         "skipped openvino: --target openvino needs no_such_runtime_module: pip install 'nafnet-edge[openvino]'\n"
     )
@@ -344,7 +344,9 @@ def test_all_skips_a_target_an_option_does_not_apply_to(built: Path, tmp_path: P
     _two_quick_targets(monkeypatch)
     argv = ["convert", str(built / "tiny.pth"), "--target", "all", "--input-size", "32", "--no-validate"]
     assert main([*argv, "--precision", "fp16", "-o", str(tmp_path / "out")]) == 0
-    assert capsys.readouterr().err == "skipped onnx: --target onnx supports precision fp32, not fp16\n"
+    assert (
+        without_progress(capsys.readouterr().err) == "skipped onnx: --target onnx supports precision fp32, not fp16\n"
+    )
     assert (artifact_dir(tmp_path / "out", "openvino", "fp16") / "model.xml").is_file()
 
 

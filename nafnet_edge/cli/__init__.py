@@ -15,7 +15,7 @@ from nafnet_edge import __version__, progress
 from nafnet_edge.cli import bench, convert, inspect, quantize, reparam, report, run, validate
 from nafnet_edge.cli.bench import FRAME_BYTES_PER_PIXEL, parse_frame
 from nafnet_edge.cli.common import EPILOG, Parser, parents, target_options
-from nafnet_edge.errors import EXIT_FAILURE, EXIT_INTERRUPTED, NafnetEdgeError, UsageError, printable
+from nafnet_edge.errors import EXIT_FAILURE, EXIT_INTERRUPTED, NafnetEdgeError, printable
 from nafnet_edge.sizes import parse_size
 
 __all__ = ["FRAME_BYTES_PER_PIXEL", "build_parser", "main", "parse_frame", "parse_size", "target_options"]
@@ -116,7 +116,7 @@ def _report_failure(interrupts: _Interrupts, line: str | None, *, debug: bool, e
     put together) is the interrupt: KeyboardInterrupt is raised instead, and main() prints its one line."""
     text = (traceback.format_exc() if debug else "") + (line + "\n" if line else "")
     log = progress.failure_log(error)
-    if log is not None and not isinstance(error, UsageError):  # a usage error says all there is to say
+    if log is not None and not isinstance(error, NafnetEdgeError):  # ours say all there is to say; a bug may not
         text += f"nafnet-edge: note: the backends' own output before this error is in {printable(str(log))}\n"
     if interrupts.received:
         raise KeyboardInterrupt
