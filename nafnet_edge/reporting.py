@@ -531,7 +531,15 @@ def _draw_baseline(ax: Any, baseline: float | None, slowest: float, *, text_y: f
     if baseline <= slowest * BASELINE_ON_SCALE:
         right = max(right, baseline * 1.15)
         ax.axvline(baseline, color=BASELINE_COLOR, linestyle="--", linewidth=1.2, zorder=1)
-        ax.text(baseline, text_y, f" PyTorch fp32 {baseline:.3g} ms", color=BASELINE_COLOR, fontsize=8.5, va="bottom")
+        ax.text(  # left of the line: to its right it would run into the legend beside the axes
+            baseline,
+            text_y,
+            f"PyTorch fp32 {baseline:.3g} ms ",
+            color=BASELINE_COLOR,
+            fontsize=8.5,
+            ha="right",
+            va="bottom",
+        )
     else:
         ax.text(
             right,
