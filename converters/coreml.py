@@ -75,7 +75,9 @@ MIN_TARGET_OPTION = TargetOption(
 COREML_USAGE = """\
 ## Swift (iOS 17 / macOS 14 or later)
 
-Add `{artifact}` to the Xcode target; Xcode compiles it and generates a class named after the file.
+Add `{artifact}` to the Xcode target; Xcode compiles it and generates a class named after the file. (This Swift
+uses only Core ML's documented API but is not compiled by nafnet-edge's own tests, which run where no Swift
+compiler exists; the Python below is executed by them.)
 
 ```swift
 import CoreML
