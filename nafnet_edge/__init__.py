@@ -35,6 +35,8 @@ _EXPORTS = {
     "restore_image": "nafnet_edge.inference",
     "restore_tensor": "nafnet_edge.inference",
     "run_tiled": "nafnet_edge.tiling",
+    "tile_plan": "nafnet_edge.tiling",
+    "TilePlan": "nafnet_edge.tiling",
     "count_macs": "nafnet_edge.complexity",
     # the pipeline, one function per step (nafnet_edge.api), and what they return
     "load": "nafnet_edge.api",

@@ -167,7 +167,7 @@ def build_manifest(
         files=list(exported_files),
         io=IOSpec.image(loaded.config.img_channels, (h, w)),
         padding_multiple=loaded.config.pad_multiple,
-        tiling=Tiling((h, w), overlap_px),
+        tiling=Tiling((h, w), overlap_px, align_px=loaded.config.pad_multiple),
         tlc=tlc_settings(loaded, graph),
         reference=reference_record(loaded, reference_device),
         source=Source(

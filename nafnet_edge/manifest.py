@@ -43,7 +43,16 @@ MAX_SCALE = 8  # output side / input side
 MAX_FILES = 64
 MAX_TENSORS = 16
 DEFAULT_OVERLAP_PX = 32  # tile overlap when a manifest records none (nafnet_edge.validation.DEFAULT_OVERLAP_PX)
-BLEND = "raised cosine, weights sum to one"
+BLEND = "raised cosine, weights sum to one"  # what manifests written before the window formula say
+# The blend window exactly (nafnet_edge.tiling.axis_weights), for an app that tiles frames itself.
+WINDOW = (
+    "separable: a tile's weight at (i, j) is wy(i) * wx(j). Along an axis, a tile's raw weight is 1, except over "
+    "an overlap of r px with the previous tile: 0 for the first r//4 px, then 0.5 - 0.5*cos(pi*(k + 0.5)/n) for "
+    "k = 0..n-1 with n = r - 2*(r//4), then 1; mirrored towards the next tile (the smaller of the two where both "
+    "apply). Each raw weight is then divided by the sum of the raw weights of all tiles covering that position, "
+    "so the weights sum to one everywhere"
+)
+PADDING = "zeros on the right and bottom: to a multiple of padding_multiple, and at least to the tile size"
 OUTPUT_NOTE = "unclamped; clamp to [0, 1] before quantizing"
 SECTIONS = ("tlc", "deploy", "export", "tools", "host", "runtime", "quantization", "seconds")
 _KNOWN = {
@@ -353,15 +362,23 @@ class Tiling:
 
     tile: tuple[int, int]
     overlap_px: int
-    blend: str = BLEND
+    blend: str = WINDOW
+    align_px: int = 16  # tile starts are multiples of this (the padding multiple: the U-Net's stride grid)
+    padding: str = PADDING
 
     def to_dict(self) -> dict[str, Any]:
-        return {"tile": list(self.tile), "overlap_px": self.overlap_px, "blend": self.blend}
+        return {
+            "tile": list(self.tile),
+            "overlap_px": self.overlap_px,
+            "align_px": self.align_px,
+            "padding": self.padding,
+            "blend": self.blend,
+        }
 
     @classmethod
-    def from_dict(cls, data: Any, size: tuple[int, int]) -> Tiling:
+    def from_dict(cls, data: Any, size: tuple[int, int], multiple: int = 16) -> Tiling:
         if data is None:
-            return cls(size, DEFAULT_OVERLAP_PX)
+            return cls(size, DEFAULT_OVERLAP_PX, align_px=multiple)
         if not isinstance(data, dict):
             raise _Problem(f"'tiling' is a JSON {_kind(data)}, not an object")
         tile = data.get("tile", list(size))
@@ -370,10 +387,18 @@ class Tiling:
         overlap = data.get("overlap_px", DEFAULT_OVERLAP_PX)
         if not _is_int(overlap) or not 0 <= overlap < MAX_SIDE_PX:
             raise _Problem(f"'tiling.overlap_px' {_short(overlap)} is not a number of pixels")
-        blend = data.get("blend", BLEND)
+        blend = data.get("blend", WINDOW)
         if not isinstance(blend, str):
             raise _Problem(f"'tiling.blend' is a JSON {_kind(blend)}")
-        return cls((tile[0], tile[1]), overlap, blend)
+        if blend == BLEND:  # written before the formula was recorded; the window itself has not changed
+            blend = WINDOW
+        align = data.get("align_px", multiple)  # the tiler has always aligned tile starts to the padding multiple
+        if not _is_int(align) or not 1 <= align <= MAX_SIDE_PX:
+            raise _Problem(f"'tiling.align_px' {_short(align)} is not a positive number of pixels")
+        padding = data.get("padding", PADDING)
+        if not isinstance(padding, str):
+            raise _Problem(f"'tiling.padding' is a JSON {_kind(padding)}")
+        return cls((tile[0], tile[1]), overlap, blend, align, padding)
 
 
 @dataclass
@@ -568,7 +593,7 @@ class Manifest:
             files=files,
             io=io,
             padding_multiple=multiple,
-            tiling=Tiling.from_dict(data.get("tiling"), io.input_size),
+            tiling=Tiling.from_dict(data.get("tiling"), io.input_size, multiple),
             tlc=data.get("tlc") or {},
             reference=reference,
             source=source,

@@ -154,3 +154,66 @@ def run_tiled(
         if on_tile is not None:
             on_tile(len(chunk))
     return out.permute(2, 0, 1)[None]
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Everything an app needs to restore a frame of any size through a fixed-size artifact exactly as
+    nafnet-edge validates it: pad the frame with zeros on the right and bottom to ``padded``, run the artifact on
+    the ``tile``-sized window at every origin (``ys`` x ``xs``, row-major), multiply each output by
+    ``weights_y[row][i] * weights_x[col][j]``, add them up, and crop to ``frame``."""
+
+    frame: tuple[int, int]
+    padded: tuple[int, int]
+    tile: tuple[int, int]
+    overlap_px: int
+    align_px: int
+    ys: tuple[int, ...]
+    xs: tuple[int, ...]
+    weights_y: tuple[tuple[float, ...], ...]
+    weights_x: tuple[tuple[float, ...], ...]
+
+    def __len__(self) -> int:
+        return len(self.ys) * len(self.xs)
+
+    def to_dict(self, *, weights: bool = True) -> dict[str, object]:
+        data: dict[str, object] = {
+            "frame": list(self.frame),
+            "padded": list(self.padded),
+            "tile": list(self.tile),
+            "overlap_px": self.overlap_px,
+            "align_px": self.align_px,
+            "tiles": len(self),
+            "ys": list(self.ys),
+            "xs": list(self.xs),
+        }
+        if weights:
+            data["weights_y"] = [list(w) for w in self.weights_y]
+            data["weights_x"] = [list(w) for w in self.weights_x]
+        return data
+
+
+def tile_plan(height: int, width: int, *, tile: tuple[int, int], overlap_px: int, align_px: int) -> TilePlan:
+    """The plan :func:`run_tiled` follows for an artifact of fixed input size ``tile`` on an ``height`` x ``width``
+    frame, after the frame is zero-padded to a multiple of ``align_px`` and at least to the tile (what validation,
+    ``run`` through an artifact and the report do). A frame that fits in one tile is one call at origin (0, 0)."""
+    th, tw = tile
+    if not 0 <= overlap_px < min(th, tw):
+        raise ValueError(f"overlap must be in [0, tile size), got overlap {overlap_px} for tile {th}x{tw}")
+    ph = max(th, -(-height // align_px) * align_px)
+    pw = max(tw, -(-width // align_px) * align_px)
+    ys = tile_starts(ph, th, overlap_px, align_px)
+    xs = tile_starts(pw, tw, overlap_px, align_px)
+    wy = axis_weights(ph, th, ys)
+    wx = axis_weights(pw, tw, xs)
+    return TilePlan(
+        frame=(height, width),
+        padded=(ph, pw),
+        tile=(th, tw),
+        overlap_px=overlap_px,
+        align_px=align_px,
+        ys=ys,
+        xs=xs,
+        weights_y=tuple(tuple(float(v) for v in w) for w in wy),
+        weights_x=tuple(tuple(float(v) for v in w) for w in wx),
+    )

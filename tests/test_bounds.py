@@ -70,6 +70,7 @@ REQUIRED = {
     "validate": ["d"],
     "bench": ["d"],
     "report": ["d"],
+    "plan": ["d", "--frame", "100x100"],
 }
 # Pass/fail thresholds, not amounts of work: any finite value is a valid (if strict or lax) budget.
 THRESHOLDS = {"--min-fidelity", "--max-drift", "--max-latency-ms"}
