@@ -102,7 +102,12 @@ import torch
 program_bytes = open("{artifact}", "rb").read()  # keep the bytes alive while the program is used
 program = Runtime.get().load_program(program_bytes)
 method = program.load_method("forward")
-y = method.execute([torch.from_numpy(x)])[0].numpy()
+
+
+def run(x):
+    return method.execute([torch.from_numpy(x)])[0].numpy()
+
+
 {python_save}```
 
 ## Android (Kotlin, `org.pytorch.executorch`)

@@ -60,7 +60,12 @@ USAGE = """\
 import onnxruntime as ort
 
 session = ort.InferenceSession("{artifact}", providers=["CPUExecutionProvider"])
-y = session.run(["{out}"], {{"{inp}": x}})[0]
+
+
+def run(x):
+    return session.run(["{out}"], {{"{inp}": x}})[0]
+
+
 {python_save}```
 """
 ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")  # onnxruntime's error prefix

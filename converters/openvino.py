@@ -63,7 +63,12 @@ Pin the inference precision: on CPUs with bf16 the plugin otherwise runs bf16 si
 import openvino as ov
 
 compiled = ov.Core().compile_model("{artifact}", "CPU", {{"INFERENCE_PRECISION_HINT": "f32"}})
-y = compiled({{"{inp}": x}})["{out}"]
+
+
+def run(x):
+    return compiled({{"{inp}": x}})["{out}"]
+
+
 {python_save}```
 
 ## C++

@@ -34,16 +34,22 @@ COMMON = """\
 PYTHON_IO = """\
 import numpy as np
 from PIL import Image
+from nafnet_edge import tile_plan  # the tiling this artifact was validated with, for any photo size
 
-H, W = {h}, {w}
 pixels = np.atleast_3d(np.asarray(Image.open("photo.png").convert("{mode}"), dtype=np.float32) / 255.0)
-h, w = min(pixels.shape[0], H), min(pixels.shape[1], W)
-x = np.zeros((1, {c}, H, W), np.float32)  # zero-padded right and bottom
-x[0, :, :h, :w] = pixels[:h, :w].transpose(2, 0, 1)
+plan = tile_plan(*pixels.shape[:2], tile=({h}, {w}), overlap_px={overlap}, align_px={align})
+frame = np.zeros((*plan.padded, {c}), np.float32)  # zero-padded right and bottom
+frame[: pixels.shape[0], : pixels.shape[1]] = pixels
 """
 
 PYTHON_SAVE = """\
-y = np.clip(y[0, :, :h, :w].transpose(1, 2, 0), 0.0, 1.0)  # crop the padding, clamp
+restored = np.zeros_like(frame)
+for row, top in enumerate(plan.ys):  # every {h}x{w} tile through the artifact, blended with the plan's weights
+    for col, left in enumerate(plan.xs):
+        x = np.ascontiguousarray(frame[top : top + {h}, left : left + {w}].transpose(2, 0, 1)[None])
+        weight = np.outer(plan.weights_y[row], plan.weights_x[col])[:, :, None]
+        restored[top : top + {h}, left : left + {w}] += run(x)[0].transpose(1, 2, 0) * weight
+y = np.clip(restored[: pixels.shape[0], : pixels.shape[1]], 0.0, 1.0)  # crop the padding, clamp
 Image.fromarray((y * 255.0 + 0.5).astype(np.uint8).squeeze()).save("restored.png")
 """
 
@@ -134,9 +140,10 @@ def usage_note(target: str, manifest: Manifest) -> str:
         "mode": "RGB" if c == 3 else "L",
         "overlap": manifest.tiling.overlap_px,
         "multiple": manifest.padding_multiple,
+        "align": manifest.tiling.align_px,
     }
     python_io = PYTHON_IO.format(**fields).rstrip("\n")
-    python_save = PYTHON_SAVE
+    python_save = PYTHON_SAVE.format(**fields)
     note = COMMON.format(**fields) + "\n" + body.format(**fields, python_io=python_io, python_save=python_save)
     validation = manifest.validation
     if validation is not None and not validation.passed:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 from helpers import KODAK, Converted, artifact_dir, require
 
@@ -41,7 +42,7 @@ def convert(checkpoint: Path, out: Path, data: Path, *extra: str) -> int:
     return main(["convert", str(checkpoint), "-o", str(out), "--input-size", "64", "--val-data", str(data), *extra])
 
 
-@pytest.mark.parametrize("target", ["onnx", "openvino"])
+@pytest.mark.parametrize("target", ["onnx", "openvino", "executorch"])
 def test_convert_writes_artifact_manifest_and_a_usage_note_whose_python_runs(
     target: str, converted_artifacts: Converted, tmp_path: Path
 ) -> None:
@@ -99,7 +100,12 @@ def test_convert_writes_artifact_manifest_and_a_usage_note_whose_python_runs(
     finally:
         os.chdir(cwd)
     restored = cv2.imread(str(folder / "restored.png"))
-    assert restored.shape == (64, 64, 3)  # the snippet crops to the photo (96x120 -> one 64x64 tile)
+    photo = cv2.imread(str(folder / "photo.png"))
+    assert restored.shape == photo.shape == (96, 120, 3)  # the whole photo, larger than the 64x64 tile, not square
+    # the snippet tiles and blends as `nafnet-edge run` does through the same artifact (both round to 8 bits)
+    assert main(["run", str(folder), str(folder / "photo.png"), "-o", str(tmp_path / "run")]) == 0
+    by_run = cv2.imread(str(tmp_path / "run" / "photo.png"))
+    assert np.abs(restored.astype(int) - by_run.astype(int)).max() <= 1
 
 
 def test_missed_budget_exits_3_and_keeps_the_artifact_marked_failed(
