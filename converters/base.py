@@ -123,6 +123,7 @@ class Target(ABC):
     options: ClassVar[tuple[TargetOption, ...]] = ()  # its own command-line options
     color: ClassVar[str] = ""  # its colour in report charts, "#rrggbb" (empty: the report picks one)
     usage_title: ClassVar[str] = ""  # USAGE.md: title and body template (``nafnet_edge.usage`` fills the fields)
+    helpers: ClassVar[tuple[str, ...]] = ()  # source files of nafnet_edge copied beside the artifact (app helpers)
     usage_body: ClassVar[str] = ""
 
     @classmethod

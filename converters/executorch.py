@@ -112,10 +112,29 @@ def run(x):
 
 ## Android (Kotlin, `org.pytorch.executorch`)
 
+One {h}x{w} tile:
+
 ```kotlin
 val module = Module.load(filesDir.resolve("{artifact}").absolutePath)
 val input = Tensor.fromBlob(pixels, longArrayOf(1, {c}, {h}, {w}))  // pixels: FloatArray, NCHW, in [0, 1]
 val restored = module.forward(EValue.from(input))[0].toTensor().dataAsFloatArray
+```
+
+A whole `Bitmap` of any size: add `NafnetTiler.kt` (in this folder; plain Kotlin, compiled and tested on the JVM
+against nafnet-edge's Python tiler) to the app. It pads, tiles, runs and blends exactly as this artifact was
+validated:
+
+```kotlin
+val tiler = NafnetTiler(object : TileModule {{
+    override fun run(input: FloatArray, channels: Int, height: Int, width: Int): FloatArray =
+        module.forward(EValue.from(Tensor.fromBlob(input, longArrayOf(1, {c}L, {h}L, {w}L))))[0]
+            .toTensor().dataAsFloatArray
+}}, tileHeight = {h}, tileWidth = {w}, overlap = {overlap}, align = {align}, channels = {c})
+val pixels = IntArray(bitmap.width * bitmap.height)
+bitmap.getPixels(pixels, 0, bitmap.width, 0, 0, bitmap.width, bitmap.height)
+val restored = Bitmap.createBitmap(
+    tiler.restoreArgb(pixels, bitmap.height, bitmap.width), bitmap.width, bitmap.height, Bitmap.Config.ARGB_8888
+)
 ```
 
 ## C++ (`executorch::extension::Module`)
@@ -139,6 +158,7 @@ class ExecuTorchTarget(Target):
     precisions: ClassVar[tuple[Precision, ...]] = ("fp32",)
     quantizer: ClassVar[str | None] = "nafnet_edge.quantization.xnnpack:XNNPACKQuantizer"
     color: ClassVar[str] = "#f28e2b"
+    helpers: ClassVar[tuple[str, ...]] = ("android/NafnetTiler.kt",)  # whole frames on Android
     options: ClassVar[tuple[TargetOption, ...]] = (
         TargetOption("--bundle", "bundle", "also a bundled program with test I/O", default=False, kind="flag"),
     )

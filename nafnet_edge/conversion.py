@@ -307,7 +307,7 @@ class _Stage:
             self.target,
             self.options,
             self.graph,
-            exported.files,
+            [*exported.files, *copy_helpers(self.converter, directory)],
             exported.info,
             overlap,
             reference_device=device,
@@ -324,6 +324,19 @@ class _Stage:
         manifest.validation = report.to_summary()
         manifest.seconds["validate"] = round(time.perf_counter() - started, 2)
         return manifest, runner
+
+
+def copy_helpers(converter: Any, directory: Path) -> list[str]:
+    """Copy the target's app helpers (``Target.helpers``, source files shipped in this package) into the artifact
+    directory; their names, for the manifest's files."""
+    from importlib import resources
+
+    names = []
+    for helper in getattr(converter, "helpers", ()):  # a stand-in converter in tests may have none
+        source = resources.files("nafnet_edge").joinpath(helper)
+        (directory / Path(helper).name).write_bytes(source.read_bytes())
+        names.append(Path(helper).name)
+    return names
 
 
 def run_validation(

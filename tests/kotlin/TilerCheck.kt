@@ -1,0 +1,75 @@
+// Drives nafnet_edge/android/NafnetTiler.kt for tests/test_android_tiler.py (compiled with it by kotlinc).
+import nafnetedge.NafnetTiler
+import nafnetedge.TileModule
+import nafnetedge.TilePlan
+import java.io.File
+import java.nio.ByteBuffer
+import java.nio.ByteOrder
+import kotlin.math.abs
+import kotlin.math.max
+
+fun readFloats(file: File): FloatArray {
+    val buffer = ByteBuffer.wrap(file.readBytes()).order(ByteOrder.LITTLE_ENDIAN).asFloatBuffer()
+    return FloatArray(buffer.remaining()).also { buffer.get(it) }
+}
+
+fun writeFloats(file: File, values: FloatArray) {
+    val buffer = ByteBuffer.allocate(4 * values.size).order(ByteOrder.LITTLE_ENDIAN)
+    buffer.asFloatBuffer().put(values)
+    file.writeBytes(buffer.array())
+}
+
+fun bits(values: FloatArray) = values.joinToString(" ") { java.lang.Float.floatToRawIntBits(it).toString() }
+
+fun main(args: Array<String>) {
+    val n = args.drop(1).filter { it.all(Char::isDigit) }.map(String::toInt)
+    when (args[0]) {
+        "plan" -> {
+            val (h, w, th, tw) = n
+            val plan = TilePlan(h, w, th, tw, n[4], n[5])
+            println("padded ${plan.paddedHeight} ${plan.paddedWidth}")
+            println("ys ${plan.ys.joinToString(" ")}")
+            println("xs ${plan.xs.joinToString(" ")}")
+            plan.weightsY.forEachIndexed { k, wy -> println("wy $k ${bits(wy)}") }
+            plan.weightsX.forEachIndexed { k, wx -> println("wx $k ${bits(wx)}") }
+        }
+        "identity" -> {
+            val (h, w, c, t) = n
+            var seed = 12345L
+            val frame = FloatArray(h * w * c) {
+                seed = (seed * 6364136223846793005L + 1442695040888963407L)
+                ((seed ushr 40) % 1000).toFloat() / 999f
+            }
+            val same = object : TileModule {
+                override fun run(input: FloatArray, channels: Int, height: Int, width: Int) = input.copyOf()
+            }
+            val out = NafnetTiler(same, t, t, n[4], n[5], c).restore(frame, h, w)
+            println("max_abs_diff ${frame.indices.map { abs(frame[it] - out[it]) }.max()}")
+            if (c == 3) {
+                val argb = IntArray(h * w) { k -> (k * 2654435761L).toInt() or (0xFF shl 24) }
+                val back = NafnetTiler(same, t, t, n[4], n[5], 3).restoreArgb(argb, h, w)
+                println("argb_mismatches ${argb.indices.count { argb[it] != back[it] }}")
+            }
+        }
+        "replay" -> {
+            val dir = File(args[1])
+            val (h, w, c, t) = n
+            val frame = readFloats(File(dir, "frame.f32"))
+            val inputs = readFloats(File(dir, "inputs.f32"))
+            val outputs = readFloats(File(dir, "outputs.f32"))
+            val size = c * t * t
+            var calls = 0
+            var inputDiff = 0f
+            val replay = object : TileModule {
+                override fun run(input: FloatArray, channels: Int, height: Int, width: Int): FloatArray {
+                    for (i in input.indices) inputDiff = max(inputDiff, abs(input[i] - inputs[calls * size + i]))
+                    return outputs.copyOfRange(calls * size, (++calls) * size)
+                }
+            }
+            writeFloats(File(dir, "out.f32"), NafnetTiler(replay, t, t, n[4], n[5], c).restore(frame, h, w))
+            println("calls $calls")
+            println("input_max_abs_diff $inputDiff")
+        }
+        else -> error("unknown command ${args[0]}")
+    }
+}
