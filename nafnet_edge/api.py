@@ -161,6 +161,19 @@ def option_sizes(target: str, settings: Mapping[str, Any]) -> list[tuple[str, li
     return found
 
 
+def check_validation_data(val_data: PathLike | None, val_pairs: tuple[PathLike, PathLike] | None) -> None:
+    """Refuse (``UsageError``) a folder of validation images together with folder pairs."""
+    if val_data and val_pairs:
+        raise UsageError("--val-data and --val-pairs are alternatives; give one")
+
+
+def check_train_data(train_data: PathLike | None) -> PathLike:
+    """``train_data``; ``UsageError`` when an int8 artifact has no images to calibrate or train on."""
+    if train_data is None:
+        raise UsageError("--precision int8 needs images to calibrate on: --train-data DIR (nafnet-edge quantize)")
+    return train_data
+
+
 def validation_settings(
     *,
     channels: int,
@@ -178,8 +191,7 @@ def validation_settings(
     from nafnet_edge.inference import resolve_device
     from nafnet_edge.validation import default_images, folder_images, paired_images
 
-    if val_data and val_pairs:
-        raise UsageError("--val-data and --val-pairs are alternatives; give one")
+    check_validation_data(val_data, val_pairs)
     if val_pairs:
         inputs, targets = val_pairs
         images, data = paired_images(inputs, targets, channels=channels), f"pairs {inputs}"
@@ -221,8 +233,7 @@ def int8_settings(
     from nafnet_edge.manifest import artifact_dirname
     from nafnet_edge.quantization.train import TrainConfig, init_distributed, load_training_images
 
-    if train_data is None:
-        raise UsageError("--precision int8 needs images to calibrate on: --train-data DIR (nafnet-edge quantize)")
+    train_path = Path(check_train_data(train_data))
     h, w = input_size
     if h != w:
         raise UsageError("int8 trains on square crops of the input size: give a square --input-size")
@@ -233,7 +244,6 @@ def int8_settings(
     if search_rounds < 0:
         raise UsageError("--search-rounds takes 0 (no search) or more")
     rank, world = init_distributed()
-    train_path = Path(train_data)
     pairs_path = Path(train_pairs) if train_pairs is not None else None
     images = load_training_images(train_path, h, pairs=pairs_path, channels=loaded.config.img_channels)
     config = TrainConfig(method=method, iters=steps, batch=train_batch, lr=lr, seed=seed)  # type: ignore[arg-type]
@@ -270,7 +280,7 @@ def _size(value: int | tuple[int, int]) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def _writer_lock(directory: Path) -> contextlib.AbstractContextManager[None]:
+def writer_lock(directory: Path) -> contextlib.AbstractContextManager[None]:
     """convert's output lock, held from the existence check to the rename (under torchrun only rank 0 writes)."""
     from nafnet_edge.atomic import output_lock
 
@@ -327,7 +337,7 @@ def convert(
     size = _size(input_size)
     settings = target_settings(target, options)
     directory = artifact_directory(output, target, precision)
-    with _writer_lock(directory):
+    with writer_lock(directory):
         overlap = resolve_overlap(overlap, size, validate=validate)
         check_free([directory], force=force)
         loaded = _loaded(checkpoint)
@@ -491,7 +501,7 @@ def _validate_locked(
 ) -> ValidationResult:
     from nafnet_edge.checkpoint import LoadedCheckpoint
     from nafnet_edge.conversion import validate_directory
-    from nafnet_edge.manifest import read_manifest
+    from nafnet_edge.manifest import read_manifest, source_checkpoint
 
     manifest = read_manifest(directory)
     tile = manifest.io.input_size
@@ -506,12 +516,7 @@ def _validate_locked(
     if isinstance(checkpoint, LoadedCheckpoint):
         loaded = checkpoint
     else:
-        path = checkpoint
-        if path is None and not manifest.source.embedded_default:
-            recorded = manifest.source.path
-            if not recorded or not Path(recorded).is_file():
-                raise UsageError(f"the source checkpoint is not at {recorded!r} any more: pass --checkpoint CKPT")
-            path = recorded
+        path = source_checkpoint(manifest, checkpoint)
         loaded = load(path, param_key=resolved["param_key"], arch=resolved["arch"], train_size=resolved["train_size"])
     settings = validation_settings(
         channels=loaded.config.img_channels,
@@ -588,16 +593,15 @@ def baseline_loader(
 
     def load_source(manifest: Manifest) -> torch.nn.Module | None:
         from nafnet_edge.checkpoint import LoadedCheckpoint
+        from nafnet_edge.manifest import source_checkpoint
 
         if isinstance(checkpoint, LoadedCheckpoint):
             return checkpoint.model
-        source = manifest.source
-        path = checkpoint
-        if path is None and not source.embedded_default:
-            path = source.path
-            if not path or not Path(path).is_file():
-                return None
-        config = source.config
+        try:
+            path = source_checkpoint(manifest, checkpoint)
+        except UsageError:  # the recorded file is gone: no baseline
+            return None
+        config = manifest.source.config
         return load(path, arch=config["arch"], train_size=tuple(config["train_size"])).model
 
     return load_source

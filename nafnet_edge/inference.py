@@ -367,7 +367,7 @@ def restore_image(
     """
     model_channels = model.config.img_channels
     pixels = image.pixels
-    _check_channels(pixels.shape[2], model_channels, "this checkpoint")
+    check_channels(pixels.shape[2], model_channels, "this checkpoint")
     # A view of the pixels (the tiler copies tiles out of it); gray is replicated to RGB as a view, too.
     x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].expand(-1, model_channels, -1, -1)
     name = str(image.path) if image.path is not None else "the image"
@@ -393,7 +393,7 @@ def restore_image_with(
     from nafnet_edge.validation import apply_tiled, runner_fn
 
     pixels = image.pixels
-    _check_channels(pixels.shape[2], channels, "this artifact")
+    check_channels(pixels.shape[2], channels, "this artifact")
     name = str(image.path) if image.path is not None else "the image"
     if tile[0] != tile[1] and (pixels.shape[0] > tile[0] or pixels.shape[1] > tile[1]):
         raise ImageError(
@@ -419,14 +419,8 @@ def restore_image_with(
     return _restored(image, np.array(out, dtype=np.float32))
 
 
-def artifact_tile_count(height: int, width: int, *, tile: tuple[int, int], overlap_px: int, multiple: int) -> int:
-    """How many runtime calls :func:`restore_image_with` makes for a ``height`` x ``width`` image."""
-    from nafnet_edge.validation import tile_count as validation_tile_count
-
-    return validation_tile_count((height, width), tile, overlap_px, multiple)
-
-
-def _check_channels(image_channels: int, model_channels: int, what: str) -> None:
+def check_channels(image_channels: int, model_channels: int, what: str) -> None:
+    """Refuse (``ImageError``) an image whose channels ``what`` (the model) cannot restore; gray into RGB is fine."""
     if image_channels != model_channels and not (image_channels == 1 and model_channels == 3):
         raise ImageError(
             f"{what} restores {model_channels}-channel images and the input has {image_channels}; "

@@ -989,6 +989,21 @@ __all__ = [
 ]
 
 
+def source_checkpoint(manifest: Manifest, given: str | Path | None = None) -> str | None:
+    """The checkpoint to load for ``manifest``'s reference: ``given`` when the user names one, None for the
+    embedded default, else the path the manifest records; ``UsageError`` when that file is gone."""
+    from nafnet_edge.errors import UsageError
+
+    if given is not None:
+        return str(given)
+    source = manifest.source
+    if source.embedded_default:
+        return None
+    if not source.path or not Path(source.path).is_file():
+        raise UsageError(f"the source checkpoint is not at {source.path!r} any more: pass --checkpoint CKPT")
+    return source.path
+
+
 def artifact_dirname(target: str, precision: str) -> str:
     """The folder ``convert -o OUT`` writes an artifact into, ``OUT/<target>-<precision>``: one target's fp32, fp16
     and int8 artifacts live side by side."""

@@ -50,10 +50,9 @@ _bars = 0  # progress bars shown now: lines are written above them
 def configure(*, level: Level = "normal", stream: TextIO | None = None) -> None:
     """Set how much is shown and where (the CLI calls this once per command; the Python API leaves the default),
     and restart the clock of the lines."""
-    global _level, _stream, _started
     if level not in LEVELS:
         raise ValueError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
-    _level, _stream, _started = level, stream, time.perf_counter()
+    _set(level, stream, time.perf_counter())
 
 
 def level() -> Level:

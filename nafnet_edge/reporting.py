@@ -41,7 +41,7 @@ import numpy as np
 from nafnet_edge import progress
 from nafnet_edge.artifact_files import artifact_size
 from nafnet_edge.atomic import atomic_path
-from nafnet_edge.errors import BadInputError, NafnetEdgeError, OutputError, printable
+from nafnet_edge.errors import BadInputError, NafnetEdgeError, OutputError, UsageError, printable
 from nafnet_edge.manifest import (
     BENCH_FILE,
     MANIFEST_FILE,
@@ -52,6 +52,7 @@ from nafnet_edge.manifest import (
     find_artifacts,
     read_bench,
     read_manifest,
+    source_checkpoint,
 )
 
 MANIFEST = MANIFEST_FILE
@@ -342,16 +343,11 @@ class _Sources:
         the manifest's reference was (class, TLC training size, checkpoint entry), once per such setting."""
         from nafnet_edge.checkpoint import load_checkpoint
 
-        source = manifest.source
-        sha = source.sha256
-        if self.checkpoint is not None:
-            path: str | None = str(self.checkpoint)
-        elif source.embedded_default:
-            path = None
-        else:
-            path = source.path
-            if not path or not Path(path).is_file():
-                return None, f"the source checkpoint is not at {path!r} any more: pass --checkpoint CKPT"
+        sha = manifest.source.sha256
+        try:
+            path = source_checkpoint(manifest, self.checkpoint)
+        except UsageError as e:  # the recorded file is gone: this artifact's images cannot be compared
+            return None, str(e)
         reference = manifest.reference
         train_size = reference.train_size if reference.arch == "nafnet-local" else None
         param_key = reference.param_key or "auto"

@@ -193,6 +193,13 @@ class TilePlan:
         return data
 
 
+def padded_size(height: int, width: int, tile: tuple[int, int] | None, multiple: int) -> tuple[int, int]:
+    """The frame an artifact of fixed input size ``tile`` runs on: zero-padded right and bottom to a multiple of
+    ``multiple`` and at least to the tile (``tile=None``: one whole-image call, padded to the multiple)."""
+    ph, pw = -(-height // multiple) * multiple, -(-width // multiple) * multiple
+    return (ph, pw) if tile is None else (max(tile[0], ph), max(tile[1], pw))
+
+
 def tile_plan(height: int, width: int, *, tile: tuple[int, int], overlap_px: int, align_px: int) -> TilePlan:
     """The plan :func:`run_tiled` follows for an artifact of fixed input size ``tile`` on an ``height`` x ``width``
     frame, after the frame is zero-padded to a multiple of ``align_px`` and at least to the tile (what validation,
@@ -200,8 +207,7 @@ def tile_plan(height: int, width: int, *, tile: tuple[int, int], overlap_px: int
     th, tw = tile
     if not 0 <= overlap_px < min(th, tw):
         raise ValueError(f"overlap must be in [0, tile size), got overlap {overlap_px} for tile {th}x{tw}")
-    ph = max(th, -(-height // align_px) * align_px)
-    pw = max(tw, -(-width // align_px) * align_px)
+    ph, pw = padded_size(height, width, tile, align_px)
     ys = tile_starts(ph, th, overlap_px, align_px)
     xs = tile_starts(pw, tw, overlap_px, align_px)
     wy = axis_weights(ph, th, ys)

@@ -40,7 +40,7 @@ from nafnet_edge.defaults import VALIDATION_OVERLAP_PX
 from nafnet_edge.errors import BadInputError, CheckpointError
 from nafnet_edge.images import is_image_path, read_image
 from nafnet_edge.manifest import ValidationSummary
-from nafnet_edge.tiling import make_grid, run_tiled
+from nafnet_edge.tiling import make_grid, padded_size, run_tiled
 
 if TYPE_CHECKING:
     from nafnet_edge.model import NAFNet
@@ -216,10 +216,9 @@ def _channels(pixels: np.ndarray, channels: int) -> np.ndarray:
 
 def _padded(shape: tuple[int, ...], tile: tuple[int, int] | None, multiple: int) -> tuple[int, int, int, int]:
     """The padded image size and the tile ``apply_tiled`` uses for an HxW(xC) image."""
-    h, w = shape[0], shape[1]
-    ph, pw = -(-h // multiple) * multiple, -(-w // multiple) * multiple
+    ph, pw = padded_size(shape[0], shape[1], tile, multiple)
     th, tw = tile or (ph, pw)
-    return max(th, ph), max(tw, pw), th, tw
+    return ph, pw, th, tw
 
 
 def tile_count(shape: tuple[int, ...], tile: tuple[int, int] | None, overlap: int, multiple: int) -> int:

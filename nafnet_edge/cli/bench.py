@@ -18,8 +18,8 @@ from nafnet_edge.cli.common import (
     MAX_FRAME_SIDE_PX,
     MAX_ITERS,
     MAX_LISTED,
-    MAX_TIME_S,
     SIDE_OR_ZERO,
+    TIME_S,
     Parents,
     add_target_options,
     bounded,
@@ -122,7 +122,7 @@ def add_parser(sub: Any, parents: Parents) -> None:
     runs.add_argument(
         "--time",
         dest="time_s",
-        type=bounded(positive_float, MAX_TIME_S, "s, a day"),
+        type=TIME_S,
         metavar="S",
         help="time each artifact for about S seconds (at least 3 runs) instead of a fixed --runs",
     )

@@ -405,6 +405,7 @@ def _validation_data(g: Any, *, deprecated: bool) -> None:
 
 
 MAX_TIME_S = 24 * 3600.0  # a time budget for timed runs: a day
+TIME_S = bounded(positive_float, MAX_TIME_S, "s, a day")
 
 
 def add_bench_options(parser: argparse.ArgumentParser) -> None:
@@ -421,7 +422,7 @@ def add_bench_options(parser: argparse.ArgumentParser) -> None:
     )
     runs.add_argument(
         "--bench-time",
-        type=bounded(positive_float, MAX_TIME_S, "s, a day"),
+        type=TIME_S,
         metavar="S",
         help="with --bench: time each artifact for about S seconds instead of --bench-runs",
     )
@@ -434,11 +435,8 @@ DEPRECATED_UNTIL = "0.3"  # the release that drops the old spellings of renamed 
 class _DeprecatedAlias(argparse.Action):
     """Stores like the flag it stands for, after a one-line note on stderr naming the new spelling."""
 
-    def __init__(self, option_strings: Sequence[str], dest: str, *, new: str, store_true: bool = False, **kwargs: Any):
-        if store_true:
-            kwargs.update(nargs=0)
+    def __init__(self, option_strings: Sequence[str], dest: str, *, new: str, **kwargs: Any):
         self.new = new
-        self.store_true = store_true
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
@@ -447,7 +445,7 @@ class _DeprecatedAlias(argparse.Action):
             f"(the old name goes in nafnet-edge {DEPRECATED_UNTIL})",
             file=sys.stderr,
         )
-        setattr(namespace, self.dest, True if self.store_true else values)
+        setattr(namespace, self.dest, values)
 
 
 def deprecated_alias(parser: Any, old: str, new: str, *, dest: str, **kwargs: Any) -> None:

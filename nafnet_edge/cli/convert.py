@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -63,21 +62,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
     own = target_settings(args, targets)  # an option none of them owns is refused before anything is locked or loaded
     directories = [api.artifact_directory(args.output, target, args.precision) for target in targets]
     with contextlib.ExitStack() as locks:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes artifacts
-            from nafnet_edge.atomic import output_lock
-
-            for directory in directories:  # held from the existence check to the rename: --force races are impossible
-                locks.enter_context(output_lock(directory))
+        for directory in directories:  # held from the existence check to the rename: --force races are impossible
+            locks.enter_context(api.writer_lock(directory))
         return _convert_targets(args, targets, own, directories)
 
 
 def _refuse_for_every_target(args: argparse.Namespace) -> None:
     """What no target can build is refused once, before anything is built (``--target all`` would otherwise skip
     every target for the same reason); ``api.convert`` refuses the same for one target."""
-    if not args.no_validate and args.val_data and args.val_pairs:
-        raise UsageError("--val-data and --val-pairs are alternatives; give one")
-    if args.precision == "int8" and args.train_data is None:
-        raise UsageError("--precision int8 needs images to calibrate on: --train-data DIR (nafnet-edge quantize)")
+    from nafnet_edge import api
+
+    if not args.no_validate:
+        api.check_validation_data(args.val_data, args.val_pairs)
+    if args.precision == "int8":
+        api.check_train_data(args.train_data)
 
 
 def _convert_targets(

@@ -127,13 +127,9 @@ def _outputs(args: argparse.Namespace, files: list[Path]) -> tuple[list[Path], l
 
 
 def _check_channels(src: Path, probe: Any, model_channels: int, what: str) -> None:
-    from nafnet_edge.errors import ImageError
+    from nafnet_edge.inference import check_channels
 
-    if probe.channels != model_channels and not (probe.channels == 1 and model_channels == 3):
-        raise ImageError(
-            f"{src}: {what} restores {model_channels}-channel images and the input has {probe.channels}; "
-            "convert the input to grayscale first"
-        )
+    check_channels(probe.channels, model_channels, f"{src}: {what}")
 
 
 def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Path]) -> int:
@@ -197,8 +193,9 @@ def _run_artifact(args: argparse.Namespace, directory: Path, files: list[Path]) 
     from nafnet_edge.converters.base import NotRunnable
     from nafnet_edge.errors import MissingBackendError, display_path
     from nafnet_edge.images import read_image, write_image
-    from nafnet_edge.inference import artifact_tile_count, restore_image_with
+    from nafnet_edge.inference import restore_image_with
     from nafnet_edge.manifest import read_manifest
+    from nafnet_edge.validation import tile_count
 
     manifest = read_manifest(directory)
     tile, multiple, channels = manifest.io.input_size, manifest.padding_multiple, manifest.io.channels
@@ -221,7 +218,7 @@ def _run_artifact(args: argparse.Namespace, directory: Path, files: list[Path]) 
     )
     for src, dst in zip(files, targets, strict=True):
         image = read_image(src)
-        n = artifact_tile_count(image.height, image.width, tile=tile, overlap_px=overlap, multiple=multiple)
+        n = tile_count((image.height, image.width), tile, overlap, multiple)  # the calls restore_image_with makes
         with progress.task(display_path(src.name), total=n, unit="tile") as advance, progress.backend_output():
             result = restore_image_with(
                 session.run,
