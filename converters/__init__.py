@@ -23,6 +23,8 @@ from nafnet_edge.converters.base import (
     SessionSettings,
     Target,
     TargetOption,
+    pixel_format_of,
+    pixel_session,
 )
 from nafnet_edge.errors import OptionError
 
@@ -86,5 +88,7 @@ __all__ = [
     "get_target",
     "register",
     "target_class",
+    "pixel_format_of",
+    "pixel_session",
     "target_names",
 ]

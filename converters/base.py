@@ -32,7 +32,8 @@ if TYPE_CHECKING:  # torch is imported by the targets that export; the registry 
 
 Precision = Literal["fp32", "fp16", "int8"]
 Runner = Callable[[np.ndarray], np.ndarray]
-"""float32 array (1, C, H, W) in [0, 1] at the artifact's input size -> float32 array of the same shape."""
+"""float32 array (1, C, H, W) in [0, 1] at the artifact's input size -> float32 array of the same shape (a
+``Session.native`` call of an image-I/O artifact: uint8 (1, H, W, P) pixels -> the same)."""
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "restored"
@@ -69,6 +70,9 @@ class ExportOptions:
     settings: Mapping[str, Any] = field(default_factory=dict)
     test_inputs: tuple[np.ndarray, ...] = ()  # for targets that embed test I/O: inputs at ``input_size``
     test_outputs: tuple[np.ndarray, ...] = ()  # and the reference outputs for them
+    # Image I/O (``--io image``): uint8 NHWC pixels in this format in and out (``nafnet_edge.pixels``), the scale,
+    # clamp and round inside the artifact; None: tensor I/O (float32 NCHW, unclamped output).
+    pixel_format: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,9 +95,41 @@ class Session:
     run: Runner
     runtime: str
     info: dict[str, Any]
+    # ``profile`` and ``throughput`` take the artifact's own input (``native``'s: uint8 pixels for image I/O).
     profile: Callable[[np.ndarray, int], dict[str, Any]] | None = None
     throughput: Callable[[np.ndarray, int], dict[str, Any]] | None = None
     keep: Any = None  # objects the runner needs alive
+    # The runtime call on the artifact's own input and output types (uint8 NHWC pixels for image I/O), which
+    # ``bench`` times; None: ``run`` is that call (tensor I/O).
+    native: Runner | None = None
+
+    @property
+    def call(self) -> Runner:
+        """The runtime call on the artifact's own input (what an app calls, and what ``bench`` times)."""
+        return self.native or self.run
+
+
+def pixel_session(session: Session, pixel_format: str) -> Session:
+    """``session`` runs an image-I/O artifact on uint8 NHWC pixels (its ``run``); the same session with ``run``
+    taking and returning float32 NCHW in [0, 1] (rounded to 8 bits on the way in, as a camera frame is), for
+    validation and tiled restoration, and ``native`` the pixel call."""
+    from nafnet_edge.pixels import from_pixels, to_pixels
+
+    native = session.run
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return from_pixels(native(to_pixels(x, pixel_format)), pixel_format)
+
+    session.run, session.native = run, native
+    session.info = {**session.info, "io": "image", "pixel_format": pixel_format}
+    return session
+
+
+def pixel_format_of(export: Mapping[str, Any] | None) -> str | None:
+    """The pixel format an image-I/O artifact's ``export`` section records (``Exported.info["pixel_format"]``);
+    None for tensor I/O."""
+    value = (export or {}).get("pixel_format")
+    return value if isinstance(value, str) else None
 
 
 @dataclass
@@ -124,6 +160,9 @@ class Target(ABC):
     color: ClassVar[str] = ""  # its colour in report charts, "#rrggbb" (empty: the report picks one)
     usage_title: ClassVar[str] = ""  # USAGE.md: title and body template (``nafnet_edge.usage`` fills the fields)
     helpers: ClassVar[tuple[str, ...]] = ()  # source files of nafnet_edge copied beside the artifact (app helpers)
+    # Image I/O (``--io image``): the pixel formats this target can take, the first the default for 3-channel
+    # models ("gray" is 1-channel models'); empty: tensor I/O only.
+    pixel_formats: ClassVar[tuple[str, ...]] = ()
     usage_body: ClassVar[str] = ""
 
     @classmethod
@@ -167,6 +206,23 @@ class Target(ABC):
             raise OptionError(
                 f"--target {self.name} supports precision {', '.join(self.precisions)}, not {options.precision}"
             )
+        self.check_pixel_format(options.pixel_format)
+
+    def check_pixel_format(self, pixel_format: str | None) -> None:
+        """Refuse image I/O this target cannot export (``OptionError`` naming what it can)."""
+        if pixel_format is None:
+            return
+        if not self.pixel_formats:
+            raise OptionError(f"--target {self.name} has tensor I/O only: drop --io image")
+        if pixel_format not in self.pixel_formats:
+            raise OptionError(
+                f"--target {self.name} takes --pixel-format {', '.join(self.pixel_formats)}, not {pixel_format}"
+            )
+
+    def default_pixel_format(self, channels: int) -> str:
+        """The pixel format ``--io image`` means when none is given: gray for 1-channel models, else the first of
+        ``pixel_formats``."""
+        return "gray" if channels == 1 else self.pixel_formats[0] if self.pixel_formats else "rgb"
 
     @abstractmethod
     def export(self, graph: DeployNAFNet, out_dir: Path, options: ExportOptions) -> Exported:

@@ -89,13 +89,33 @@ def _loaded(checkpoint: PathLike | LoadedCheckpoint | None) -> LoadedCheckpoint:
 # --- checks shared by convert, quantize and validate -------------------------------------------------------------
 
 
-def artifact_directory(output: PathLike, target: str, precision: str | None = None) -> Path:
-    """Where :func:`convert` writes ``target`` at ``precision`` (None: the target's default):
-    ``output/<target>-<precision>``."""
+def artifact_directory(output: PathLike, target: str, precision: str | None = None, io: str = "tensor") -> Path:
+    """Where :func:`convert` writes ``target`` at ``precision`` (None: the target's default) with ``io``:
+    ``output/<target>-<precision>`` (``...-image`` for image I/O)."""
     from nafnet_edge.converters import target_class
     from nafnet_edge.manifest import artifact_dirname
 
-    return Path(output) / artifact_dirname(target, precision or target_class(target).default_precision)
+    return Path(output) / artifact_dirname(target, precision or target_class(target).default_precision, io)
+
+
+def resolve_pixel_format(target: str, channels: int, io: str, given: str | None) -> str | None:
+    """The pixel format of an artifact with ``io`` ("tensor" or "image") and ``--pixel-format`` ``given`` (None:
+    the target's default for ``channels``); None for tensor I/O. ``UsageError`` for a combination that cannot be
+    built, saying what to pass."""
+    from nafnet_edge.converters import get_target
+    from nafnet_edge.pixels import IO_KINDS, check_pixel_format
+
+    if io not in IO_KINDS:
+        raise UsageError(f"io {io!r}: choose {' or '.join(IO_KINDS)}")
+    if io == "tensor":
+        if given is not None:
+            raise UsageError("--pixel-format is the pixel layout of image I/O: add --io image")
+        return None
+    converter = get_target(target)
+    chosen = given or converter.default_pixel_format(channels)
+    check_pixel_format(chosen, channels)
+    converter.check_pixel_format(chosen)
+    return chosen
 
 
 def check_free(directories: Iterable[Path], *, force: bool) -> None:
@@ -316,10 +336,16 @@ def convert(
     search_rounds: int = defaults.SEARCH_ROUNDS,
     resume: bool = False,
     options: Mapping[str, Any] | None = None,
+    io: str = "tensor",
+    pixel_format: str | None = None,
     force: bool = False,
 ) -> ConvertResult:
     """Export a checkpoint for one ``target`` into ``output/<target>-<precision>/`` (artifact, ``manifest.json``,
     ``USAGE.md``) and validate it in its runtime against the fp32 PyTorch reference.
+
+    ``io="image"``: the artifact takes and returns 8-bit pixels (uint8 NHWC in ``pixel_format``, None: the
+    target's default; a Core ML image for Core ML) with the scale, clamp and round inside, written to
+    ``output/<target>-<precision>-image/``; ``"tensor"``: float32 NCHW in [0, 1], unclamped output.
 
     ``checkpoint``: a path, a :func:`load` result (reused, not loaded again), or None for the embedded default.
     ``precision``: fp32, fp16 or int8 (None: the target's default, fp16 for Core ML, else fp32). int8 trains on
@@ -336,7 +362,9 @@ def convert(
         raise UsageError(f"precision {precision!r}: choose fp32, fp16 or int8")
     size = _size(input_size)
     settings = target_settings(target, options)
-    directory = artifact_directory(output, target, precision)
+    directory = artifact_directory(output, target, precision, io)
+    if io != "tensor" or pixel_format is not None:  # refused before the checkpoint is read
+        resolve_pixel_format(target, 1 if pixel_format == "gray" else 3, io, pixel_format)
     with writer_lock(directory):
         overlap = resolve_overlap(overlap, size, validate=validate)
         check_free([directory], force=force)
@@ -373,7 +401,13 @@ def convert(
                 resume=resume,
             )
             int8 = target_int8(common, target, settings)
-        export = ExportOptions(input_size=size, precision=precision, settings=settings)  # type: ignore[arg-type]
+        pixels = resolve_pixel_format(target, loaded.config.img_channels, io, pixel_format)
+        export = ExportOptions(
+            input_size=size,
+            precision=precision,  # type: ignore[arg-type]
+            settings=settings,
+            pixel_format=pixels,
+        )
         return convert_loaded(loaded, target, Path(output), export, validation=validation, int8=int8)
 
 
@@ -401,6 +435,8 @@ def quantize(
     max_drift: float | None = None,
     cache: bool = True,
     options: Mapping[str, Any] | None = None,
+    io: str = "tensor",
+    pixel_format: str | None = None,
     force: bool = False,
 ) -> ConvertResult:
     """An int8 artifact for ``target``: :func:`convert` with ``precision="int8"``, trained (``method="qat"``) or
@@ -435,6 +471,8 @@ def quantize(
         search_rounds=search_rounds,
         resume=resume,
         options=options,
+        io=io,
+        pixel_format=pixel_format,
         force=force,
     )
 

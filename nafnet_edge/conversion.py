@@ -13,7 +13,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from nafnet_edge.manifest import (
     read_manifest,
     write_manifest,
 )
+from nafnet_edge.pixels import quantized, to_pixels
 from nafnet_edge.usage import usage_note
 from nafnet_edge.validation import (
     DEFAULT_OVERLAP_PX,
@@ -165,7 +166,7 @@ def build_manifest(
         target=target,
         precision=options.precision,
         files=list(exported_files),
-        io=IOSpec.image(loaded.config.img_channels, (h, w)),
+        io=IOSpec.image(loaded.config.img_channels, (h, w), pixel_format=options.pixel_format),
         padding_multiple=loaded.config.pad_multiple,
         tiling=Tiling((h, w), overlap_px, align_px=loaded.config.pad_multiple),
         tlc=tlc_settings(loaded, graph),
@@ -191,7 +192,7 @@ def build_manifest(
 def graph_metadata(loaded: LoadedCheckpoint, target: str, options: ExportOptions) -> dict[str, str]:
     """The manifest essentials every artifact carries inside itself (str -> str)."""
     release = loaded.release
-    io = IOSpec.image(loaded.config.img_channels, options.input_size)
+    io = IOSpec.image(loaded.config.img_channels, options.input_size, pixel_format=options.pixel_format)
     return {
         "nafnet_edge.version": tool_versions().get("nafnet-edge", "unknown"),
         "nafnet_edge.target": target,
@@ -221,7 +222,7 @@ def convert(
     With ``options.precision == "int8"`` the deploy graph goes through the target's quantizer and the shared
     PTQ/QAT loop (``int8`` settings) before export."""
     get_target(target).check_available()  # a missing backend is said before anything starts
-    label = artifact_dirname(target, options.precision)
+    label = artifact_dirname(target, options.precision, "image" if options.pixel_format else "tensor")
     progress.phase(f"{label}: load the converter")
     with progress.backend_output():  # checking the options imports the backend, which has its say on import
         converter, quantizer = _checked(target, options, int8)
@@ -352,10 +353,13 @@ def run_validation(
     if not settings.images:
         raise BadInputError("no validation images")
     tile = options.input_size
+    images = settings.images
+    if options.pixel_format is not None:  # an 8-bit camera frame: the reference sees the same pixels
+        images = [replace(image, input=quantized(image.input)) for image in images]
     refs = reference_outputs(
         loaded.model,
         loaded.sha256,
-        settings.images,
+        images,
         tile=tile,
         overlap=settings.overlap_px,
         device=settings.reference_device,
@@ -365,12 +369,15 @@ def run_validation(
     )
     loaded.model.cpu()
     budgets = Budgets.for_precision(
-        options.precision, min_fidelity_db=settings.min_fidelity_db, max_drift_db=settings.max_drift_db
+        options.precision,
+        min_fidelity_db=settings.min_fidelity_db,
+        max_drift_db=settings.max_drift_db,
+        pixels=options.pixel_format is not None,
     )
     report = validate_runner(
         run,
         refs,
-        settings.images,
+        images,
         tile=tile,
         overlap=settings.overlap_px,
         multiple=loaded.config.pad_multiple,
@@ -384,15 +391,22 @@ def run_validation(
 
 
 def _with_test_io(options: ExportOptions, loaded: LoadedCheckpoint, settings: ValidationSettings) -> ExportOptions:
-    """A bundled program's test case: the first validation image's top-left tile and the reference output."""
-    from dataclasses import replace
-
+    """A bundled program's test case: the first validation image's top-left tile and the reference output (as
+    8-bit pixels for image I/O)."""
     h, w = options.input_size
     pixels = settings.images[0].input[:h, :w]
     x = np.zeros((1, pixels.shape[2], h, w), np.float32)
     x[0, :, : pixels.shape[0], : pixels.shape[1]] = pixels.transpose(2, 0, 1)
+    if options.pixel_format is not None:
+        x = quantized(x)
     with torch.inference_mode():
         y = loaded.model.float().cpu()(torch.from_numpy(x)).numpy()
+    if options.pixel_format is not None:
+        return replace(
+            options,
+            test_inputs=(to_pixels(x, options.pixel_format),),
+            test_outputs=(to_pixels(y, options.pixel_format),),
+        )
     return replace(options, test_inputs=(x,), test_outputs=(y,))
 
 
@@ -415,9 +429,13 @@ def validate_directory(
             )
         converter = get_target(manifest.target)
         converter.check_available()
-        label = artifact_dirname(manifest.target, manifest.precision)
+        label = artifact_dirname(manifest.target, manifest.precision, manifest.io.kind)
         progress.phase(f"{label}: validate in its runtime")
-        options = ExportOptions(input_size=manifest.io.input_size, precision=manifest.precision)  # type: ignore[arg-type]
+        options = ExportOptions(
+            input_size=manifest.io.input_size,
+            precision=manifest.precision,  # type: ignore[arg-type]
+            pixel_format=manifest.io.pixel_format,
+        )
         with progress.backend_output():
             runner = converter.load_runner(directory, export=manifest.export)
             report = run_validation(loaded, runner.run, options, settings, label=label)

@@ -31,7 +31,7 @@ MANIFEST_VERSION = 2  # version 1 files (top-level "input"/"output") are still r
 BENCH_VERSION = 2  # version 1 files kept the operator profile under "profile.ops"; still read
 
 PRECISIONS = ("fp32", "fp16", "int8")
-CHANNEL_KINDS = ("RGB", "gray", "RGBA")
+CHANNEL_KINDS = ("RGB", "gray", "RGBA", "BGR", "BGRA")  # of a tensor (model channels) or of pixels
 ARCHS = ("nafnet", "nafnet-local")
 DEVICES = (None, "cpu", "cuda")
 # The checkpoint entries a reference may name: nafnet_edge.checkpoint.WRAPPER_KEYS (not imported: torch).
@@ -93,7 +93,7 @@ class TensorSpec:
     shape: tuple[int, ...]
     layout: str = "NCHW"
     dtype: str = "float32"
-    channels: str = "RGB"  # "RGB" | "gray" | "RGBA"
+    channels: str = "RGB"  # CHANNEL_KINDS: the model's channels, or the pixel format of uint8 NHWC pixels
     value_range: tuple[float, float] | None = (0.0, 1.0)  # None: not bounded (see ``note``)
     note: str = ""  # e.g. "unclamped; clamp to [0, 1] before quantizing"
 
@@ -131,9 +131,10 @@ class TensorSpec:
         for key in ("layout", "dtype", "note"):
             if key in data and not isinstance(data[key], str):
                 raise _Problem(f"'{where}.{key}' is a JSON {_kind(data[key])}")
-        if data.get("layout", "NCHW") != "NCHW" or data.get("dtype", "float32") != "float32":
-            raise _Problem(f"'{where}' is not a float32 NCHW tensor")
-        channels = data.get("channels", _channel_kind(shape[1]))
+        kind = (data.get("dtype", "float32"), data.get("layout", "NCHW"))
+        if kind not in (("float32", "NCHW"), ("uint8", "NHWC")):
+            raise _Problem(f"'{where}' is neither a float32 NCHW tensor nor uint8 NHWC pixels")
+        channels = data.get("channels", _channel_kind(shape[1] if kind[1] == "NCHW" else shape[3]))
         if channels not in CHANNEL_KINDS:
             raise _Problem(f"'{where}.channels' {_short(channels)} is not one of {', '.join(CHANNEL_KINDS)}")
         value_range: tuple[float, float] | None = None
@@ -147,7 +148,24 @@ class TensorSpec:
             if not bounds[0] < bounds[1]:
                 raise _Problem(f"'{where}.range' {bounds} is empty")
             value_range = (float(bounds[0]), float(bounds[1]))
-        return cls(name, tuple(shape), "NCHW", "float32", channels, value_range, note)
+        return cls(name, tuple(shape), kind[1], kind[0], channels, value_range, note)
+
+    @property
+    def is_pixels(self) -> bool:
+        """uint8 NHWC pixels (image I/O) rather than a float32 NCHW tensor."""
+        return self.dtype == "uint8"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """Height and width."""
+        return (self.shape[1], self.shape[2]) if self.layout == "NHWC" else (self.shape[2], self.shape[3])
+
+    @property
+    def model_channels(self) -> int:
+        """The model's channels behind this tensor (pixels: 3 for RGB/BGR(A), 1 for gray)."""
+        if self.layout == "NHWC":
+            return 1 if self.channels == "gray" else 3
+        return self.shape[1]
 
 
 @dataclass(frozen=True)
@@ -168,19 +186,52 @@ class IOSpec:
 
     @property
     def channels(self) -> int:
-        return self.input.shape[1]
+        """The model's channels (3 for RGB or BGR(A) pixels)."""
+        return self.input.model_channels
 
     @property
     def input_size(self) -> tuple[int, int]:
-        return self.input.shape[2], self.input.shape[3]
+        return self.input.size
+
+    @property
+    def kind(self) -> str:
+        """``image`` (uint8 pixels in and out, ``--io image``) or ``tensor`` (float32 NCHW)."""
+        return "image" if self.input.is_pixels else "tensor"
+
+    @property
+    def pixel_format(self) -> str | None:
+        """The pixel format of an image-I/O artifact (``rgba``, ``bgr``, ``gray``...); None for tensor I/O."""
+        return self.input.channels.lower() if self.input.is_pixels else None
 
     @classmethod
-    def image(cls, channels: int, size: tuple[int, int], *, scale: int = 1) -> IOSpec:
+    def image(cls, channels: int, size: tuple[int, int], *, scale: int = 1, pixel_format: str | None = None) -> IOSpec:
         """The image-restoration contract: one input ``image`` (NCHW float32 in [0, 1], batch 1) and one output
-        ``restored`` with the same channels, ``scale`` times the size, not clamped."""
+        ``restored`` with the same channels, ``scale`` times the size, not clamped. With ``pixel_format`` (image
+        I/O): uint8 NHWC pixels in that format in and out, clamped and rounded inside (``nafnet_edge.pixels``)."""
         from nafnet_edge.converters.base import INPUT_NAME, OUTPUT_NAME
 
         h, w = size
+        if pixel_format is not None:
+            from nafnet_edge.pixels import IMAGE_IO_NOTE, has_alpha, pixel_channels
+
+            depth = pixel_channels(pixel_format)
+            kind = pixel_format.upper() if pixel_format != "gray" else "gray"
+            note = "alpha ignored" if has_alpha(pixel_format) else ""
+            return cls(
+                inputs=(TensorSpec(INPUT_NAME, (1, h, w, depth), "NHWC", "uint8", kind, (0.0, 255.0), note),),
+                outputs=(
+                    TensorSpec(
+                        OUTPUT_NAME,
+                        (1, h * scale, w * scale, depth),
+                        "NHWC",
+                        "uint8",
+                        kind,
+                        (0.0, 255.0),
+                        IMAGE_IO_NOTE + ("; alpha 255" if note else ""),
+                    ),
+                ),
+                scale=scale,
+            )
         kind = _channel_kind(channels)
         return cls(
             inputs=(TensorSpec(INPUT_NAME, (1, channels, h, w), channels=kind),),
@@ -233,13 +284,17 @@ class IOSpec:
 
 def _check_shapes(io: IOSpec, input_key: str, output_key: str) -> None:
     shape = list(io.input.shape)
-    n, c, h, w = shape
+    n = shape[0]
+    c = shape[3] if io.input.layout == "NHWC" else shape[1]
+    h, w = io.input.size
+    if io.input.layout != io.output.layout or io.input.channels != io.output.channels:
+        raise _Problem(f"'{output_key}' is not the same kind of tensor as '{input_key}'")
     if n != 1 or c > MAX_CHANNELS or max(h, w) > MAX_SIDE_PX or h * w > MAX_INPUT_PIXELS:
         raise _Problem(
             f"'{input_key}' {shape} is not one nafnet-edge exports: batch 1, 1 to {MAX_CHANNELS} channels, height "
             f"and width at most {MAX_SIDE_PX} and {MAX_INPUT_PIXELS >> 20} megapixels together"
         )
-    expected = [1, c, h * io.scale, w * io.scale]
+    expected = [1, h * io.scale, w * io.scale, c] if io.input.layout == "NHWC" else [1, c, h * io.scale, w * io.scale]
     if list(io.output.shape) != expected:
         raise _Problem(f"'{output_key}' {list(io.output.shape)} is not {expected} (the input's, times the scale)")
 
@@ -1004,7 +1059,7 @@ def source_checkpoint(manifest: Manifest, given: str | Path | None = None) -> st
     return source.path
 
 
-def artifact_dirname(target: str, precision: str) -> str:
-    """The folder ``convert -o OUT`` writes an artifact into, ``OUT/<target>-<precision>``: one target's fp32, fp16
-    and int8 artifacts live side by side."""
-    return f"{target}-{precision}"
+def artifact_dirname(target: str, precision: str, io: str = "tensor") -> str:
+    """The folder ``convert -o OUT`` writes an artifact into, ``OUT/<target>-<precision>`` (``...-image`` for image
+    I/O): one target's fp32, fp16 and int8, tensor- and image-I/O artifacts live side by side."""
+    return f"{target}-{precision}" + ("-image" if io == "image" else "")

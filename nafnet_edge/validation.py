@@ -40,6 +40,7 @@ from nafnet_edge.defaults import VALIDATION_OVERLAP_PX
 from nafnet_edge.errors import BadInputError, CheckpointError
 from nafnet_edge.images import is_image_path, read_image
 from nafnet_edge.manifest import ValidationSummary
+from nafnet_edge.pixels import MIN_WITHIN_ONE_LEVEL, level_agreement, quantized
 from nafnet_edge.tiling import make_grid, padded_size, run_tiled
 
 if TYPE_CHECKING:
@@ -67,14 +68,29 @@ class ValidationImage:
 class Budgets:
     min_fidelity_db: float
     max_drift_db: float
+    # Image I/O: the least share of output samples within one 8-bit level of the reference rounded the same way
+    # (None: no such budget; tensor I/O and int8, whose PSNR budgets judge them).
+    min_within_one_level: float | None = None
+
+    @property
+    def pixels(self) -> bool:
+        """Scored as 8-bit pixels (image I/O): outputs and references are rounded to 8 bits before comparing."""
+        return self.min_within_one_level is not None
 
     @classmethod
     def for_precision(
-        cls, precision: str, *, min_fidelity_db: float | None = None, max_drift_db: float | None = None
+        cls,
+        precision: str,
+        *,
+        min_fidelity_db: float | None = None,
+        max_drift_db: float | None = None,
+        pixels: bool = False,
     ) -> Budgets:
         return cls(
             min_fidelity_db=MIN_FIDELITY_DB.get(precision, 60.0) if min_fidelity_db is None else min_fidelity_db,
             max_drift_db=MAX_DRIFT_DB.get(precision, 0.05) if max_drift_db is None else max_drift_db,
+            # int8 image I/O is scored on 8-bit pixels too, with 0.0: no share required beyond the PSNR budgets
+            min_within_one_level=MIN_WITHIN_ONE_LEVEL.get(precision, 0.0) if pixels else None,
         )
 
 
@@ -92,6 +108,10 @@ class ImageResult:
     drift_db: float | None = None
     reference_ssim: float | None = None
     artifact_ssim: float | None = None
+    # 8-bit agreement with the reference (both clamped and rounded): share of samples equal, within one level
+    exact_share: float | None = None
+    within_one_level_share: float | None = None
+    max_level_diff: int | None = None
 
 
 @dataclass
@@ -117,6 +137,11 @@ class ValidationReport:
             "max_abs_error": max(r.max_abs_error for r in self.images),
             "nonfinite": sum(r.nonfinite for r in self.images),
         }
+        within = [r.within_one_level_share for r in self.images if r.within_one_level_share is not None]
+        if within:
+            out["within_one_level_share_min"] = float(np.min(within))
+            out["exact_share_mean"] = float(np.mean([r.exact_share for r in self.images]))
+            out["max_level_diff"] = max(int(r.max_level_diff or 0) for r in self.images)
         if drift:
             out["drift_db_mean"] = float(np.mean(drift))
             out["reference_psnr_db_mean"] = float(np.mean([r.reference_psnr_db for r in self.images]))
@@ -583,7 +608,7 @@ def validate_runner(
 
         fn = runner_fn(counted)
         for image, (ref, tiling_db) in zip(images, references, strict=True):
-            results.append(_score(fn, image, ref, tiling_db, tile, overlap, multiple))
+            results.append(_score(fn, image, ref, tiling_db, tile, overlap, multiple, pixels=budgets.pixels))
             if on_image is not None:
                 on_image(results[-1])
     report = ValidationReport(results, budgets, reference_device, data)
@@ -593,6 +618,12 @@ def validate_runner(
     if not summary["fidelity_db_min"] >= budgets.min_fidelity_db:  # NaN fails
         report.failures.append(
             f"fidelity {summary['fidelity_db_min']:.2f} dB < budget {budgets.min_fidelity_db:g} dB (--min-fidelity)"
+        )
+    share = budgets.min_within_one_level
+    if share is not None and not summary["within_one_level_share_min"] >= share:
+        report.failures.append(
+            f"{summary['within_one_level_share_min']:.4%} of 8-bit output samples within one level of the "
+            f"reference < budget {share:.1%}"
         )
     if "drift_db_mean" in summary and not summary["drift_db_mean"] <= budgets.max_drift_db:  # NaN fails
         report.failures.append(
@@ -609,11 +640,17 @@ def _score(
     tile: tuple[int, int],
     overlap: int,
     multiple: int,
+    *,
+    pixels: bool = False,
 ) -> ImageResult:
-    """Run ``fn`` over one image, tiled like its reference ``ref``, and score the output."""
+    """Run ``fn`` over one image, tiled like its reference ``ref``, and score the output; with ``pixels`` (image
+    I/O) the output and the reference are both rounded to 8 bits first, as an app gets them."""
     out, calls = apply_tiled(fn, image.input, tile, overlap, multiple)
     nonfinite = int((~np.isfinite(out)).sum())
     out_c, ref_c = np.clip(np.nan_to_num(out, nan=0.0), 0, 1), np.clip(ref, 0, 1)
+    agreement = level_agreement(out_c, ref_c)
+    if pixels:
+        out_c, ref_c = quantized(out_c), quantized(ref_c)
     r = ImageResult(
         name=image.name,
         size=(image.input.shape[0], image.input.shape[1]),
@@ -622,6 +659,9 @@ def _score(
         max_abs_error=float(np.nanmax(np.abs(out - ref))) if nonfinite < out.size else math.inf,
         nonfinite=nonfinite,
         tiling_db=tiling_db,
+        exact_share=float(agreement["exact_share"]),
+        within_one_level_share=float(agreement["within_one_level_share"]),
+        max_level_diff=int(agreement["max_level_diff"]),
     )
     if image.target is not None:
         r.reference_psnr_db = psnr(ref_c, image.target)

@@ -96,5 +96,8 @@ class Quantizer(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot switch quantizers per unit")
 
     @abstractmethod
-    def export(self, prepared: torch.nn.Module, out_dir: Path, example: torch.Tensor) -> Exported:
-        """Convert the calibrated/trained module to the target's int8 artifact inside ``out_dir``."""
+    def export(
+        self, prepared: torch.nn.Module, out_dir: Path, example: torch.Tensor, *, pixel_format: str | None = None
+    ) -> Exported:
+        """Convert the calibrated/trained module to the target's int8 artifact inside ``out_dir``; with
+        ``pixel_format``, behind 8-bit image I/O (``ExportOptions.pixel_format``)."""

@@ -136,7 +136,9 @@ class Evaluator:
         seconds = round(time.perf_counter() - started, 2)
         directory = self.scratch / str(number)
         directory.mkdir(parents=True)
-        manifest, runner = stage.export_and_validate(lambda d: quantizer.export(prepared, d, example), directory)
+        manifest, runner = stage.export_and_validate(
+            lambda d: quantizer.export(prepared, d, example, pixel_format=stage.options.pixel_format), directory
+        )
         manifest.seconds["quantize"] = seconds
         manifest.quantization = {"data": self.int8.data, **log, "kept_float": list(kept)}
         return Round(number, list(kept), directory, manifest, runner)

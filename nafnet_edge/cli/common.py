@@ -408,6 +408,27 @@ MAX_TIME_S = 24 * 3600.0  # a time budget for timed runs: a day
 TIME_S = bounded(positive_float, MAX_TIME_S, "s, a day")
 
 
+def add_io_options(parser: argparse.ArgumentParser) -> None:
+    """``--io`` and ``--pixel-format`` of convert and quantize (``nafnet_edge.pixels``)."""
+    from nafnet_edge.pixels import IO_KINDS, PIXEL_FORMATS
+
+    group = parser.add_argument_group("input and output")
+    group.add_argument(
+        "--io",
+        choices=IO_KINDS,
+        default="tensor",
+        help="tensor: float32 NCHW in [0, 1], unclamped output; image: 8-bit pixels in and out (uint8 NHWC, or a "
+        "Core ML image), scale, clamp and round inside the artifact, written to OUT/<target>-<precision>-image "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--pixel-format",
+        choices=PIXEL_FORMATS,
+        help="image I/O: byte order of the pixels (rgba: an Android Bitmap, alpha ignored; bgr: OpenCV; gray for "
+        "1-channel models); default: the target's (executorch rgba, openvino bgr, coreml and onnx rgb)",
+    )
+
+
 def add_bench_options(parser: argparse.ArgumentParser) -> None:
     """convert/quantize --bench and its run count or time budget (alternatives)."""
     g = parser.add_argument_group("benchmark")

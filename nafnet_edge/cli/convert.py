@@ -14,6 +14,7 @@ from nafnet_edge.cli.common import (
     EPILOG,
     Parents,
     add_bench_options,
+    add_io_options,
     add_target_options,
     load_model,
     precision_help,
@@ -60,7 +61,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     targets = target_names() if args.target == "all" else args.target.split(",")
     own = target_settings(args, targets)  # an option none of them owns is refused before anything is locked or loaded
-    directories = [api.artifact_directory(args.output, target, args.precision) for target in targets]
+    directories = [api.artifact_directory(args.output, target, args.precision, args.io) for target in targets]
     with contextlib.ExitStack() as locks:
         for directory in directories:  # held from the existence check to the rename: --force races are impossible
             locks.enter_context(api.writer_lock(directory))
@@ -114,6 +115,8 @@ def _convert_targets(
                     search_rounds=args.search_rounds,
                     resume=args.resume,
                     options=own[target],
+                    io=args.io,
+                    pixel_format=args.pixel_format,
                     force=args.force,
                 )
             )
@@ -200,6 +203,7 @@ def add_parser(sub: Any, parents: Parents) -> None:
     p.add_argument("--no-validate", action="store_true", help="export only")
     p.add_argument("--force", action="store_true", help="replace OUT/<target>-<precision> when it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object: artifacts, metrics, skipped")
+    add_io_options(p)
     add_bench_options(p)
     add_target_options(p, "convert")
     p.set_defaults(func=cmd_convert)

@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from nafnet_edge import defaults
-from nafnet_edge.cli.common import EPILOG, Parents, add_bench_options, add_target_options, deprecated_alias
+from nafnet_edge.cli.common import (
+    EPILOG,
+    Parents,
+    add_bench_options,
+    add_io_options,
+    add_target_options,
+    deprecated_alias,
+)
 from nafnet_edge.cli.convert import cmd_convert
 from nafnet_edge.errors import UsageError
 from nafnet_edge.sizes import parse_size
@@ -62,6 +69,7 @@ def add_parser(sub: Any, parents: Parents) -> None:
     )
     p.add_argument("--force", action="store_true", help="replace OUT/<target>-int8 when it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object: artifacts, metrics, skipped")
+    add_io_options(p)
     add_bench_options(p)
     add_target_options(p, "quantize")
     p.set_defaults(func=cmd_quantize, no_validate=False)
