@@ -164,6 +164,7 @@ class Target(ABC):
     # models ("gray" is 1-channel models'); empty: tensor I/O only.
     pixel_formats: ClassVar[tuple[str, ...]] = ()
     usage_body: ClassVar[str] = ""
+    usage_image_body: ClassVar[str] = ""  # the body for image-I/O artifacts, when it differs (empty: usage_body)
 
     @classmethod
     def setting(cls, options: ExportOptions, dest: str) -> Any:

@@ -2,7 +2,10 @@
 
 ``bench_artifacts`` runs each artifact directory written by ``convert``/``quantize`` in its runtime, opened by its
 target (``Target.open_session``, the loader validation uses too, with the threads and runtime options given here),
-and the original PyTorch fp32 model as the baseline, and reports per artifact:
+and the original PyTorch fp32 model as the baseline. What is timed is the runtime call on the artifact's own input
+(``Session.call``): float32 NCHW for tensor I/O, uint8 NHWC pixels for image I/O (the app's call, the 8-bit
+conversion inside the artifact included); the record says which (``info["io"]``, ``info["pixel_format"]``). Per
+artifact it reports:
 
 - load (compile) time and the first inference, then ``warmup`` runs excluded and ``iters`` timed runs (or as
   many as fit in ``time_s`` seconds): min, median, mean, p90, p99, std (``LatencyStats``);
@@ -11,7 +14,8 @@ and the original PyTorch fp32 model as the baseline, and reports per artifact:
 - the process's peak resident memory while loading and running the artifact;
 - GFLOP/s achieved (the model's multiply-accumulates x 2 / median) against this machine's fp32 matmul rate
   (``sgemm_gflops``), so figures compare across machines;
-- optionally a full frame (e.g. 12 MP) through the artifact's tile, in megapixels per second;
+- optionally a full frame (e.g. 12 MP) through the artifact's tile, in megapixels per second (float frames through
+  the tiler, ``Session.run``, as ``nafnet-edge run`` restores a photo);
 - a per-operator profile from the runtime's own profiler where its session offers one, PyTorch's profiler for
   the baseline.
 
@@ -44,7 +48,16 @@ from nafnet_edge import defaults, progress
 from nafnet_edge.converters.base import NotRunnable, Session, SessionSettings, operator_profile
 from nafnet_edge.errors import ArtifactError, BadInputError, display_path
 from nafnet_edge.manifest import BENCH_FILE as BENCH_FILE  # where save writes (re-exported)
-from nafnet_edge.manifest import BENCH_VERSION, BenchRecord, Manifest, find_artifacts, normalize_profile, write_bench
+from nafnet_edge.manifest import (
+    BENCH_VERSION,
+    BenchRecord,
+    IOSpec,
+    Manifest,
+    find_artifacts,
+    normalize_profile,
+    write_bench,
+)
+from nafnet_edge.pixels import example_input
 
 Runner = Callable[[np.ndarray], Any]
 
@@ -102,7 +115,7 @@ class BenchResult:
     precision: str
     runtime: str
     runnable: bool
-    input: list[int]
+    input: list[int]  # the artifact's input: (1, C, H, W) float32, or (1, H, W, P) uint8 pixels for image I/O
     reason: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
     load_s: float | None = None
@@ -122,8 +135,33 @@ class BenchResult:
     def median_ms(self) -> float | None:
         return self.latency_ms.median if self.latency_ms else None
 
+    @property
+    def io(self) -> str:
+        """What was timed: ``tensor`` or ``image`` with the pixel format (``image rgba``)."""
+        return io_label(self.info)
+
+    @property
+    def name(self) -> str:
+        """``onnx fp32``, ``onnx fp32 image`` for image I/O: the artifact in warnings and notes."""
+        return f"{self.target} {self.precision}" + (" image" if self.info.get("io") == "image" else "")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def io_facts(io: IOSpec) -> dict[str, str]:
+    """The I/O of an artifact as its bench record keeps it (in ``info``): ``{"io": "tensor"}`` or
+    ``{"io": "image", "pixel_format": "rgba"}``."""
+    if io.kind == "image" and io.pixel_format:
+        return {"io": "image", "pixel_format": io.pixel_format}
+    return {"io": "tensor"}
+
+
+def io_label(info: dict[str, Any]) -> str:
+    """``tensor`` or ``image rgba`` from a bench record's ``info`` (``tensor`` when it does not say)."""
+    if info.get("io") == "image":
+        return f"image {info.get('pixel_format') or '?'}"
+    return "tensor"
 
 
 # --- the machine ---------------------------------------------------------------------------------------------
@@ -240,7 +278,7 @@ def stability_notes(report: BenchReport) -> list[str]:
     for r in rows:
         spread = _spread(r)
         if spread is not None and spread > UNSTABLE_SPREAD:
-            what = "baseline" if r is report.baseline else f"{r.target} {r.precision}"
+            what = "baseline" if r is report.baseline else r.name
             consequence = "; no ratios against it" if r is report.baseline else ""
             notes.append(
                 f"warning: {what} is unstable (p90 {spread:.2f}x its median){consequence}; rerun with more "
@@ -366,14 +404,17 @@ def measure(
     open_: Callable[[], Session],
     settings: BenchSettings,
     *,
+    io: IOSpec,
     macs: int | None,
     peak_gflops: float | None,
     label: str = "",
 ) -> BenchResult:
-    """Load, time, profile and (optionally) run a full frame; fills ``result`` in place. ``label`` names the
-    artifact in progress lines. The runtime's own output while it loads and runs is captured."""
-    n, c, h, w = result.input
-    x = np.random.default_rng(0).random((n, c, h, w), dtype=np.float32)
+    """Load, time, profile and (optionally) run a full frame; fills ``result`` in place. ``io`` is the artifact's
+    input and output: the timed calls, the profile and the throughput mode get a random input of its own type
+    (``Session.call``: uint8 pixels for image I/O), the full frame goes through the float tiler (``Session.run``).
+    ``label`` names the artifact in progress lines. The runtime's own output while it loads and runs is captured."""
+    x = example_input(io.input.shape, io.input.dtype)
+    result.info = {**result.info, **io_facts(io)}
     label = label or f"{result.target}-{result.precision}"
     with progress.backend_output():
         with PeakMemory() as memory:
@@ -385,16 +426,17 @@ def measure(
                 progress.phase(f"{label}: not runnable here")
                 return result
             result.load_s = round(time.perf_counter() - started, 3)
-            result.runtime, result.info = session.runtime, session.info
+            result.runtime, result.info = session.runtime, {**session.info, **io_facts(io)}
+            call = session.call
             started = time.perf_counter()
-            session.run(x)
+            call(x)
             result.first_inference_ms = round((time.perf_counter() - started) * 1e3, 2)
             for _ in range(settings.warmup):
-                session.run(x)
+                call(x)
             what = f"{label}: timed runs" + (f" for {settings.time_s:g}s" if settings.time_s is not None else "")
             total = settings.iters if settings.time_s is None else None
             with progress.task(what, total=total, unit="run") as advance:
-                runs = timed_runs(lambda: session.run(x), settings, advance)
+                runs = timed_runs(lambda: call(x), settings, advance)
         result.peak_rss_mb = memory.mb
         if memory.before_mb is not None:
             result.added_rss_mb = round(memory.mb - memory.before_mb, 1)
@@ -422,7 +464,7 @@ def measure(
             result.profile = normalize_profile(session.profile(x, max(3, min(len(runs), 5))), limit=settings.top)
         if settings.frame is not None:
             progress.phase(f"{label}: full frame {settings.frame[0]}x{settings.frame[1]}")
-            result.frame = full_frame(session.run, settings.frame, (h, w), settings.overlap_px, c)
+            result.frame = full_frame(session.run, settings.frame, io.input_size, settings.overlap_px, io.channels)
     return result
 
 
@@ -530,14 +572,15 @@ def bench_artifacts(
     reason: str | None = None
     for i, (directory, manifest, config) in enumerate(zip(directories, manifests, configs, strict=True), 1):
         shape = list(manifest.io.input.shape)
-        macs = count_macs(config, shape[2], shape[3])
+        macs = count_macs(config, *manifest.io.input_size)
         result = BenchResult(str(directory), manifest.target, manifest.precision, "", True, shape)
-        label = f"{manifest.target}-{manifest.precision}"
+        label = f"{manifest.target}-{manifest.precision}" + ("-image" if manifest.io.kind == "image" else "")
         progress.phase(f"{label}: bench {display_path(directory)} ({i}/{len(directories)})")
         measure(
             result,
             functools.partial(open_session, directory, manifest, settings),
             settings,
+            io=manifest.io,
             macs=macs,
             peak_gflops=peak,
             label=label,
@@ -548,14 +591,16 @@ def bench_artifacts(
         if model is None:
             reason = "the source checkpoint is not available: pass --checkpoint CKPT"
         else:
-            shape = list(manifests[0].io.input.shape)
-            baseline = BenchResult("", "pytorch", "fp32", "pytorch", True, shape)
-            macs = count_macs(configs[0], shape[2], shape[3])
+            # the model's own tensors at the first artifact's size, whatever that artifact's I/O
+            tensors = IOSpec.image(manifests[0].io.channels, manifests[0].io.input_size)
+            baseline = BenchResult("", "pytorch", "fp32", "pytorch", True, list(tensors.input.shape))
+            macs = count_macs(configs[0], *tensors.input_size)
             progress.phase("pytorch-fp32: bench the source model (baseline)")
             measure(
                 baseline,
                 lambda: pytorch_session(model, settings),
                 settings,
+                io=tensors,
                 macs=macs,
                 peak_gflops=peak,
                 label="pytorch-fp32",
@@ -587,26 +632,27 @@ def format_table(report: BenchReport) -> str:
     stable = spread is not None and spread <= UNSTABLE_SPREAD
     base = report.baseline.median_ms if report.baseline and stable else None
     header = (
-        f"{'target':<18}{'prec':<6}{'runtime':<13}{'median':>9}{'p90':>9}{'min':>9}{'fps':>8}"
+        f"{'target':<18}{'prec':<6}{'io':<12}{'runtime':<13}{'median':>9}{'p90':>9}{'min':>9}{'fps':>8}"
         f"{'load s':>8}{'first':>9}{'+MB':>7}{'GFLOP/s':>9}{'peak':>7}{'vs torch':>9}"
     )
     settings = report.settings
     timed = f"{settings.iters} timed runs" if settings.time_s is None else f"timed for {settings.time_s:g} s each"
     lines = [
         f"{report.machine['cpu']}, {report.machine['cores']} cores, fp32 sgemm {report.machine['sgemm_gflops']} "
-        f"GFLOP/s; {timed} after {settings.warmup} warm-up, ms",
+        f"GFLOP/s; {timed} after {settings.warmup} warm-up, ms per call on the artifact's own input (io: float32 "
+        "NCHW tensors, or uint8 pixels in the format named)",
         header,
         "-" * len(header),
     ]
     for r in rows:
         if not r.runnable or r.latency_ms is None:
-            lines.append(f"{r.target:<18}{r.precision:<6}{'-':<13}not runnable here: {r.reason}")
+            lines.append(f"{r.target:<18}{r.precision:<6}{r.io:<12}{'-':<13}not runnable here: {r.reason}")
             continue
         lat = r.latency_ms
         fps = r.throughput["fps"] if r.throughput else float("nan")
         speedup = f"{base / lat.median:.2f}x" if base else "-"
         lines.append(
-            f"{r.target:<18}{r.precision:<6}{r.runtime:<13}{lat.median:>9.2f}{lat.p90:>9.2f}{lat.min:>9.2f}"
+            f"{r.target:<18}{r.precision:<6}{r.io:<12}{r.runtime:<13}{lat.median:>9.2f}{lat.p90:>9.2f}{lat.min:>9.2f}"
             f"{fps:>8.1f}{r.load_s:>8.2f}{r.first_inference_ms:>9.1f}{r.added_rss_mb or 0:>7.0f}"
             f"{r.gflops_per_s or 0:>9.1f}{(r.peak_fraction or 0) * 100:>6.0f}%{speedup:>9}"
         )
@@ -617,12 +663,12 @@ def format_table(report: BenchReport) -> str:
         if r.frame:
             f = r.frame
             lines.append(
-                f"{r.target} {r.precision}: {f['megapixels']} MP frame through {f['tiles']} tiles of {f['tile']} px "
+                f"{r.name}: {f['megapixels']} MP frame through {f['tiles']} tiles of {f['tile']} px "
                 f"in {f['seconds']} s = {f['mp_per_s']} MP/s"
             )
     for r in rows:
         if r.profile and r.profile["top"]:
-            lines.append(f"\n{r.target} {r.precision}, top operators ({r.profile.get('source', 'profiler')}):")
+            lines.append(f"\n{r.name}, top operators ({r.profile.get('source', 'profiler')}):")
             for op in r.profile["top"]:
                 lines.append(f"  {op['ms']:>9.2f} ms {op['share'] * 100:>5.1f}%  x{op['count']:<4} {op['op']}")
     return "\n".join(lines)

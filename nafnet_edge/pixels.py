@@ -113,14 +113,25 @@ def example_input(shape: tuple[int, ...], dtype: str, seed: int = 0) -> np.ndarr
 
 def image_io_module(model: torch.nn.Module, pixel_format: str) -> torch.nn.Module:
     """``model`` (float NCHW in [0, 1] -> float NCHW) behind 8-bit pixel I/O in ``pixel_format`` (NHWC uint8 in,
-    same out), for targets exported from PyTorch."""
+    same out), for targets exported from PyTorch.
+
+    Written for delegates: the only ops a float backend cannot take (XNNPACK in ExecuTorch) are the two dtype
+    casts and the final round, at the ends; the channel moves are slices, a concat and a pad rather than a gather
+    (rounding commutes with them, and alpha 255 rounds to itself)."""
     import torch
 
     order = model_order(pixel_format)
-    alpha = has_alpha(pixel_format)
-    # Output channel slots: the model's channels scattered back into the buffer's order (inverse of ``order``).
     width = pixel_channels(pixel_format)
-    inverse = [order.index(slot) if slot in order else -1 for slot in range(width)]
+    alpha = has_alpha(pixel_format)
+    # Output channel slots: the model's channels scattered back into the buffer's order (inverse of ``order``),
+    # alpha (appended after the model's channels) in the slot no model channel fills.
+    inverse = [order.index(slot) if slot in order else len(order) for slot in range(width)]
+
+    def channels(t: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """``t[..., slots]`` as one slice or a concat of slices."""
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            return t if len(slots) == t.shape[-1] else t[..., slots[0] : slots[0] + len(slots)]
+        return torch.cat([t[..., s : s + 1] for s in slots], dim=3)
 
     class ImageIO(torch.nn.Module):
         def __init__(self) -> None:
@@ -128,14 +139,10 @@ def image_io_module(model: torch.nn.Module, pixel_format: str) -> torch.nn.Modul
             self.model = model
 
         def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-            x = pixels[..., order].permute(0, 3, 1, 2).to(torch.float32) * (1.0 / LEVELS)
-            y = torch.round(torch.clamp(self.model(x), 0.0, 1.0) * LEVELS)
-            y = y.permute(0, 2, 3, 1)
+            x = channels(pixels.to(torch.float32), order).permute(0, 3, 1, 2) * (1.0 / LEVELS)
+            y = (torch.clamp(self.model(x), 0.0, 1.0) * LEVELS).permute(0, 2, 3, 1)
             if alpha:
-                y = torch.cat([y, torch.full_like(y[..., :1], LEVELS)], dim=3)
-                y = y[..., [i if i >= 0 else len(order) for i in inverse]]
-            elif order != list(range(len(order))):
-                y = y[..., inverse]
-            return y.to(torch.uint8)
+                y = torch.nn.functional.pad(y, (0, 1), value=LEVELS)
+            return torch.round(channels(y, inverse)).to(torch.uint8)
 
     return ImageIO().eval()

@@ -31,6 +31,30 @@ COMMON = """\
 - Validation of this file in its runtime is in `manifest.json` (`validation`).
 """
 
+COMMON_IMAGE = """\
+# {title}
+
+`{artifact}` restores one {h}x{w} tile of 8-bit pixels. Source: `{checkpoint}` (sha256 `{sha}`), {arch},
+{precision}.
+
+| | name | shape | type | values |
+|---|---|---|---|---|
+| input | `{inp}` | `[1, {h}, {w}, {p}]` (NHWC) | {pixel_type} | {channels} pixels 0..255{alpha_in} |
+| output | `{out}` | `[1, {h}, {w}, {p}]` (NHWC) | {pixel_type} | {channels} pixels 0..255{alpha_out} |
+
+- The artifact scales by 1/255, restores, clamps, scales by 255 and rounds (half to even) inside: hand it the
+  bytes of a pixel buffer and use the bytes it returns. 16-bit and HDR frames need a tensor-I/O artifact
+  (`nafnet-edge convert --io tensor`).
+- Smaller images: zero-pad right and bottom to {h}x{w}, run, crop the output back.
+- Larger images: run {h}x{w} tiles overlapping by {overlap} px and blend the overlaps (what `nafnet-edge run
+  DIR photo.png -o OUT` does with this folder as DIR); tile starts on multiples of {multiple} follow the
+  whole-image result best. `nafnet-edge plan DIR --frame 3024x4032 --json` prints the exact plan for a frame
+  size (padding, every tile's origin, the blend weights of each tile row and column) as data to embed in an app;
+  `manifest.json` (`tiling`) states the window as a formula.
+- Validation of this file in its runtime is in `manifest.json` (`validation`): 8-bit outputs against the fp32
+  reference rounded the same way.
+"""
+
 PYTHON_IO = """\
 import numpy as np
 from PIL import Image
@@ -53,6 +77,39 @@ y = np.clip(restored[: pixels.shape[0], : pixels.shape[1]], 0.0, 1.0)  # crop th
 Image.fromarray((y * 255.0 + 0.5).astype(np.uint8).squeeze()).save("restored.png")
 """
 
+PYTHON_IO_IMAGE = """\
+import numpy as np
+from PIL import Image
+from nafnet_edge import tile_plan  # the tiling this artifact was validated with, for any photo size
+
+photo = np.atleast_3d(np.asarray(Image.open("photo.png").convert("{mode}")))  # uint8 H x W x {c}
+pixels = {to_format}  # the artifact's {channels} byte order
+plan = tile_plan(*pixels.shape[:2], tile=({h}, {w}), overlap_px={overlap}, align_px={align})
+frame = np.zeros((*plan.padded, {p}), np.uint8)  # zero-padded right and bottom
+frame[: pixels.shape[0], : pixels.shape[1]] = pixels
+"""
+
+PYTHON_SAVE_IMAGE = """\
+restored = np.zeros(frame.shape, np.float32)
+for row, top in enumerate(plan.ys):  # every {h}x{w} tile through the artifact, blended with the plan's weights
+    for col, left in enumerate(plan.xs):
+        x = np.ascontiguousarray(frame[None, top : top + {h}, left : left + {w}])  # uint8 [1, {h}, {w}, {p}]
+        weight = np.outer(plan.weights_y[row], plan.weights_x[col])[:, :, None]
+        restored[top : top + {h}, left : left + {w}] += run(x)[0] * weight
+y = np.rint(restored[: pixels.shape[0], : pixels.shape[1]]).astype(np.uint8)  # crop the padding
+Image.fromarray({from_format}.squeeze()).save("restored.png")
+"""
+
+# numpy expressions from a PIL photo (RGB or L, uint8 H x W x C) to each pixel format, and from it to the photo
+TO_FORMAT = {
+    "rgb": "photo",
+    "gray": "photo",
+    "bgr": "photo[:, :, ::-1]",
+    "rgba": "np.dstack([photo, np.full(photo.shape[:2], 255, np.uint8)])",
+    "bgra": "np.dstack([photo[:, :, ::-1], np.full(photo.shape[:2], 255, np.uint8)])",
+}
+FROM_FORMAT = {"rgb": "y", "gray": "y", "bgr": "y[:, :, ::-1]", "rgba": "y[:, :, :3]", "bgra": "y[:, :, 2::-1]"}
+
 GENERIC_NOTE = """\
 ## Running it
 
@@ -61,9 +118,10 @@ the runtime and settings it was validated with (`runtime`).
 """
 
 
-def target_note(target: str) -> tuple[str, str]:
-    """A target's USAGE.md title and body template (``Target.usage_title``/``usage_body``); a target without its
-    own, or a name no longer registered, gets a generic note."""
+def target_note(target: str, io: str = "tensor") -> tuple[str, str]:
+    """A target's USAGE.md title and body template (``Target.usage_title``/``usage_body``, or
+    ``usage_image_body`` for image I/O when it has one); a target without its own, or a name no longer registered,
+    gets a generic note."""
     from nafnet_edge.converters import target_class
     from nafnet_edge.errors import OptionError
 
@@ -71,7 +129,8 @@ def target_note(target: str) -> tuple[str, str]:
         cls = target_class(target)
     except (OptionError, ImportError, AttributeError):
         return target, GENERIC_NOTE
-    return cls.usage_title or target, cls.usage_body or GENERIC_NOTE
+    body = (getattr(cls, "usage_image_body", "") if io == "image" else "") or cls.usage_body
+    return cls.usage_title or target, body or GENERIC_NOTE
 
 
 FAILED = """\
@@ -119,8 +178,8 @@ def budget_advice(manifest: Manifest) -> str:
 def usage_note(target: str, manifest: Manifest) -> str:
     """The USAGE.md text for an artifact described by ``manifest``; one that missed its validation budget says so
     first, with the failures and what to try."""
-    title, body = target_note(target)
     io = manifest.io
+    title, body = target_note(target, io.kind)
     c = io.channels
     h, w = io.input_size
     arch = "NAFNetLocal" if manifest.reference.arch == "nafnet-local" else "NAFNet"
@@ -142,9 +201,26 @@ def usage_note(target: str, manifest: Manifest) -> str:
         "multiple": manifest.padding_multiple,
         "align": manifest.tiling.align_px,
     }
-    python_io = PYTHON_IO.format(**fields).rstrip("\n")
-    python_save = PYTHON_SAVE.format(**fields)
-    note = COMMON.format(**fields) + "\n" + body.format(**fields, python_io=python_io, python_save=python_save)
+    common, python_io, python_save = COMMON, PYTHON_IO, PYTHON_SAVE
+    fmt = io.pixel_format
+    if fmt is not None:
+        from nafnet_edge.pixels import has_alpha, pixel_channels
+
+        common, python_io, python_save = COMMON_IMAGE, PYTHON_IO_IMAGE, PYTHON_SAVE_IMAGE
+        fields.update(
+            p=pixel_channels(fmt),
+            pixel_type="image" if manifest.target == "coreml" else "uint8",
+            alpha_in=", alpha ignored" if has_alpha(fmt) else "",
+            alpha_out=", alpha 255" if has_alpha(fmt) else "",
+            to_format=TO_FORMAT[fmt],
+            from_format=FROM_FORMAT[fmt],
+            pixel_format=fmt,
+        )
+    else:
+        fields.update(p=c, pixel_format="")
+    python_io = python_io.format(**fields).rstrip("\n")
+    python_save = python_save.format(**fields)
+    note = common.format(**fields) + "\n" + body.format(**fields, python_io=python_io, python_save=python_save)
     validation = manifest.validation
     if validation is not None and not validation.passed:
         note = FAILED.format(failures="; ".join(validation.failures), advice=budget_advice(manifest)) + note

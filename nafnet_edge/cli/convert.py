@@ -51,6 +51,8 @@ def print_result(result: Any) -> None:
         line += f"  fidelity {s['fidelity_db_min']:.1f} dB  max err {s['max_abs_error']:.1e}"
         if "drift_db_mean" in s:
             line += f"  drift {s['drift_db_mean']:+.3f} dB"
+        if v.budgets.get("min_within_one_level") is not None:  # image I/O: scored on 8-bit outputs
+            line += f"  8-bit {s['within_one_level_share_min']:.2%} within 1 level"
         line += "  ok" if v.passed else f"  FAILED: {'; '.join(v.failures)}"
     print(line)
 

@@ -203,6 +203,7 @@ def _run_artifact(args: argparse.Namespace, directory: Path, files: list[Path]) 
     targets, probes = _outputs(args, files)
     for src, probe in zip(files, probes, strict=True):
         _check_channels(src, probe, channels, "this artifact")
+        _check_pixel_depth(src, probe, directory, manifest.io.kind)
         _check_artifact_memory(src, probe, channels)
     target = get_target(manifest.target)
     target.check_available()
@@ -232,6 +233,18 @@ def _run_artifact(args: argparse.Namespace, directory: Path, files: list[Path]) 
         write_image(dst, result)
     print(f"wrote {len(files)} image(s) to {display_path(args.output)}", file=sys.stderr)
     return 0
+
+
+def _check_pixel_depth(src: Path, probe: Any, directory: Path, io: str) -> None:
+    """Refuse a 16-bit image for an image-I/O artifact (8-bit pixels in and out): it would lose its depth."""
+    from nafnet_edge.errors import ImageError, display_path
+
+    if io == "image" and probe.bit_depth != 8:
+        raise ImageError(
+            f"{display_path(src)} has {probe.bit_depth}-bit samples and {display_path(directory)} takes 8-bit pixels "
+            "(image I/O), which would drop the extra precision: convert with --io tensor for 16-bit and HDR frames, "
+            "or save the input as 8-bit"
+        )
 
 
 def _artifact_overlap(args: argparse.Namespace, manifest: Any) -> int:
