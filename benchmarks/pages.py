@@ -99,6 +99,8 @@ def machine_lines(data: Any) -> list[str]:
         load = machine.get("loadavg_start")
         if isinstance(load, list) and load:
             parts.append(f"load average {num(load[0], 2)} at start")
+        elif isinstance(machine.get("load_average"), (int, float)):  # benchmark.machine(): the 1-minute average
+            parts.append(f"load average {num(machine['load_average'], 2)} at start")
         lines.append("Machine: " + "; ".join(parts) + ".")
     elif isinstance(data, dict) and isinstance(data.get("host"), dict):  # an artifact manifest
         host, runtime = data["host"], data.get("runtime") or {}
@@ -297,6 +299,68 @@ def render_tiled_memory(data: list[dict[str, Any]] | dict[str, Any]) -> list[str
     return out
 
 
+def render_image_io(data: dict[str, Any]) -> list[str]:
+    settings = data.get("settings", {})
+    out = [
+        f"The {settings.get('model', 'embedded default')} model converted twice per target at "
+        f"{settings.get('input_size', '?')} px: tensor I/O (float32 NCHW) and image I/O (uint8 pixels in and out, "
+        "the target's default pixel format). Agreement: photos with seeded sigma-25 noise rounded to 8 bits, "
+        "restored through both artifacts tiled as `nafnet-edge run` does it, the tensor artifact's output rounded "
+        "by the app's rule; *within 1 level* is the least share of samples over the photos, *equal* the mean "
+        "share, *max diff* the largest difference in levels (where tiles overlap, the blend of two rounded tiles "
+        "is rounded again); *one tile* compares a single tile, no blending (fp32: equal but for rounding ties; an "
+        "fp16 program scales and rounds in half precision); *vs reference* is the least share within one level "
+        "of the fp32 PyTorch reference. Latency: median of "
+        f"{settings.get('runs', '?')} interleaved calls on each artifact's own input; *image / tensor* above 1 "
+        "means the image artifact is slower.",
+        "",
+    ]
+
+    def share(row: dict[str, Any], key: str, field: str = "within_one_level_share_min", digits: int = 3) -> str:
+        value = (row.get(key) or {}).get(field)
+        return "-" if value is None else f"{100 * value:.{digits}f}%"
+
+    out += table(
+        [
+            "target",
+            "precision",
+            "pixels",
+            "tensor ms",
+            "image ms",
+            "image / tensor",
+            "within 1 level",
+            "equal",
+            "max diff",
+            "one tile equal",
+            "tensor vs reference",
+            "image vs reference",
+            "photos",
+        ],
+        [
+            [
+                r["target"],
+                r.get("precision", "-"),
+                r.get("pixel_format") or "-",
+                num(r.get("tensor_ms"), 2),
+                num(r.get("image_ms"), 2),
+                ratio(r.get("image_over_tensor")),
+                share(r, "image_vs_tensor"),
+                share(r, "image_vs_tensor", "exact_share_mean", 2),
+                num((r.get("image_vs_tensor") or {}).get("max_level_diff"), 0),
+                share(r, "image_vs_tensor_one_tile", "exact_share_mean", 4),
+                share(r, "tensor_vs_reference"),
+                share(r, "image_vs_reference"),
+                str(r.get("photos", "-")),
+            ]
+            for r in data.get("rows", [])
+        ],
+    )
+    untimed = [f"{r['target']} ({r['not_timed']})" for r in data.get("rows", []) if r.get("not_timed")]
+    if untimed:
+        out += ["Not timed: " + "; ".join(untimed) + ".", ""]
+    return out
+
+
 def render_manifest(data: dict[str, Any]) -> list[str]:
     """An artifact's manifest.json kept as a result: its validation summary and the int8 search it records."""
     validation = data.get("validation") or {}
@@ -362,6 +426,7 @@ TITLES: dict[str, str] = {
     "deploy_speed": "What the deploy graph buys",
     "int8_speed": "INT8 speed",
     "tiled_memory": "Tiled inference: memory and time",
+    "image_io": "Image I/O against tensor I/O",
 }
 
 
@@ -376,6 +441,8 @@ def renderer(stem: str, data: Any) -> Callable[[Any], list[str]]:
         return render_int8_quality
     if stem == "tiled_memory" and isinstance(data, (list, dict)):
         return render_tiled_memory
+    if stem.startswith("image_io") and isinstance(data, dict) and "rows" in data:
+        return render_image_io
     if isinstance(data, dict) and "target" in data and "validation" in data:
         return render_manifest
     return render_generic

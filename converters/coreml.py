@@ -6,6 +6,16 @@ coremltools, computing in fp16 by default (the Neural Engine is fp16-only; the d
 stream keeps the norms finite) or fp32 on request, for iOS 17 / macOS 14 or later. Inputs and outputs stay
 float32 (coremltools casts to fp16 and back inside an fp16 program), so apps feed the same arrays either way.
 
+Image I/O (``--io image``, ``.mlpackage`` only): the input ``image`` and output ``restored`` are Core ML images
+(``ct.ImageType``: an app passes a ``CVPixelBuffer`` or ``CGImage``, Core ML converts it to the model's colour
+space) in the pixel format's colour space: RGB or BGR for 3-channel models, GRAYSCALE (8-bit) for 1-channel ones.
+The program scales the pixels by 1/255 (the input's ``scale``, an op coremltools writes into the program), reverses
+the channels around the network for BGR, and ends in ``round(clip(y, 0, 1) * 255)``, so the output image holds
+exactly the 8-bit levels an app gets; its float32 output (cast from fp16 in an fp16 program, as coremltools keeps
+RGB/BGR/GRAYSCALE image outputs float32) is what Core ML writes into the output buffer. One input size only: Core
+ML image outputs of several sizes get an open size range from coremltools (a workaround for a Core ML bug), which
+nothing here can run, so ``--sizes`` is refused with image I/O.
+
 Core ML cannot execute off Apple platforms. On macOS the sessions use Core ML itself (``MLModel.predict``, or
 the ExecuTorch runtime's Core ML backend); elsewhere validation evaluates the saved ML program op by op in numpy
 (``bench`` reports them not runnable: the evaluator says nothing about speed), in
@@ -40,15 +50,21 @@ from nafnet_edge.converters.base import (
     ExportOptions,
     NotRunnable,
     Precision,
+    Runner,
     Session,
     SessionSettings,
     Target,
     TargetOption,
+    pixel_format_of,
+    pixel_session,
 )
 from nafnet_edge.errors import ArtifactError, MissingBackendError, OptionError
+from nafnet_edge.pixels import LEVELS, check_pixel_format, pixel_channels
 from nafnet_edge.sizes import parse_size
 
 if TYPE_CHECKING:
+    import torch
+
     from nafnet_edge.deploy import DeployNAFNet, DeployRecipe, NormForm
 
 MINIMUM_TARGET = "iOS17"  # ML program features the deploy graph relies on; macOS14 is the same spec version
@@ -59,6 +75,8 @@ EVALUATOR_NOTE = (
 )
 COREML_BACKEND_ID = "CoreMLBackend"
 COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")  # ct.ComputeUnit names
+# pixel format -> ct.colorlayout name of the image input and output (GRAYSCALE: 8-bit, a OneComponent8 buffer)
+COLOR_LAYOUTS = {"rgb": "RGB", "bgr": "BGR", "gray": "GRAYSCALE"}
 COREML_OFF_MACOS = (
     "Core ML runs only on macOS and iOS; this machine is {system}. Validation used the numpy ML-program "
     "evaluator, which says nothing about speed: bench on a Mac"
@@ -100,6 +118,64 @@ model = ct.models.MLModel("{artifact}")
 y = model.predict({{"{inp}": x}})["{out}"]   # x: float32 array [1, {c}, {h}, {w}]
 ```
 """
+COREML_IMAGE_USAGE = """\
+## Swift (iOS 17 / macOS 14 or later)
+
+Add `{artifact}` to the Xcode target; Xcode compiles it and generates a class named after the file. Its input
+`{inp}` and output `{out}` are Core ML images ({channels}, {w}x{h}): pass a `CVPixelBuffer` of one tile (a camera's
+32BGRA buffer is fine: Core ML converts it to the model's colour space; `kCVPixelFormatType_OneComponent8` for gray)
+and read the restored tile's pixel buffer; scaling, clamping and rounding happen inside the model. (This Swift uses
+only Core ML's and Vision's documented API but is not compiled by nafnet-edge's own tests, which run where no Swift
+compiler exists.)
+
+```swift
+import CoreML
+import CoreVideo
+import Vision
+
+let config = MLModelConfiguration()
+config.computeUnits = .all
+let model = try MLModel(contentsOf: Bundle.main.url(forResource: "model", withExtension: "mlmodelc")!,
+                        configuration: config)
+
+/// One {w}x{h} tile through the model.
+func restore(_ tile: CVPixelBuffer) throws -> CVPixelBuffer {{
+    let input = try MLDictionaryFeatureProvider(dictionary: ["{inp}": MLFeatureValue(pixelBuffer: tile)])
+    return try model.prediction(from: input).featureValue(for: "{out}")!.imageBufferValue!
+}}
+
+/// The same through Vision (the tile is exactly {w}x{h}, so nothing is scaled or cropped).
+let request = VNCoreMLRequest(model: try VNCoreMLModel(for: model))
+request.imageCropAndScaleOption = .scaleFill
+func restoreWithVision(_ tile: CVPixelBuffer) throws -> CVPixelBuffer {{
+    try VNImageRequestHandler(cvPixelBuffer: tile).perform([request])
+    return (request.results!.first as! VNPixelBufferObservation).pixelBuffer
+}}
+
+// A whole photo: `nafnet-edge plan DIR --frame HxW --json` gives the zero-padded size `padded`, the tile origins
+// `ys` x `xs` and the blend weights `weights_y`, `weights_x`. For every tile (row, col): copy the {w}x{h} window
+// at (ys[row], xs[col]) of the padded frame into a pixel buffer, restore it, and add each restored pixel times
+// weights_y[row][i] * weights_x[col][j] into a float accumulator; then crop to the frame and round to 8 bits.
+```
+
+## Python (macOS only: Core ML does not execute elsewhere)
+
+```python
+{python_io}
+import coremltools as ct
+
+model = ct.models.MLModel("{artifact}")
+
+
+def run(x):  # x: uint8 [1, {h}, {w}, {p}] {channels} pixels -> the restored pixels, the same
+    y = x[0]
+    image = Image.fromarray(np.ascontiguousarray({from_format}).squeeze())  # a PIL image is RGB (or L)
+    photo = np.atleast_3d(np.asarray(model.predict({{"{inp}": image}})["{out}"].convert("{mode}")))
+    return np.ascontiguousarray({to_format})[None]
+
+
+{python_save}```
+"""
 EXECUTORCH_COREML_USAGE = """\
 ## iOS / macOS with the ExecuTorch runtime and its Core ML backend linked
 
@@ -123,6 +199,9 @@ class CoreMLTarget(Target):
 
     The ``extra_sizes`` setting (``--sizes``) adds enumerated input sizes (``ct.EnumeratedShapes``, default
     ``input_size``). Flexible shapes can push Core ML off the Neural Engine, so a single fixed size is the default.
+
+    With ``ExportOptions.pixel_format`` (rgb, bgr; gray for 1-channel models) the input and output are Core ML
+    images (see the module docstring); the session then runs on uint8 (1, H, W, P) pixels (``pixel_session``).
     """
 
     name: ClassVar[str] = "coreml"
@@ -158,6 +237,8 @@ class CoreMLTarget(Target):
     )
     usage_title: ClassVar[str] = "Core ML"
     usage_body: ClassVar[str] = COREML_USAGE
+    usage_image_body: ClassVar[str] = COREML_IMAGE_USAGE
+    pixel_formats: ClassVar[tuple[str, ...]] = tuple(COLOR_LAYOUTS)  # gray: 1-channel models only
 
     def quantizer_options(self, settings: Mapping[str, Any]) -> dict[str, Any]:
         return {"mode": "weights"} if settings.get("weights_only") else {}
@@ -174,25 +255,37 @@ class CoreMLTarget(Target):
     def check_options(self, options: ExportOptions) -> None:
         super().check_options(options)
         deployment_target(self.setting(options, "minimum_target"))
+        extra = {tuple(s) for s in self.setting(options, "extra_sizes") or ()} - {tuple(options.input_size)}
+        if options.pixel_format is not None and extra:
+            raise OptionError(
+                "--sizes with --io image: Core ML image outputs of more than one size get an open size range from "
+                "coremltools (a workaround for a Core ML bug) that cannot be validated here; export one image-I/O "
+                "artifact per size, or use --io tensor for enumerated sizes"
+            )
 
     def export(self, graph: DeployNAFNet, out_dir: Path, options: ExportOptions) -> Exported:
         import torch
 
         ct = import_coremltools()
         self.check_options(options)
+        fmt = options.pixel_format
+        if fmt is not None:
+            check_pixel_format(fmt, _channels(graph), self.name)
         sizes = input_sizes(graph, options)
         shapes = [(1, _channels(graph), h, w) for h, w in sizes]
         shape: Any = shapes[0] if len(shapes) == 1 else ct.EnumeratedShapes(shapes=shapes, default=shapes[0])
-        traced = torch.jit.trace(graph.eval(), torch.rand(shapes[0]), check_trace=False)
+        module = graph.eval() if fmt is None else pixel_levels_module(graph.eval(), fmt)
+        traced = torch.jit.trace(module, torch.rand(shapes[0]), check_trace=False)
+        inputs, outputs = io_types(shape, fmt)
         mlmodel = ct.convert(
             traced,
             convert_to="mlprogram",
-            inputs=[ct.TensorType(name=INPUT_NAME, shape=shape, dtype=np.float32)],
-            outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
+            inputs=inputs,
+            outputs=outputs,
             compute_precision=_ct_precision(options.precision),
             minimum_deployment_target=deployment_target(self.setting(options, "minimum_target")),
         )
-        describe_io(mlmodel, graph.recipe, sizes)
+        describe_io(mlmodel, graph.recipe, sizes, pixel_format=fmt)
         mlmodel.user_defined_metadata.update(graph.recipe.metadata)
         mlmodel.user_defined_metadata.update(
             {
@@ -200,6 +293,7 @@ class CoreMLTarget(Target):
                 "nafnet_edge.compute_precision": options.precision,
                 "nafnet_edge.minimum_target": self.setting(options, "minimum_target"),
                 "nafnet_edge.padding_multiple": str(graph.pad_multiple),
+                **io_metadata(fmt),
             }
         )
         path = Path(out_dir) / self.artifact
@@ -216,8 +310,7 @@ class CoreMLTarget(Target):
                 "minimum_target": self.setting(options, "minimum_target"),
                 "input_sizes": [list(s) for s in sizes],
                 "shapes": "fixed" if len(sizes) == 1 else "enumerated",
-                "io_dtypes": _program_io_dtypes(program),
-                "io_note": _io_note(options.precision),
+                **io_info(program, options.precision, fmt),
                 "mil_ops": _histogram(op.type for op in program.ops),
             },
         )
@@ -232,29 +325,41 @@ class CoreMLTarget(Target):
 
         settings = settings or SessionSettings()
         path = self.artifact_path(out_dir)
+        fmt = pixel_format_of(export)
         if sys.platform != "darwin" and settings.timing:
             raise NotRunnable(COREML_OFF_MACOS.format(system=platform.system()))
         with self.loading(path):
             allowed = _allowed_shapes(ct.utils.load_spec(str(path)))
             program = load_program(path)
         precision = _program_precision(program)
+        if (INPUT_NAME in program.images) != (fmt is not None):
+            raise ArtifactError(
+                f"{path} has {'image' if INPUT_NAME in program.images else 'tensor'} I/O but its manifest records "
+                f"{'pixel format ' + fmt if fmt else 'tensor I/O'}; convert again"
+            )
         if sys.platform == "darwin":
             units = _compute_units(export, settings)
             with self.loading(path):
                 mlmodel = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit[units])
+            info = {"runtime": "coreml", "compute_units": units, "compute_precision": precision}
+            if fmt is not None:
+                return pixel_session(Session(_coreml_pixels(mlmodel, allowed, fmt), "coreml", info, keep=mlmodel), fmt)
 
             def run_coreml(x: np.ndarray) -> np.ndarray:
                 _check_shape(x, allowed)
                 return np.asarray(mlmodel.predict({INPUT_NAME: x})[OUTPUT_NAME], dtype=np.float32)
 
-            info = {"runtime": "coreml", "compute_units": units, "compute_precision": precision}
             return Session(run_coreml, "coreml", info, keep=mlmodel)
+
+        info = {"runtime": "mil-numpy-evaluator", "compute_precision": precision, "note": EVALUATOR_NOTE}
+        if fmt is not None:
+            session = Session(_evaluator_pixels(program, allowed, fmt), "mil-numpy-evaluator", info, keep=program)
+            return pixel_session(session, fmt)
 
         def run_evaluator(x: np.ndarray) -> np.ndarray:
             _check_shape(x, allowed)
             return np.asarray(program.run({INPUT_NAME: x})[OUTPUT_NAME], dtype=np.float32)
 
-        info = {"runtime": "mil-numpy-evaluator", "compute_precision": precision, "note": EVALUATOR_NOTE}
         return Session(run_evaluator, "mil-numpy-evaluator", info, keep=program)
 
 
@@ -263,8 +368,8 @@ class ExecuTorchCoreMLTarget(Target):
 
     The backend converts the edge program with coremltools and embeds the ``.mlpackage`` in the delegate
     payload; its I/O names come from the graph (not ``image``/``restored``) and it carries no descriptions or
-    metadata (the ExecuTorch method is what apps call). Fixed input size only: enumerated shapes are an
-    ``.mlpackage`` option (``--target coreml``).
+    metadata (the ExecuTorch method is what apps call). Fixed input size and tensor I/O only: enumerated shapes and
+    Core ML images are ``.mlpackage`` options (``--target coreml``).
     """
 
     name: ClassVar[str] = "executorch-coreml"
@@ -339,6 +444,7 @@ class ExecuTorchCoreMLTarget(Target):
                 "compute_units": DEFAULT_COMPUTE_UNITS,
                 "minimum_target": self.setting(options, "minimum_target"),
                 "input_sizes": [[h, w]],
+                "io": "tensor",
                 "io_dtypes": {INPUT_NAME: "float32", OUTPUT_NAME: "float32"},
                 "coreml_io_dtypes": [_program_io_dtypes(p) for p in programs],
                 "io_note": "float32 method input and output; the embedded Core ML model's own I/O dtypes are listed "
@@ -446,6 +552,67 @@ def input_sizes(graph: DeployNAFNet, options: ExportOptions) -> list[tuple[int, 
     return sizes
 
 
+def io_types(shape: Any, pixel_format: str | None) -> tuple[list[Any], list[Any]]:
+    """``ct.convert``'s ``inputs`` and ``outputs``: float32 tensors, or with ``pixel_format`` Core ML images in its
+    colour space, the input scaled by 1/255 (coremltools writes the scale into the program as a ``mul``)."""
+    ct = import_coremltools()
+    if pixel_format is None:
+        return [ct.TensorType(name=INPUT_NAME, shape=shape, dtype=np.float32)], [
+            ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)
+        ]
+    layout = getattr(ct.colorlayout, COLOR_LAYOUTS[pixel_format])
+    image = ct.ImageType(name=INPUT_NAME, shape=shape, scale=1.0 / LEVELS, color_layout=layout)
+    return [image], [ct.ImageType(name=OUTPUT_NAME, color_layout=layout)]
+
+
+def pixel_levels_module(model: torch.nn.Module, pixel_format: str) -> torch.nn.Module:
+    """``model`` between the scaled image input and the image output: it takes the image's channels in [0, 1] (in
+    ``pixel_format``'s order: BGR is reversed to the model's RGB and back) and returns
+    ``round(clamp(y, 0, 1) * 255)`` (half to even), the levels the output image holds."""
+    import torch
+
+    if pixel_format not in COLOR_LAYOUTS:
+        raise OptionError(f"Core ML images take --pixel-format {', '.join(COLOR_LAYOUTS)}, not {pixel_format}")
+    reverse = pixel_format == "bgr"
+
+    class PixelLevels(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.model(x.flip(1) if reverse else x)
+            y = torch.round(torch.clamp(y, 0.0, 1.0) * LEVELS)
+            return y.flip(1) if reverse else y
+
+    wrapper = PixelLevels()
+    wrapper.training = False  # only the wrapper: a PT2E-converted ``model`` refuses ``eval()``; pass it in eval mode
+    return wrapper
+
+
+def io_metadata(pixel_format: str | None) -> dict[str, str]:
+    """The model metadata entries saying which I/O the package has."""
+    if pixel_format is None:
+        return {"nafnet_edge.io": "tensor"}
+    return {"nafnet_edge.io": "image", "nafnet_edge.pixel_format": pixel_format}
+
+
+def io_info(program: Any, precision: Precision, pixel_format: str | None) -> dict[str, Any]:
+    """``Exported.info`` entries on the package's I/O: kind, pixel format, the program's I/O dtypes and a note."""
+    dtypes = _program_io_dtypes(program)
+    if pixel_format is None:
+        return {"io": "tensor", "io_dtypes": dtypes, "io_note": _io_note(precision)}
+    casts = "; computed in fp16 between casts" if precision == "fp16" else ""
+    return {
+        "io": "image",
+        "pixel_format": pixel_format,
+        "color_layout": COLOR_LAYOUTS[pixel_format],
+        "io_dtypes": dtypes,
+        "io_note": f"Core ML {COLOR_LAYOUTS[pixel_format]} images in and out (8-bit pixel buffers); the program "
+        f"scales by 1/255, clamps to [0, 1], scales by 255 and rounds (half to even){casts}",
+    }
+
+
 def unpack_coreml_payloads(payloads: list[bytes], into: Path) -> list[Path]:
     """The ``.mlpackage`` of each Core ML delegate payload (a flattened directory written by the backend's
     preprocess: ``lowered_module/model.mlpackage`` plus metadata), unpacked under ``into``."""
@@ -535,8 +702,18 @@ def _compute_units(export: Mapping[str, Any] | None, settings: SessionSettings) 
 
 
 def _allowed_shapes(spec: Any) -> list[tuple[int, ...]]:
-    """The input shapes the model accepts: its enumerated shapes, else its one fixed shape."""
-    array = spec.description.input[0].type.multiArrayType
+    """The input shapes (NCHW) the model accepts: its enumerated shapes, else its one fixed shape."""
+    from coremltools.proto import FeatureTypes_pb2
+
+    from nafnet_edge.converters.coreml_mil import IMAGE_CHANNELS
+
+    feature = spec.description.input[0].type
+    if feature.WhichOneof("Type") == "imageType":
+        image = feature.imageType
+        c = IMAGE_CHANNELS.get(FeatureTypes_pb2.ImageFeatureType.ColorSpace.Name(image.colorSpace), 3)
+        sizes = [(s.height, s.width) for s in image.enumeratedSizes.sizes] or [(image.height, image.width)]
+        return [(1, c, h, w) for h, w in sizes]
+    array = feature.multiArrayType
     return [tuple(s.shape) for s in array.enumeratedShapes.shapes] or [tuple(array.shape)]
 
 
@@ -545,18 +722,75 @@ def _check_shape(x: np.ndarray, allowed: list[tuple[int, ...]]) -> None:
         raise ValueError(f"input shape {tuple(x.shape)} is not one the model accepts: {allowed}")
 
 
-def describe_io(mlmodel: Any, recipe: DeployRecipe, sizes: list[tuple[int, int]]) -> None:
-    """Descriptions an app developer sees in Xcode's model viewer, from the deploy graph's recipe."""
+def _check_pixels(p: np.ndarray, allowed: list[tuple[int, ...]], pixel_format: str) -> None:
+    """uint8 (1, H, W, P) pixels of a size the image input accepts (``allowed``: NCHW shapes)."""
+    depth = pixel_channels(pixel_format)
+    if not isinstance(p, np.ndarray) or p.dtype != np.uint8 or p.ndim != 4 or p.shape[3] != depth:
+        got = f"{p.dtype} {p.shape}" if isinstance(p, np.ndarray) else type(p).__name__
+        raise ValueError(f"expected uint8 pixels (1, H, W, {depth}) in {pixel_format}, got {got}")
+    n, h, w, c = p.shape
+    if (n, c, h, w) not in allowed:
+        raise ValueError(f"pixels {tuple(p.shape)} are not a size the model accepts: {allowed} (NCHW)")
+
+
+def _evaluator_pixels(program: Any, allowed: list[tuple[int, ...]], pixel_format: str) -> Runner:
+    """The numpy evaluator on uint8 (1, H, W, P) pixels: fed as Core ML binds an image (float NCHW 0..255 in the
+    colour space's order, which is ``pixel_format``'s), its float output (already rounded levels) back to uint8."""
+
+    def run(p: np.ndarray) -> np.ndarray:
+        _check_pixels(p, allowed, pixel_format)
+        x = np.ascontiguousarray(p.transpose(0, 3, 1, 2), dtype=np.float32)
+        y = np.asarray(program.run({INPUT_NAME: x})[OUTPUT_NAME], dtype=np.float32)
+        # NaN (an overflowed fp16 program) reads as 0, which validation then scores as wrong
+        return np.clip(np.nan_to_num(y, nan=0.0), 0.0, LEVELS).astype(np.uint8).transpose(0, 2, 3, 1).copy()
+
+    return run
+
+
+def _coreml_pixels(mlmodel: Any, allowed: list[tuple[int, ...]], pixel_format: str) -> Runner:
+    """Core ML (macOS) on uint8 (1, H, W, P) pixels, through the PIL images coremltools' ``predict`` takes and
+    returns (RGB or L; Core ML converts to and from the model's colour space)."""
+    from PIL import Image
+
+    mode = "L" if pixel_format == "gray" else "RGB"
+
+    def run(p: np.ndarray) -> np.ndarray:
+        _check_pixels(p, allowed, pixel_format)
+        tile = p[0, :, :, ::-1] if pixel_format == "bgr" else p[0]
+        image = Image.fromarray(np.ascontiguousarray(tile[:, :, 0] if mode == "L" else tile), mode=mode)
+        restored = mlmodel.predict({INPUT_NAME: image})[OUTPUT_NAME].convert(mode)
+        y = np.atleast_3d(np.asarray(restored, dtype=np.uint8))
+        return np.ascontiguousarray(y[:, :, ::-1] if pixel_format == "bgr" else y)[None]
+
+    return run
+
+
+def describe_io(
+    mlmodel: Any, recipe: DeployRecipe, sizes: list[tuple[int, int]], *, pixel_format: str | None = None
+) -> None:
+    """Descriptions an app developer sees in Xcode's model viewer, from the deploy graph's recipe (and the image
+    I/O's pixel format, when it has one)."""
     c, m, metadata = recipe.channels, recipe.pad_multiple, recipe.metadata
     kind = "RGB" if c == 3 else "grayscale" if c == 1 else f"{c}-channel"
     listed = ", ".join(f"{h}x{w}" for h, w in sizes)
-    mlmodel.input_description[INPUT_NAME] = (
-        f"{kind} image, float32 NCHW (1, {c}, H, W), values in [0, 1]; H x W one of {listed} (multiples of {m}): "
-        "zero-pad right/bottom to it and crop the output back, or tile larger images"
-    )
-    mlmodel.output_description[OUTPUT_NAME] = (
-        "restored image, same shape, layout and range as image; not clamped: clamp to [0, 1] before quantizing"
-    )
+    if pixel_format is None:
+        mlmodel.input_description[INPUT_NAME] = (
+            f"{kind} image, float32 NCHW (1, {c}, H, W), values in [0, 1]; H x W one of {listed} (multiples of "
+            f"{m}): zero-pad right/bottom to it and crop the output back, or tile larger images"
+        )
+        mlmodel.output_description[OUTPUT_NAME] = (
+            "restored image, same shape, layout and range as image; not clamped: clamp to [0, 1] before quantizing"
+        )
+    else:
+        space = COLOR_LAYOUTS[pixel_format]
+        mlmodel.input_description[INPUT_NAME] = (
+            f"image ({space}, 8 bits per channel), H x W one of {listed} (multiples of {m}): zero-pad right/bottom "
+            "to it and crop the output back, or tile larger images; scaled to [0, 1] inside the model"
+        )
+        mlmodel.output_description[OUTPUT_NAME] = (
+            f"restored image, same size and colour space ({space}): clamped and rounded to 8-bit levels inside the "
+            "model"
+        )
     release = metadata.get("nafnet_edge.release")
     mlmodel.short_description = f"NAFNet{f' {release}' if release else ''} image restoration, exported by nafnet-edge"
     mlmodel.author = "nafnet-edge"

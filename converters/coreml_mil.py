@@ -20,7 +20,15 @@ Precision model, so that an fp16 program is evaluated as fp16 hardware would com
   ``dequantize`` and the weights' ``constexpr_affine_dequantize`` are ``scale * (q - zero_point)`` computed in
   float32 and rounded once to the declared dtype. ``scale`` and ``zero_point`` are scalars (per tensor) or
   vectors along ``axis`` (per channel); a missing zero point is 0. Core ML's own kernels are not public: a
-  value within rounding error of a half step can land one int8 step away from this on a device.
+  value within rounding error of a half step can land one int8 step away from this on a device;
+- ``round`` rounds half to even in the operand's dtype (coremltools' own constant folding uses ``np.round``, which
+  does the same; the MIL spec says only that 0.5 rounds to 0), so an exact tie can land one level away on a device.
+
+Image-typed I/O (``ct.ImageType``): Core ML binds an image input's 8-bit pixels as float values 0..255 in the
+model's colour space (channel order), and everything after that is in the program: coremltools writes the input's
+``scale`` and ``bias`` as ``mul`` and ``add`` ops right after the input, so evaluating the program evaluates the
+preprocessing too. ``MilProgram.images`` names the image-typed inputs and outputs with their colour space; ``run``
+refuses an image input that is not whole pixel values 0..255 with the channels its colour space has.
 
 An op type without an evaluator raises ``NotImplementedError`` naming it before anything is computed, and
 every result's shape is checked against the shape the program declares, so an evaluator cannot silently
@@ -32,7 +40,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,6 +88,8 @@ class MilProgram:
     consts: dict[str, Value]
     ops: list[MilOp]
     outputs: tuple[str, ...]
+    # image-typed inputs and outputs (``ct.ImageType``): name -> colour space (RGB, BGR, GRAYSCALE, ...)
+    images: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_pymil(cls, program: Any, function: str = "main") -> MilProgram:
@@ -140,6 +150,8 @@ class MilProgram:
             env[name] = np.asarray(inputs[name]).astype(dtype)
             if shape is not None and env[name].shape != shape:
                 raise ValueError(f"input {name!r} must have shape {shape}, got {env[name].shape}")
+            if name in self.images:
+                _check_image(name, self.images[name], env[name])
         with np.errstate(all="ignore"):  # fp16 overflow to inf is part of what is being emulated
             for op in self.ops:
                 args = dict(op.defaults)
@@ -156,7 +168,8 @@ class MilProgram:
 
 
 def load_program(path: str | Path, function: str = "main") -> MilProgram:
-    """Read the ML program of a saved ``.mlpackage`` back from its spec and blob weight file."""
+    """Read the ML program of a saved ``.mlpackage`` back from its spec and blob weight file (with the colour
+    space of its image-typed inputs and outputs, ``MilProgram.images``)."""
     import coremltools as ct
     from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
 
@@ -167,7 +180,37 @@ def load_program(path: str | Path, function: str = "main") -> MilProgram:
     if spec.WhichOneof("Type") != "mlProgram":
         raise ArtifactError(f"{path} holds a {spec.WhichOneof('Type')} model, not an ML program")
     program = load_milproto(spec, spec.specificationVersion, str(_weights_dir(path)))
-    return MilProgram.from_pymil(program, function)
+    loaded = MilProgram.from_pymil(program, function)
+    loaded.images = image_features(spec)
+    return loaded
+
+
+def image_features(spec: Any) -> dict[str, str]:
+    """Name -> colour space (``ImageFeatureType.ColorSpace`` name) of a model spec's image-typed inputs and
+    outputs."""
+    from coremltools.proto import FeatureTypes_pb2
+
+    space = FeatureTypes_pb2.ImageFeatureType.ColorSpace
+    features = [*spec.description.input, *spec.description.output]
+    return {f.name: space.Name(f.type.imageType.colorSpace) for f in features if f.type.HasField("imageType")}
+
+
+IMAGE_CHANNELS = {"RGB": 3, "BGR": 3, "GRAYSCALE": 1, "GRAYSCALE_FLOAT16": 1}
+
+
+def _check_image(name: str, color_space: str, x: np.ndarray) -> None:
+    """An image input holds what Core ML binds from a pixel buffer: (1, C, H, W) whole values 0..255, C the
+    colour space's channels."""
+    channels = IMAGE_CHANNELS.get(color_space)
+    if channels is None:
+        raise NotImplementedError(f"image input {name!r}: colour space {color_space} is not supported")
+    if x.ndim != 4 or x.shape[:2] != (1, channels):
+        raise ValueError(f"image input {name!r} ({color_space}) must have shape (1, {channels}, H, W), got {x.shape}")
+    if not np.all((x >= 0) & (x <= 255) & (x == np.rint(x))):
+        raise ValueError(
+            f"image input {name!r} takes pixel values: whole numbers 0..255 in {color_space} order, as Core ML binds "
+            "an 8-bit image"
+        )
 
 
 def _weights_dir(package: Path) -> Path:
@@ -447,6 +490,11 @@ def _squeeze(a: Args) -> np.ndarray:
     return np.squeeze(x) if a.get("axes") is None else np.squeeze(x, axis=_axes(a, x.ndim))
 
 
+def _reverse(a: Args) -> np.ndarray:
+    x = a["x"]
+    return np.flip(x, axis=_axes(a, x.ndim))  # no axes: every axis
+
+
 def _reduce(fn: Callable[..., np.ndarray]) -> Callable[[Args], np.ndarray]:
     def evaluate(a: Args) -> np.ndarray:
         x = a["x"]
@@ -471,6 +519,8 @@ OPS: dict[str, Callable[[Args], Value]] = {
     "relu": lambda a: np.maximum(a["x"], np.zeros((), a["x"].dtype)),
     "sigmoid": lambda a: 1.0 / (1.0 + np.exp(-_wide(a["x"]))),
     "clip": lambda a: np.minimum(np.maximum(a["x"], a["alpha"]), a["beta"]),
+    "round": lambda a: np.rint(a["x"]),  # half to even, in the operand's dtype
+    "reverse": _reverse,
     "conv": _conv,
     "conv_transpose": _conv_transpose,
     "avg_pool": lambda a: _pool(a, average=True),

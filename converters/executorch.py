@@ -5,10 +5,21 @@ The deploy graph (``nafnet_edge.deploy`` in its ``conv-mean`` norm form) lowers 
 regression in delegation shows up in the manifest. The session executes the ``.pte`` in ExecuTorch's own
 runtime (``executorch.runtime``), never in PyTorch, for validation and ``bench`` alike.
 
+Image I/O (``ExportOptions.pixel_format``, ``--io image``): the program takes uint8 ``(1, H, W, P)`` pixels and
+returns them (``nafnet_edge.pixels.image_io_module``); ``rgba`` is the default, the bytes an Android ``Bitmap`` in
+ARGB_8888 gives ``copyPixelsToBuffer``. XNNPACK takes the channel moves, the 1/255 and 255 scales and the clamp
+into the network's partition; the uint8 -> float cast, the final round and the float -> uint8 cast run on
+ExecuTorch's portable kernels (XNNPACK converts no dtypes and has no round op here): ``ops_outside_delegate``
+lists them.
+
 With the ``bundle`` setting (``--bundle``), ``model.bpte`` is written next to ``model.pte``: the same program plus
 the test inputs and their expected outputs, which an app loads with ExecuTorch's bundled-program API to verify the
 file on the device (``verify_result_with_bundled_expected_output``, with a tolerance the app chooses:
 XNNPACK's fp32 kernels differ from PyTorch by about 1e-6, so the runtime's default ``atol=1e-8`` is too tight).
+The runtime applies those tolerances to float outputs only and compares uint8 outputs byte for byte, while an
+image-I/O program's pixels may differ from the reference's by one level where a value lies near a rounding
+boundary: ``Exported.info["bundle_level_agreement"]`` records how the program here matches its bundled outputs,
+and an app that needs a tolerance runs the bundled inputs itself and allows one level.
 
 int8 programs come from ``nafnet_edge.quantization``; this converter exports fp32 only.
 """
@@ -34,8 +45,11 @@ from nafnet_edge.converters.base import (
     Target,
     TargetOption,
     operator_profile,
+    pixel_format_of,
+    pixel_session,
 )
 from nafnet_edge.errors import ArtifactError, MissingBackendError, OptionError
+from nafnet_edge.pixels import check_pixel_format, image_io_module, level_agreement, pixel_channels
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +59,9 @@ if TYPE_CHECKING:
 BACKEND = "XnnpackBackend"
 METHOD = "forward"
 BUNDLE = "model.bpte"
+# ETDump events that wrap others: a delegate call (XNNPACK's operators inside), a portable kernel's call (its
+# native_call_<op> event inside), the whole execution
+WRAPPER_EVENTS = frozenset({"DELEGATE_CALL", "OPERATOR_CALL", "Method::execute"})
 
 # call_function nodes that compute nothing at run time: tuple access, memory planning, views
 NO_OP_NODES = frozenset(
@@ -85,10 +102,31 @@ def delegation_summary(graph_module: torch.fx.GraphModule) -> tuple[list[str], d
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
-    """A float32 copy with canonical strides: ExecuTorch rejects the zero stride numpy gives a ``[None]`` axis."""
+    """A copy with canonical strides (ExecuTorch rejects the zero stride numpy gives a ``[None]`` axis): uint8
+    pixels stay uint8, anything else becomes float32."""
     import torch
 
-    return torch.from_numpy(np.array(a, dtype=np.float32, order="C"))
+    a = np.asarray(a)
+    return torch.from_numpy(np.array(a, dtype=np.uint8 if a.dtype == np.uint8 else np.float32, order="C"))
+
+
+def with_io(
+    module: torch.nn.Module, channels: int, size: tuple[int, int], pixel_format: str | None
+) -> tuple[torch.nn.Module, torch.Tensor]:
+    """``module`` (float NCHW) behind image I/O in ``pixel_format`` (None: as it is) and a batch-1 example input
+    of its own type at ``size``. Refuses a format that cannot carry ``channels`` (``OptionError``)."""
+    import torch
+
+    if pixel_format is None:
+        return module, torch.zeros(1, channels, *size)
+    check_pixel_format(pixel_format, channels)
+    pixels = torch.zeros(1, *size, pixel_channels(pixel_format), dtype=torch.uint8)
+    return image_io_module(module, pixel_format), pixels
+
+
+def io_info(pixel_format: str | None) -> dict[str, Any]:
+    """``Exported.info``'s I/O entries."""
+    return {"io": "image", "pixel_format": pixel_format} if pixel_format else {"io": "tensor"}
 
 
 USAGE = """\
@@ -147,6 +185,64 @@ auto restored = module.forward(input)->at(0).toTensor();
 """
 
 
+USAGE_IMAGE = """\
+## Python
+
+```python
+{python_io}
+from executorch.runtime import Runtime
+import torch
+
+program_bytes = open("{artifact}", "rb").read()  # keep the bytes alive while the program is used
+program = Runtime.get().load_program(program_bytes)
+method = program.load_method("forward")
+
+
+def run(x):  # x: uint8 [1, {h}, {w}, {p}] ({pixel_format}); returns the same
+    return method.execute([torch.from_numpy(x)])[0].numpy()
+
+
+{python_save}```
+
+## Android (Kotlin, `org.pytorch.executorch`)
+
+Documentation, not compiled by nafnet-edge's tests (the Python above is executed against this file). One {h}x{w}
+tile of {pixel_format} pixels, {p} bytes each. An ARGB_8888 `Bitmap` copies out as RGBA bytes, which an `rgba`
+program (`--pixel-format rgba`, ExecuTorch's default) takes as they are; for another format, write its bytes
+into `input` yourself.
+
+```kotlin
+val module = Module.load(filesDir.resolve("{artifact}").absolutePath)
+val shape = longArrayOf(1, {h}, {w}, {p})
+val input = ByteBuffer.allocateDirect({h} * {w} * {p}).order(ByteOrder.nativeOrder())
+
+fun restoreTile(tile: Bitmap): Bitmap {{  // {w}x{h}, ARGB_8888, opaque (the bytes are alpha-premultiplied)
+    input.rewind()
+    tile.copyPixelsToBuffer(input)  // rgba: RGBA bytes, row by row
+    input.rewind()
+    val restored = module.forward(EValue.from(Tensor.fromBlobUnsigned(input, shape)))[0]
+        .toTensor().dataAsUnsignedByteArray  // uint8 [1, {h}, {w}, {p}]
+    val out = Bitmap.createBitmap({w}, {h}, Bitmap.Config.ARGB_8888)
+    out.copyPixelsFromBuffer(ByteBuffer.wrap(restored))  // rgba: alpha comes back 255
+    return out
+}}
+```
+
+Bitmaps of other sizes: zero-pad right and bottom to {h}x{w} and crop back, or restore {h}x{w} tiles
+(`Bitmap.createBitmap(source, left, top, {w}, {h})`) overlapping by {overlap} px at the origins and with the blend
+weights `nafnet-edge plan` prints, and blend the returned pixels. `NafnetTiler.kt` (in this folder) does that
+tiling for float tiles: it serves tensor-I/O artifacts.
+
+## C++ (`executorch::extension::Module`)
+
+```cpp
+Module module("{artifact}");
+auto input = from_blob(pixels.data(), {{1, {h}, {w}, {p}}}, executorch::aten::ScalarType::Byte);  // uint8
+auto restored = module.forward(input)->at(0).toTensor();  // uint8 [1, {h}, {w}, {p}]
+```
+"""
+
+
 class ExecuTorchTarget(Target):
     name: ClassVar[str] = "executorch"
     extra: ClassVar[str] = "executorch"
@@ -156,6 +252,8 @@ class ExecuTorchTarget(Target):
     artifact: ClassVar[str] = "model.pte"
     file_kind: ClassVar[str] = "ExecuTorch program"
     precisions: ClassVar[tuple[Precision, ...]] = ("fp32",)
+    # rgba first: an Android Bitmap (ARGB_8888) copied with copyPixelsToBuffer gives RGBA bytes
+    pixel_formats: ClassVar[tuple[str, ...]] = ("rgba", "rgb", "bgra", "bgr", "gray")
     quantizer: ClassVar[str | None] = "nafnet_edge.quantization.xnnpack:XNNPACKQuantizer"
     color: ClassVar[str] = "#f28e2b"
     helpers: ClassVar[tuple[str, ...]] = ("android/NafnetTiler.kt",)  # whole frames on Android
@@ -164,6 +262,7 @@ class ExecuTorchTarget(Target):
     )
     usage_title: ClassVar[str] = "ExecuTorch (XNNPACK)"
     usage_body: ClassVar[str] = USAGE
+    usage_image_body: ClassVar[str] = USAGE_IMAGE
 
     def needs_test_io(self, options: ExportOptions) -> bool:
         return bool(self.setting(options, "bundle"))
@@ -176,11 +275,19 @@ class ExecuTorchTarget(Target):
                     f"{len(options.test_inputs)} bundled test inputs but {len(options.test_outputs)} expected "
                     "outputs; give one output per input"
                 )
+            h, w = options.input_size
+            fmt = options.pixel_format
             for a in (*options.test_inputs, *options.test_outputs):
-                if a.ndim != 4 or a.shape[0] != 1 or tuple(a.shape[2:]) != tuple(options.input_size):
+                if fmt is None and (a.ndim != 4 or a.shape[0] != 1 or tuple(a.shape[2:]) != (h, w)):
                     raise ValueError(
-                        f"bundled test arrays must be (1, C, {options.input_size[0]}, {options.input_size[1]}) "
-                        f"at the input size; got {a.shape}: pad or crop them to it"
+                        f"bundled test arrays must be (1, C, {h}, {w}) at the input size; got {a.shape}: pad or "
+                        "crop them to it"
+                    )
+                if fmt is not None and (a.dtype != np.uint8 or a.shape != (1, h, w, pixel_channels(fmt))):
+                    raise ValueError(
+                        f"bundled test arrays of an image-I/O program must be uint8 (1, {h}, {w}, "
+                        f"{pixel_channels(fmt)}) {fmt} pixels at the input size; got {a.dtype} {a.shape}: pad or "
+                        "crop them to it and convert them (nafnet_edge.pixels.to_pixels)"
                     )
 
     def export(self, graph: DeployNAFNet, out_dir: Path, options: ExportOptions) -> Exported:
@@ -195,9 +302,9 @@ class ExecuTorchTarget(Target):
                 "a bundled program (--bundle) needs test inputs to carry and none were given: keep validation on "
                 "(the first validation image becomes the test case) or drop --bundle"
             )
-        example = torch.zeros(1, graph.intro.in_channels, *options.input_size)
+        module, example = with_io(graph, graph.intro.in_channels, options.input_size, options.pixel_format)
         with torch.no_grad():
-            exported = torch.export.export(graph, (example,))
+            exported = torch.export.export(module, (example,))
         edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
         backends, outside = delegation_summary(edge.exported_program().graph_module)
         program = edge.to_executorch()
@@ -211,20 +318,23 @@ class ExecuTorchTarget(Target):
             "delegate_backends": sorted(set(backends)),
             "ops_outside_delegate": outside,
             "program_bytes": len(buffer),
+            **io_info(options.pixel_format),
         }
         if bundle:
-            bundled = self._bundle(program, graph, options)
+            bundled, expected = self._bundle(program, module, options)
             (out_dir / BUNDLE).write_bytes(bundled)
             files.append(BUNDLE)
             info["bundle"] = BUNDLE
             info["bundled_test_cases"] = len(options.test_inputs)
             info["bundle_bytes"] = len(bundled)
+            if options.pixel_format is not None:
+                info["bundle_level_agreement"] = _bundle_agreement(buffer, options.test_inputs, expected)
         return Exported(files=files, info=info)
 
     @staticmethod
-    def _bundle(program: Any, graph: DeployNAFNet, options: ExportOptions) -> bytes:
-        """The program with its test cases; expected outputs are ``options.test_outputs`` or, when none are
-        given, the deploy graph's own outputs for the test inputs."""
+    def _bundle(program: Any, module: torch.nn.Module, options: ExportOptions) -> tuple[bytes, list[np.ndarray]]:
+        """The program with its test cases, and their expected outputs: ``options.test_outputs`` or, when none
+        are given, the exported module's own outputs for the test inputs."""
         import torch
         from executorch.devtools.bundled_program.config import MethodTestCase, MethodTestSuite
         from executorch.devtools.bundled_program.core import BundledProgram
@@ -235,10 +345,10 @@ class ExecuTorchTarget(Target):
             expected = [_tensor(a) for a in options.test_outputs]
         else:
             with torch.no_grad():
-                expected = [graph(x).contiguous() for x in inputs]
+                expected = [module(x).contiguous() for x in inputs]
         cases = [MethodTestCase(inputs=(x,), expected_outputs=(y,)) for x, y in zip(inputs, expected, strict=True)]
         bundled = BundledProgram(program, [MethodTestSuite(method_name=METHOD, test_cases=cases)])
-        return serialize_from_bundled_program_to_flatbuffer(bundled)
+        return serialize_from_bundled_program_to_flatbuffer(bundled), [y.numpy() for y in expected]
 
     def open_session(
         self, out_dir: Path, *, export: Mapping[str, Any] | None = None, settings: SessionSettings | None = None
@@ -265,7 +375,9 @@ class ExecuTorchTarget(Target):
             method = program.load_method(METHOD)
         if method is None:
             raise ArtifactError(f"{path} has no {METHOD!r} method; convert again")
-        run = _ProgramRunner(buffer, program, method, tuple(method.metadata.input_tensor_meta(0).sizes()))
+        fmt = pixel_format_of(export)
+        shape = tuple(method.metadata.input_tensor_meta(0).sizes())
+        run = _ProgramRunner(buffer, program, method, shape, np.dtype(np.uint8 if fmt else np.float32))
 
         def profile(x: np.ndarray, runs: int) -> dict[str, Any]:
             from executorch.devtools import Inspector
@@ -286,19 +398,20 @@ class ExecuTorchTarget(Target):
                 if block.name != "Execute":
                     continue
                 for event in block.events:
-                    if event.perf_data is None or event.name in ("DELEGATE_CALL", "Method::execute"):
+                    if event.perf_data is None or event.name in WRAPPER_EVENTS:
                         continue
                     key = event.name.split(" #")[0]  # XNNPACK numbers every instance: "Convolution (NHWC, F32) #3"
                     ops[key] += event.perf_data.p50
                     counts[key] += 1
-            source = "ExecuTorch ETDump (devtools Inspector), XNNPACK operators, median per node"
+            source = "ExecuTorch ETDump (devtools Inspector), XNNPACK operators and portable kernels, median per node"
             return operator_profile(source, ops, counts, 1)
 
         info: dict[str, Any] = {"runtime": "executorch", "backend": BACKEND}
         threads = _threadpool_size()
         if threads is not None:
             info["threads"] = threads
-        return Session(run, "executorch", info, profile, keep=run)
+        session = Session(run, "executorch", info, profile, keep=run)
+        return pixel_session(session, fmt) if fmt else session
 
 
 @dataclass(frozen=True)
@@ -309,14 +422,32 @@ class _ProgramRunner:
     program: Any
     method: Any
     input_shape: tuple[int, ...]
+    dtype: np.dtype  # the program's input and output type: float32 (tensor I/O) or uint8 (image I/O)
 
     def __call__(self, a: np.ndarray) -> np.ndarray:
+        a = np.asarray(a)
         if tuple(a.shape) != self.input_shape:
             raise ValueError(
                 f"the .pte takes input {self.input_shape}, got {tuple(a.shape)}: zero-pad to the input size and "
                 "crop back, or tile larger images"
             )
-        return self.method.execute([_tensor(a)])[0].numpy().astype(np.float32, copy=True)
+        if self.dtype == np.uint8 and a.dtype != np.uint8:
+            raise ValueError(f"the .pte takes uint8 pixels, got {a.dtype}: pass the pixel buffer's bytes")
+        return self.method.execute([_tensor(a)])[0].numpy().astype(self.dtype, copy=True)
+
+
+def _bundle_agreement(
+    buffer: bytes, inputs: tuple[np.ndarray, ...], expected: list[np.ndarray]
+) -> dict[str, float | int]:
+    """How the program's uint8 outputs in this machine's runtime match the bundled expected outputs (what the
+    runtime's byte-exact check compares): shares of samples equal and within one level, the largest difference."""
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(buffer).load_method(METHOD)
+    outputs = [method.execute([_tensor(x)])[0].numpy() for x in inputs]
+    got = np.concatenate([o.ravel() for o in outputs]).astype(np.float32) / np.float32(255.0)
+    want = np.concatenate([e.ravel() for e in expected]).astype(np.float32) / np.float32(255.0)
+    return level_agreement(got, want)
 
 
 # The public ``executorch.runtime`` API loads and runs programs (with ETDump) but neither reads nor sets the

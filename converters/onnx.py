@@ -10,6 +10,11 @@ The deploy recipe's metadata (``graph.recipe.metadata``, str -> str), the input 
 into the model's ``metadata_props``, so the file describes itself without the manifest next to it. A TLC model
 (``graph.recipe.arch`` NAFNetLocal) is never exported dynamic: even where it pools globally at the given size, it
 would pool locally at larger ones.
+
+Image I/O (``ExportOptions.pixel_format``, ``--io image``): the model takes uint8 ``(1, H, W, P)`` pixels named
+``image`` and returns them as ``restored`` (``nafnet_edge.pixels.image_io_module``: Cast, Slice/Concat for the
+channel order, Transpose, the 1/255 and 255 scales, Clip, onnxruntime's half-to-even Round, Cast); with
+``--dynamic`` the symbolic axes are the NHWC height and width (1 and 2).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from nafnet_edge.converters.base import (
     Target,
     TargetOption,
     operator_profile,
+    pixel_format_of,
+    pixel_session,
 )
 from nafnet_edge.errors import OptionError
 
@@ -49,6 +56,12 @@ DOC_STRING = (
     "NAFNet image restoration (deploy graph). Input 'image': float32 NCHW, batch 1, RGB in [0, 1], height and "
     "width a multiple of pad_multiple (zero-pad right/bottom, crop the output back). Output 'restored': same "
     "shape, not clamped (clamp to [0, 1] and round for 8-bit images)."
+)
+DOC_STRING_IMAGE = (
+    "NAFNet image restoration (deploy graph) with 8-bit pixel I/O. Input 'image': uint8 NHWC, batch 1, {fmt} "
+    "pixels{alpha_in}, height and width a multiple of pad_multiple (zero-pad right/bottom, crop the output back). "
+    "Output 'restored': uint8, same shape and format{alpha_out}; clamped, scaled by 255 and rounded half to even "
+    "inside the model."
 )
 
 
@@ -80,6 +93,7 @@ class ONNXTarget(Target):
     artifact: ClassVar[str] = "model.onnx"
     file_kind: ClassVar[str] = "ONNX model"
     precisions: ClassVar[tuple[Precision, ...]] = ("fp32",)
+    pixel_formats: ClassVar[tuple[str, ...]] = ("rgb", "bgr", "rgba", "bgra", "gray")
     color: ClassVar[str] = "#b07aa1"
     options: ClassVar[tuple[TargetOption, ...]] = (
         TargetOption("--dynamic", "dynamic", "symbolic height and width", default=False, kind="flag"),
@@ -92,6 +106,8 @@ class ONNXTarget(Target):
         import onnx
         import onnxruntime
         import torch
+
+        from nafnet_edge.pixels import check_pixel_format, has_alpha, image_io_module, pixel_channels
 
         self.check_options(options)
         h, w = options.input_size
@@ -109,12 +125,28 @@ class ONNXTarget(Target):
                 "which one file cannot do; drop --dynamic (one file per size) and tile larger images"
             )
         path = out_dir / self.artifact
+        fmt = options.pixel_format
+        module: torch.nn.Module = graph
         example = torch.zeros(1, graph.intro.in_channels, h, w)
         axes = {2: "height", 3: "width"}
+        doc = DOC_STRING
+        if fmt is not None:
+            check_pixel_format(fmt, graph.intro.in_channels)
+            module = image_io_module(graph, fmt)
+            example = torch.zeros(1, h, w, pixel_channels(fmt), dtype=torch.uint8)
+            axes = {1: "height", 2: "width"}
+            alpha = has_alpha(fmt)
+            doc = DOC_STRING_IMAGE.format(
+                fmt=fmt.upper() if fmt != "gray" else "gray",
+                alpha_in=" (alpha ignored)" if alpha else "",
+                alpha_out=", alpha 255" if alpha else "",
+            )
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated, not wrong
+            # image I/O's alpha pad: the exporter writes its pad widths reversed by a step -1 slice it cannot fold
+            warnings.filterwarnings("ignore", "Constant folding - Only steps=1", UserWarning)
             torch.onnx.export(
-                graph,
+                module,
                 (example,),
                 str(path),
                 opset_version=self.opset,
@@ -125,7 +157,7 @@ class ONNXTarget(Target):
             )
 
         model = onnx.load(str(path))
-        model.doc_string = DOC_STRING
+        model.doc_string = doc
         onnx.helper.set_model_props(
             model,
             dict(recipe.metadata)
@@ -133,7 +165,9 @@ class ONNXTarget(Target):
                 "nafnet_edge.input_size": f"{h}x{w}",
                 "nafnet_edge.padding_multiple": str(graph.pad_multiple),
                 "nafnet_edge.dynamic": str(dynamic).lower(),
-            },
+                "nafnet_edge.io": "image" if fmt else "tensor",
+            }
+            | ({"nafnet_edge.pixel_format": fmt} if fmt else {}),
         )
         onnx.save(model, str(path))
         onnx.checker.check_model(str(path), full_check=True)
@@ -147,6 +181,7 @@ class ONNXTarget(Target):
                 "op_histogram": dict(sorted(Counter(n.op_type for n in model.graph.node).items())),
                 "dynamic": dynamic,
                 "file_bytes": path.stat().st_size,
+                **({"io": "image", "pixel_format": fmt} if fmt else {"io": "tensor"}),
             },
         )
 
@@ -177,6 +212,8 @@ class ONNXTarget(Target):
         import onnxruntime as ort
 
         settings = settings or SessionSettings()
+        fmt = pixel_format_of(export)
+        dtype = np.uint8 if fmt else np.float32  # the model's input and output type
         path = self.artifact_path(out_dir)
         providers = [p for p in PROVIDERS if p in ort.get_available_providers()]
 
@@ -192,16 +229,21 @@ class ONNXTarget(Target):
         with self.loading(path):
             session = ort.InferenceSession(str(path), session_options(), providers=providers)
 
+        def feed(a: np.ndarray) -> dict[str, np.ndarray]:
+            a = np.asarray(a)
+            if fmt and a.dtype != np.uint8:
+                raise ValueError(f"the model takes uint8 pixels, got {a.dtype}: pass the pixel buffer's bytes")
+            return {INPUT_NAME: np.ascontiguousarray(a, dtype=dtype)}
+
         def run(a: np.ndarray) -> np.ndarray:
-            out = session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(a, dtype=np.float32)})[0]
-            return np.asarray(out, dtype=np.float32)
+            return np.asarray(session.run([OUTPUT_NAME], feed(a))[0], dtype=dtype)
 
         def profile(x: np.ndarray, runs: int) -> dict[str, Any]:
-            feed = {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}
+            inputs = feed(x)
             with tempfile.TemporaryDirectory(prefix="nafnet-edge-ort-") as tmp:
                 profiled = ort.InferenceSession(str(path), session_options(profile_in=tmp), providers=providers)
                 for _ in range(runs + 1):
-                    profiled.run(None, feed)
+                    profiled.run(None, inputs)
                 events = json.loads(Path(profiled.end_profiling()).read_text())
             ops: Counter[str] = Counter()
             counts: Counter[str] = Counter()
@@ -216,7 +258,8 @@ class ONNXTarget(Target):
         info["onnxruntime"] = ort.__version__
         if settings.threads:
             info["threads"] = settings.threads
-        return Session(run, "onnxruntime", info, profile, keep=session)
+        result = Session(run, "onnxruntime", info, profile, keep=session)
+        return pixel_session(result, fmt) if fmt else result
 
 
 def external_data_locations(path: Path) -> list[str]:

@@ -6,6 +6,13 @@ and ``restored``, the manifest essentials stored in the IR's rt_info under ``naf
 weights to f16 in the ``.bin`` (half the size); the CPU plugin decompresses them to f32 at load, so it changes
 the file, not the arithmetic.
 
+Image I/O (``--io image``): the converted model is wrapped by OpenVINO's ``PrePostProcessor`` before saving (after
+NNCF quantization for int8, so the calibrated graph is unchanged). The input ``image`` is uint8 NHWC in the pixel
+format (``bgr`` by default: OpenCV frames; ``rgb``, ``bgra``/``rgba`` with the alpha byte ignored, ``gray`` for
+1-channel models); the IR converts it to f32, to RGB, divides by 255 and transposes to the model's NCHW. The output
+``restored`` is clamped to [0, 1], multiplied by 255, rounded half to even, converted to u8, transposed to NHWC and
+reordered to the same pixel format, alpha 255. rt_info records ``io`` and ``pixel_format`` beside the other facts.
+
 Session: the CPU plugin silently runs bf16 on CPUs that report bf16, so the session pins
 ``INFERENCE_PRECISION_HINT`` (f32 unless ``--inference-precision``, the hint ``inference_precision``, or the
 manifest's ``export`` section asks for another) and refuses to run when
@@ -36,8 +43,11 @@ from nafnet_edge.converters.base import (
     Target,
     TargetOption,
     operator_profile,
+    pixel_format_of,
+    pixel_session,
 )
-from nafnet_edge.errors import ArtifactError
+from nafnet_edge.errors import ArtifactError, display_path
+from nafnet_edge.pixels import LEVELS, PIXEL_FORMATS, check_pixel_format, has_alpha, model_order, pixel_channels
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +63,7 @@ CAPABILITY_NAMES = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}  # as in the p
 # Execution-graph nodes that move or hold data rather than compute; left out of the runtime precision histogram.
 NON_COMPUTE_LAYERS = frozenset({"Input", "Output", "Const", "Reorder", "Reshape"})
 
-USAGE = """\
+PYTHON_USAGE = """\
 ## Python
 
 Pin the inference precision: on CPUs with bf16 the plugin otherwise runs bf16 silently.
@@ -70,7 +80,11 @@ def run(x):
 
 
 {python_save}```
+"""
 
+USAGE = (
+    PYTHON_USAGE
+    + """
 ## C++
 
 ```cpp
@@ -82,6 +96,29 @@ request.infer();
 const float* restored = request.get_tensor("{out}").data<float>();
 ```
 """
+)
+
+# Image I/O: the tile's bytes go in as they are (a continuous cv::Mat of 8-bit pixels in the artifact's pixel format,
+# CV_8UC3 BGR by default), and the output has the same layout and format.
+USAGE_IMAGE = (
+    PYTHON_USAGE
+    + """
+## C++
+
+```cpp
+ov::Core core;
+auto compiled = core.compile_model("{artifact}", "CPU", ov::hint::inference_precision(ov::element::f32));
+auto request = compiled.create_infer_request();
+// tile: a continuous {h}x{w} cv::Mat of 8-bit {channels} pixels (an OpenCV frame is BGR)
+request.set_tensor("{inp}", ov::Tensor(ov::element::u8, compiled.input("{inp}").get_shape(), tile.data));
+request.infer();
+cv::Mat restored({h}, {w}, tile.type(), request.get_tensor("{out}").data<uint8_t>());  // valid until the next infer
+```
+"""
+)
+
+# Input color formats of the PrePostProcessor by pixel format (4-byte pixels: the X byte is dropped).
+COLOR_FORMATS = {"rgb": "RGB", "bgr": "BGR", "rgba": "RGBX", "bgra": "BGRX", "gray": "GRAY"}
 
 
 class OpenVINOTarget(Target):
@@ -109,22 +146,35 @@ class OpenVINOTarget(Target):
     )
     usage_title: ClassVar[str] = "OpenVINO"
     usage_body: ClassVar[str] = USAGE
+    usage_image_body: ClassVar[str] = USAGE_IMAGE
+    pixel_formats: ClassVar[tuple[str, ...]] = ("bgr", "rgb", "bgra", "rgba", "gray")
 
     def export(self, graph: DeployNAFNet, out_dir: Path, options: ExportOptions) -> Exported:
         import openvino as ov
         import torch
 
+        self.check_options(options)
+        fmt = options.pixel_format
+        if fmt is not None:  # before the conversion, which takes seconds
+            check_pixel_format(fmt, graph.intro.in_channels, self.name)
         h, w = options.input_size
         shape = (1, graph.intro.in_channels, h, w)
         with torch.no_grad():
             ov_model = ov.convert_model(graph, example_input=torch.rand(shape), input=ov.PartialShape(list(shape)))
         fp16 = options.precision == "fp16"
         op_counts = save_ir(
-            ov_model, out_dir, graph, input_size=(h, w), precision=options.precision, compress_to_fp16=fp16
+            ov_model,
+            out_dir,
+            graph,
+            input_size=(h, w),
+            precision=options.precision,
+            compress_to_fp16=fp16,
+            pixel_format=fmt,
         )
         return Exported(
             files=[XML, BIN],
             info={
+                **io_info(fmt),
                 "openvino": ov.get_version(),
                 "weight_precision": "f16 compressed (decompressed to f32 at load)"
                 if options.precision == "fp16"
@@ -150,7 +200,10 @@ class OpenVINOTarget(Target):
         """The IR compiled for the CPU plugin with the LATENCY hint, its inference precision pinned
         (``inference_precision``: the hint, else the ``export`` section, else f32) and ``settings.threads``
         threads; the profile reads the plugin's performance counters, the throughput mode compiles with the
-        THROUGHPUT hint and runs its optimal number of requests."""
+        THROUGHPUT hint and runs its optimal number of requests.
+
+        An image-I/O IR (the ``export`` section's ``pixel_format``, else the IR's rt_info) gives a
+        ``pixel_session``: ``native``, ``profile`` and ``throughput`` take uint8 (1, H, W, P) pixels."""
         import openvino as ov
 
         settings = settings or SessionSettings()
@@ -169,6 +222,8 @@ class OpenVINOTarget(Target):
         core = ov.Core()
         with self.loading(path):
             model = core.read_model(str(path))
+            fmt = pixel_format_of(export) or ir_pixel_format(model)
+            check_input_type(model, fmt, path)
             compiled = core.compile_model(model, DEVICE, {**base, "PERFORMANCE_HINT": "LATENCY"})
         used = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         if used != requested:
@@ -181,20 +236,27 @@ class OpenVINOTarget(Target):
             )
         reported, activations = runtime_precisions(compiled)
         request = compiled.create_infer_request()
+        dtype = np.uint8 if fmt else np.float32
+
+        def feed(x: np.ndarray) -> dict[str, np.ndarray]:
+            if fmt and np.asarray(x).dtype != np.uint8:  # a float frame cast to uint8 would silently be black
+                raise ValueError(
+                    f"this IR takes uint8 pixels (1, H, W, {pixel_channels(fmt)}) in {fmt}, not {np.asarray(x).dtype}"
+                )
+            return {INPUT_NAME: np.ascontiguousarray(x, dtype=dtype)}
 
         def run(x: np.ndarray) -> np.ndarray:
-            result = request.infer({INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
-            return np.asarray(result[OUTPUT_NAME], dtype=np.float32)
+            return np.asarray(request.infer(feed(x))[OUTPUT_NAME], dtype=dtype)
 
         def profile(x: np.ndarray, runs: int) -> dict[str, Any]:
             counted = core.compile_model(model, DEVICE, {**base, "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True})
             req = counted.create_infer_request()
-            feed = {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}
-            req.infer(feed)
+            feeding = feed(x)
+            req.infer(feeding)
             ops: Counter[str] = Counter()
             counts: Counter[str] = Counter()
             for _ in range(runs):
-                req.infer(feed)
+                req.infer(feeding)
                 for p in req.profiling_info:
                     if p.status == p.Status.EXECUTED and p.real_time.total_seconds() > 0:
                         key = f"{p.node_type} ({p.exec_type})"
@@ -206,13 +268,13 @@ class OpenVINOTarget(Target):
             fast = core.compile_model(model, DEVICE, {**base, "PERFORMANCE_HINT": "THROUGHPUT"})
             requests = int(fast.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
             queue = ov.AsyncInferQueue(fast, requests)
-            feed = {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}
+            feeding = feed(x)
             for _ in range(requests):  # warm every request
-                queue.start_async(feed)
+                queue.start_async(feeding)
             queue.wait_all()
             started = time.perf_counter()
             for _ in range(frames):
-                queue.start_async(feed)
+                queue.start_async(feeding)
             queue.wait_all()
             seconds = time.perf_counter() - started
             return {
@@ -235,7 +297,8 @@ class OpenVINOTarget(Target):
             "runtime_precisions": reported,
             "activation_precisions": activations,
         }
-        return Session(run, "openvino", info, profile, throughput, keep=(compiled, model))
+        session = Session(run, "openvino", info, profile, throughput, keep=(compiled, model))
+        return pixel_session(session, fmt) if fmt else session
 
 
 def save_ir(
@@ -247,32 +310,59 @@ def save_ir(
     precision: str,
     rt_info: Mapping[str, str] | None = None,
     compress_to_fp16: bool = False,
+    pixel_format: str | None = None,
 ) -> Counter[str]:
     """Write ``ov_model`` (converted from the deploy graph ``graph``, or a module prepared from it) as
-    ``out_dir/model.xml`` + ``model.bin``: tensors named ``image`` and ``restored``, the model named after the
-    release or architecture, and rt_info under ``nafnet_edge`` (``ir_metadata``, then ``rt_info``); returns the
-    saved IR's op counts."""
+    ``out_dir/model.xml`` + ``model.bin``: behind 8-bit image I/O in ``pixel_format`` when given
+    (``with_pixel_io``), tensors named ``image`` and ``restored``, the model named after the release or
+    architecture, and rt_info under ``nafnet_edge`` (``ir_metadata``, then ``rt_info``); returns the saved IR's op
+    counts."""
     import openvino as ov
 
+    xml = Path(out_dir) / XML
+    if pixel_format is not None:
+        if compress_to_fp16:  # only the network's weights: the pixel scale 1/255 is not exact in f16
+            ov_model, compress_to_fp16 = compressed_to_fp16(ov_model), False
+        ov_model = with_pixel_io(ov_model, pixel_format)
     ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})
     ov_model.outputs[0].get_tensor().set_names({OUTPUT_NAME})
     recipe = cast("DeployRecipe", graph.recipe)  # the deploy graph's; NNCF's wrapper forwards attribute reads to it
     metadata = recipe.metadata
     name = metadata.get(f"{RT_INFO_SECTION}.release") or metadata.get(f"{RT_INFO_SECTION}.arch")
     ov_model.set_friendly_name(name or type(graph).__name__)
-    entries = {**ir_metadata(graph, input_size, precision, metadata), **(rt_info or {})}
+    entries = {**ir_metadata(graph, input_size, precision, metadata, pixel_format=pixel_format), **(rt_info or {})}
     for key, value in entries.items():
         ov_model.set_rt_info(value, [RT_INFO_SECTION, key])
-    xml = Path(out_dir) / XML
     ov.save_model(ov_model, str(xml), compress_to_fp16=compress_to_fp16)
     return Counter(op.get_type_name() for op in ov.Core().read_model(str(xml)).get_ops())
 
 
+def compressed_to_fp16(ov_model: Any) -> Any:
+    """``ov_model`` with its f32 constants compressed to f16 as ``ov.save_model(compress_to_fp16=True)`` writes
+    them (a Convert back to f32 after each), read back into memory."""
+    import tempfile
+
+    import openvino as ov
+
+    with tempfile.TemporaryDirectory(prefix="nafnet-edge-ov-") as scratch:
+        xml = Path(scratch) / XML
+        ov.save_model(ov_model, str(xml), compress_to_fp16=True)
+        core = ov.Core()
+        core.set_property({"ENABLE_MMAP": False})  # the weights are copied, not mapped from the file deleted here
+        return core.read_model(str(xml))
+
+
 def ir_metadata(
-    graph: torch.nn.Module, input_size: tuple[int, int], precision: str, metadata: Mapping[str, str]
+    graph: torch.nn.Module,
+    input_size: tuple[int, int],
+    precision: str,
+    metadata: Mapping[str, str],
+    *,
+    pixel_format: str | None = None,
 ) -> dict[str, str]:
     """rt_info entries under ``nafnet_edge``: the pipeline's metadata (its ``nafnet_edge.`` key prefix dropped,
-    since the section already says it) and this IR's own facts, which win on a clash."""
+    since the section already says it) and this IR's own facts, which win on a clash (an image-I/O IR adds
+    ``io`` = ``image`` and its ``pixel_format``; without them the IR has tensor I/O)."""
     entries = {
         key.removeprefix(f"{RT_INFO_SECTION}."): value
         for key, value in metadata.items()
@@ -280,7 +370,78 @@ def ir_metadata(
     }
     h, w = input_size
     entries.update(input_size=f"{h}x{w}", padding_multiple=str(graph.pad_multiple), precision=precision)
+    if pixel_format is not None:
+        entries.update(io="image", pixel_format=pixel_format)
     return entries
+
+
+def io_info(pixel_format: str | None) -> dict[str, str]:
+    """``Exported.info``'s I/O entries: ``io`` and, for image I/O, ``pixel_format``."""
+    return {"io": "image", "pixel_format": pixel_format} if pixel_format else {"io": "tensor"}
+
+
+def with_pixel_io(ov_model: Any, pixel_format: str) -> Any:
+    """``ov_model`` (float32 NCHW in [0, 1], RGB or gray -> float32 NCHW) behind 8-bit pixel I/O, built with
+    OpenVINO's ``PrePostProcessor``: uint8 NHWC pixels in ``pixel_format`` in (alpha ignored), the same out
+    (``round_half_to_even(clamp(y, 0, 1) * 255)``, alpha 255)."""
+    import openvino.opset13 as ops
+    from openvino import Layout, Type
+    from openvino.preprocess import ColorFormat, PrePostProcessor
+
+    order = model_order(pixel_format)
+    width = pixel_channels(pixel_format)
+    channels = int(ov_model.inputs[0].get_partial_shape()[1].get_length())
+    check_pixel_format(pixel_format, channels, OpenVINOTarget.name)
+    ppp = PrePostProcessor(ov_model)
+    source = ppp.input()
+    source.tensor().set_element_type(Type.u8).set_layout(Layout("NHWC"))
+    source.tensor().set_color_format(getattr(ColorFormat, COLOR_FORMATS[pixel_format]))
+    steps = source.preprocess().convert_element_type(Type.f32)
+    if pixel_format not in ("rgb", "gray"):
+        steps.convert_color(ColorFormat.RGB)  # also drops the X (alpha) byte
+    steps.scale(LEVELS)
+    source.model().set_layout(Layout("NCHW"))
+
+    def to_levels(node: Any) -> Any:
+        scaled = ops.multiply(ops.clamp(node, 0.0, 1.0), np.float32(LEVELS))
+        return ops.round(scaled, "half_to_even").output(0)
+
+    # Each buffer slot's model channel (the alpha slot, appended by the pad, comes after the model's channels).
+    slots = [order.index(slot) if slot in order else len(order) for slot in range(width)]
+
+    def to_pixel_format(node: Any) -> Any:
+        if has_alpha(pixel_format):
+            zeros, one = np.zeros(4, np.int64), np.array([0, 0, 0, 1], np.int64)
+            node = ops.pad(node, zeros, one, "constant", np.uint8(LEVELS)).output(0)
+        if slots != list(range(width)):
+            node = ops.gather(node, ops.constant(np.array(slots, np.int64)), ops.constant(np.int64(3))).output(0)
+        return node
+
+    target = ppp.output()
+    target.model().set_layout(Layout("NCHW"))
+    steps_out = target.postprocess().custom(to_levels).convert_element_type(Type.u8).convert_layout(Layout("NHWC"))
+    steps_out.custom(to_pixel_format)
+    return ppp.build()
+
+
+def ir_pixel_format(model: Any) -> str | None:
+    """The pixel format an image-I/O IR's rt_info records (``nafnet_edge`` / ``pixel_format``); None without one."""
+    if not model.has_rt_info([RT_INFO_SECTION, "pixel_format"]):
+        return None
+    value = model.get_rt_info([RT_INFO_SECTION, "pixel_format"]).astype(str)
+    return value if value in PIXEL_FORMATS else None
+
+
+def check_input_type(model: Any, pixel_format: str | None, path: Path) -> None:
+    """Refuse an IR whose input type contradicts its recorded I/O (uint8 for image I/O, f32 for tensor I/O)."""
+    expected = "u8" if pixel_format else "f32"
+    found = model.input(INPUT_NAME).get_element_type().get_type_name()
+    if found != expected:
+        io = f"image I/O in {pixel_format}" if pixel_format else "tensor I/O"
+        raise ArtifactError(
+            f"{display_path(path)}: its input {INPUT_NAME!r} is {found}, but the artifact records {io} ({expected}); "
+            "convert again"
+        )
 
 
 def runtime_precisions(compiled: Any) -> tuple[dict[str, int], dict[str, int]]:

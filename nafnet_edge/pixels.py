@@ -127,10 +127,12 @@ def image_io_module(model: torch.nn.Module, pixel_format: str) -> torch.nn.Modul
     # alpha (appended after the model's channels) in the slot no model channel fills.
     inverse = [order.index(slot) if slot in order else len(order) for slot in range(width)]
 
-    def channels(t: torch.Tensor, slots: list[int]) -> torch.Tensor:
-        """``t[..., slots]`` as one slice or a concat of slices."""
+    def channels(t: torch.Tensor, slots: list[int], depth: int) -> torch.Tensor:
+        """``t[..., slots]`` (``t`` has ``depth`` channels, last) as itself, one slice or a concat of slices."""
+        if slots == list(range(depth)):
+            return t
         if slots == list(range(slots[0], slots[0] + len(slots))):
-            return t if len(slots) == t.shape[-1] else t[..., slots[0] : slots[0] + len(slots)]
+            return t[..., slots[0] : slots[0] + len(slots)]
         return torch.cat([t[..., s : s + 1] for s in slots], dim=3)
 
     class ImageIO(torch.nn.Module):
@@ -139,10 +141,10 @@ def image_io_module(model: torch.nn.Module, pixel_format: str) -> torch.nn.Modul
             self.model = model
 
         def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-            x = channels(pixels.to(torch.float32), order).permute(0, 3, 1, 2) * (1.0 / LEVELS)
+            x = channels(pixels.to(torch.float32), order, width).permute(0, 3, 1, 2) * (1.0 / LEVELS)
             y = (torch.clamp(self.model(x), 0.0, 1.0) * LEVELS).permute(0, 2, 3, 1)
             if alpha:
                 y = torch.nn.functional.pad(y, (0, 1), value=LEVELS)
-            return torch.round(channels(y, inverse)).to(torch.uint8)
+            return torch.round(channels(y, inverse, len(order) + int(alpha))).to(torch.uint8)
 
     return ImageIO().eval()

@@ -10,7 +10,8 @@ The page, top to bottom:
   reference line (never a bar that squashes the artifacts), and quality against latency (drift when the
   artifacts drift apart, else fidelity to the fp32 reference), told apart by colour (target) and marker
   (precision) in a legend rather than by labels that overlap;
-- a table with one row per artifact, grouped by target;
+- a table with one row per artifact, grouped by target, with its I/O (tensor, or image and its pixel format) and
+  how its 8-bit output agrees with the reference rounded the same way (the budget image I/O is held to);
 - for a few validation images, a zoomed crop where the artifacts differ most from the fp32 reference: the input,
   the reference and each artifact's output and difference, every difference on ONE scale that the page prints,
   so an fp32 artifact looks black where an int8 one shows its error;
@@ -108,6 +109,16 @@ class Artifact:
     @property
     def channels(self) -> int:
         return self.manifest.io.channels
+
+    @property
+    def io(self) -> str:
+        """``tensor``, or ``image`` with its pixel format (``image rgba``)."""
+        io = self.manifest.io
+        return f"image {io.pixel_format}" if io.kind == "image" else "tensor"
+
+    @property
+    def image_io(self) -> bool:
+        return self.manifest.io.kind == "image"
 
     @property
     def runtime(self) -> str | None:
@@ -390,11 +401,16 @@ def compare_images(
 ) -> list[Comparison]:
     """Run each artifact in its runtime and the fp32 original model in PyTorch on a centre tile (the artifact's
     input size) of the first ``images`` validation images, and find per image the box where the artifacts differ
-    most. An artifact that cannot run here gets ``image_note`` (and an entry saying why) instead of images."""
+    most. Where an image-I/O artifact is among them, every tile is rounded to 8 bits first (what such an artifact
+    takes, and what its validation fed the reference), so all artifacts and the reference see the same pixels. An
+    artifact that cannot run here gets ``image_note`` (and an entry saying why) instead of images."""
     import torch
 
     from nafnet_edge.converters import get_target
+    from nafnet_edge.pixels import quantized
     from nafnet_edge.validation import apply_tiled, psnr, runner_fn
+
+    eight_bit = any(a.image_io for a in artifacts)
 
     sources = _Sources(checkpoint)
     image_sets: dict[int, list[Any]] = {}
@@ -429,6 +445,8 @@ def compare_images(
         for index, image in enumerate(image_sets[artifact.channels]):
             key = (id(loaded), artifact.channels, index, *size)  # one loaded reference model per setting
             tile, origin = centre_crop(image.input, size)
+            if eight_bit:
+                tile = quantized(tile)
             if key not in comparisons:
                 reference, _ = apply_tiled(reference_fn, tile, size, 0, multiple)
                 comparisons[key] = Comparison(
@@ -710,6 +728,8 @@ def _row(a: Artifact, root: Path) -> dict[str, Any]:
     return {
         "a": a,
         "input": f"{a.input_size[0]}×{a.input_size[1]}",
+        "io": a.io,
+        "agreement": level_agreement_text(a),
         "size": human_bytes(a.size_bytes),
         "fidelity": _db(a.fidelity_db),
         "drift": _db(a.drift_db, signed=True) if a.drift_db is not None else None,
@@ -728,12 +748,34 @@ def _row(a: Artifact, root: Path) -> dict[str, Any]:
     }
 
 
+def _share(value: float) -> str:
+    """A share as a percentage, rounded down (a minimum never reads higher than it is): 0.99996 -> '99.99%'."""
+    return f"{math.floor(value * 10000) / 100:.2f}".rstrip("0").rstrip(".") + "%"
+
+
+def level_agreement_text(a: Artifact) -> str | None:
+    """A validated artifact's 8-bit agreement in one line: the least share of output samples within one level of
+    the reference when both are rounded to 8 bits, with its budget where there is one (image I/O), and the largest
+    difference in levels; None when the validation did not record it."""
+    within = _number(a.summary.get("within_one_level_share_min"))
+    if within is None or a.validation is None:
+        return None
+    text = f"{_share(within)} within 1 level"
+    budget = _number(a.validation.budgets.get("min_within_one_level"))
+    if budget:
+        text += f" (≥ {_share(budget)})"
+    worst = _number(a.summary.get("max_level_diff"))
+    if worst is not None:
+        text += f" · max {worst:.0f} level{'s' * (worst != 1)}"
+    return text
+
+
 def _summary(choice: Choice, baseline: float | None) -> dict[str, Any]:
     """A 'what to ship' card: the choice in one sentence and the target's precisions side by side."""
     c = choice.chosen
     headline = ""
     if c is not None:
-        facts = [c.precision, _latency_text(c)]
+        facts = [c.precision, *([c.io] if c.image_io else []), _latency_text(c)]
         if c.median_ms and baseline:
             facts.append(f"{_ratio(baseline / c.median_ms)}× the speed of PyTorch fp32")
         facts += [f"fidelity {_db(c.fidelity_db)}"]
@@ -746,6 +788,7 @@ def _summary(choice: Choice, baseline: float | None) -> dict[str, Any]:
         columns.append(
             {
                 "a": a,
+                "heading": a.precision + (" image" if a.image_io else ""),
                 "chosen": a is c,
                 "status": "none" if a.validation is None else ("ok" if a.validation.passed else "fail"),
                 "latency": _latency_text(a),
@@ -813,7 +856,7 @@ def _details(a: Artifact, root: Path) -> dict[str, Any]:
     facts: list[tuple[str, Any]] = [
         ("directory", str(a.directory)),
         ("files", f"{', '.join(m.files)} ({human_bytes(a.size_bytes)})"),
-        ("input", " × ".join(str(d) for d in m.io.input.shape)),
+        ("input", m.io.input.describe()),
         ("runtime", _runtime_text(runtime)),
         ("created", m.created),
         ("seconds", ", ".join(f"{k} {v}" for k, v in m.seconds.items())),
@@ -836,11 +879,19 @@ def _details(a: Artifact, root: Path) -> dict[str, Any]:
                 f"{_fmt(s.get('artifact_psnr_db_mean'), 'dB', 2)}, SSIM {_fmt(s.get('artifact_ssim_mean'), '', 4)})"
             )
         budgets = v.budgets
+        within = _number(budgets.get("min_within_one_level"))
         quality.append(
             f"budgets ≥ {budgets.get('min_fidelity_db', '?')} dB fidelity, "
             f"≤ {budgets.get('max_drift_db', '?')} dB drift"
+            + (f", ≥ {_share(within)} of 8-bit samples within one level" if within else "")
         )
         facts.append(("validation", "; ".join(quality)))
+        agreement = level_agreement_text(a)
+        if agreement is not None:
+            exact = _number(s.get("exact_share_mean"))
+            if exact is not None:
+                agreement += f"; equal to the reference in {_share(exact)} of samples (mean)"
+            facts.append(("8-bit agreement", agreement))
         facts += [("failure", failure) for failure in v.failures]
     b = a.bench
     if b is not None:
@@ -974,6 +1025,7 @@ def render_html(artifacts: Sequence[Artifact], comparisons: Sequence[Comparison]
         "zoom_px": ZOOM_PX,
         "gradient": _gradient(),
         "comparisons": [_comparison_view(c, gain) for c in comparisons],
+        "eight_bit": any(a.image_io for a in artifacts),
         "image_notes": [
             a for a in ordered if a.image_note and not any(a is o.artifact for c in comparisons for o in c.outputs)
         ],

@@ -18,6 +18,10 @@ described like the fp16 artifact (``CoreMLConverter``, whose runner executes the
   A row whose largest weight is below 127 * 2**-25 gets a scale that underflows fp16 to 0 and dequantizes to
   zeros (an error below 4e-6 per weight; 8 rows of the trained default denoiser).
 
+Image I/O (``export(..., pixel_format=...)``): the same int8 program behind Core ML image input and output, as
+``CoreMLTarget`` exports fp16 and fp32 (``converters.coreml``): the input scaled by 1/255 inside, the output
+``round(clamp(y, 0, 1) * 255)`` computed in fp16 after the unquantized global residual.
+
 Scales are fp16 like everything in the program; many weight-channel scales are fp16 subnormals (the deploy
 graph divides the weights writing the residual stream by its stream scale), which Core ML handles: the program
 matches PyTorch's fp32 quantize/dequantize simulation (docs/int8.md has the figures).
@@ -57,15 +61,20 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from nafnet_edge.converters.base import INPUT_NAME, OUTPUT_NAME, Exported
+from nafnet_edge.converters.base import Exported
 from nafnet_edge.converters.coreml import (
     DEFAULT_COMPUTE_UNITS,
     MINIMUM_TARGET,
     deployment_target,
     describe_io,
     import_coremltools,
+    io_info,
+    io_metadata,
+    io_types,
+    pixel_levels_module,
 )
 from nafnet_edge.errors import MissingBackendError, OptionError
+from nafnet_edge.pixels import check_pixel_format
 from nafnet_edge.quantization.pt2e import Pt2eQuantizer
 
 Mode = Literal["w8a8", "weights"]
@@ -175,16 +184,20 @@ class CoreMLQuantizer(Pt2eQuantizer):
         if self.mode == "w8a8":
             super().freeze_observers(prepared)
 
-    def export(self, prepared: torch.nn.Module, out_dir: Path, example: torch.Tensor) -> Exported:
-        """The int8 ML program for ``example``'s size, batch 1, saved as ``out_dir/model.mlpackage``;
-        ``prepared`` stays usable."""
+    def export(
+        self, prepared: torch.nn.Module, out_dir: Path, example: torch.Tensor, *, pixel_format: str | None = None
+    ) -> Exported:
+        """The int8 ML program for ``example``'s size, batch 1, saved as ``out_dir/model.mlpackage``, with Core ML
+        image I/O in ``pixel_format`` when given (rgb, bgr; gray for 1-channel models); ``prepared`` stays
+        usable."""
         ct = import_coremltools()
         facts = getattr(prepared, FACTS, None)
         if facts is None:
             raise ValueError("export takes a module made by CoreMLQuantizer.prepare")
+        if pixel_format is not None:
+            check_pixel_format(pixel_format, facts.recipe.channels, self.target)
         shape = (1, *example.shape[1:])
-        inputs = [ct.TensorType(name=INPUT_NAME, shape=shape, dtype=np.float32)]
-        outputs = [ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)]
+        inputs, outputs = io_types(shape, pixel_format)
         common = {
             "convert_to": "mlprogram",
             "inputs": inputs,
@@ -195,12 +208,12 @@ class CoreMLQuantizer(Pt2eQuantizer):
         x = torch.rand(shape)
         info: dict[str, Any] = {"coremltools": ct.__version__}
         if self.mode == "weights":
-            traced = torch.jit.trace(copy.deepcopy(prepared).eval(), x, check_trace=False)
+            traced = torch.jit.trace(_with_io(copy.deepcopy(prepared).eval(), pixel_format), x, check_trace=False)
             mlmodel = ct.convert(traced, **common)
             with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 for rows whose fp16 scale underflows
                 mlmodel = ct.optimize.coreml.linear_quantize_weights(mlmodel, _weight_config(ct))
         else:
-            converted = self.convert(prepared)
+            converted = _with_io(self.convert(prepared), pixel_format)
             with torch.no_grad():
                 program = torch.export.export(converted, (x,)).run_decompositions({})
             mlmodel = ct.convert(program, **common)
@@ -208,7 +221,7 @@ class CoreMLQuantizer(Pt2eQuantizer):
                 executorch=importlib.metadata.version("executorch"), torchao=importlib.metadata.version("torchao")
             )
         sizes = [tuple(shape[2:])]
-        describe_io(mlmodel, facts.recipe, sizes)
+        describe_io(mlmodel, facts.recipe, sizes, pixel_format=pixel_format)
         mlmodel.user_defined_metadata.update(facts.recipe.metadata)
         mlmodel.user_defined_metadata.update(
             {
@@ -217,6 +230,7 @@ class CoreMLQuantizer(Pt2eQuantizer):
                 "nafnet_edge.quantization": self.scheme,
                 "nafnet_edge.minimum_target": MINIMUM_TARGET,
                 "nafnet_edge.padding_multiple": str(facts.recipe.pad_multiple),
+                **io_metadata(pixel_format),
             }
         )
         path = Path(out_dir) / self.artifact
@@ -233,7 +247,7 @@ class CoreMLQuantizer(Pt2eQuantizer):
                 "minimum_target": MINIMUM_TARGET,
                 "input_sizes": [list(sizes[0])],
                 "shapes": "fixed",
-                "io_dtypes": {INPUT_NAME: "float32", OUTPUT_NAME: "float32"},
+                **io_info(saved, "fp16", pixel_format),
                 "quantization_mode": self.mode,
                 "quantization_scheme": self.scheme,
                 "quantization_method": "qat" if facts.qat else "ptq",
@@ -243,6 +257,12 @@ class CoreMLQuantizer(Pt2eQuantizer):
             }
         )
         return Exported(files=[self.artifact], info=info)
+
+
+def _with_io(module: torch.nn.Module, pixel_format: str | None) -> torch.nn.Module:
+    """``module`` as the ML program computes it: itself for tensor I/O, between the image input's scale and the
+    rounded 8-bit output for image I/O (``pixel_levels_module``)."""
+    return module if pixel_format is None else pixel_levels_module(module, pixel_format)
 
 
 def _pt2e_quantizer(*, qat: bool, fp_global_residual: bool) -> Any:

@@ -9,7 +9,10 @@ depthwise convs). Those quantizers have trainable ranges, so the same module is 
 ranges learn through straight-through gradients. NNCF has no observers: ranges are fixed by the statistics at
 ``prepare`` (pass the calibration batches there) and then move only by training. ``export`` traces the module
 with ``ov.convert_model``: each activation quantizer becomes a FakeQuantize node, weights are stored as i8
-constants with a dequantizing multiply, and ``OpenVINOConverter``'s runner executes the IR.
+constants with a dequantizing multiply, and ``OpenVINOConverter``'s runner executes the IR. With ``pixel_format``
+(``--io image``) the traced, calibrated model is then wrapped by the converter's ``PrePostProcessor`` pixel I/O
+(``with_pixel_io``): uint8 pixels in and out, the quantized graph between them unchanged. The input quantizer's
+[0, 1] range in 255 steps takes ``pixels / 255`` exactly.
 
 Three choices differ from plain ``nncf.quantize``:
 - The input quantizer is pinned to [0, 1] in 255 steps (the artifact's input contract): an image decoded from
@@ -41,8 +44,9 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from nafnet_edge.converters.base import Exported
-from nafnet_edge.converters.openvino import BIN, XML, save_ir
+from nafnet_edge.converters.openvino import BIN, XML, io_info, save_ir
 from nafnet_edge.deploy.modules import ChannelNorm
+from nafnet_edge.pixels import check_pixel_format
 from nafnet_edge.quantization.base import Quantizer
 
 Preset = Literal["mixed", "performance"]
@@ -170,15 +174,20 @@ class OpenVINOQuantizer(Quantizer):
         for quantizer in _quantizers(prepared):
             quantizer.disable_gradients()
 
-    def export(self, prepared: torch.nn.Module, out_dir: Path, example: torch.Tensor) -> Exported:
+    def export(
+        self, prepared: torch.nn.Module, out_dir: Path, example: torch.Tensor, *, pixel_format: str | None = None
+    ) -> Exported:
         """Trace ``prepared`` at ``example``'s size, batch 1, into ``model.xml`` + ``model.bin`` (tensors named
-        ``image`` and ``restored``, rt_info as ``OpenVINOConverter`` writes it with precision int8)."""
+        ``image`` and ``restored``, rt_info as ``OpenVINOConverter`` writes it with precision int8); with
+        ``pixel_format``, behind 8-bit image I/O in that format, as the converter's image IRs."""
         import nncf
         import openvino as ov
 
         quantizers = _quantizers(prepared)
         if not quantizers:
             raise NotPreparedError("export needs the module OpenVINOQuantizer.prepare returned (no NNCF quantizers)")
+        if pixel_format is not None:
+            check_pixel_format(pixel_format, int(example.shape[1]), self.target)
         h, w = example.shape[-2:]
         shape = [1, example.shape[1], h, w]
         training = prepared.training
@@ -199,10 +208,12 @@ class OpenVINOQuantizer(Quantizer):
             input_size=(int(h), int(w)),
             precision="int8",
             rt_info={"quantization_scheme": self.scheme},
+            pixel_format=pixel_format,
         )
         return Exported(
             files=[XML, BIN],
             info={
+                **io_info(pixel_format),
                 "openvino": ov.get_version(),
                 "nncf": nncf.__version__,
                 "torch": importlib.metadata.version("torch"),

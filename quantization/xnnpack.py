@@ -15,6 +15,12 @@ docs/int8.md has the figures).
 
 The deploy graph has no channel slices, so the program avoids the quantized-slice load failure of ExecuTorch
 issue 21829. ``Exported.info`` reports the partitions, any op left outside, and the int8/fp32 split of the ops.
+
+Image I/O (``export(..., pixel_format=...)``): the converted graph goes behind ``nafnet_edge.pixels``'
+uint8-pixel wrapper, its input quantization set to the 8-bit pixel grid (``pixel_grid_input``: exact on pixels);
+``Exported.info["input_quantization"]`` says what the program does with the pixels. The channel moves and scales
+run in the XNNPACK partition (in float, on 8-bit values: its slices stay float, so the quantized-slice failure
+does not apply); the two casts and the final round run on ExecuTorch's portable kernels.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 
 from nafnet_edge.converters.base import Exported
-from nafnet_edge.converters.executorch import BACKEND, delegation_summary
+from nafnet_edge.converters.executorch import BACKEND, delegation_summary, io_info, with_io
 from nafnet_edge.deploy.modules import ChannelNorm
 from nafnet_edge.quantization.pt2e import Pt2eQuantizer, is_qat
 
@@ -74,15 +80,25 @@ class XNNPACKQuantizer(Pt2eQuantizer):
             quantizer.set_module_type(ChannelNorm, None)  # None: no annotation inside, excluded from the global
         return quantizer
 
-    def export(self, prepared: torch.nn.Module, out_dir: Path, example: torch.Tensor) -> Exported:
-        """Convert a copy of ``prepared`` (it stays usable) and lower it for ``example``'s size, batch 1."""
+    def export(
+        self, prepared: torch.nn.Module, out_dir: Path, example: torch.Tensor, *, pixel_format: str | None = None
+    ) -> Exported:
+        """Convert a copy of ``prepared`` (it stays usable) and lower it for ``example``'s size, batch 1; with
+        ``pixel_format``, behind 8-bit image I/O (``nafnet_edge.pixels.image_io_module``)."""
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
 
         converted = self.convert(prepared)
         precision = precision_summary(converted)
+        allow_exported_model_train_eval(converted)  # the image-I/O wrapper's .eval() reaches it
+        input_grid: dict[str, str] = {}
+        if pixel_format is not None:
+            input_grid = {"input_quantization": pixel_grid_input(converted)}
+        _, channels, h, w = example.shape
+        module, io_example = with_io(converted, channels, (h, w), pixel_format)
         with torch.no_grad():
-            exported = torch.export.export(converted, (example[:1].contiguous(),))
+            exported = torch.export.export(module, (io_example,))
         edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
         backends, outside = delegation_summary(edge.exported_program().graph_module)
         outside_qdq = {k: v for k, v in outside.items() if _is_quantize_op(k)}
@@ -102,8 +118,43 @@ class XNNPACKQuantizer(Pt2eQuantizer):
             "quantize_dequantize_outside_delegate": sum(outside_qdq.values()),
             **precision,
             "program_bytes": len(buffer),
+            **io_info(pixel_format),
+            **input_grid,
         }
         return Exported(files=[self.artifact], info=info)
+
+
+PIXEL_GRID = (1.0 / 255.0, -128)  # int8 scale and zero point whose codes are 8-bit pixels minus 128
+
+
+def pixel_grid_input(converted: torch.fx.GraphModule) -> str:
+    """Put the graph input's int8 quantization of a converted module on the 8-bit pixel grid (scale 1/255, zero
+    point -128, in place), and say what the image-I/O program then does with the pixels.
+
+    Calibration on [0, 1] inputs gives nearly that grid (scale 0.00392 within 0.1% of 1/255, zero point -128 on
+    the tiny test model), so the codes of 8-bit pixels are already distinct; on the exact grid ``quantize(p /
+    255)`` is ``p - 128`` for every byte ``p`` and the dequantized input is ``p / 255`` itself: the program's
+    input quantization loses nothing. It still computes in float on the way: ExecuTorch casts the uint8 pixels to
+    float (portable kernel; XNNPACK converts no dtypes), XNNPACK moves the channels, multiplies by 1/255 and
+    quantizes to int8. Graphs whose input is not quantized per tensor to int8 stay as they are."""
+    inputs = [n for n in converted.graph.nodes if n.op == "placeholder"]
+    quantizes = [
+        q
+        for x in inputs
+        for q in x.users
+        if _op_name(q) == "quantize_per_tensor" and tuple(q.args[3:6]) == (-128, 127, torch.int8)
+    ]
+    for q in quantizes:
+        for n in [q, *[u for u in q.users if _op_name(u) == "dequantize_per_tensor"]]:
+            n.args = (n.args[0], *PIXEL_GRID, *n.args[3:])
+    converted.recompile()
+    rewired = len(quantizes)
+    if not rewired:
+        return "uint8 -> float (portable kernel) -> x / 255 inside XNNPACK; the network's input is not int8"
+    return (
+        "uint8 -> float (portable kernel) -> x / 255 -> int8 with scale 1/255, zero point -128 inside XNNPACK: "
+        "exactly pixel - 128"
+    )
 
 
 def _unfused(config: Any) -> Any:

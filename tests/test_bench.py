@@ -6,13 +6,21 @@ import json
 import math
 import shutil
 import sys
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any, ClassVar
 
+import numpy as np
 import pytest
+import torch
 from helpers import Converted, artifact_dir, require
 
+from nafnet_edge import converters
 from nafnet_edge.benchmark import BENCH_FILE, LatencyStats
 from nafnet_edge.cli import main, parse_frame
+from nafnet_edge.converters import Exported, ExportOptions, Session, SessionSettings, Target
+from nafnet_edge.converters.base import pixel_format_of, pixel_session
 from nafnet_edge.errors import EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_USAGE
 
 require("onnxruntime")
@@ -259,3 +267,124 @@ def test_bench_finds_precisions_side_by_side_at_any_depth(
         ("phone/older/onnx-fp32", "onnx", "fp32"),
     ]
     assert all(a["runnable"] and len(a["latency_ms"]["runs"]) == 2 for a in report["artifacts"])
+
+
+# --- image I/O: the timed call takes the artifact's own uint8 pixels ---------------------------------------------
+
+
+class PixelEchoTarget(Target):
+    """A stand-in target with image I/O: the deploy graph saved as weights plus recipe and run again in PyTorch
+    behind 8-bit pixel I/O (``nafnet_edge.pixels.image_io_module``). It counts what bench calls: the runtime call on
+    pixels (``native``) and the float adapter (``run``), and the inputs the runtime call was given."""
+
+    name: ClassVar[str] = "pixel-echo"
+    artifact: ClassVar[str] = "model.safetensors"
+    file_kind: ClassVar[str] = "pixel-echo model"
+    pixel_formats: ClassVar[tuple[str, ...]] = ("rgba", "rgb")
+    usage_title: ClassVar[str] = "Pixel echo"
+    usage_body: ClassVar[str] = "## Pixel echo\n\nLoad `{artifact}` with `load_deploy`.\n"
+    calls: ClassVar[Counter[str]] = Counter()
+    inputs: ClassVar[set[tuple[str, tuple[int, ...]]]] = set()
+
+    def export(self, graph: torch.nn.Module, out_dir: Path, options: ExportOptions) -> Exported:
+        from nafnet_edge.deploy.io import save_deploy
+
+        self.check_options(options)
+        save_deploy(graph, out_dir / self.artifact)
+        io = {"io": "image", "pixel_format": options.pixel_format} if options.pixel_format else {"io": "tensor"}
+        return Exported([self.artifact], io)
+
+    def open_session(
+        self, out_dir: Path, *, export: Mapping[str, Any] | None = None, settings: SessionSettings | None = None
+    ) -> Session:
+        from nafnet_edge.deploy.io import load_deploy
+        from nafnet_edge.pixels import image_io_module
+
+        graph = load_deploy(self.artifact_path(out_dir))
+        fmt = pixel_format_of(export)
+        assert fmt is not None, "this stand-in exports image I/O only"
+        module = image_io_module(graph, fmt)
+        cls = type(self)
+
+        def native(pixels: np.ndarray) -> np.ndarray:
+            cls.calls["native"] += 1
+            cls.inputs.add((str(pixels.dtype), pixels.shape))
+            with torch.inference_mode():
+                return module(torch.from_numpy(pixels)).numpy()
+
+        session = pixel_session(Session(native, "torch (pixel echo)", {"torch": torch.__version__}), fmt)
+        adapter = session.run
+
+        def run(x: np.ndarray) -> np.ndarray:
+            cls.calls["run"] += 1
+            return adapter(x)
+
+        session.run = run
+        return session
+
+
+@pytest.fixture
+def pixel_echo(monkeypatch, tmp_path: Path) -> Iterator[type[PixelEchoTarget]]:
+    """``PixelEchoTarget`` registered for one test (a copy of the registry, put back at its end), its counters
+    cleared."""
+    monkeypatch.setattr(converters, "TARGETS", dict(converters.TARGETS))
+    monkeypatch.setenv("NAFNET_EDGE_CACHE", str(tmp_path / "cache"))
+    PixelEchoTarget.calls.clear()
+    PixelEchoTarget.inputs.clear()
+    yield converters.register(PixelEchoTarget)
+
+
+def test_an_image_io_artifact_is_timed_on_its_own_pixels_and_says_so(
+    pixel_echo, tiny_checkpoint: Path, kodak_data: Path, converted_artifacts: Converted, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "out"
+    convert = ["convert", str(tiny_checkpoint), "--target", "pixel-echo", "--io", "image", "--pixel-format", "rgba"]
+    assert main([*convert, "-o", str(out), "--input-size", "64", "--val-data", str(kodak_data)]) == 0
+    capsys.readouterr()
+    directory = out / "pixel-echo-fp32-image"
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["validation"]["passed"] and manifest["io"]["inputs"][0]["dtype"] == "uint8"
+    shutil.copytree(converted_artifacts.dir("onnx"), out / "onnx-fp32")  # a tensor-I/O artifact beside it
+    pixel_echo.calls.clear()
+    pixel_echo.inputs.clear()
+
+    args = ["--runs", "4", "--warmup", "1", "--no-profile", "--frame", "100x150"]
+    code, report = bench_json(capsys, str(out), *args, "--save")
+    assert code == 0
+    got = {a["target"]: a for a in report["artifacts"]}
+    image, tensor = got["pixel-echo"], got["onnx"]
+    assert image["input"] == [1, 64, 64, 4] and tensor["input"] == [1, 3, 64, 64]
+    assert image["info"]["io"] == "image" and image["info"]["pixel_format"] == "rgba"
+    assert tensor["info"]["io"] == "tensor" and "pixel_format" not in tensor["info"]
+    assert report["baseline"]["input"] == [1, 3, 64, 64] and report["baseline"]["info"]["io"] == "tensor"
+    assert image["macs"] == tensor["macs"] > 0  # the model's work at 64x64, whatever the I/O
+    # first call + warm-up + timed runs went to the runtime call on uint8 pixels; only the frame's tiles went
+    # through the float adapter (which calls the runtime once per tile)
+    tiles = image["frame"]["tiles"]
+    assert tiles >= 6 and pixel_echo.calls == Counter({"native": 1 + 1 + 4 + tiles, "run": tiles})
+    assert pixel_echo.inputs == {("uint8", (1, 64, 64, 4))}
+    saved = json.loads((directory / BENCH_FILE).read_text())
+    assert saved["info"]["io"] == "image" and saved["info"]["pixel_format"] == "rgba"
+    assert saved["input"] == [1, 64, 64, 4]
+
+    assert main(["bench", str(out), "--runs", "2", "--warmup", "0", "--no-profile", "--no-baseline"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[3:5]}
+    assert rows["pixel-echo"][1:4] == ["fp32", "image", "rgba"]
+    assert rows["onnx"][1:4] == ["fp32", "tensor", "onnxruntime"]
+
+
+def test_a_real_image_io_artifact_is_profiled_and_run_in_throughput_mode_on_its_pixels(
+    tiny_checkpoint: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """OpenVINO behind its pre/post-processing (u8 NHWC BGR): the timed calls, the performance counters and the
+    THROUGHPUT mode all take the IR's own uint8 input."""
+    monkeypatch.setenv("NAFNET_EDGE_CACHE", str(tmp_path / "cache"))
+    convert = ["convert", str(tiny_checkpoint), "--target", "openvino", "--io", "image", "-o", str(tmp_path / "out")]
+    assert main([*convert, "--input-size", "64", "--no-validate"]) == 0
+    capsys.readouterr()
+    code, report = bench_json(capsys, str(tmp_path / "out"), "--runs", "3", "--warmup", "0", "--no-baseline")
+    (a,) = report["artifacts"]
+    assert code == 0 and a["runnable"] and a["runtime"] == "openvino"
+    assert a["input"] == [1, 64, 64, 3] and a["info"]["io"] == "image" and a["info"]["pixel_format"] == "bgr"
+    assert len(a["latency_ms"]["runs"]) == 3 and a["throughput"]["mode"] == "OpenVINO THROUGHPUT hint"
+    assert a["throughput"]["fps"] > 0 and any("Convolution" in op["op"] for op in a["profile"]["top"])

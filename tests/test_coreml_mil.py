@@ -444,6 +444,14 @@ OP_CASES = [
         ),
     ),
     (
+        "round",
+        [(2, 3, 4)],
+        lambda x: mb.round(x=mb.mul(x=x, y=np.float32(3.0))),
+        lambda x: torch.round(T(x) * 3.0),
+    ),
+    ("reverse", [(1, 3, 4, 5)], lambda x: mb.reverse(x=x, axes=[1, -1]), lambda x: np.flip(x, (1, 3))),
+    ("reverse-all-axes", [(2, 3, 4)], lambda x: mb.reverse(x=x), lambda x: np.flip(x)),
+    (
         "constexpr_affine_dequantize",
         [(4, 3, 2)],
         lambda x: mb.add(
@@ -482,6 +490,16 @@ def test_op_matches_reference(shapes, builder, reference):
 def test_every_op_of_the_cases_is_covered():
     covered = set().union(*(_program(c[1], c[2]).op_types for c in OP_CASES))
     assert covered == set(OPS)
+
+
+@pytest.mark.parametrize("dtype", [types.fp32, types.fp16], ids=["fp32", "fp16"])
+def test_round_is_half_to_even(dtype):
+    """Ties round to the even neighbour (as torch.round and coremltools' constant folding), in the operand's dtype."""
+    program = _program([(8,)], lambda x: mb.round(x=x), dtype=dtype)
+    ties = np.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 254.5, 255.5], np.float32)
+    (out,) = program.run({"x": ties}).values()
+    assert out.dtype == (np.float16 if dtype == types.fp16 else np.float32)
+    assert out.tolist() == [-2.0, -2.0, -0.0, 0.0, 2.0, 2.0, 254.0, 256.0]
 
 
 def test_fp16_arithmetic():

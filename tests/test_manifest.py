@@ -238,7 +238,7 @@ MALFORMED = [
     ("io-missing", "io", ..., "no 'io' dict"),
     ("io-inputs", "io.inputs", [], "'io.inputs' must list 1 to"),
     ("io-scale", "io.scale", 0, "'io.scale' 0 is not an integer from 1 to"),
-    ("io-dtype", "io.inputs.0.dtype", "float16", "'io.inputs[0]' is not a float32 NCHW tensor"),
+    ("io-dtype", "io.inputs.0.dtype", "float16", "'io.inputs[0]' is neither a float32 NCHW tensor nor uint8 NHWC"),
     ("io-range", "io.inputs.0.range", [1, 0], "'io.inputs[0].range' [1, 0] is empty"),
     ("io-name", "io.outputs.0.name", "", "'io.outputs[0].name' is not a name"),
     # files outside the directory

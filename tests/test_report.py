@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -297,3 +298,56 @@ def test_a_directory_without_a_manifest_exits_5_with_one_line(kind: str, tmp_pat
     assert len(err.splitlines()) == 1 and str(folder) in err
     assert "nafnet-edge convert" in err
     assert not (folder / "report.html").exists()
+
+
+@pytest.fixture(scope="module")
+def tensor_and_image(tmp_path_factory: pytest.TempPathFactory, converted_artifacts: Converted) -> Path:
+    """onnx fp32 (the shared artifact, copied) and its image-I/O twin (``convert --io image --pixel-format rgba``
+    of the same tiny model at 64 px, validated on the same crops) in one OUT, as convert lays them out."""
+    out = tmp_path_factory.mktemp("tensor-image") / "out"
+    shutil.copytree(converted_artifacts.dir("onnx"), out / "onnx-fp32")
+    args = ["convert", str(converted_artifacts.checkpoint), "--target", "onnx", "--io", "image"]
+    args += ["--pixel-format", "rgba", "--input-size", "64", "--val-data", str(converted_artifacts.data)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NAFNET_EDGE_CACHE", str(out.parent / "cache"))
+        assert main([*args, "-o", str(out), "--quiet"]) == 0
+    return out
+
+
+def _agreement(summary: dict) -> tuple[str, str]:
+    """The 8-bit agreement as the page writes it: the least share within one level (rounded down to 0.01%) and
+    the largest difference."""
+    within = f"{math.floor(summary['within_one_level_share_min'] * 10000) / 100:.2f}".rstrip("0").rstrip(".")
+    worst = summary["max_level_diff"]
+    return f"{within}% within 1 level", f"max {worst} level{'s' * (worst != 1)}"
+
+
+def test_the_report_shows_each_artifacts_io_and_the_8_bit_agreement_of_image_io(
+    tensor_and_image: Path, tmp_path: Path
+) -> None:
+    html_path = tmp_path / "report.html"
+    assert main(["report", str(tensor_and_image), "-o", str(html_path), "--images", "1"]) == 0
+    page = html_path.read_text(encoding="utf-8")
+    tensor, image = _rows(page)
+    validations = {
+        name: json.loads((tensor_and_image / name / "manifest.json").read_text())["validation"]
+        for name in ("onnx-fp32", "onnx-fp32-image")
+    }
+    # every validation scores the 8-bit agreement; only image I/O has a budget for it (and passed it)
+    within, worst = _agreement(validations["onnx-fp32"]["summary"])
+    assert '<td data-io="tensor">tensor<div class="small muted">' in tensor
+    assert f"{within} · {worst}" in tensor and "(≥" not in tensor
+    image_validation = validations["onnx-fp32-image"]
+    assert image_validation["passed"] and image_validation["budgets"]["min_within_one_level"] == 0.999
+    within, worst = _agreement(image_validation["summary"])
+    assert '<td data-io="image rgba">image rgba<div class="small muted">' in image
+    assert f"{within} (≥ 99.9%) · {worst}" in image
+    details = re.search(r'id="artifact-onnx-fp32-image">(.*?)</details>', page, flags=re.S)[1]
+    assert "≥ 99.9% of 8-bit samples within one level" in details  # the budget, with the others
+    assert re.search(r"equal to the reference in [0-9.]+% of samples \(mean\)", details)
+    assert "image: uint8 NHWC [1,64,64,4] RGBA" in details
+    card = re.search(r'data-target="onnx">(.*?)</section>', page, flags=re.S)[1]
+    assert re.findall(r"<thead><tr><th></th>(.*?)</tr>", card)[0].count(">fp32 image<") == 1  # told apart
+    # with an image-I/O artifact on the page, the compared tiles are 8-bit pixels, and the page says so
+    assert "rounded to 8 bits (what image I/O takes)" in page
+    assert len(re.findall(r"<img", page)) == 2 + 2 * 2
