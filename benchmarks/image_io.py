@@ -21,8 +21,8 @@ NHWC pixels in the target's default pixel format, the scale, clamp and round ins
     python benchmarks/image_io.py [--targets onnx openvino executorch coreml] [--runs 15] [--quick]
         [--input-size 256] [--json benchmarks/results/image_io.json]
 
-About five minutes on 2 cores (most of it converting, and Core ML's evaluator); ``--quick`` uses two photos
-cropped to 320 px. The artifacts are written to a temporary folder, removed at the end.
+About two minutes on a quiet 2-core machine (most of it converting and Core ML's evaluator); ``--quick`` uses
+two photos cropped to 320 px. The artifacts are written to a temporary folder, removed at the end.
 """
 
 from __future__ import annotations
