@@ -7,10 +7,10 @@ runtime (``executorch.runtime``), never in PyTorch, for validation and ``bench``
 
 Image I/O (``ExportOptions.pixel_format``, ``--io image``): the program takes uint8 ``(1, H, W, P)`` pixels and
 returns them (``nafnet_edge.pixels.image_io_module``); ``rgba`` is the default, the bytes an Android ``Bitmap`` in
-ARGB_8888 gives ``copyPixelsToBuffer``. XNNPACK takes the channel moves, the 1/255 and 255 scales and the clamp
-into the network's partition; the uint8 -> float cast, the final round and the float -> uint8 cast run on
-ExecuTorch's portable kernels (XNNPACK converts no dtypes and has no round op here): ``ops_outside_delegate``
-lists them.
+ARGB_8888 gives ``copyPixelsToBuffer``. XNNPACK takes the channel moves, the 1/255 and 255 scales, the clamp
+and the rounding (an add and a subtract of 2**23) into the network's partition; the uint8 -> float and float ->
+uint8 casts run on ExecuTorch's portable kernels (XNNPACK here converts no dtypes): ``ops_outside_delegate`` lists
+them.
 
 With the ``bundle`` setting (``--bundle``), ``model.bpte`` is written next to ``model.pte``: the same program plus
 the test inputs and their expected outputs, which an app loads with ExecuTorch's bundled-program API to verify the
@@ -206,32 +206,29 @@ def run(x):  # x: uint8 [1, {h}, {w}, {p}] ({pixel_format}); returns the same
 
 ## Android (Kotlin, `org.pytorch.executorch`)
 
-Documentation, not compiled by nafnet-edge's tests (the Python above is executed against this file). One {h}x{w}
-tile of {pixel_format} pixels, {p} bytes each. An ARGB_8888 `Bitmap` copies out as RGBA bytes, which an `rgba`
-program (`--pixel-format rgba`, ExecuTorch's default) takes as they are; for another format, write its bytes
-into `input` yourself.
+A whole `Bitmap` of any size: add `NafnetTiler.kt` (in this folder; plain Kotlin) to the app. Its `NafnetPixelTiler`
+pads, tiles, runs and blends the {pixel_format} bytes exactly as the Python above: nafnet-edge's tests compile it and
+check it against that Python byte for byte. The rest of the Kotlin below is documentation, not compiled by the
+tests. An ARGB_8888 `Bitmap` copies out as RGBA bytes, which an `rgba` program (`--pixel-format rgba`, ExecuTorch's
+default) takes as they are; for another format, put the frame's {p} bytes a pixel into a `ByteArray` in its order
+and call `tiler.restore(frame, height, width)`.
 
 ```kotlin
 val module = Module.load(filesDir.resolve("{artifact}").absolutePath)
-val shape = longArrayOf(1, {h}, {w}, {p})
-val input = ByteBuffer.allocateDirect({h} * {w} * {p}).order(ByteOrder.nativeOrder())
+val tiler = NafnetPixelTiler(object : PixelTileModule {{
+    override fun run(pixels: ByteArray, height: Int, width: Int): ByteArray =  // uint8 [1, {h}, {w}, {p}] in and out
+        module.forward(EValue.from(Tensor.fromBlobUnsigned(pixels, longArrayOf(1, {h}L, {w}L, {p}L))))[0]
+            .toTensor().dataAsUnsignedByteArray
+}}, tileHeight = {h}, tileWidth = {w}, overlap = {overlap}, align = {align}, bytesPerPixel = {p})
 
-fun restoreTile(tile: Bitmap): Bitmap {{  // {w}x{h}, ARGB_8888, opaque (the bytes are alpha-premultiplied)
-    input.rewind()
-    tile.copyPixelsToBuffer(input)  // rgba: RGBA bytes, row by row
-    input.rewind()
-    val restored = module.forward(EValue.from(Tensor.fromBlobUnsigned(input, shape)))[0]
-        .toTensor().dataAsUnsignedByteArray  // uint8 [1, {h}, {w}, {p}]
-    val out = Bitmap.createBitmap({w}, {h}, Bitmap.Config.ARGB_8888)
-    out.copyPixelsFromBuffer(ByteBuffer.wrap(restored))  // rgba: alpha comes back 255
+fun restore(bitmap: Bitmap): Bitmap {{  // rgba programs; ARGB_8888, opaque (the bytes are alpha-premultiplied)
+    val bytes = ByteBuffer.allocate(bitmap.byteCount)
+    bitmap.copyPixelsToBuffer(bytes)  // RGBA bytes, row by row
+    val out = Bitmap.createBitmap(bitmap.width, bitmap.height, Bitmap.Config.ARGB_8888)
+    out.copyPixelsFromBuffer(tiler.restoreBuffer(bytes, bitmap.height, bitmap.width))  // alpha comes back 255
     return out
 }}
 ```
-
-Bitmaps of other sizes: zero-pad right and bottom to {h}x{w} and crop back, or restore {h}x{w} tiles
-(`Bitmap.createBitmap(source, left, top, {w}, {h})`) overlapping by {overlap} px at the origins and with the blend
-weights `nafnet-edge plan` prints, and blend the returned pixels. `NafnetTiler.kt` (in this folder) does that
-tiling for float tiles: it serves tensor-I/O artifacts.
 
 ## C++ (`executorch::extension::Module`)
 

@@ -32,6 +32,7 @@ LEVELS: Final = 255.0
 # The share of output pixels (samples) that must be within one level of the fp32 reference rounded the same way,
 # for image-I/O artifacts of each precision; int8 is judged by its PSNR budgets (one level is below its noise).
 MIN_WITHIN_ONE_LEVEL: Final = {"fp32": 0.999, "fp16": 0.999}
+ROUNDING: Final = float(2**23)  # x + 2**23 - 2**23 is x rounded half to even in float32, for 0 <= x < 2**22
 IMAGE_IO_NOTE: Final = "8-bit pixels in and out: clamped to [0, 1], scaled by 255 and rounded inside the model"
 
 
@@ -116,8 +117,10 @@ def image_io_module(model: torch.nn.Module, pixel_format: str) -> torch.nn.Modul
     same out), for targets exported from PyTorch.
 
     Written for delegates: the only ops a float backend cannot take (XNNPACK in ExecuTorch) are the two dtype
-    casts and the final round, at the ends; the channel moves are slices, a concat and a pad rather than a gather
-    (rounding commutes with them, and alpha 255 rounds to itself)."""
+    casts at the ends; the channel moves are slices, a concat and a pad rather than a gather, and the rounding is
+    ``(v + 2**23) - 2**23``, which float32 addition rounds half to even exactly for 0 <= v < 2**22 (an add and a
+    subtract the delegate runs, where ``round`` would fall back to a slower portable kernel); the final cast then
+    truncates a whole number."""
     import torch
 
     order = model_order(pixel_format)
@@ -145,6 +148,7 @@ def image_io_module(model: torch.nn.Module, pixel_format: str) -> torch.nn.Modul
             y = (torch.clamp(self.model(x), 0.0, 1.0) * LEVELS).permute(0, 2, 3, 1)
             if alpha:
                 y = torch.nn.functional.pad(y, (0, 1), value=LEVELS)
-            return torch.round(channels(y, inverse, len(order) + int(alpha))).to(torch.uint8)
+            y = (channels(y, inverse, len(order) + int(alpha)) + ROUNDING) - ROUNDING
+            return y.to(torch.uint8)
 
     return ImageIO().eval()

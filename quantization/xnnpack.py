@@ -20,7 +20,7 @@ Image I/O (``export(..., pixel_format=...)``): the converted graph goes behind `
 uint8-pixel wrapper, its input quantization set to the 8-bit pixel grid (``pixel_grid_input``: exact on pixels);
 ``Exported.info["input_quantization"]`` says what the program does with the pixels. The channel moves and scales
 run in the XNNPACK partition (in float, on 8-bit values: its slices stay float, so the quantized-slice failure
-does not apply); the two casts and the final round run on ExecuTorch's portable kernels.
+does not apply); the two dtype casts run on ExecuTorch's portable kernels.
 """
 
 from __future__ import annotations

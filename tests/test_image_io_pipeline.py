@@ -121,7 +121,9 @@ def test_usage_python_restores_a_whole_photo_through_pixels(
 def test_16_bit_input_is_refused_by_an_image_artifact(image_artifacts: Path, tmp_path: Path, capsys) -> None:
     deep = (np.arange(48 * 40 * 3, dtype=np.uint16).reshape(48, 40, 3) * 37).astype(np.uint16)
     cv2.imwrite(str(tmp_path / "deep.png"), deep)
-    code = main(["run", str(_image_dir(image_artifacts, "onnx")), str(tmp_path / "deep.png"), "-o", str(tmp_path / "o")])
+    code = main(
+        ["run", str(_image_dir(image_artifacts, "onnx")), str(tmp_path / "deep.png"), "-o", str(tmp_path / "o")]
+    )
     err = without_progress(capsys.readouterr().err)
     assert code == EXIT_BAD_INPUT, err
     assert "16-bit" in err and "--io tensor" in err

@@ -128,3 +128,23 @@ def test_level_agreement_counts_levels() -> None:
     out = ref + np.array([0.0, 1.0, -2.0, 0.4 / 255], np.float32) / 255
     got = level_agreement(out, ref)
     assert got == {"exact_share": 0.5, "within_one_level_share": 0.75, "max_level_diff": 2}
+
+
+def test_wrapper_rounds_exact_ties_half_to_even() -> None:
+    """The wrapper's rounding (an add and a subtract of 2**23, which delegates run) is numpy's rint on the ties
+    themselves, not only between them."""
+    levels = np.arange(255, dtype=np.float32)
+    y = (levels + np.float32(0.5)) / np.float32(255)
+    y = y[y * np.float32(255) == levels + np.float32(0.5)]  # values whose scaled level is exactly a tie
+    assert y.size > 100
+    fixed = torch.from_numpy(np.broadcast_to(y, (1, 3, 1, y.size)).copy())
+
+    class Constant(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return fixed + 0 * x[..., :1, :1]
+
+    pixels = torch.zeros(1, 1, y.size, 3, dtype=torch.uint8)
+    with torch.no_grad():
+        got = image_io_module(Constant(), "rgb")(pixels).numpy()[0, 0, :, 0]
+    assert np.array_equal(got, np.rint(y * np.float32(255)).astype(np.uint8))
+    assert (got % 2 == 0).all()  # every tie went to the even level

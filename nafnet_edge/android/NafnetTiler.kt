@@ -6,8 +6,10 @@
 // raised-cosine blend whose outer quarter of each overlap is zero, normalised to sum to one. The tile values are
 // read from the artifact's manifest.json (io.inputs[0].shape, tiling.overlap_px, tiling.align_px).
 //
-// The runtime call is behind TileModule, so this file needs nothing but the Kotlin standard library. With
-// ExecuTorch on Android (org.pytorch.executorch):
+// Two paths, one per kind of artifact; the runtime call is behind an interface, so this file needs nothing but
+// the Kotlin standard library (and java.nio). With ExecuTorch on Android (org.pytorch.executorch):
+//
+// Tensor I/O (float32 NCHW in [0, 1]): NafnetTiler and TileModule.
 //
 //     val module = Module.load(path)
 //     val tiler = NafnetTiler(object : TileModule {
@@ -20,6 +22,23 @@
 //     bitmap.getPixels(pixels, 0, bitmap.width, 0, 0, bitmap.width, bitmap.height)
 //     val restored = tiler.restoreArgb(pixels, bitmap.height, bitmap.width)
 //     val out = Bitmap.createBitmap(restored, bitmap.width, bitmap.height, Bitmap.Config.ARGB_8888)
+//
+// Image I/O (uint8 [1, H, W, P] pixels in the artifact's pixel format, io.pixel_format; the default rgba is the
+// byte order of an ARGB_8888 Bitmap's copyPixelsToBuffer): NafnetPixelTiler and PixelTileModule.
+//
+//     val module = Module.load(path)
+//     val tiler = NafnetPixelTiler(object : PixelTileModule {
+//         override fun run(pixels: ByteArray, height: Int, width: Int): ByteArray {
+//             val x = Tensor.fromBlobUnsigned(pixels, longArrayOf(1, height.toLong(), width.toLong(), 4))
+//             return module.forward(EValue.from(x))[0].toTensor().dataAsUnsignedByteArray
+//         }
+//     }, tileHeight = 256, tileWidth = 256, overlap = 32, align = 16, bytesPerPixel = 4)
+//     val bytes = ByteBuffer.allocate(bitmap.byteCount)  // ARGB_8888: RGBA bytes, width * 4 per row
+//     bitmap.copyPixelsToBuffer(bytes)
+//     val out = Bitmap.createBitmap(bitmap.width, bitmap.height, Bitmap.Config.ARGB_8888)
+//     out.copyPixelsFromBuffer(tiler.restoreBuffer(bytes, bitmap.height, bitmap.width))  // opaque: alpha 255
+//
+// A Bitmap's bytes are alpha-premultiplied: camera frames and decoded photos are opaque, where that changes nothing.
 
 package nafnetedge
 
@@ -27,7 +46,8 @@ import kotlin.math.ceil
 import kotlin.math.cos
 import kotlin.math.max
 import kotlin.math.min
-import kotlin.math.round // ties to even, as Python's round
+import kotlin.math.round // ties to even, as Python's round and numpy's rint
+import java.nio.ByteBuffer
 
 /** One forward pass of the artifact: [input] is NCHW float32 of shape [1, channels, height, width] in [0, 1];
  *  returns the restored tile, same shape, unclamped. */
@@ -168,5 +188,90 @@ class NafnetTiler(
         return IntArray(height * width) { k ->
             (0xFF shl 24) or (level(restored[3 * k]) shl 16) or (level(restored[3 * k + 1]) shl 8) or level(restored[3 * k + 2])
         }
+    }
+}
+
+/** One forward pass of an image-I/O artifact: [pixels] is one tile, uint8 [1, height, width, P] interleaved row by
+ *  row in the artifact's pixel format (P bytes a pixel); returns the restored tile, same layout. */
+interface PixelTileModule {
+    fun run(pixels: ByteArray, height: Int, width: Int): ByteArray
+}
+
+/** Restores whole frames of 8-bit pixels through an image-I/O artifact ([module]), one [tileHeight] x [tileWidth]
+ *  tile at a time, [bytesPerPixel] bytes a pixel (4: rgba/bgra, 3: rgb/bgr, 1: gray).
+ *
+ *  The result is byte for byte what the Python in the artifact's USAGE.md computes: each tile's output bytes
+ *  times the weight wy[row][i] * wx[col][j] (the float32 plan weights multiplied in double precision, as numpy's
+ *  outer product of them is), added tile by tile in row-major order into a float32 sum, then rounded half to
+ *  even and clamped to 0..255. */
+class NafnetPixelTiler(
+    private val module: PixelTileModule,
+    val tileHeight: Int,
+    val tileWidth: Int,
+    val overlap: Int,
+    val align: Int,
+    val bytesPerPixel: Int = 4
+) {
+    init {
+        require(bytesPerPixel > 0) { "bytesPerPixel must be positive" }
+    }
+
+    fun plan(height: Int, width: Int) = TilePlan(height, width, tileHeight, tileWidth, overlap, align)
+
+    /** [frame]: [height] x [width] pixels, [bytesPerPixel] interleaved bytes each, row by row; returns the
+     *  restored frame, same layout. With 4 bytes a pixel the last (alpha) byte is ignored in and 255 out, as the
+     *  artifact does; the zero padding reaches the artifact with alpha 0, which it ignores too. */
+    fun restore(frame: ByteArray, height: Int, width: Int): ByteArray {
+        val bpp = bytesPerPixel
+        require(frame.size == height * width * bpp) { "frame has ${frame.size} bytes, not $height x $width x $bpp" }
+        val p = plan(height, width)
+        val th = tileHeight
+        val tw = tileWidth
+        val sum = FloatArray(height * width * bpp)
+        val tile = ByteArray(th * tw * bpp)
+        for ((row, y0) in p.ys.withIndex()) {
+            for ((col, x0) in p.xs.withIndex()) {
+                val rows = max(0, min(th, height - y0)) // the part of the tile inside the frame
+                val cols = max(0, min(tw, width - x0))
+                tile.fill(0) // the frame's zero padding, where the tile reaches past it
+                for (i in 0 until rows) {
+                    System.arraycopy(frame, ((y0 + i) * width + x0) * bpp, tile, i * tw * bpp, cols * bpp)
+                }
+                val result = module.run(tile, th, tw)
+                require(result.size == tile.size) { "the module returned ${result.size} bytes, not ${tile.size}" }
+                val wy = p.weightsY[row]
+                val wx = p.weightsX[col]
+                for (i in 0 until rows) {
+                    val wyi = wy[i].toDouble()
+                    for (j in 0 until cols) {
+                        val weight = wyi * wx[j].toDouble() // exact: two float32 values
+                        val o = ((y0 + i) * width + x0 + j) * bpp
+                        val t = (i * tw + j) * bpp
+                        // numpy: uint8 * float64 in double, then float32 += float64 in double, stored as float32
+                        for (c in 0 until bpp) {
+                            sum[o + c] = (sum[o + c] + (result[t + c].toInt() and 0xFF) * weight).toFloat()
+                        }
+                    }
+                }
+            }
+        }
+        val alpha = if (bpp == 4) 3 else -1
+        return ByteArray(sum.size) { k ->
+            if (k % bpp == alpha) 255.toByte() else min(max(round(sum[k]), 0f), 255f).toInt().toByte()
+        }
+    }
+
+    /** A Bitmap's bytes: [pixels] holds exactly [height] x [width] pixels from index 0 (what
+     *  `bitmap.copyPixelsToBuffer` writes into a buffer of `bitmap.byteCount` bytes; its position is not used or
+     *  moved); returns a new buffer of the restored bytes at position 0, ready for `bitmap.copyPixelsFromBuffer`. */
+    fun restoreBuffer(pixels: ByteBuffer, height: Int, width: Int): ByteBuffer {
+        val n = height * width * bytesPerPixel
+        require(pixels.limit() == n) {
+            "the buffer holds ${pixels.limit()} bytes, not $height x $width x $bytesPerPixel: copy a Bitmap whose " +
+                "rows are padded (rowBytes != width * $bytesPerPixel) row by row"
+        }
+        val frame = ByteArray(n)
+        pixels.duplicate().apply { rewind() }.get(frame)
+        return ByteBuffer.wrap(restore(frame, height, width))
     }
 }

@@ -1,5 +1,7 @@
 // Drives nafnet_edge/android/NafnetTiler.kt for tests/test_android_tiler.py (compiled with it by kotlinc).
+import nafnetedge.NafnetPixelTiler
 import nafnetedge.NafnetTiler
+import nafnetedge.PixelTileModule
 import nafnetedge.TileModule
 import nafnetedge.TilePlan
 import java.io.File
@@ -69,6 +71,51 @@ fun main(args: Array<String>) {
             writeFloats(File(dir, "out.f32"), NafnetTiler(replay, t, t, n[4], n[5], c).restore(frame, h, w))
             println("calls $calls")
             println("input_max_abs_diff $inputDiff")
+        }
+        "pixel-identity" -> {
+            val (h, w, bpp, t) = n
+            var seed = 12345L
+            val frame = ByteArray(h * w * bpp) {
+                seed = (seed * 6364136223846793005L + 1442695040888963407L)
+                (seed ushr 56).toByte()
+            }
+            var calls = 0
+            val same = object : PixelTileModule {
+                override fun run(pixels: ByteArray, height: Int, width: Int): ByteArray {
+                    calls++
+                    return pixels.copyOf()
+                }
+            }
+            val tiler = NafnetPixelTiler(same, t, t, n[4], n[5], bpp)
+            val out = tiler.restore(frame, h, w)
+            val expected = ByteArray(frame.size) { k -> if (bpp == 4 && k % 4 == 3) -1 else frame[k] } // alpha 255
+            println("calls $calls")
+            println("mismatches ${frame.indices.count { out[it] != expected[it] }}")
+            println("opaque_in ${(3 until frame.size step 4).count { bpp == 4 && frame[it] == (-1).toByte() }}")
+            val buffer = ByteBuffer.allocate(frame.size).put(frame) // as copyPixelsToBuffer leaves it: at the end
+            val back = tiler.restoreBuffer(buffer, h, w)
+            println("buffer_position ${buffer.position()} ${back.position()} ${back.remaining()}")
+            println("buffer_mismatches ${out.indices.count { out[it] != back.get(it) }}")
+        }
+        "pixel-replay" -> {
+            val dir = File(args[1])
+            val (h, w, bpp, t) = n
+            val frame = File(dir, "frame.u8").readBytes()
+            val inputs = File(dir, "inputs.u8").readBytes()
+            val outputs = File(dir, "outputs.u8").readBytes()
+            val size = t * t * bpp
+            var calls = 0
+            var inputMismatches = 0
+            val replay = object : PixelTileModule {
+                override fun run(pixels: ByteArray, height: Int, width: Int): ByteArray {
+                    check(height == t && width == t && pixels.size == size)
+                    for (i in pixels.indices) if (pixels[i] != inputs[calls * size + i]) inputMismatches++
+                    return outputs.copyOfRange(calls * size, (++calls) * size)
+                }
+            }
+            File(dir, "out.u8").writeBytes(NafnetPixelTiler(replay, t, t, n[4], n[5], bpp).restore(frame, h, w))
+            println("calls $calls")
+            println("input_mismatches $inputMismatches")
         }
         else -> error("unknown command ${args[0]}")
     }
