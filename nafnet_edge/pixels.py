@@ -112,7 +112,7 @@ def example_input(shape: tuple[int, ...], dtype: str, seed: int = 0) -> np.ndarr
     return rng.random(shape, dtype=np.float32)
 
 
-def image_io_module(model: torch.nn.Module, pixel_format: str) -> torch.nn.Module:
+def image_io_module(model: torch.nn.Module, pixel_format: str, *, integer_kernels: bool = False) -> torch.nn.Module:
     """``model`` (float NCHW in [0, 1] -> float NCHW) behind 8-bit pixel I/O in ``pixel_format`` (NHWC uint8 in,
     same out), for targets exported from PyTorch.
 
@@ -120,7 +120,11 @@ def image_io_module(model: torch.nn.Module, pixel_format: str) -> torch.nn.Modul
     casts at the ends; the channel moves are slices, a concat and a pad rather than a gather, and the rounding is
     ``(v + 2**23) - 2**23``, which float32 addition rounds half to even exactly for 0 <= v < 2**22 (an add and a
     subtract the delegate runs, where ``round`` would fall back to a slower portable kernel); the final cast then
-    truncates a whole number."""
+    truncates a whole number.
+
+    ``integer_kernels``: the two casts as ``quantized_decomposed`` (de)quantization with scale 1 and zero point 0,
+    which converts exactly the same whole numbers; ExecuTorch runs those with its quantized kernels, several times
+    faster than its portable dtype casts (uint8 out especially)."""
     import torch
 
     order = model_order(pixel_format)
@@ -138,17 +142,36 @@ def image_io_module(model: torch.nn.Module, pixel_format: str) -> torch.nn.Modul
             return t[..., slots[0] : slots[0] + len(slots)]
         return torch.cat([t[..., s : s + 1] for s in slots], dim=3)
 
+    if integer_kernels:
+        from torch.ao.quantization.fx._decomposed import quantized_decomposed_lib  # noqa: F401 - the ops
+
+        decomposed = torch.ops.quantized_decomposed
+
+        def to_float(t: torch.Tensor) -> torch.Tensor:
+            return decomposed.dequantize_per_tensor(t, 1.0, 0, 0, 255, torch.uint8)
+
+        def to_pixels(t: torch.Tensor) -> torch.Tensor:
+            return decomposed.quantize_per_tensor(t, 1.0, 0, 0, 255, torch.uint8)
+
+    else:
+
+        def to_float(t: torch.Tensor) -> torch.Tensor:
+            return t.to(torch.float32)
+
+        def to_pixels(t: torch.Tensor) -> torch.Tensor:
+            return t.to(torch.uint8)
+
     class ImageIO(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
 
         def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-            x = channels(pixels.to(torch.float32), order, width).permute(0, 3, 1, 2) * (1.0 / LEVELS)
+            x = channels(to_float(pixels), order, width).permute(0, 3, 1, 2) * (1.0 / LEVELS)
             y = (torch.clamp(self.model(x), 0.0, 1.0) * LEVELS).permute(0, 2, 3, 1)
             if alpha:
                 y = torch.nn.functional.pad(y, (0, 1), value=LEVELS)
             y = (channels(y, inverse, len(order) + int(alpha)) + ROUNDING) - ROUNDING
-            return y.to(torch.uint8)
+            return to_pixels(y)
 
     return ImageIO().eval()

@@ -20,7 +20,8 @@ Image I/O (``export(..., pixel_format=...)``): the converted graph goes behind `
 uint8-pixel wrapper, its input quantization set to the 8-bit pixel grid (``pixel_grid_input``: exact on pixels);
 ``Exported.info["input_quantization"]`` says what the program does with the pixels. The channel moves and scales
 run in the XNNPACK partition (in float, on 8-bit values: its slices stay float, so the quantized-slice failure
-does not apply); the two dtype casts run on ExecuTorch's portable kernels.
+does not apply); the two conversions (uint8 (de)quantization with scale 1) run on ExecuTorch's quantized kernels
+and are listed in ``ops_outside_delegate``, not counted as the network's quantize/dequantize ops.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any, ClassVar
 import torch
 
 from nafnet_edge.converters.base import Exported
-from nafnet_edge.converters.executorch import BACKEND, delegation_summary, io_info, with_io
+from nafnet_edge.converters.executorch import BACKEND, delegation_summary, io_info, pixel_conversions, with_io
 from nafnet_edge.deploy.modules import ChannelNorm
 from nafnet_edge.quantization.pt2e import Pt2eQuantizer, is_qat
 
@@ -100,8 +101,10 @@ class XNNPACKQuantizer(Pt2eQuantizer):
         with torch.no_grad():
             exported = torch.export.export(module, (io_example,))
         edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
-        backends, outside = delegation_summary(edge.exported_program().graph_module)
-        outside_qdq = {k: v for k, v in outside.items() if _is_quantize_op(k)}
+        lowered = edge.exported_program().graph_module
+        backends, outside = delegation_summary(lowered)
+        pixels = pixel_conversions(lowered)  # the image I/O's two conversions are not the network's
+        outside_qdq = {k: v - pixels.get(k, 0) for k, v in outside.items() if _is_quantize_op(k)}
         buffer = edge.to_executorch().buffer
         (out_dir / self.artifact).write_bytes(buffer)
         info: dict[str, Any] = {
@@ -114,7 +117,7 @@ class XNNPACKQuantizer(Pt2eQuantizer):
             "kept_float": sorted(self.keep_float),
             "delegated_partitions": len(backends),
             "delegate_backends": sorted(set(backends)),
-            "ops_outside_delegate": {k: v for k, v in outside.items() if k not in outside_qdq},
+            "ops_outside_delegate": {k: n for k, v in outside.items() if (n := v - outside_qdq.get(k, 0))},
             "quantize_dequantize_outside_delegate": sum(outside_qdq.values()),
             **precision,
             "program_bytes": len(buffer),
@@ -134,9 +137,9 @@ def pixel_grid_input(converted: torch.fx.GraphModule) -> str:
     Calibration on [0, 1] inputs gives nearly that grid (scale 0.00392 within 0.1% of 1/255, zero point -128 on
     the tiny test model), so the codes of 8-bit pixels are already distinct; on the exact grid ``quantize(p /
     255)`` is ``p - 128`` for every byte ``p`` and the dequantized input is ``p / 255`` itself: the program's
-    input quantization loses nothing. It still computes in float on the way: ExecuTorch casts the uint8 pixels to
-    float (portable kernel; XNNPACK converts no dtypes), XNNPACK moves the channels, multiplies by 1/255 and
-    quantizes to int8. Graphs whose input is not quantized per tensor to int8 stay as they are."""
+    input quantization loses nothing. It still computes in float on the way: ExecuTorch's dequantize kernel (scale
+    1; XNNPACK converts no dtypes) turns the uint8 pixels into floats, XNNPACK moves the channels, multiplies by
+    1/255 and quantizes to int8. Graphs whose input is not quantized per tensor to int8 stay as they are."""
     inputs = [n for n in converted.graph.nodes if n.op == "placeholder"]
     quantizes = [
         q
@@ -150,10 +153,10 @@ def pixel_grid_input(converted: torch.fx.GraphModule) -> str:
     converted.recompile()
     rewired = len(quantizes)
     if not rewired:
-        return "uint8 -> float (portable kernel) -> x / 255 inside XNNPACK; the network's input is not int8"
+        return "uint8 -> float (dequantize kernel, scale 1) -> x / 255 inside XNNPACK; the network's input is not int8"
     return (
-        "uint8 -> float (portable kernel) -> x / 255 -> int8 with scale 1/255, zero point -128 inside XNNPACK: "
-        "exactly pixel - 128"
+        "uint8 -> float (dequantize kernel, scale 1) -> x / 255 -> int8 with scale 1/255, zero point -128 inside "
+        "XNNPACK: exactly pixel - 128"
     )
 
 
