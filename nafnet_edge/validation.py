@@ -649,14 +649,16 @@ def _score(
     nonfinite = int((~np.isfinite(out)).sum())
     out_c, ref_c = np.clip(np.nan_to_num(out, nan=0.0), 0, 1), np.clip(ref, 0, 1)
     agreement = level_agreement(out_c, ref_c)
+    error = np.abs(out - ref)  # tensor I/O: unclamped, as the artifact returns it
     if pixels:
         out_c, ref_c = quantized(out_c), quantized(ref_c)
+        error = np.abs(out_c - ref_c) + np.where(np.isfinite(out), 0.0, np.nan)  # what an app gets: 8-bit values
     r = ImageResult(
         name=image.name,
         size=(image.input.shape[0], image.input.shape[1]),
         tiles=calls,
         fidelity_db=psnr(out_c, ref_c),
-        max_abs_error=float(np.nanmax(np.abs(out - ref))) if nonfinite < out.size else math.inf,
+        max_abs_error=float(np.nanmax(error)) if nonfinite < out.size else math.inf,
         nonfinite=nonfinite,
         tiling_db=tiling_db,
         exact_share=float(agreement["exact_share"]),

@@ -128,3 +128,17 @@ def test_16_bit_input_is_refused_by_an_image_artifact(image_artifacts: Path, tmp
     assert code == EXIT_BAD_INPUT, err
     assert "16-bit" in err and "--io tensor" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("target", ["openvino", "executorch"])
+def test_validate_rescores_an_image_artifact_on_8_bit_outputs(
+    target: str, image_artifacts: Path, converted_artifacts: Converted, tmp_path: Path
+) -> None:
+    folder = Path(shutil.copytree(_image_dir(image_artifacts, target), tmp_path / target))
+    assert main(["validate", str(folder), "--val-data", str(converted_artifacts.data)]) == 0
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["io"]["inputs"][0]["dtype"] == "uint8" and manifest["runtime"]["io"] == "image"
+    v = manifest["validation"]
+    assert v["budgets"]["min_within_one_level"] == 0.999 and v["summary"]["within_one_level_share_min"] >= 0.999
+    assert v["summary"]["max_abs_error"] <= 1 / 255 + 1e-6  # 8-bit values: at most one level apart here
+    assert "uint8" in (folder / "USAGE.md").read_text()

@@ -79,7 +79,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         options=runtime_options(args),
     )
     over = [
-        f"{r.target} {r.precision}: median {r.median_ms:.1f} ms > {args.max_latency_ms:g} ms"
+        f"{r.name}: median {r.median_ms:.1f} ms > {args.max_latency_ms:g} ms"
         for r in report.artifacts
         if args.max_latency_ms is not None and r.median_ms is not None and r.median_ms > args.max_latency_ms
     ]
