@@ -12,6 +12,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from nafnet_edge.manifest import Manifest
 
+TILING = """\
+- Smaller images: zero-pad right and bottom to {h}x{w}, run, crop the output back.
+- Larger images: run {h}x{w} tiles overlapping by {overlap} px and blend the overlaps (what `nafnet-edge run
+  DIR photo.png -o OUT` does with this folder as DIR); tile starts on multiples of {multiple} follow the
+  whole-image result best. `nafnet-edge plan DIR --frame 3024x4032 --json` prints the exact plan for a frame
+  size (padding, every tile's origin, the blend weights of each tile row and column) as data to embed in an app;
+  `manifest.json` (`tiling`) states the window as a formula.
+"""
+
 COMMON = """\
 # {title}
 
@@ -22,13 +31,7 @@ COMMON = """\
 | input | `{inp}` | `[1, {c}, {h}, {w}]` (NCHW) | float32 | {channels} in [0, 1] |
 | output | `{out}` | `[1, {c}, {h}, {w}]` (NCHW) | float32 | unclamped: clamp to [0, 1], then round |
 
-- Smaller images: zero-pad right and bottom to {h}x{w}, run, crop the output back.
-- Larger images: run {h}x{w} tiles overlapping by {overlap} px and blend the overlaps (what `nafnet-edge run
-  DIR photo.png -o OUT` does with this folder as DIR); tile starts on multiples of {multiple} follow the
-  whole-image result best. `nafnet-edge plan DIR --frame 3024x4032 --json` prints the exact plan for a frame
-  size (padding, every tile's origin, the blend weights of each tile row and column) as data to embed in an app;
-  `manifest.json` (`tiling`) states the window as a formula.
-- Validation of this file in its runtime is in `manifest.json` (`validation`).
+{tiling}- Validation of this file in its runtime is in `manifest.json` (`validation`).
 """
 
 COMMON_IMAGE = """\
@@ -218,6 +221,7 @@ def usage_note(target: str, manifest: Manifest) -> str:
         )
     else:
         fields.update(p=c, pixel_format="")
+    fields["tiling"] = TILING.format(**fields)
     python_io = python_io.format(**fields).rstrip("\n")
     python_save = python_save.format(**fields)
     note = common.format(**fields) + "\n" + body.format(**fields, python_io=python_io, python_save=python_save)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import runpy
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,3 +134,20 @@ def kodak_crops(folder: Path, sizes: list[tuple[int, int]]) -> Path:
         image = cv2.imread(str(photos[i]))[100 : 100 + h, 80 : 80 + w]
         cv2.imwrite(str(folder / f"crop{i}.png"), image)
     return folder
+
+
+def run_usage_python(folder: Path, photo: Path) -> np.ndarray:
+    """Run the first Python block of ``folder``'s USAGE.md as written, in ``folder`` (a copy of an artifact
+    directory), on ``photo`` copied there as photo.png; the restored.png it writes, as OpenCV reads it."""
+    import cv2
+
+    code = (folder / "USAGE.md").read_text().split("```python\n")[1].split("```")[0]
+    shutil.copy(photo, folder / "photo.png")
+    (folder / "snippet.py").write_text(code)
+    cwd = os.getcwd()
+    try:
+        os.chdir(folder)
+        runpy.run_path(str(folder / "snippet.py"))
+    finally:
+        os.chdir(cwd)
+    return cv2.imread(str(folder / "restored.png"))

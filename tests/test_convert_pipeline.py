@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import runpy
 import shutil
 import sys
 from pathlib import Path
@@ -12,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from helpers import KODAK, Converted, artifact_dir, require
+from helpers import KODAK, Converted, artifact_dir, require, run_usage_python
 
 from nafnet_edge.cli import main
 from nafnet_edge.errors import EXIT_BUDGET, EXIT_USAGE
@@ -89,17 +87,7 @@ def test_convert_writes_artifact_manifest_and_a_usage_note_whose_python_runs(
 
     # the usage note's Python, run as written in the artifact directory (a copy) on a real photo
     folder = Path(shutil.copytree(folder, tmp_path / target))
-    note = (folder / "USAGE.md").read_text()
-    code = note.split("```python\n")[1].split("```")[0]
-    shutil.copy(data / "crop0.png", folder / "photo.png")
-    cwd = os.getcwd()
-    try:
-        os.chdir(folder)
-        (folder / "snippet.py").write_text(code)
-        runpy.run_path(str(folder / "snippet.py"))
-    finally:
-        os.chdir(cwd)
-    restored = cv2.imread(str(folder / "restored.png"))
+    restored = run_usage_python(folder, data / "crop0.png")
     photo = cv2.imread(str(folder / "photo.png"))
     assert restored.shape == photo.shape == (96, 120, 3)  # the whole photo, larger than the 64x64 tile, not square
     # the snippet tiles and blends as `nafnet-edge run` does through the same artifact (both round to 8 bits)

@@ -9,15 +9,13 @@ is the share of samples whose 8-bit values differ by at most one.
 
 from __future__ import annotations
 
-import os
-import runpy
 import shutil
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TINY_CONFIG, randomize, require
+from helpers import TINY_CONFIG, randomize, require, run_usage_python
 
 ct = require("coremltools")
 
@@ -266,19 +264,10 @@ def test_usage_python_restores_a_photo_like_nafnet_edge_run(tiny_checkpoint, kod
     assert summary["within_one_level_share_min"] >= MIN_WITHIN_ONE_LEVEL  # measured 1.0, max 1 level
     note = (result.directory / "USAGE.md").read_text()
     assert "VNCoreMLRequest" in note and "CVPixelBuffer" in note and "not compiled" in note
-    code = note.split("```python\n")[1].split("```")[0]
-
     folder = Path(shutil.copytree(result.directory, tmp_path / "snippet"))
-    shutil.copy(kodak_data / "crop0.png", folder / "photo.png")
     monkeypatch.setattr(ct.models, "MLModel", EvaluatedMLModel)
-    cwd = os.getcwd()
-    try:
-        os.chdir(folder)
-        (folder / "snippet.py").write_text(code)
-        runpy.run_path(str(folder / "snippet.py"))
-    finally:
-        os.chdir(cwd)
-    restored, photo = cv2.imread(str(folder / "restored.png")), cv2.imread(str(folder / "photo.png"))
+    restored = run_usage_python(folder, kodak_data / "crop0.png")
+    photo = cv2.imread(str(folder / "photo.png"))
     assert restored.shape == photo.shape == (96, 120, 3)
     assert main(["run", str(result.directory), str(folder / "photo.png"), "-o", str(tmp_path / "run")]) == 0
     by_run = cv2.imread(str(tmp_path / "run" / "photo.png"))

@@ -9,15 +9,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import runpy
 import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from helpers import Converted, artifact_dir, require, without_progress
+from helpers import Converted, artifact_dir, require, run_usage_python, without_progress
 
 from nafnet_edge.cli import main
 from nafnet_edge.errors import EXIT_BAD_INPUT
@@ -102,16 +100,7 @@ def test_usage_python_restores_a_whole_photo_through_pixels(
     folder = Path(shutil.copytree(_image_dir(image_artifacts, target), tmp_path / target))
     note = (folder / "USAGE.md").read_text()
     assert "uint8" in note and "NHWC" in note
-    code = note.split("```python\n")[1].split("```")[0]
-    shutil.copy(converted_artifacts.data / "crop0.png", folder / "photo.png")
-    cwd = os.getcwd()
-    try:
-        os.chdir(folder)
-        (folder / "snippet.py").write_text(code)
-        runpy.run_path(str(folder / "snippet.py"))
-    finally:
-        os.chdir(cwd)
-    restored = cv2.imread(str(folder / "restored.png"))
+    restored = run_usage_python(folder, converted_artifacts.data / "crop0.png")
     assert restored.shape == (96, 120, 3)
     assert main(["run", str(folder), str(folder / "photo.png"), "-o", str(tmp_path / "run")]) == 0
     by_run = cv2.imread(str(tmp_path / "run" / "photo.png"))
