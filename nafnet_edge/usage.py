@@ -48,13 +48,7 @@ COMMON_IMAGE = """\
 - The artifact scales by 1/255, restores, clamps, scales by 255 and rounds (half to even) inside: hand it the
   bytes of a pixel buffer and use the bytes it returns. 16-bit and HDR frames need a tensor-I/O artifact
   (`nafnet-edge convert --io tensor`).
-- Smaller images: zero-pad right and bottom to {h}x{w}, run, crop the output back.
-- Larger images: run {h}x{w} tiles overlapping by {overlap} px and blend the overlaps (what `nafnet-edge run
-  DIR photo.png -o OUT` does with this folder as DIR); tile starts on multiples of {multiple} follow the
-  whole-image result best. `nafnet-edge plan DIR --frame 3024x4032 --json` prints the exact plan for a frame
-  size (padding, every tile's origin, the blend weights of each tile row and column) as data to embed in an app;
-  `manifest.json` (`tiling`) states the window as a formula.
-- Validation of this file in its runtime is in `manifest.json` (`validation`): 8-bit outputs against the fp32
+{tiling}- Validation of this file in its runtime is in `manifest.json` (`validation`): 8-bit outputs against the fp32
   reference rounded the same way.
 """
 
