@@ -239,7 +239,7 @@ class _FakeRounds:
         self.number += 1
         return None, None, {"method": "ptq", "calibration_batches": 1, "world_size": 1}
 
-    def export(self, prepared: object, out_dir: Path, example: object) -> object:
+    def export(self, prepared: object, out_dir: Path, example: object, *, pixel_format: str | None = None) -> object:
         from nafnet_edge.converters import Exported
 
         (out_dir / self.artifact).write_text(f"round {self.number}: {sorted(self.keep_float)}")
