@@ -59,7 +59,7 @@ from nafnet_edge.converters.base import (
     pixel_session,
 )
 from nafnet_edge.errors import ArtifactError, MissingBackendError, OptionError
-from nafnet_edge.pixels import LEVELS, check_pixel_format, pixel_channels
+from nafnet_edge.pixels import LEVELS, check_pixel_format, io_info, pixel_channels
 from nafnet_edge.sizes import parse_size
 
 if TYPE_CHECKING:
@@ -270,7 +270,7 @@ class CoreMLTarget(Target):
         self.check_options(options)
         fmt = options.pixel_format
         if fmt is not None:
-            check_pixel_format(fmt, _channels(graph), self.name)
+            check_pixel_format(fmt, _channels(graph))
         sizes = input_sizes(graph, options)
         shapes = [(1, _channels(graph), h, w) for h, w in sizes]
         shape: Any = shapes[0] if len(shapes) == 1 else ct.EnumeratedShapes(shapes=shapes, default=shapes[0])
@@ -310,7 +310,7 @@ class CoreMLTarget(Target):
                 "minimum_target": self.setting(options, "minimum_target"),
                 "input_sizes": [list(s) for s in sizes],
                 "shapes": "fixed" if len(sizes) == 1 else "enumerated",
-                **io_info(program, options.precision, fmt),
+                **package_io_info(program, options.precision, fmt),
                 "mil_ops": _histogram(op.type for op in program.ops),
             },
         )
@@ -597,15 +597,14 @@ def io_metadata(pixel_format: str | None) -> dict[str, str]:
     return {"nafnet_edge.io": "image", "nafnet_edge.pixel_format": pixel_format}
 
 
-def io_info(program: Any, precision: Precision, pixel_format: str | None) -> dict[str, Any]:
+def package_io_info(program: Any, precision: Precision, pixel_format: str | None) -> dict[str, Any]:
     """``Exported.info`` entries on the package's I/O: kind, pixel format, the program's I/O dtypes and a note."""
     dtypes = _program_io_dtypes(program)
     if pixel_format is None:
-        return {"io": "tensor", "io_dtypes": dtypes, "io_note": _io_note(precision)}
+        return {**io_info(None), "io_dtypes": dtypes, "io_note": _io_note(precision)}
     casts = "; computed in fp16 between casts" if precision == "fp16" else ""
     return {
-        "io": "image",
-        "pixel_format": pixel_format,
+        **io_info(pixel_format),
         "color_layout": COLOR_LAYOUTS[pixel_format],
         "io_dtypes": dtypes,
         "io_note": f"Core ML {COLOR_LAYOUTS[pixel_format]} images in and out (8-bit pixel buffers); the program "

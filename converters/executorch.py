@@ -50,7 +50,7 @@ from nafnet_edge.converters.base import (
     pixel_session,
 )
 from nafnet_edge.errors import ArtifactError, MissingBackendError, OptionError
-from nafnet_edge.pixels import check_pixel_format, image_io_module, level_agreement, pixel_channels
+from nafnet_edge.pixels import check_pixel_format, image_io_module, io_info, level_agreement, pixel_channels
 
 if TYPE_CHECKING:
     import torch
@@ -138,11 +138,6 @@ def with_io(
 
     pixels = torch.zeros(1, *size, pixel_channels(pixel_format), dtype=torch.uint8)
     return image_io_module(module, pixel_format, integer_kernels=True), pixels
-
-
-def io_info(pixel_format: str | None) -> dict[str, Any]:
-    """``Exported.info``'s I/O entries."""
-    return {"io": "image", "pixel_format": pixel_format} if pixel_format else {"io": "tensor"}
 
 
 USAGE = """\

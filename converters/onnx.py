@@ -13,8 +13,8 @@ would pool locally at larger ones.
 
 Image I/O (``ExportOptions.pixel_format``, ``--io image``): the model takes uint8 ``(1, H, W, P)`` pixels named
 ``image`` and returns them as ``restored`` (``nafnet_edge.pixels.image_io_module``: Cast, Slice/Concat for the
-channel order, Transpose, the 1/255 and 255 scales, Clip, onnxruntime's half-to-even Round, Cast); with
-``--dynamic`` the symbolic axes are the NHWC height and width (1 and 2).
+channel order, Transpose, the 1/255 and 255 scales, Clip, rounding half to even as an Add and a Sub of 2**23,
+Cast); with ``--dynamic`` the symbolic axes are the NHWC height and width (1 and 2).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class ONNXTarget(Target):
         import onnxruntime
         import torch
 
-        from nafnet_edge.pixels import check_pixel_format, has_alpha, image_io_module, pixel_channels
+        from nafnet_edge.pixels import check_pixel_format, has_alpha, image_io_module, io_info, pixel_channels
 
         self.check_options(options)
         h, w = options.input_size
@@ -181,7 +181,7 @@ class ONNXTarget(Target):
                 "op_histogram": dict(sorted(Counter(n.op_type for n in model.graph.node).items())),
                 "dynamic": dynamic,
                 "file_bytes": path.stat().st_size,
-                **({"io": "image", "pixel_format": fmt} if fmt else {"io": "tensor"}),
+                **io_info(fmt),
             },
         )
 

@@ -47,7 +47,15 @@ from nafnet_edge.converters.base import (
     pixel_session,
 )
 from nafnet_edge.errors import ArtifactError, display_path
-from nafnet_edge.pixels import LEVELS, PIXEL_FORMATS, check_pixel_format, has_alpha, model_order, pixel_channels
+from nafnet_edge.pixels import (
+    LEVELS,
+    PIXEL_FORMATS,
+    check_pixel_format,
+    has_alpha,
+    io_info,
+    output_slots,
+    pixel_channels,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -156,7 +164,7 @@ class OpenVINOTarget(Target):
         self.check_options(options)
         fmt = options.pixel_format
         if fmt is not None:  # before the conversion, which takes seconds
-            check_pixel_format(fmt, graph.intro.in_channels, self.name)
+            check_pixel_format(fmt, graph.intro.in_channels)
         h, w = options.input_size
         shape = (1, graph.intro.in_channels, h, w)
         with torch.no_grad():
@@ -375,11 +383,6 @@ def ir_metadata(
     return entries
 
 
-def io_info(pixel_format: str | None) -> dict[str, str]:
-    """``Exported.info``'s I/O entries: ``io`` and, for image I/O, ``pixel_format``."""
-    return {"io": "image", "pixel_format": pixel_format} if pixel_format else {"io": "tensor"}
-
-
 def with_pixel_io(ov_model: Any, pixel_format: str) -> Any:
     """``ov_model`` (float32 NCHW in [0, 1], RGB or gray -> float32 NCHW) behind 8-bit pixel I/O, built with
     OpenVINO's ``PrePostProcessor``: uint8 NHWC pixels in ``pixel_format`` in (alpha ignored), the same out
@@ -388,10 +391,9 @@ def with_pixel_io(ov_model: Any, pixel_format: str) -> Any:
     from openvino import Layout, Type
     from openvino.preprocess import ColorFormat, PrePostProcessor
 
-    order = model_order(pixel_format)
     width = pixel_channels(pixel_format)
     channels = int(ov_model.inputs[0].get_partial_shape()[1].get_length())
-    check_pixel_format(pixel_format, channels, OpenVINOTarget.name)
+    check_pixel_format(pixel_format, channels)
     ppp = PrePostProcessor(ov_model)
     source = ppp.input()
     source.tensor().set_element_type(Type.u8).set_layout(Layout("NHWC"))
@@ -407,7 +409,7 @@ def with_pixel_io(ov_model: Any, pixel_format: str) -> Any:
         return ops.round(scaled, "half_to_even").output(0)
 
     # Each buffer slot's model channel (the alpha slot, appended by the pad, comes after the model's channels).
-    slots = [order.index(slot) if slot in order else len(order) for slot in range(width)]
+    slots = output_slots(pixel_format)
 
     def to_pixel_format(node: Any) -> Any:
         if has_alpha(pixel_format):

@@ -53,11 +53,12 @@ from nafnet_edge.manifest import (
     BenchRecord,
     IOSpec,
     Manifest,
+    artifact_dirname,
     find_artifacts,
     normalize_profile,
     write_bench,
 )
-from nafnet_edge.pixels import example_input
+from nafnet_edge.pixels import example_input, io_info
 
 Runner = Callable[[np.ndarray], Any]
 
@@ -147,14 +148,6 @@ class BenchResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def io_facts(io: IOSpec) -> dict[str, str]:
-    """The I/O of an artifact as its bench record keeps it (in ``info``): ``{"io": "tensor"}`` or
-    ``{"io": "image", "pixel_format": "rgba"}``."""
-    if io.kind == "image" and io.pixel_format:
-        return {"io": "image", "pixel_format": io.pixel_format}
-    return {"io": "tensor"}
 
 
 def io_label(info: dict[str, Any]) -> str:
@@ -414,7 +407,7 @@ def measure(
     (``Session.call``: uint8 pixels for image I/O), the full frame goes through the float tiler (``Session.run``).
     ``label`` names the artifact in progress lines. The runtime's own output while it loads and runs is captured."""
     x = example_input(io.input.shape, io.input.dtype)
-    result.info = {**result.info, **io_facts(io)}
+    result.info = {**result.info, **io_info(io.pixel_format)}
     label = label or f"{result.target}-{result.precision}"
     with progress.backend_output():
         with PeakMemory() as memory:
@@ -426,7 +419,7 @@ def measure(
                 progress.phase(f"{label}: not runnable here")
                 return result
             result.load_s = round(time.perf_counter() - started, 3)
-            result.runtime, result.info = session.runtime, {**session.info, **io_facts(io)}
+            result.runtime, result.info = session.runtime, {**session.info, **io_info(io.pixel_format)}
             call = session.call
             started = time.perf_counter()
             call(x)
@@ -574,7 +567,7 @@ def bench_artifacts(
         shape = list(manifest.io.input.shape)
         macs = count_macs(config, *manifest.io.input_size)
         result = BenchResult(str(directory), manifest.target, manifest.precision, "", True, shape)
-        label = f"{manifest.target}-{manifest.precision}" + ("-image" if manifest.io.kind == "image" else "")
+        label = artifact_dirname(manifest.target, manifest.precision, manifest.io.kind)
         progress.phase(f"{label}: bench {display_path(directory)} ({i}/{len(directories)})")
         measure(
             result,

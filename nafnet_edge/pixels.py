@@ -52,13 +52,26 @@ def has_alpha(pixel_format: str) -> bool:
     return pixel_format in ("rgba", "bgra")
 
 
-def check_pixel_format(pixel_format: str, channels: int, target: str = "") -> None:
+def check_pixel_format(pixel_format: str, channels: int) -> None:
     """Refuse a format that cannot carry a ``channels``-channel model's pixels (``OptionError``, what to pass)."""
     if pixel_format not in PIXEL_FORMATS:
         raise OptionError(f"--pixel-format {pixel_format!r}: choose one of {', '.join(PIXEL_FORMATS)}")
     if (channels == 1) != (pixel_format == "gray"):
         fit = "gray" if channels == 1 else "rgb, bgr, rgba or bgra"
         raise OptionError(f"a {channels}-channel model takes --pixel-format {fit}, not {pixel_format}")
+
+
+def output_slots(pixel_format: str) -> list[int]:
+    """For each byte of a pixel in ``pixel_format``, the channel of [model channels..., alpha] that fills it (the
+    inverse of ``model_order``, alpha after the model's channels): how an output is put back in buffer order."""
+    order = model_order(pixel_format)
+    return [order.index(slot) if slot in order else len(order) for slot in range(pixel_channels(pixel_format))]
+
+
+def io_info(pixel_format: str | None) -> dict[str, str]:
+    """An artifact's I/O as the manifest's ``export`` section and bench records keep it: ``{"io": "tensor"}`` or
+    ``{"io": "image", "pixel_format": "rgba"}``."""
+    return {"io": "image", "pixel_format": pixel_format} if pixel_format else {"io": "tensor"}
 
 
 def to_pixels(x: np.ndarray, pixel_format: str) -> np.ndarray:
@@ -130,9 +143,7 @@ def image_io_module(model: torch.nn.Module, pixel_format: str, *, integer_kernel
     order = model_order(pixel_format)
     width = pixel_channels(pixel_format)
     alpha = has_alpha(pixel_format)
-    # Output channel slots: the model's channels scattered back into the buffer's order (inverse of ``order``),
-    # alpha (appended after the model's channels) in the slot no model channel fills.
-    inverse = [order.index(slot) if slot in order else len(order) for slot in range(width)]
+    inverse = output_slots(pixel_format)
 
     def channels(t: torch.Tensor, slots: list[int], depth: int) -> torch.Tensor:
         """``t[..., slots]`` (``t`` has ``depth`` channels, last) as itself, one slice or a concat of slices."""
@@ -150,7 +161,7 @@ def image_io_module(model: torch.nn.Module, pixel_format: str, *, integer_kernel
         def to_float(t: torch.Tensor) -> torch.Tensor:
             return decomposed.dequantize_per_tensor(t, 1.0, 0, 0, 255, torch.uint8)
 
-        def to_pixels(t: torch.Tensor) -> torch.Tensor:
+        def to_uint8(t: torch.Tensor) -> torch.Tensor:
             return decomposed.quantize_per_tensor(t, 1.0, 0, 0, 255, torch.uint8)
 
     else:
@@ -158,7 +169,7 @@ def image_io_module(model: torch.nn.Module, pixel_format: str, *, integer_kernel
         def to_float(t: torch.Tensor) -> torch.Tensor:
             return t.to(torch.float32)
 
-        def to_pixels(t: torch.Tensor) -> torch.Tensor:
+        def to_uint8(t: torch.Tensor) -> torch.Tensor:
             return t.to(torch.uint8)
 
     class ImageIO(torch.nn.Module):
@@ -172,6 +183,6 @@ def image_io_module(model: torch.nn.Module, pixel_format: str, *, integer_kernel
             if alpha:
                 y = torch.nn.functional.pad(y, (0, 1), value=LEVELS)
             y = (channels(y, inverse, len(order) + int(alpha)) + ROUNDING) - ROUNDING
-            return to_pixels(y)
+            return to_uint8(y)
 
     return ImageIO().eval()

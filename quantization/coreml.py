@@ -68,9 +68,9 @@ from nafnet_edge.converters.coreml import (
     deployment_target,
     describe_io,
     import_coremltools,
-    io_info,
     io_metadata,
     io_types,
+    package_io_info,
     pixel_levels_module,
 )
 from nafnet_edge.errors import MissingBackendError, OptionError
@@ -195,7 +195,7 @@ class CoreMLQuantizer(Pt2eQuantizer):
         if facts is None:
             raise ValueError("export takes a module made by CoreMLQuantizer.prepare")
         if pixel_format is not None:
-            check_pixel_format(pixel_format, facts.recipe.channels, self.target)
+            check_pixel_format(pixel_format, facts.recipe.channels)
         shape = (1, *example.shape[1:])
         inputs, outputs = io_types(shape, pixel_format)
         common = {
@@ -247,7 +247,7 @@ class CoreMLQuantizer(Pt2eQuantizer):
                 "minimum_target": MINIMUM_TARGET,
                 "input_sizes": [list(sizes[0])],
                 "shapes": "fixed",
-                **io_info(saved, "fp16", pixel_format),
+                **package_io_info(saved, "fp16", pixel_format),
                 "quantization_mode": self.mode,
                 "quantization_scheme": self.scheme,
                 "quantization_method": "qat" if facts.qat else "ptq",

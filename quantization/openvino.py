@@ -44,9 +44,9 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from nafnet_edge.converters.base import Exported
-from nafnet_edge.converters.openvino import BIN, XML, io_info, save_ir
+from nafnet_edge.converters.openvino import BIN, XML, save_ir
 from nafnet_edge.deploy.modules import ChannelNorm
-from nafnet_edge.pixels import check_pixel_format
+from nafnet_edge.pixels import check_pixel_format, io_info
 from nafnet_edge.quantization.base import Quantizer
 
 Preset = Literal["mixed", "performance"]
@@ -187,7 +187,7 @@ class OpenVINOQuantizer(Quantizer):
         if not quantizers:
             raise NotPreparedError("export needs the module OpenVINOQuantizer.prepare returned (no NNCF quantizers)")
         if pixel_format is not None:
-            check_pixel_format(pixel_format, int(example.shape[1]), self.target)
+            check_pixel_format(pixel_format, int(example.shape[1]))
         h, w = example.shape[-2:]
         shape = [1, example.shape[1], h, w]
         training = prepared.training

@@ -36,8 +36,9 @@ from typing import Any, ClassVar
 import torch
 
 from nafnet_edge.converters.base import Exported
-from nafnet_edge.converters.executorch import BACKEND, delegation_summary, io_info, pixel_conversions, with_io
+from nafnet_edge.converters.executorch import BACKEND, delegation_summary, pixel_conversions, with_io
 from nafnet_edge.deploy.modules import ChannelNorm
+from nafnet_edge.pixels import io_info
 from nafnet_edge.quantization.pt2e import Pt2eQuantizer, is_qat
 
 SCHEME = "PT2E XNNPACKQuantizer, int8 symmetric per-channel weights, int8 per-tensor activations"
