@@ -140,7 +140,7 @@ def with_io(
     return image_io_module(module, pixel_format, integer_kernels=True), pixels
 
 
-USAGE = """\
+PYTHON_USAGE = """\
 ## Python
 
 ```python
@@ -153,12 +153,16 @@ program = Runtime.get().load_program(program_bytes)
 method = program.load_method("forward")
 
 
-def run(x):
+def run(x):  # x: {run_io}
     return method.execute([torch.from_numpy(x)])[0].numpy()
 
 
 {python_save}```
+"""
 
+USAGE = (
+    PYTHON_USAGE
+    + """
 ## Android (Kotlin, `org.pytorch.executorch`)
 
 One {h}x{w} tile:
@@ -194,27 +198,12 @@ auto input = from_blob(pixels.data(), {{1, {c}, {h}, {w}}});  // float NCHW in [
 auto restored = module.forward(input)->at(0).toTensor();
 ```
 """
+)
 
 
-USAGE_IMAGE = """\
-## Python
-
-```python
-{python_io}
-from executorch.runtime import Runtime
-import torch
-
-program_bytes = open("{artifact}", "rb").read()  # keep the bytes alive while the program is used
-program = Runtime.get().load_program(program_bytes)
-method = program.load_method("forward")
-
-
-def run(x):  # x: uint8 [1, {h}, {w}, {p}] ({pixel_format}); returns the same
-    return method.execute([torch.from_numpy(x)])[0].numpy()
-
-
-{python_save}```
-
+USAGE_IMAGE = (
+    PYTHON_USAGE
+    + """
 ## Android (Kotlin, `org.pytorch.executorch`)
 
 A whole `Bitmap` of any size: add `NafnetTiler.kt` (in this folder; plain Kotlin) to the app. Its `NafnetPixelTiler`
@@ -249,6 +238,7 @@ auto input = from_blob(pixels.data(), {{1, {h}, {w}, {p}}}, executorch::aten::Sc
 auto restored = module.forward(input)->at(0).toTensor();  // uint8 [1, {h}, {w}, {p}]
 ```
 """
+)
 
 
 class ExecuTorchTarget(Target):

@@ -212,9 +212,10 @@ def usage_note(target: str, manifest: Manifest) -> str:
             to_format=TO_FORMAT[fmt],
             from_format=FROM_FORMAT[fmt],
             pixel_format=fmt,
+            run_io=f"uint8 [1, {h}, {w}, {pixel_channels(fmt)}] ({fmt}); returns the same",
         )
     else:
-        fields.update(p=c, pixel_format="")
+        fields.update(p=c, pixel_format="", run_io=f"float32 [1, {c}, {h}, {w}] in [0, 1]; returns it restored")
     fields["tiling"] = TILING.format(**fields)
     python_io = python_io.format(**fields).rstrip("\n")
     python_save = python_save.format(**fields)
