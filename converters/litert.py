@@ -20,6 +20,7 @@ Tensor I/O only (no ``--io image`` yet) and no int8 yet.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Mapping
 from importlib import metadata
@@ -50,7 +51,7 @@ USAGE = """\
 {python_io}
 from ai_edge_litert.interpreter import Interpreter
 
-interpreter = Interpreter(model_path="{artifact}", num_threads=4)
+interpreter = Interpreter(model_path="{artifact}", num_threads=4)  # without num_threads: one thread
 interpreter.allocate_tensors()
 input_index = interpreter.get_input_details()[0]["index"]
 output_index = interpreter.get_output_details()[0]["index"]
@@ -125,13 +126,15 @@ class LiteRTTarget(Target):
     def open_session(
         self, out_dir: Path, *, export: Mapping[str, Any] | None = None, settings: SessionSettings | None = None
     ) -> Session:
-        """The LiteRT interpreter (its default XNNPACK delegate on CPU); ``settings.threads`` sets its threads."""
+        """The LiteRT interpreter (its default XNNPACK delegate on CPU) on ``settings.threads`` threads, all cores
+        when None (the interpreter alone would use one: 48 ms instead of 25 ms at 256x256 on 2 cores)."""
         from ai_edge_litert.interpreter import Interpreter
 
         settings = settings or SessionSettings()
+        threads = settings.threads or os.cpu_count() or 1
         path = self.artifact_path(out_dir)
         with self.loading(path):
-            interpreter = Interpreter(model_path=str(path), num_threads=settings.threads)
+            interpreter = Interpreter(model_path=str(path), num_threads=threads)
             interpreter.allocate_tensors()
         source = interpreter.get_input_details()[0]
         sink = interpreter.get_output_details()[0]
@@ -143,7 +146,7 @@ class LiteRTTarget(Target):
 
         info = {
             "ai_edge_litert": metadata.version("ai-edge-litert"),
-            "threads": settings.threads,
+            "threads": threads,
             "delegates": sum(1 for op in interpreter._get_ops_details() if op["op_name"] == "DELEGATE"),
         }
         return Session(run, "litert", info, keep=interpreter)
