@@ -1,6 +1,6 @@
-"""The targets: one module per runtime (Core ML, ExecuTorch, OpenVINO, ONNX), each holding everything nafnet-edge
-knows about it: export, the runtime session used by validation and ``bench``, its options, its int8 quantizer,
-its usage note (installed as ``nafnet_edge.converters``).
+"""The targets: one module per runtime (Core ML, ExecuTorch, OpenVINO, ONNX, LiteRT), each holding everything
+nafnet-edge knows about it: export, the runtime session used by validation and ``bench``, its options, its int8
+quantizer, its usage note (installed as ``nafnet_edge.converters``).
 
 ``TARGETS`` is the registry: adding a target is one module with a ``Target`` subclass and one line here (or
 ``register(cls)`` at run time). Modules are imported only when their target is asked for; they import their
@@ -34,6 +34,7 @@ TARGETS: dict[str, str | type[Target]] = {
     "executorch-coreml": "nafnet_edge.converters.coreml:ExecuTorchCoreMLTarget",
     "openvino": "nafnet_edge.converters.openvino:OpenVINOTarget",
     "onnx": "nafnet_edge.converters.onnx:ONNXTarget",
+    "litert": "nafnet_edge.converters.litert:LiteRTTarget",
 }
 
 
