@@ -209,6 +209,12 @@ class Target(ABC):
             )
         self.check_pixel_format(options.pixel_format)
 
+    @staticmethod
+    def export_summary(export: Mapping[str, Any]) -> str:
+        """What ``convert``'s result line adds for an artifact of this target, from its manifest's ``export``
+        section (empty: nothing)."""
+        return ""
+
     def check_pixel_format(self, pixel_format: str | None) -> None:
         """Refuse image I/O this target cannot export (``OptionError`` naming what it can)."""
         if pixel_format is None:

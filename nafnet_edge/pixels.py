@@ -125,7 +125,9 @@ def example_input(shape: tuple[int, ...], dtype: str, seed: int = 0) -> np.ndarr
     return rng.random(shape, dtype=np.float32)
 
 
-def image_io_module(model: torch.nn.Module, pixel_format: str, *, integer_kernels: bool = False) -> torch.nn.Module:
+def image_io_module(
+    model: torch.nn.Module, pixel_format: str, *, integer_kernels: bool = False, round_op: bool = False
+) -> torch.nn.Module:
     """``model`` (float NCHW in [0, 1] -> float NCHW) behind 8-bit pixel I/O in ``pixel_format`` (NHWC uint8 in,
     same out), for targets exported from PyTorch.
 
@@ -137,7 +139,10 @@ def image_io_module(model: torch.nn.Module, pixel_format: str, *, integer_kernel
 
     ``integer_kernels``: the two casts as ``quantized_decomposed`` (de)quantization with scale 1 and zero point 0,
     which converts exactly the same whole numbers; ExecuTorch runs those with its quantized kernels, several times
-    faster than its portable dtype casts (uint8 out especially)."""
+    faster than its portable dtype casts (uint8 out especially).
+
+    ``round_op``: the rounding as ``torch.round`` (half to even) instead, for runtimes that may compute in half
+    precision, where 2**23 is out of range (float16 ends at 65504) but ``round`` of 0..255 is exact."""
     import torch
 
     order = model_order(pixel_format)
@@ -182,7 +187,7 @@ def image_io_module(model: torch.nn.Module, pixel_format: str, *, integer_kernel
             y = (torch.clamp(self.model(x), 0.0, 1.0) * LEVELS).permute(0, 2, 3, 1)
             if alpha:
                 y = torch.nn.functional.pad(y, (0, 1), value=LEVELS)
-            y = (channels(y, inverse, len(order) + int(alpha)) + ROUNDING) - ROUNDING
-            return to_uint8(y)
+            y = channels(y, inverse, len(order) + int(alpha))
+            return to_uint8(torch.round(y) if round_op else (y + ROUNDING) - ROUNDING)
 
     return ImageIO().eval()

@@ -93,8 +93,14 @@ def kodak_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # The targets the shared artifacts are converted for, in the order convert runs them, each where its backend is
 # importable (under CI every one is: a test that needs one fails through helpers.require when it is missing).
-SHARED_TARGETS = ("onnx", "openvino", "coreml", "executorch")
-_TARGET_MODULES = {"onnx": "onnxruntime", "openvino": "openvino", "coreml": "coremltools", "executorch": "executorch"}
+SHARED_TARGETS = ("onnx", "openvino", "coreml", "executorch", "litert")
+_TARGET_MODULES = {
+    "onnx": "onnxruntime",
+    "openvino": "openvino",
+    "coreml": "coremltools",
+    "executorch": "executorch",
+    "litert": "ai_edge_litert",
+}
 
 
 @pytest.fixture(scope="session")

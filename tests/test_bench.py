@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -28,7 +29,14 @@ require("openvino")
 require("executorch")
 require("coremltools")
 
-TARGETS = ("executorch", "openvino", "onnx", "coreml")
+# LiteRT where its extra is installed (the shared artifacts include it then: conftest SHARED_TARGETS)
+TARGETS = (
+    "executorch",
+    "openvino",
+    "onnx",
+    "coreml",
+    *(("litert",) if importlib.util.find_spec("ai_edge_litert") else ()),
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +75,10 @@ def test_each_artifact_runs_in_its_runtime_with_full_statistics(artifacts: Path,
         ops = a["profile"]["top"]
         # shares are rounded to 4 decimals: their sum may pass 1 by half a unit of the last decimal per operator
         assert ops and sum(op["share"] for op in ops) <= 1 + 5e-5 * len(ops) and all(op["ms"] >= 0 for op in ops)
+    if "litert" in got:  # the interpreter on XNNPACK: no per-operator profile in its Python API
+        a = got["litert"]
+        assert a["runnable"] and a["runtime"] == "litert" and a["info"]["compute"] == "fp32" and a["profile"] is None
+        assert a["latency_ms"]["median"] > 0 and a["throughput"]["fps"] > 0
     assert got["openvino"]["info"]["inference_precision"] == "f32"
     assert got["openvino"]["throughput"]["mode"] == "OpenVINO THROUGHPUT hint"
     assert got["openvino"]["throughput"]["requests"] >= 1 and got["openvino"]["throughput"]["streams"] >= 1

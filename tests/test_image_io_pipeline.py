@@ -21,8 +21,14 @@ from nafnet_edge.cli import main
 from nafnet_edge.errors import EXIT_BAD_INPUT
 from nafnet_edge.pixels import pixel_channels
 
-TARGETS = {"onnx": "onnxruntime", "openvino": "openvino", "executorch": "executorch", "coreml": "coremltools"}
-DEFAULT_FORMATS = {"onnx": "rgb", "openvino": "bgr", "executorch": "rgba", "coreml": "rgb"}
+TARGETS = {
+    "onnx": "onnxruntime",
+    "openvino": "openvino",
+    "executorch": "executorch",
+    "coreml": "coremltools",
+    "litert": "ai_edge_litert",
+}
+DEFAULT_FORMATS = {"onnx": "rgb", "openvino": "bgr", "executorch": "rgba", "coreml": "rgb", "litert": "rgba"}
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,8 @@ def result_json(result: Any) -> dict[str, Any]:
 
 
 def print_result(result: Any) -> None:
+    from nafnet_edge.converters import target_class
+
     v = result.validation
     line = f"{result.target:<18} {result.manifest.precision:<5} {printable(str(result.directory))}"
     if v is not None:
@@ -54,7 +56,8 @@ def print_result(result: Any) -> None:
         if v.budgets.get("min_within_one_level") is not None:  # image I/O: scored on 8-bit outputs
             line += f"  8-bit {s['within_one_level_share_min']:.2%} within 1 level"
         line += "  ok" if v.passed else f"  FAILED: {'; '.join(v.failures)}"
-    print(line)
+    extra = target_class(result.target).export_summary(result.manifest.export)
+    print(f"{line}  {extra}" if extra else line)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
