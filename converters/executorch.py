@@ -354,6 +354,7 @@ class ExecuTorchTarget(Target):
         """The ``.pte`` in ExecuTorch's runtime (``executorch.runtime``) with XNNPACK's threadpool at
         ``settings.threads``; the profile is an ETDump of a second load read by the devtools Inspector (XNNPACK's
         operators inside the delegate)."""
+        import executorch.kernels.quantized  # noqa: F401 - the quantized kernels image-I/O programs call
         from executorch.runtime import Runtime
 
         settings = settings or SessionSettings()

@@ -8,8 +8,8 @@ names must stay inside the directory. No torch, no runtime: the report and the r
 Manifest versions: version 2 describes the model's tensors in an ``io`` section (``inputs``, ``outputs``,
 ``scale``); version 1 files, with top-level ``input`` and ``output`` sections, are still read (and written back
 as version 2 when a command rewrites them). Unknown top-level keys are kept (:attr:`Manifest.extra`) and written
-back; unknown keys inside the typed sections (``io``, ``tiling``, ``reference``, ``source``, ``validation``) are
-ignored.
+back; unknown keys inside the typed sections (``io``, ``tiling``, ``reference``, ``source``, ``validation``,
+``arm64``) are ignored.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ _KNOWN = {
     "reference",
     "source",
     "validation",
+    "arm64",
     "created",
     *SECTIONS,
 }
@@ -525,6 +526,92 @@ class ValidationSummary:
         )
 
 
+@dataclass
+class Arm64Validation:
+    """The artifact validated in its own runtime on one emulated ARM64 CPU (qemu user-mode emulation), scored as
+    ``validation`` is (same images, tiling, reference and budgets): ``nafnet_edge.arm64``. No times: emulation
+    says nothing about speed."""
+
+    validation: ValidationSummary  # written flat: passed, failures, budgets, summary, per_image...
+    cpu: str  # qemu's -cpu model
+    hwcaps: list[str]  # the emulated CPU's HWCAP and HWCAP2 features, as /proc/cpuinfo names them
+    midr: str | None  # its MIDR_EL1, "0x414fd0b1"
+    cpu_features: dict[str, bool] | None  # what the runtime's CPU detection read (None: not available)
+    qemu: str  # qemu's version
+    runner: str  # "executorch C++ Module" | "ai-edge-litert interpreter"
+    runtime: dict[str, Any]  # the aarch64 runtime's versions and settings
+    vs_x86_max_abs: float | None  # largest |ARM64 output - x86 output| over every tile, the same inputs
+    vs_x86_differing_share: float | None = None  # share of output samples not bit-identical to the x86 output
+    tiles: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return self.validation.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.validation.to_dict(),
+            "cpu": self.cpu,
+            "hwcaps": list(self.hwcaps),
+            "midr": self.midr,
+            "cpu_features": self.cpu_features,
+            "qemu": self.qemu,
+            "runner": self.runner,
+            "runtime": self.runtime,
+            "vs_x86_max_abs": self.vs_x86_max_abs,
+            "vs_x86_differing_share": self.vs_x86_differing_share,
+            "tiles": self.tiles,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Arm64Validation:
+        if not isinstance(data, dict):
+            raise _Problem(f"'{where}' is a JSON {_kind(data)}, not an object")
+        validation = ValidationSummary.from_dict(data)
+        for key in ("cpu", "qemu", "runner"):
+            if not isinstance(data.get(key), str):
+                raise _Problem(f"'{where}.{key}' is not a string")
+        hwcaps = data.get("hwcaps", [])
+        if not isinstance(hwcaps, list) or not all(isinstance(h, str) for h in hwcaps):
+            raise _Problem(f"'{where}.hwcaps' is not a list of strings")
+        midr = data.get("midr")
+        if midr is not None and not isinstance(midr, str):
+            raise _Problem(f"'{where}.midr' is a JSON {_kind(midr)}")
+        features = data.get("cpu_features")
+        if features is not None and not (
+            isinstance(features, dict) and all(isinstance(v, bool) for v in features.values())
+        ):
+            raise _Problem(f"'{where}.cpu_features' is not an object of true/false")
+        runtime = data.get("runtime", {})
+        if not isinstance(runtime, dict):
+            raise _Problem(f"'{where}.runtime' is a JSON {_kind(runtime)}")
+        for key in ("vs_x86_max_abs", "vs_x86_differing_share"):
+            if data.get(key) is not None and not _is_number(data[key]):
+                raise _Problem(f"'{where}.{key}' is a JSON {_kind(data[key])}")
+        tiles = data.get("tiles", 0)
+        if not (_is_int(tiles) and tiles >= 0):
+            raise _Problem(f"'{where}.tiles' is not a count")
+        return cls(
+            validation=validation,
+            cpu=data["cpu"],
+            hwcaps=list(hwcaps),
+            midr=midr,
+            cpu_features=dict(features) if features is not None else None,
+            qemu=data["qemu"],
+            runner=data["runner"],
+            runtime=dict(runtime),
+            vs_x86_max_abs=_number(data.get("vs_x86_max_abs")),
+            vs_x86_differing_share=_number(data.get("vs_x86_differing_share")),
+            tiles=tiles,
+        )
+
+
+def _arm64_records(data: Any) -> dict[str, Arm64Validation]:
+    if not isinstance(data, dict):
+        raise _Problem(f"'arm64' is a JSON {_kind(data)}, not an object")
+    return {str(cpu): Arm64Validation.from_dict(record, f"arm64.{cpu}") for cpu, record in data.items()}
+
+
 # --- the manifest --------------------------------------------------------------------------------------------------
 
 
@@ -550,12 +637,14 @@ class Manifest:
     validation: ValidationSummary | None = None
     quantization: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    # Validation on emulated ARM64 CPUs, by qemu -cpu model (``nafnet-edge validate --arm64``); empty: none.
+    arm64: dict[str, Arm64Validation] = field(default_factory=dict)
     manifest_version: int = MANIFEST_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # unknown top-level keys, kept and written back
 
     @property
     def passed(self) -> bool:
-        """Validation met its budget, or there was none."""
+        """Validation met its budget, or there was none (ARM64 validations are judged on their own)."""
         return self.validation is None or self.validation.passed
 
     def to_dict(self) -> dict[str, Any]:
@@ -581,6 +670,8 @@ class Manifest:
             out["runtime"] = self.runtime
         if self.validation is not None:
             out["validation"] = self.validation.to_dict()
+        if self.arm64:
+            out["arm64"] = {cpu: record.to_dict() for cpu, record in self.arm64.items()}
         if self.quantization is not None:
             out["quantization"] = self.quantization
         if self.seconds:
@@ -642,6 +733,7 @@ class Manifest:
             else Reference.from_config(source.config)
         )
         validation = ValidationSummary.from_dict(data["validation"]) if data.get("validation") is not None else None
+        arm64 = _arm64_records(data["arm64"]) if data.get("arm64") is not None else {}
         return cls(
             target=data["target"],
             precision=data["precision"],
@@ -661,6 +753,7 @@ class Manifest:
             validation=validation,
             quantization=data.get("quantization"),
             seconds=dict(seconds),
+            arm64=arm64,
             manifest_version=version,
             extra={k: v for k, v in data.items() if k not in _KNOWN},
         )
@@ -1025,6 +1118,7 @@ __all__ = [
     "MANIFEST_VERSION",
     "MAX_SEARCH_DEPTH",
     "USAGE_FILE",
+    "Arm64Validation",
     "BenchRecord",
     "IOSpec",
     "Manifest",

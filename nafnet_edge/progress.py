@@ -154,6 +154,25 @@ def _plural(n: int | None, unit: str) -> str:
     return unit if n == 1 else unit + "s"
 
 
+_untimed = 0
+
+
+@contextmanager
+def untimed() -> Iterator[None]:
+    """Inside this block, tasks report counts without durations (work whose time means nothing, such as a run
+    under CPU emulation)."""
+    global _untimed
+    _untimed += 1
+    try:
+        yield
+    finally:
+        _untimed -= 1
+
+
+def _took(seconds: float) -> str:
+    return "" if _untimed else f"{seconds:.1f}s"
+
+
 @contextmanager
 def task(text: str, total: int | None = None, unit: str = "step") -> Iterator[Advance]:
     """A counted phase: yields ``advance(n=1, *, info=None)``, ``info`` a short status shown with the count
@@ -203,7 +222,8 @@ def task(text: str, total: int | None = None, unit: str = "step") -> Iterator[Ad
         if now - last >= INTERVAL_S and (total is None or done < total):
             last = now
             count = f"{done}/{total}" if total else str(done)
-            phase(f"{text}: {count} {_plural(total or done, unit)}, {now - started:.1f}s" + _suffix(status))
+            took = _took(now - started)
+            phase(f"{text}: {count} {_plural(total or done, unit)}" + (f", {took}" if took else "") + _suffix(status))
 
     yield advance_lines
     phase(_summary(text, done, total, unit, started, status))
@@ -214,7 +234,8 @@ def _suffix(status: str | None) -> str:
 
 
 def _summary(text: str, done: int, total: int | None, unit: str, started: float, status: str | None) -> str:
-    return f"{text}: done, {done} {_plural(done, unit)} in {time.perf_counter() - started:.1f}s" + _suffix(status)
+    took = _took(time.perf_counter() - started)
+    return f"{text}: done, {done} {_plural(done, unit)}" + (f" in {took}" if took else "") + _suffix(status)
 
 
 # --- third-party output -------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import warnings
 from typing import Any
 
 from nafnet_edge import __version__, progress
-from nafnet_edge.cli import bench, convert, inspect, plan, quantize, reparam, report, run, validate
+from nafnet_edge.cli import arm64, bench, convert, inspect, plan, quantize, reparam, report, run, validate
 from nafnet_edge.cli.bench import FRAME_BYTES_PER_PIXEL, parse_frame
 from nafnet_edge.cli.common import EPILOG, Parser, parents, target_options
 from nafnet_edge.errors import EXIT_FAILURE, EXIT_INTERRUPTED, NafnetEdgeError, printable
@@ -20,7 +20,7 @@ from nafnet_edge.sizes import parse_size
 
 __all__ = ["FRAME_BYTES_PER_PIXEL", "build_parser", "main", "parse_frame", "parse_size", "target_options"]
 
-COMMANDS = (inspect, run, reparam, convert, quantize, validate, bench, report, plan)
+COMMANDS = (inspect, run, reparam, convert, quantize, validate, bench, report, plan, arm64)
 
 
 def build_parser() -> argparse.ArgumentParser:
