@@ -123,6 +123,7 @@ class EmulatedRuntime:
     cpu_features: dict[str, bool] | None  # what the runtime's CPU detection read (ExecuTorch's cpuinfo), if known
     stderr: IO[bytes]
     calls: int = 0
+    compute: str | None = None  # the arithmetic the runner reports (LiteRT: fp32 or fp16), when it says
     _closed: bool = field(default=False, repr=False)
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -170,9 +171,12 @@ class EmulatedRuntime:
 
 
 @contextmanager
-def emulated_runtime(sysroot: Sysroot, cpu: str, target: str, artifact: Path) -> Iterator[EmulatedRuntime]:
+def emulated_runtime(
+    sysroot: Sysroot, cpu: str, target: str, artifact: Path, *, fp16: bool = False
+) -> Iterator[EmulatedRuntime]:
     """``artifact`` (a ``.pte`` for ``executorch``, a ``.tflite`` for ``litert``) loaded in its runtime on the
-    emulated ``cpu``; the process ends with the block."""
+    emulated ``cpu``, a LiteRT file with float16 weights with XNNPACK's FP16 inference when ``fp16`` (as the host
+    session runs it); the process ends with the block."""
     emulated = probe_cpu(sysroot, cpu)
     processors = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="nafnet-edge-arm64-") as tmp:
@@ -189,7 +193,8 @@ def emulated_runtime(sysroot: Sysroot, cpu: str, target: str, artifact: Path) ->
             from importlib import resources
 
             script = resources.files("nafnet_edge.arm64").joinpath("litert_runner.py")
-            command = [str(prefix / "usr" / "bin" / sysroot.python.name), str(script), str(artifact), str(processors)]
+            python = prefix / "usr" / "bin" / sysroot.python.name
+            command = [str(python), str(script), str(artifact), str(processors), *(["fp16"] if fp16 else [])]
             env.update(PYTHONPATH=str(sysroot.site), PYTHONNOUSERSITE="1", PYTHONDONTWRITEBYTECODE="1")
         else:
             raise EmulationError(f"no ARM64 runner for --target {target}")
@@ -212,6 +217,7 @@ def emulated_runtime(sysroot: Sysroot, cpu: str, target: str, artifact: Path) ->
                 raise runtime._failure("did not load the artifact") from None
             runtime.input, runtime.output = ready["input"], ready["output"]
             runtime.cpu_features = ready.get("cpu_features")
+            runtime.compute = ready.get("compute")
             yield runtime
         finally:
             runtime.close()

@@ -6,7 +6,7 @@ pip); everything after it runs offline. The sysroot lives in one folder:
 - ``root/``: Debian arm64 packages unpacked (``apt-get download`` + ``dpkg-deb -x``): the dynamic loader, libc,
   libstdc++, libgomp and Python 3.11 with its standard library (Debian 12's);
 - ``site/``: the aarch64 wheels of the runtimes installed on this machine, at the same versions (``executorch``,
-  ``ai-edge-litert``, ``numpy``), unpacked by pip;
+  ``ai-edge-litert``, ``numpy``, ``ml-dtypes``), unpacked by pip;
 - ``bin/``: ``cpu_probe`` (the emulated CPU's HWCAPs and MIDR) and ``et_runner`` (ExecuTorch's C++ runtime behind
   a pipe), cross-compiled here with ``aarch64-linux-gnu-g++`` against the wheel's headers and libraries;
 - ``hwcaps.json``: the names of the HWCAP bits, from the cross toolchain's kernel header ``asm/hwcap.h``;
@@ -41,12 +41,12 @@ CROSS_CC = "aarch64-linux-gnu-gcc"
 CROSS_NM = "aarch64-linux-gnu-nm"
 HWCAP_HEADER = Path("/usr/aarch64-linux-gnu/include/asm/hwcap.h")
 MARKER = "prepared.json"
-RECIPE = 1  # bump when the folder's layout or the way it is built changes
+RECIPE = 2  # bump when the folder's layout or the way it is built changes
 PYTHON = "python3.11"  # Debian 12's Python: the wheels are cp311
 # Debian arm64 packages, with their dependencies: the loader, C and C++ runtimes, OpenMP and Python.
 PACKAGES = ("python3.11-minimal", "libpython3.11-stdlib", "libstdc++6", "libgomp1")
 # The aarch64 wheels, each wanted when this machine has the distribution installed (at its version).
-WHEELS = ("executorch", "ai-edge-litert", "numpy")
+WHEELS = ("executorch", "ai-edge-litert", "numpy", "ml-dtypes")  # ml-dtypes: ai-edge-litert's CompiledModel buffers
 WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux_2_17_aarch64")
 ET_LIBS = (
     "executorch",

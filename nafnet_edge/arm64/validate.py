@@ -152,7 +152,8 @@ def validate_on(
     artifact = converter.artifact_path(directory)
     with progress.backend_output():
         x86 = converter.load_runner(directory, export=manifest.export)
-    with emulated_runtime(sysroot, cpu, manifest.target, artifact) as emulated:
+    fp16 = x86.info.get("compute") == "fp16"  # LiteRT float16 weights: FP16 arithmetic on both sides
+    with emulated_runtime(sysroot, cpu, manifest.target, artifact, fp16=fp16) as emulated:
         arm = Session(emulated.run, manifest.target, {})
         if options.pixel_format is not None:
             arm = pixel_session(arm, options.pixel_format)
@@ -179,7 +180,7 @@ def validate_on(
             cpu_features=emulated.cpu_features,
             qemu=sysroot.qemu,
             runner=emulated.runner,
-            runtime=_runtime(sysroot, manifest.target),
+            runtime=_runtime(sysroot, manifest.target) | ({"compute": emulated.compute} if emulated.compute else {}),
             vs_x86_max_abs=float(np.max(differences)) if differences else None,  # NaN when either made one
             vs_x86_differing_share=differing[0] / differing[1] if differing[1] else None,
             tiles=emulated.calls,
