@@ -27,7 +27,10 @@ def random_release_shape(shape: str, *, seed: int = 0, beta_gamma_std: float = 0
     return model
 
 
-PACKAGES = ("nafnet-edge", "torch", "onnxruntime", "openvino", "nncf", "executorch", "torchao", "coremltools")
+PACKAGES = (
+    "nafnet-edge", "torch", "onnxruntime", "openvino", "nncf", "executorch", "torchao", "coremltools", "litert-torch",
+    "ai-edge-litert",
+)  # fmt: skip
 
 
 def versions() -> dict[str, str | None]:

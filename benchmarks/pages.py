@@ -239,6 +239,40 @@ def render_int8_speed(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def render_litert_speed(data: dict[str, Any]) -> list[str]:
+    settings = data.get("settings", {})
+    out = [
+        f"{settings.get('shape', '?')} at {settings.get('size', '?')} px (random weights), each artifact as "
+        "`convert` / `quantize --method ptq` writes it and loaded through its target's session, all on "
+        f"{settings.get('threads', '?')} threads, timed in the same {settings.get('runs', '?')} interleaved rounds; "
+        "medians, and the ratio to ExecuTorch fp32 of the same run. PSNR is against the fp32 deploy graph on random "
+        "weights (it shows which artifacts are quantized, not their quality: see [int8.md](int8.md)). Operator "
+        "counts are each format's own: the quantized graph's ops for ExecuTorch, the file's operators for LiteRT.",
+        "",
+    ]
+    out += table(
+        ["variant", "median ms", "x ExecuTorch fp32", "int8 / fp32 ops", "PSNR vs fp32"],
+        [
+            [
+                r["variant"],
+                num(r.get("ms")),
+                ratio(r.get("vs_executorch_fp32")),
+                _op_split(r.get("export") or {}),
+                num(r.get("psnr_vs_deploy_fp32_db"), 1, " dB"),
+            ]
+            for r in data.get("rows", [])
+        ],
+    )
+    return out
+
+
+def _op_split(export: dict[str, Any]) -> str:
+    """'a / b': how many operators an int8 artifact runs in int8 and how many in float ('-' for float artifacts)."""
+    if not export.get("int8_ops"):
+        return "-"
+    return f"{sum(export['int8_ops'].values())} / {sum(export.get('fp32_ops', {}).values())}"
+
+
 def render_int8_quality(data: dict[str, Any]) -> list[str]:
     out = [
         f"The embedded denoiser on the 24 Kodak photos with sigma-{num(data.get('sigma'), 0)} noise (never trained "
@@ -425,6 +459,7 @@ TITLES: dict[str, str] = {
     "headline_frame": "Headline: a 12 MP frame",
     "deploy_speed": "What the deploy graph buys",
     "int8_speed": "INT8 speed",
+    "litert_speed": "LiteRT against ExecuTorch on CPU",
     "tiled_memory": "Tiled inference: memory and time",
     "image_io": "Image I/O against tensor I/O",
 }
@@ -437,6 +472,8 @@ def renderer(stem: str, data: Any) -> Callable[[Any], list[str]]:
         return render_deploy_speed
     if stem == "int8_speed":
         return render_int8_speed
+    if stem == "litert_speed" and isinstance(data, dict):
+        return render_litert_speed
     if stem.startswith("int8_quality") and isinstance(data, dict) and "rows" in data:
         return render_int8_quality
     if stem == "tiled_memory" and isinstance(data, (list, dict)):

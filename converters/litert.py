@@ -411,7 +411,7 @@ def float16_weights(path: Path) -> None:
 # ---- reading the flatbuffer ---------------------------------------------------------------------------------------
 
 
-class _Graph:
+class TfliteGraph:
     """The main subgraph of a ``.tflite`` as the TFLite schema reads it (``ai_edge_litert.schema_py_generated``,
     the flatbuffers object API): its operators in execution order, with names, tensors and options."""
 
@@ -471,7 +471,7 @@ class _Tensor:
 
 def op_histogram(path: Path) -> dict[str, int]:
     """The operators of the ``.tflite`` at ``path`` (its main subgraph, as written), by count."""
-    graph = _Graph(path)
+    graph = TfliteGraph(path)
     return dict(sorted(Counter(graph.op_name(op) for op in graph.operators).items()))
 
 
@@ -532,7 +532,7 @@ def gpu_delegate_readiness(path: Path) -> dict[str, Any]:
     constraints (``GPU_RULE``): ``nodes``, ``accepted``, ``rejected`` (operator -> count) and ``reasons``
     (operator -> why, the first reason met); ``float16_overflow`` counts the operators with a constant beyond
     float16's range (65504), which half-precision arithmetic (the GPU's, XNNPACK's FP16) turns into infinity."""
-    graph = _Graph(path)
+    graph = TfliteGraph(path)
     rejected: Counter[str] = Counter()
     reasons: dict[str, str] = {}
     overflow: Counter[str] = Counter()
@@ -556,7 +556,7 @@ def gpu_delegate_readiness(path: Path) -> dict[str, Any]:
     }
 
 
-def gpu_rejection(name: str, op: Any, graph: _Graph) -> str | None:
+def gpu_rejection(name: str, op: Any, graph: TfliteGraph) -> str | None:
     """Why the GPU delegate would leave operator ``op`` (named ``name``) of ``graph`` to the CPU; None when it
     takes it."""
     inputs, outputs = graph.inputs(op), graph.outputs(op)

@@ -64,7 +64,7 @@ class XNNPACKQuantizer(Pt2eQuantizer):
         self.fp32_norms = fp32_norms  # leave the ChannelNorms unannotated (fp32 inside the XNNPACK partition)
 
     def calibrated(self, prepared: torch.nn.Module) -> None:
-        _fix_activation_ranges(prepared)
+        fix_activation_ranges(prepared)
 
     def pt2e_quantizer(self, *, qat: bool) -> Any:
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
@@ -73,10 +73,10 @@ class XNNPACKQuantizer(Pt2eQuantizer):
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
 
         quantizer = PT2EXNNPACKQuantizer()
-        quantizer.set_global(_xnnpack_config(get_symmetric_quantization_config(is_per_channel=True, is_qat=qat)))
+        quantizer.set_global(range_safe_config(get_symmetric_quantization_config(is_per_channel=True, is_qat=qat)))
         if qat:  # QAT's per-channel fake quantizer takes axis 0, not a transposed conv's output axis 1: XNNPACK
             # then leaves those convs outside its partition; per-tensor weights keep the upsampling delegated
-            per_tensor = _xnnpack_config(get_symmetric_quantization_config(is_per_channel=False, is_qat=True))
+            per_tensor = range_safe_config(get_symmetric_quantization_config(is_per_channel=False, is_qat=True))
             quantizer.set_module_type(torch.nn.ConvTranspose2d, per_tensor)
         if self.fp32_norms:
             quantizer.set_module_type(ChannelNorm, None)  # None: no annotation inside, excluded from the global
@@ -194,7 +194,7 @@ def _with_weight_eps(config: Any, eps: float) -> Any:
     return dataclasses.replace(config, weight=dataclasses.replace(config.weight, observer_or_fake_quant_ctr=ctr))
 
 
-def _fix_activation_ranges(prepared: torch.nn.Module) -> None:
+def fix_activation_ranges(prepared: torch.nn.Module) -> None:
     """Stop the activation fake quantizers' observers: the calibration's histogram ranges (PTQ's) stay, and QAT
     adapts the weights to them; the weight ranges follow the weights until the loop freezes them. Ranges left to
     move during training (moving averages of 4-crop batches) shrank toward single batches and cost the trained
@@ -221,8 +221,9 @@ def _with_activation_observer(config: Any, observer: Any) -> Any:
     )
 
 
-def _xnnpack_config(config: Any) -> Any:
-    """ExecuTorch's config with fake quantizers that agree with the conversion and a finer weight-scale floor."""
+def range_safe_config(config: Any) -> Any:
+    """A PT2E config (ExecuTorch's or LiteRT's) with fake quantizers that agree with the conversion and a finer
+    weight-scale floor."""
     config = _with_weight_eps(_unfused(config), WEIGHT_SCALE_FLOOR)
     if config.is_qat and QAT_ACTIVATION_OBSERVER is not None:
         from torchao.quantization.pt2e import observer
