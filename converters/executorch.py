@@ -51,6 +51,7 @@ from nafnet_edge.converters.base import (
 )
 from nafnet_edge.errors import ArtifactError, MissingBackendError, OptionError
 from nafnet_edge.pixels import check_pixel_format, image_io_module, io_info, level_agreement, pixel_channels
+from nafnet_edge.usage import KOTLIN_RESTORE_BITMAP, android_pixel_tiler
 
 if TYPE_CHECKING:
     import torch
@@ -206,13 +207,9 @@ USAGE_IMAGE = (
     + """
 ## Android (Kotlin, `org.pytorch.executorch`)
 
-A whole `Bitmap` of any size: add `NafnetTiler.kt` (in this folder; plain Kotlin) to the app. Its `NafnetPixelTiler`
-pads, tiles, runs and blends the {pixel_format} bytes exactly as the Python above: nafnet-edge's tests compile it and
-check it against that Python byte for byte. The rest of the Kotlin below is documentation, not compiled by the
-tests. An ARGB_8888 `Bitmap` copies out as RGBA bytes, which an `rgba` program (`--pixel-format rgba`, ExecuTorch's
-default) takes as they are; for another format, put the frame's {p} bytes a pixel into a `ByteArray` in its order
-and call `tiler.restore(frame, height, width)`.
-
+"""
+    + android_pixel_tiler("program", "ExecuTorch", "documentation, not compiled by the tests")
+    + """
 ```kotlin
 val module = Module.load(filesDir.resolve("{artifact}").absolutePath)
 val tiler = NafnetPixelTiler(object : PixelTileModule {{
@@ -221,15 +218,9 @@ val tiler = NafnetPixelTiler(object : PixelTileModule {{
             .toTensor().dataAsUnsignedByteArray
 }}, tileHeight = {h}, tileWidth = {w}, overlap = {overlap}, align = {align}, bytesPerPixel = {p})
 
-fun restore(bitmap: Bitmap): Bitmap {{  // rgba programs; ARGB_8888, opaque (the bytes are alpha-premultiplied)
-    val bytes = ByteBuffer.allocate(bitmap.byteCount)
-    bitmap.copyPixelsToBuffer(bytes)  // RGBA bytes, row by row
-    val out = Bitmap.createBitmap(bitmap.width, bitmap.height, Bitmap.Config.ARGB_8888)
-    out.copyPixelsFromBuffer(tiler.restoreBuffer(bytes, bitmap.height, bitmap.width))  // alpha comes back 255
-    return out
-}}
-```
-
+"""
+    + KOTLIN_RESTORE_BITMAP
+    + """
 ## C++ (`executorch::extension::Module`)
 
 ```cpp

@@ -70,6 +70,7 @@ from nafnet_edge.converters.base import (
     pixel_session,
 )
 from nafnet_edge.pixels import check_pixel_format, io_info, pixel_channels
+from nafnet_edge.usage import KOTLIN_RESTORE_BITMAP, android_pixel_tiler
 
 if TYPE_CHECKING:
     import torch
@@ -153,13 +154,8 @@ USAGE_IMAGE = (
     + """
 ## Android (Kotlin, LiteRT `CompiledModel`)
 
-A whole `Bitmap` of any size: add `NafnetTiler.kt` (in this folder; plain Kotlin) to the app. Its `NafnetPixelTiler`
-pads, tiles, runs and blends the {pixel_format} bytes exactly as the Python above: nafnet-edge's tests compile it and
-check it against that Python byte for byte. The rest of the Kotlin below is a sketch, not compiled by the tests
-(they have no Android SDK). An ARGB_8888 `Bitmap` copies out as RGBA bytes, which an `rgba` model
-(`--pixel-format rgba`, LiteRT's default) takes as they are; for another format, put the frame's {p} bytes a pixel
-into a `ByteArray` in its order and call `tiler.restore(frame, height, width)`.
 """
+    + android_pixel_tiler("model", "LiteRT", "a sketch, not compiled by the tests (they have no Android SDK)")
     + KOTLIN_GPU_IMAGE
     + """
 ```kotlin
@@ -173,15 +169,8 @@ into a `ByteArray` in its order and call `tiler.restore(frame, height, width)`.
     }}
 }}, tileHeight = {h}, tileWidth = {w}, overlap = {overlap}, align = {align}, bytesPerPixel = {p})
 
-fun restore(bitmap: Bitmap): Bitmap {{  // rgba models; ARGB_8888, opaque (the bytes are alpha-premultiplied)
-    val bytes = ByteBuffer.allocate(bitmap.byteCount)
-    bitmap.copyPixelsToBuffer(bytes)  // RGBA bytes, row by row
-    val out = Bitmap.createBitmap(bitmap.width, bitmap.height, Bitmap.Config.ARGB_8888)
-    out.copyPixelsFromBuffer(tiler.restoreBuffer(bytes, bitmap.height, bitmap.width))  // alpha comes back 255
-    return out
-}}
-```
 """
+    + KOTLIN_RESTORE_BITMAP
 )
 
 

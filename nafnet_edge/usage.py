@@ -97,7 +97,34 @@ y = np.rint(restored[: pixels.shape[0], : pixels.shape[1]]).astype(np.uint8)  # 
 Image.fromarray({from_format}.squeeze()).save("restored.png")
 """
 
+
 # numpy expressions from a PIL photo (RGB or L, uint8 H x W x C) to each pixel format, and from it to the photo
+def android_pixel_tiler(kind: str, runtime: str, compiled_note: str) -> str:
+    """USAGE.md's opening of an Android image-I/O section: the Kotlin pixel tiler shipped beside the artifact, for
+    ``kind`` files ("program", "model") whose default format is ``runtime``'s; ``{pixel_format}`` and ``{p}`` stay
+    fields of the template."""
+    return f"""\
+A whole `Bitmap` of any size: add `NafnetTiler.kt` (in this folder; plain Kotlin) to the app. Its `NafnetPixelTiler`
+pads, tiles, runs and blends the {{pixel_format}} bytes exactly as the Python above: nafnet-edge's tests compile it and
+check it against that Python byte for byte. The rest of the Kotlin below is {compiled_note}. An ARGB_8888 `Bitmap`
+copies out as RGBA bytes, which an `rgba` {kind} (`--pixel-format rgba`, {runtime}'s default) takes as they are; for
+another format, put the frame's {{p}} bytes a pixel into a `ByteArray` in its order and call
+`tiler.restore(frame, height, width)`.
+"""
+
+
+KOTLIN_RESTORE_BITMAP = """\
+fun restore(bitmap: Bitmap): Bitmap {{  // rgba artifacts; ARGB_8888, opaque (the bytes are alpha-premultiplied)
+    val bytes = ByteBuffer.allocate(bitmap.byteCount)
+    bitmap.copyPixelsToBuffer(bytes)  // RGBA bytes, row by row
+    val out = Bitmap.createBitmap(bitmap.width, bitmap.height, Bitmap.Config.ARGB_8888)
+    out.copyPixelsFromBuffer(tiler.restoreBuffer(bytes, bitmap.height, bitmap.width))  // alpha comes back 255
+    return out
+}}
+```
+"""
+
+
 TO_FORMAT = {
     "rgb": "photo",
     "gray": "photo",
