@@ -849,6 +849,38 @@ def _scale_text(gain: int, comparisons: Sequence[Comparison]) -> str:
     )
 
 
+def _arm64_facts(m: Manifest) -> list[tuple[str, str]]:
+    """One line per emulated ARM64 CPU the artifact was validated on (``validate --arm64``): scores, the
+    difference from x86's outputs of the same tiles and the arithmetic that ran; never a time."""
+    facts = []
+    for cpu, record in m.arm64.items():
+        s = record.validation.summary
+        parts = [f"fidelity min {_db(_number(s.get('fidelity_db_min')))}"]
+        drift = _number(s.get("drift_db_mean"))
+        if drift is not None:
+            parts.append(f"drift {_db(drift, signed=True)}")
+        parts.append(f"max abs error {_number(s.get('max_abs_error')) or 0:.2g}")
+        if record.vs_x86_max_abs is not None:
+            share = record.vs_x86_differing_share
+            parts.append(
+                f"vs x86 max {record.vs_x86_max_abs:.2g}"
+                + (f" ({_share(share)} of samples differ)" if share is not None else "")
+            )
+        compute = record.runtime.get("compute")
+        if compute:
+            parts.append(f"compute {compute}")
+        parts.append("passed" if record.passed else "FAILED: " + "; ".join(record.validation.failures))
+        facts.append((f"ARM64 {cpu}", f"{'; '.join(parts)} ({record.runner}, emulated)"))
+    return facts
+
+
+def _target_summary(m: Manifest) -> str:
+    """What the target adds about its export (LiteRT: the GPU delegate's share of the operators)."""
+    from nafnet_edge.converters import target_class, target_names
+
+    return target_class(m.target).export_summary(m.export) if m.target in target_names() else ""
+
+
 def _details(a: Artifact, root: Path) -> dict[str, Any]:
     """The audit record of one artifact: manifest, validation, bench and its top operators."""
     m = a.manifest
@@ -893,6 +925,10 @@ def _details(a: Artifact, root: Path) -> dict[str, Any]:
                 agreement += f"; equal to the reference in {_share(exact)} of samples (mean)"
             facts.append(("8-bit agreement", agreement))
         facts += [("failure", failure) for failure in v.failures]
+    facts += _arm64_facts(m)
+    gpu = _target_summary(m)
+    if gpu:
+        facts.append(("export", gpu))
     b = a.bench
     if b is not None:
         lat = b.latency_ms or {}

@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import math
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 from helpers import require, running_in_ci
 
+from nafnet_edge import reporting
 from nafnet_edge.arm64.emulator import DEFAULT_CPUS
 from nafnet_edge.arm64.sysroot import (
     CROSS_CXX,
@@ -172,6 +174,14 @@ def test_artifact_validates_on_emulated_arm64_cpus(
         assert big.cpu_features["i8mm"] and not big.cpu_features["sme"]
     again = Manifest.from_dict(json.loads(json.dumps(manifest.to_dict())))
     assert again.arm64 == manifest.arm64 and again.to_dict() == manifest.to_dict()
+    facts = dict(reporting._details(reporting.Artifact(directory, manifest), tmp_path)["facts"])
+    for cpu, record in manifest.arm64.items():  # the report's details list each CPU's scores, no time
+        line = facts[f"ARM64 {cpu}"]
+        assert f"fidelity min {record.validation.summary['fidelity_db_min']:.1f} dB" in line and "passed" in line
+        assert "emulated" in line and re.search(r"\d\s?m?s\b", line) is None, line  # no time
+    if manifest.target == "litert":
+        gpu = manifest.export["gpu_delegate"]
+        assert facts["export"] == f"{gpu['accepted']}/{gpu['nodes']} on GPU"
 
 
 def test_without_a_sysroot_validate_arm64_exits_4_and_leaves_the_manifest(
