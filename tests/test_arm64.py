@@ -16,6 +16,7 @@ import math
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,14 @@ def test_prepare_is_complete_and_a_second_prepare_does_nothing(sysroot: Sysroot)
     assert code == 0 and out.startswith("already prepared: "), out
     code, out = run_cli("arm64", "status", "--dir", str(sysroot.directory))
     assert code == 0 and "executorch" in out and "not usable" not in out, out
+
+
+def test_checking_the_host_leaves_setuptools_importable() -> None:
+    """prepare's host check must not switch off setuptools' distutils shim for the process (it does once anything
+    calls importlib.util.find_spec("pip")): NNCF imports setuptools later in the same process."""
+    code = "from nafnet_edge.arm64.sysroot import check_host; check_host(); import setuptools; print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_hwcap_names_come_from_the_kernel_header() -> None:

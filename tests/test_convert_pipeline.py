@@ -213,7 +213,7 @@ def test_every_target_converts_and_validates_in_its_runtime(checkpoint: Path, tm
     report = json.loads(capsys.readouterr().out)
     assert code == 0, report
     got = {a["target"]: a for a in report["artifacts"]}
-    assert sorted(got) == ["coreml", "executorch", "executorch-coreml", "onnx", "openvino"], report["skipped"]
+    assert sorted(got) == ["coreml", "executorch", "executorch-coreml", "litert", "onnx", "openvino"], report["skipped"]
     for target, artifact in got.items():
         assert artifact["passed"] and artifact["validation"]["nonfinite"] == 0, target
         assert all(Path(f).exists() for f in artifact["files"])

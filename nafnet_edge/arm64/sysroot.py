@@ -19,7 +19,6 @@ leaves nothing half-made. Preparing again when the folder matches the installed 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -222,8 +221,12 @@ def check_host() -> None:
     _require_tool(CROSS_CXX, "g++-aarch64-linux-gnu")
     _require_tool("apt-get", None)
     _require_tool("dpkg-deb", None)
-    if importlib.util.find_spec("pip") is None:
-        raise SysrootError(f"preparing the ARM64 sysroot needs pip in {sys.executable}: {sys.executable} -m ensurepip")
+    try:  # not importlib.util.find_spec("pip"): setuptools' distutils shim then switches itself off for the process
+        metadata.version("pip")
+    except metadata.PackageNotFoundError:
+        raise SysrootError(
+            f"preparing the ARM64 sysroot needs pip in {sys.executable}: {sys.executable} -m ensurepip"
+        ) from None
     foreign = _output(["dpkg", "--print-foreign-architectures"]).split()
     if "arm64" not in foreign:
         raise SysrootError(
