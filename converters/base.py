@@ -125,6 +125,20 @@ def pixel_session(session: Session, pixel_format: str) -> Session:
     return session
 
 
+def checked_input(a: np.ndarray, shape: tuple[int, ...], dtype: np.dtype, file: str) -> np.ndarray:
+    """``a`` as an artifact's input of ``shape`` and ``dtype`` (float32 tensors, or uint8 pixels for image I/O);
+    ``ValueError`` saying what to do otherwise. ``file`` names the artifact in the message (".pte")."""
+    a = np.asarray(a)
+    if tuple(a.shape) != shape:
+        raise ValueError(
+            f"the {file} takes input {shape}, got {tuple(a.shape)}: zero-pad to the input size and crop back, or "
+            "tile larger images"
+        )
+    if dtype == np.uint8 and a.dtype != np.uint8:
+        raise ValueError(f"the {file} takes uint8 pixels, got {a.dtype}: pass the pixel buffer's bytes")
+    return a
+
+
 def pixel_format_of(export: Mapping[str, Any] | None) -> str | None:
     """The pixel format an image-I/O artifact's ``export`` section records (``Exported.info["pixel_format"]``);
     None for tensor I/O."""

@@ -45,6 +45,7 @@ from nafnet_edge.converters.base import (
     SessionSettings,
     Target,
     TargetOption,
+    checked_input,
     operator_profile,
     pixel_format_of,
     pixel_session,
@@ -415,14 +416,7 @@ class _ProgramRunner:
     dtype: np.dtype  # the program's input and output type: float32 (tensor I/O) or uint8 (image I/O)
 
     def __call__(self, a: np.ndarray) -> np.ndarray:
-        a = np.asarray(a)
-        if tuple(a.shape) != self.input_shape:
-            raise ValueError(
-                f"the .pte takes input {self.input_shape}, got {tuple(a.shape)}: zero-pad to the input size and "
-                "crop back, or tile larger images"
-            )
-        if self.dtype == np.uint8 and a.dtype != np.uint8:
-            raise ValueError(f"the .pte takes uint8 pixels, got {a.dtype}: pass the pixel buffer's bytes")
+        a = checked_input(a, self.input_shape, self.dtype, ".pte")
         return self.method.execute([_tensor(a)])[0].numpy().astype(self.dtype, copy=True)
 
 

@@ -66,6 +66,7 @@ from nafnet_edge.converters.base import (
     Session,
     SessionSettings,
     Target,
+    checked_input,
     pixel_format_of,
     pixel_session,
 )
@@ -253,7 +254,7 @@ class LiteRTTarget(Target):
             interpreter.allocate_tensors()
         source = interpreter.get_input_details()[0]
         sink = interpreter.get_output_details()[0]
-        io = _TensorIO(tuple(int(d) for d in source["shape"]), np.dtype(source["dtype"]), fmt is not None)
+        io = _TensorIO(tuple(int(d) for d in source["shape"]), np.dtype(source["dtype"]))
         info: dict[str, Any] = {"ai_edge_litert": metadata.version("ai-edge-litert"), "threads": threads}
 
         def interpret(x: np.ndarray) -> np.ndarray:
@@ -302,21 +303,13 @@ def fp16_arithmetic() -> str:
 
 
 class _TensorIO:
-    """The artifact's input shape and type; refuses other arrays with what to do instead."""
+    """The artifact's input shape and type (uint8 for image I/O); refuses other arrays with what to do instead."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, pixels: bool) -> None:
-        self.shape, self.dtype, self.pixels = shape, dtype, pixels
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.shape, self.dtype = shape, dtype
 
     def check(self, a: np.ndarray) -> np.ndarray:
-        a = np.asarray(a)
-        if tuple(a.shape) != self.shape:
-            raise ValueError(
-                f"the .tflite takes input {self.shape}, got {tuple(a.shape)}: zero-pad to the input size and crop "
-                "back, or tile larger images"
-            )
-        if self.pixels and a.dtype != np.uint8:
-            raise ValueError(f"the .tflite takes uint8 pixels, got {a.dtype}: pass the pixel buffer's bytes")
-        return np.ascontiguousarray(a, dtype=self.dtype)
+        return np.ascontiguousarray(checked_input(a, self.shape, self.dtype, ".tflite"), dtype=self.dtype)
 
 
 def fp16_runner(path: Path, threads: int, io: _TensorIO) -> tuple[Callable[[np.ndarray], np.ndarray], Any]:
