@@ -196,8 +196,6 @@ class LiteRTTarget(Target):
     def export(self, graph: DeployNAFNet, out_dir: Path, options: ExportOptions) -> Exported:
         import torch
 
-        from nafnet_edge.pixels import image_io_module
-
         self.check_options(options)
         h, w = options.input_size
         channels = graph.intro.in_channels
@@ -206,7 +204,7 @@ class LiteRTTarget(Target):
         example = torch.zeros(1, channels, h, w)
         if fmt is not None:
             check_pixel_format(fmt, channels)
-            module = image_io_module(graph, fmt, round_op=True)
+            module = image_io(graph, fmt)
             example = torch.zeros(1, h, w, pixel_channels(fmt), dtype=torch.uint8)
         path = out_dir / self.artifact
         convert_to_tflite(module.eval(), example, path)
@@ -356,6 +354,15 @@ def _quiet_exit() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)
+
+
+def image_io(module: torch.nn.Module, pixel_format: str) -> torch.nn.Module:
+    """``module`` behind LiteRT's 8-bit image I/O (fp32, fp16 and int8 files alike): ``image_io_module`` with the
+    rounding as ROUND, which stays within float16 where a GPU or XNNPACK's FP16 inference computes it (the 2**23
+    rounding of the other targets would overflow)."""
+    from nafnet_edge.pixels import image_io_module
+
+    return image_io_module(module, pixel_format, round_op=True)
 
 
 def convert_to_tflite(module: torch.nn.Module, example: torch.Tensor, path: Path, **convert_options: Any) -> None:

@@ -40,10 +40,11 @@ from nafnet_edge.converters.litert import (
     TfliteGraph,
     convert_to_tflite,
     gpu_delegate_readiness,
+    image_io,
     op_histogram,
 )
 from nafnet_edge.deploy.modules import ChannelNorm
-from nafnet_edge.pixels import check_pixel_format, image_io_module, io_info, pixel_channels
+from nafnet_edge.pixels import check_pixel_format, io_info, pixel_channels
 from nafnet_edge.quantization.pt2e import Pt2eQuantizer, is_qat
 from nafnet_edge.quantization.xnnpack import PIXEL_GRID, fix_activation_ranges, pixel_grid_input, range_safe_config
 
@@ -99,7 +100,7 @@ class LiteRTQuantizer(Pt2eQuantizer):
         self, prepared: torch.nn.Module, out_dir: Path, example: torch.Tensor, *, pixel_format: str | None = None
     ) -> Exported:
         """Convert a copy of ``prepared`` (it stays usable) to ``model.tflite`` for ``example``'s size, batch 1;
-        with ``pixel_format``, behind 8-bit image I/O (``nafnet_edge.pixels.image_io_module``)."""
+        with ``pixel_format``, behind LiteRT's 8-bit image I/O (``nafnet_edge.converters.litert.image_io``)."""
         from litert_torch.quantize.quant_config import QuantConfig
         from torchao.quantization.pt2e import allow_exported_model_train_eval
 
@@ -113,7 +114,7 @@ class LiteRTQuantizer(Pt2eQuantizer):
         if pixel_format is not None:
             check_pixel_format(pixel_format, channels)
             input_grid = {"input_quantization": _pixel_input(converted)}
-            module = image_io_module(converted, pixel_format)
+            module = image_io(converted, pixel_format)
             sample = torch.zeros(1, h, w, pixel_channels(pixel_format), dtype=torch.uint8)
         path = out_dir / self.artifact
         # the quantizer only tells the converter that the graph is static int8 quantize/dequantize

@@ -171,6 +171,7 @@ def test_image_io_takes_and_returns_pixels_with_the_input_on_the_pixel_grid(arti
     assert "exactly pixel - 128" in exported.info["input_quantization"]
     _, inputs, outputs = interpreter_ops(tmp_path / "model.tflite")
     assert inputs == outputs == ["uint8"]
+    assert exported.info["op_histogram"]["ROUND"] == 1 and exported.info["gpu_delegate"]["float16_overflow"] == {}
     converted = artifact.quantizer.convert(artifact.prepared)
     allow_exported_model_train_eval(converted)  # the image-I/O wrapper switches it to eval
     simulation = image_io_module(converted, "rgb")
