@@ -33,7 +33,7 @@ from nafnet_edge.errors import (
     UnsafeCheckpointError,
     first_sentence,
 )
-from nafnet_edge.model import ARCHS, Arch, NAFNet, NAFNetConfig, build_model
+from nafnet_edge.model import ARCHS, Arch, NAFNet, NAFNetConfig, RestorationNet, build_model
 from nafnet_edge.releases import Release, release_by_sha256, releases_with_shape
 from nafnet_edge.sniff import looks_like_text
 
@@ -69,7 +69,7 @@ class RawCheckpoint:
 class LoadedCheckpoint:
     """A model ready for inference plus everything learned about where it came from."""
 
-    model: NAFNet
+    model: RestorationNet
     config: NAFNetConfig
     path: Path
     sha256: str

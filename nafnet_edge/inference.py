@@ -20,7 +20,7 @@ import torch
 
 from nafnet_edge.errors import ArtifactError, CheckpointError, ImageError, UsageError
 from nafnet_edge.images import RGBImage
-from nafnet_edge.model import NAFNet, NAFNetConfig
+from nafnet_edge.model import NAFNetConfig, RestorationNet
 from nafnet_edge.tiling import DEFAULT_OVERLAP_PX, DEFAULT_TILE_PX, make_grid, run_tiled
 
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -221,7 +221,7 @@ def check_forward_memory(
 
 
 def check_restore_memory(
-    model: NAFNet,
+    model: RestorationNet,
     height: int,
     width: int,
     *,
@@ -295,7 +295,7 @@ def check_input_size_memory(
 
 @torch.inference_mode()
 def restore_tensor(
-    model: NAFNet,
+    model: RestorationNet,
     image: torch.Tensor,
     *,
     tile_px: int = DEFAULT_TILE_PX,
@@ -352,7 +352,7 @@ def check_finite_output(output: torch.Tensor, *, name: str) -> None:
 
 
 def restore_image(
-    model: NAFNet,
+    model: RestorationNet,
     image: RGBImage,
     *,
     tile_px: int = DEFAULT_TILE_PX,

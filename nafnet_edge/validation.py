@@ -44,7 +44,7 @@ from nafnet_edge.pixels import MIN_WITHIN_ONE_LEVEL, level_agreement, quantized
 from nafnet_edge.tiling import make_grid, padded_size, run_tiled
 
 if TYPE_CHECKING:
-    from nafnet_edge.model import NAFNet
+    from nafnet_edge.model import RestorationNet
 
 DEFAULT_NOISE_SIGMA = 25.0 / 255.0
 DEFAULT_NOISE_SEED = 2022
@@ -367,7 +367,7 @@ def cache_key(
 
 
 def reference_outputs(
-    model: NAFNet,
+    model: RestorationNet,
     checkpoint_sha256: str,
     images: Sequence[ValidationImage],
     *,

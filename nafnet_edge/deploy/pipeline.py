@@ -24,7 +24,7 @@ from nafnet_edge.deploy.passes import (
     transposed_conv_upsampling,
 )
 from nafnet_edge.errors import OptionError
-from nafnet_edge.model import ChannelPool, NAFNet, NAFNetConfig, NAFNetLocal
+from nafnet_edge.model import ChannelPool, NAFNet, NAFNetConfig, NAFNetLocal, RestorationNet
 
 if TYPE_CHECKING:
     from nafnet_edge.manifest import IOSpec
@@ -148,7 +148,7 @@ def io_spec(channels: int, input_size: tuple[int, int] | None) -> IOSpec | None:
 
 
 def deploy(
-    model: NAFNet,
+    model: RestorationNet,
     *,
     norm_form: NormForm = "reference",
     input_size: tuple[int, int] | None = None,
@@ -164,6 +164,8 @@ def deploy(
     residual stream for fp16 safety; it changes weights, not the op count. ``metadata`` (str -> str) is what
     exporters embed in the artifact.
     """
+    if not isinstance(model, NAFNet):
+        raise OptionError(f"no deploy graph for {model.config.class_name} yet: NAFNet and NAFNetLocal only")
     form = check_norm_form(norm_form)
     settings = DeploySettings(
         norm_form=form,
