@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nafnet_edge import defaults, progress
+from nafnet_edge.archs import LOCAL_ARCHS
 from nafnet_edge.errors import UsageError
 
 if TYPE_CHECKING:
@@ -71,9 +72,10 @@ def load(
     train_size: tuple[int, int] | None = None,
     device: str = "cpu",
 ) -> LoadedCheckpoint:
-    """Load a NAFNet checkpoint (the embedded default denoiser when ``checkpoint`` is None) into an eval-mode fp32
-    model, identified from its shapes and sha256. ``arch`` ("nafnet" or "nafnet-local") and ``train_size`` (TLC's
-    training crop) override what is identified; ``param_key`` picks the entry of a wrapped checkpoint."""
+    """Load a checkpoint of the NAFNet family (the embedded default denoiser when ``checkpoint`` is None) into an
+    eval-mode fp32 model, identified from its shapes and sha256. ``arch`` (one of ``nafnet_edge.archs.ARCHS``: TLC or
+    not within the identified family) and ``train_size`` (TLC's training crop) override what is identified;
+    ``param_key`` picks the entry of a wrapped checkpoint."""
     from nafnet_edge.checkpoint import load_checkpoint
 
     return load_checkpoint(checkpoint, param_key=param_key, arch=arch, train_size=train_size, device=device)
@@ -608,7 +610,7 @@ def reference_defaults(
                 f"validating with {flag} {shown(given[key])}"
             )
     arch = arch or recorded["arch"]
-    if train_size is None and arch == "nafnet-local":
+    if train_size is None and arch in LOCAL_ARCHS:
         train_size = recorded["train_size"]
     if given["param_key"] is None and recorded["param_key"] is not None:
         param_key = recorded["param_key"]

@@ -132,7 +132,7 @@ def tlc_settings(loaded: LoadedCheckpoint, graph: DeployNAFNet) -> dict[str, Any
 def reference_settings(loaded: LoadedCheckpoint, device: str | None) -> dict[str, Any]:
     """The effective settings of the fp32 reference the artifact is validated against; ``validate`` loads the
     checkpoint with them again unless a flag says otherwise."""
-    local = loaded.config.arch == "nafnet-local"
+    local = loaded.config.local
     return {
         "arch": loaded.config.arch,
         "train_size": list(loaded.config.train_size) if local else None,

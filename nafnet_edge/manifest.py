@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeGuard
 
+from nafnet_edge.archs import ARCHS, LOCAL_ARCHS
 from nafnet_edge.artifact_files import MAX_PATH_CHARS, MAX_RECORD_BYTES, artifact_file, name_problem
 from nafnet_edge.errors import ArtifactError, BadInputError
 
@@ -32,7 +33,6 @@ BENCH_VERSION = 2  # version 1 files kept the operator profile under "profile.op
 
 PRECISIONS = ("fp32", "fp16", "int8")
 CHANNEL_KINDS = ("RGB", "gray", "RGBA", "BGR", "BGRA")  # of a tensor (model channels) or of pixels
-ARCHS = ("nafnet", "nafnet-local")
 DEVICES = (None, "cpu", "cuda")
 # The checkpoint entries a reference may name: nafnet_edge.checkpoint.WRAPPER_KEYS (not imported: torch).
 PARAM_KEYS = ("params", "params_ema", "state_dict", "model_state_dict", "model", "net", "network")
@@ -366,8 +366,8 @@ class Source:
 class Reference:
     """How the fp32 reference the artifact is validated against was loaded (``validate`` loads it so again)."""
 
-    arch: str | None  # "nafnet" | "nafnet-local"; None when the manifest cannot tell
-    train_size: tuple[int, int] | None  # TLC's training size (nafnet-local only)
+    arch: str | None  # one of nafnet_edge.archs.ARCHS; None when the manifest cannot tell
+    train_size: tuple[int, int] | None  # TLC's training size (local archs only)
     param_key: str | None  # the checkpoint entry the weights came from
     device: str | None  # "cpu" | "cuda"
     precision: str = "fp32"
@@ -408,7 +408,7 @@ class Reference:
         """What a manifest written before the ``reference`` section existed implies: its source config's class
         and TLC training size."""
         arch, size = config.get("arch"), config.get("train_size")
-        train_size = (size[0], size[1]) if arch == "nafnet-local" and _is_size(size) else None
+        train_size = (size[0], size[1]) if arch in LOCAL_ARCHS and _is_size(size) else None
         return cls(arch if arch in ARCHS else None, train_size, None, None)
 
 

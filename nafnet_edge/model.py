@@ -20,42 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Arch = Literal["nafnet", "nafnet-local", "baseline", "baseline-local", "nafnet-sr", "nafssr"]
-ARCHS: tuple[Arch, ...] = ("nafnet", "nafnet-local", "baseline", "baseline-local", "nafnet-sr", "nafssr")
-Family = Literal["nafnet", "baseline", "nafnet-sr"]
-LOCAL_ARCHS: frozenset[str] = frozenset({"nafnet-local", "baseline-local", "nafssr"})
-CLASS_NAMES: dict[str, str] = {
-    "nafnet": "NAFNet",
-    "nafnet-local": "NAFNetLocal",
-    "baseline": "Baseline",
-    "baseline-local": "BaselineLocal",
-    "nafnet-sr": "NAFNetSR",
-    "nafssr": "NAFSSR",
-}
-FAMILIES: dict[str, Family] = {
-    "nafnet": "nafnet",
-    "nafnet-local": "nafnet",
-    "baseline": "baseline",
-    "baseline-local": "baseline",
-    "nafnet-sr": "nafnet-sr",
-    "nafssr": "nafnet-sr",
-}
-DEFAULT_TRAIN_SIZES: dict[Family, tuple[int, int]] = {
-    "nafnet": (256, 256),
-    "baseline": (256, 256),
-    "nafnet-sr": (30, 90),  # NAFSSR's (1, 6, 30, 90): one view of the training pair
-}
+from nafnet_edge.archs import ARCHS, CLASS_NAMES, DEFAULT_TRAIN_SIZES, FAMILIES, LOCAL_ARCHS, Arch, Family
 
-
-def local_arch(arch: Arch) -> Arch:
-    """The TLC variant of ``arch`` (NAFNetSR's is NAFSSR only for stereo checkpoints: see ``stereo_arch``)."""
-    return {"nafnet": "nafnet-local", "baseline": "baseline-local"}.get(arch, arch)  # type: ignore[return-value]
+# re-exported: model code imports the names from here
+__all__ = ["ARCHS", "CLASS_NAMES", "FAMILIES", "LOCAL_ARCHS", "Arch", "Family"]
 
 
 @dataclass(frozen=True)

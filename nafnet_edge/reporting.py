@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from nafnet_edge import progress
+from nafnet_edge.archs import CLASS_NAMES, LOCAL_ARCHS
 from nafnet_edge.artifact_files import artifact_size
 from nafnet_edge.atomic import atomic_path
 from nafnet_edge.errors import BadInputError, NafnetEdgeError, OutputError, UsageError, printable
@@ -360,7 +361,7 @@ class _Sources:
         except UsageError as e:  # the recorded file is gone: this artifact's images cannot be compared
             return None, str(e)
         reference = manifest.reference
-        train_size = reference.train_size if reference.arch == "nafnet-local" else None
+        train_size = reference.train_size if reference.arch in LOCAL_ARCHS else None
         param_key = reference.param_key or "auto"
         key = (path or "<embedded>", reference.arch, train_size, param_key)
         if key not in self._loaded:
@@ -1008,7 +1009,7 @@ def _sources(artifacts: Sequence[Artifact]) -> str:
         seen[s.sha256] = (
             f"{s.checkpoint}{' (embedded default)' if s.embedded_default else ''}"
             f"{' · release ' + s.release if s.release else ''} · "
-            f"{'NAFNetLocal' if config.get('arch') == 'nafnet-local' else 'NAFNet'} width {config.get('width', '?')}"
+            f"{CLASS_NAMES.get(str(config.get('arch')), 'NAFNet')} width {config.get('width', '?')}"
             f"{f' · {params / 1e6:.2f} M params' if params else ''} · sha256 {s.sha256[:12]}…"
         )
     return "; ".join(seen.values())

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from nafnet_edge.archs import CLASS_NAMES
+
 if TYPE_CHECKING:
     from nafnet_edge.manifest import Manifest
 
@@ -206,7 +208,7 @@ def usage_note(target: str, manifest: Manifest) -> str:
     title, body = target_note(target, io.kind)
     c = io.channels
     h, w = io.input_size
-    arch = "NAFNetLocal" if manifest.reference.arch == "nafnet-local" else "NAFNet"
+    arch = CLASS_NAMES.get(manifest.reference.arch or "nafnet", "NAFNet")
     fields = {
         "title": f"{title}: how to run this artifact",
         "artifact": manifest.files[0],
