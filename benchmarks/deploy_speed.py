@@ -27,6 +27,7 @@ from common import (  # benchmarks/common.py: the script folder is on sys.path
 
 from nafnet_edge.benchmark import sgemm_gflops
 from nafnet_edge.complexity import count_macs
+from nafnet_edge.converters import get_target
 from nafnet_edge.deploy import deploy
 from nafnet_edge.releases import RELEASE_SHAPES
 
@@ -86,7 +87,7 @@ def onnxruntime_runner(model: torch.nn.Module, x: torch.Tensor) -> Runner:
 
 
 BACKENDS = {
-    "xnnpack": ("ExecuTorch XNNPACK fp32", "xnnpack", xnnpack_runner),
+    "xnnpack": ("ExecuTorch XNNPACK fp32", "executorch", xnnpack_runner),
     "openvino": ("OpenVINO f32 (pinned)", "openvino", openvino_runner),
     "onnxruntime": ("onnxruntime fp32", "onnx", onnxruntime_runner),
 }
@@ -117,7 +118,7 @@ def main() -> None:
         for key, (label, target, make) in BACKENDS.items():
             if key in args.skip:
                 continue
-            graph = deploy(model, target=target, input_size=(args.size, args.size))  # type: ignore[arg-type]
+            graph = deploy(model, norm_form=get_target(target).norm_form, input_size=(args.size, args.size))
             runners = {"original": make(model, x), "deploy": make(graph, x)}
             err = float(np.abs(runners["deploy"](a) - runners["original"](a)).max())
             times: dict[str, list[float]] = {k: [] for k in runners}

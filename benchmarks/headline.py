@@ -80,7 +80,10 @@ class Variant:
 
 
 def _deployed(model: torch.nn.Module, target: str, x: torch.Tensor) -> torch.nn.Module:
-    return deploy(model, target=target, input_size=tuple(x.shape[-2:]))  # type: ignore[arg-type]
+    from nafnet_edge.converters import get_target
+
+    converter = get_target({"xnnpack": "executorch"}.get(target, target))
+    return deploy(model, norm_form=converter.norm_form, input_size=(x.shape[-2], x.shape[-1]))
 
 
 def pytorch_eager(model: torch.nn.Module, x: torch.Tensor, keep: list[object]) -> Built:

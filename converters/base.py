@@ -139,6 +139,11 @@ def checked_input(a: np.ndarray, shape: tuple[int, ...], dtype: np.dtype, file: 
     return a
 
 
+def input_channels(graph: DeployNAFNet) -> int:
+    """Channels of a deploy graph's input tensor: the image's, times the views of a stereo graph (NAFSSR's 6)."""
+    return int(getattr(graph, "in_channels", None) or graph.intro.in_channels)
+
+
 def pixel_format_of(export: Mapping[str, Any] | None) -> str | None:
     """The pixel format an image-I/O artifact's ``export`` section records (``Exported.info["pixel_format"]``);
     None for tensor I/O."""

@@ -55,6 +55,7 @@ from nafnet_edge.converters.base import (
     SessionSettings,
     Target,
     TargetOption,
+    input_channels,
     pixel_format_of,
     pixel_session,
 )
@@ -660,7 +661,7 @@ def _load_program(package: Path) -> Any:
 
 
 def _channels(graph: DeployNAFNet) -> int:
-    return int(graph.intro.in_channels)
+    return input_channels(graph)
 
 
 def _ct_precision(precision: Precision) -> Any:

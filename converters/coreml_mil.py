@@ -13,7 +13,8 @@ Precision model, so that an fp16 program is evaluated as fp16 hardware would com
 - convolutions, pooling, reductions and the normalization ops (layer_norm, batch_norm) accumulate in
   float32 and round their result once, like Core ML's fp16 GPU and Neural Engine paths, which accumulate
   wider than fp16 (so a sum can exceed 65504 on the way and still give a finite mean);
-- transcendental unary ops (sigmoid, rsqrt) are computed in float32 and rounded once;
+- transcendental unary ops (sigmoid, rsqrt, gelu in each of its modes) and softmax (its row maximum subtracted
+  first) are computed in float32 and rounded once; matmul and bilinear upsampling accumulate in float32 too;
 - int8 (iOS 17 linear quantization, what W8A8 and weight-only int8 programs hold): ``quantize`` is
   ``clip(round_half_even(x / scale) + zero_point)`` into the int8 or uint8 range, the quotient formed in the
   input's dtype (fp16 in an fp16 program, as coremltools' own reference ``quantize_by_scale_and_zp`` does);
@@ -495,6 +496,67 @@ def _reverse(a: Args) -> np.ndarray:
     return np.flip(x, axis=_axes(a, x.ndim))  # no axes: every axis
 
 
+def _gelu(a: Args) -> np.ndarray:
+    """GELU in the op's ``mode``: EXACT (erf, the default), TANH_APPROXIMATION or SIGMOID_APPROXIMATION."""
+    from scipy.special import erf  # scipy comes with scikit-image, a core dependency
+
+    x, mode = _wide(a["x"]), str(a.get("mode", "EXACT"))
+    if mode == "EXACT":
+        return 0.5 * x * (1.0 + erf(x / np.float32(math.sqrt(2.0))))
+    if mode == "TANH_APPROXIMATION":
+        return 0.5 * x * (1.0 + np.tanh(np.float32(math.sqrt(2.0 / math.pi)) * (x + np.float32(0.044715) * x**3)))
+    if mode == "SIGMOID_APPROXIMATION":
+        return x / (1.0 + np.exp(np.float32(-1.702) * x))
+    raise NotImplementedError(f"no numpy evaluator for MIL gelu mode {mode!r}")
+
+
+def _matmul(a: Args) -> np.ndarray:
+    """Batched matmul (the last two axes), accumulated in float32 and rounded once, like a convolution."""
+    x, y = _wide(a["x"]), _wide(a["y"])
+    if bool(a.get("transpose_x", False)):
+        x = np.swapaxes(x, -1, -2)
+    if bool(a.get("transpose_y", False)):
+        y = np.swapaxes(y, -1, -2)
+    return np.matmul(x, y)
+
+
+def _linear(a: Args) -> np.ndarray:
+    """``x @ weight.T + bias`` over the last axis (a constant weight), accumulated in float32 like a matmul."""
+    out = np.matmul(_wide(a["x"]), _wide(a["weight"]).T)
+    return out if a.get("bias") is None else out + _wide(a["bias"])
+
+
+def _softmax(a: Args) -> np.ndarray:
+    """Softmax along ``axis`` in float32, the maximum subtracted first (as numerically stable kernels do), rounded
+    once."""
+    x, axis = _wide(a["x"]), int(a.get("axis", -1))
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _upsample_bilinear(a: Args) -> np.ndarray:
+    """Bilinear upsampling of the last two axes by the op's scale factors, in float32, rounded once; the grid as
+    the MIL spec defines it: ``align_corners`` True maps the corners onto each other, False samples at half-pixel
+    centres (``(i + 0.5) * Xin / Xout - 0.5``), clamped to the input."""
+    x = _wide(a["x"])
+    corners = bool(a.get("align_corners", True))
+    out = x
+    for axis, key in ((-2, "scale_factor_height"), (-1, "scale_factor_width")):
+        n_in = x.shape[axis]
+        n_out = int(math.floor(n_in * float(np.asarray(a.get(key, 1)))))
+        i = np.arange(n_out, dtype=np.float64)
+        spacing = ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0) if corners else n_in / n_out
+        grid = np.clip(i * spacing if corners else (i + 0.5) * spacing - 0.5, 0.0, n_in - 1)
+        low = np.floor(grid).astype(np.int64)
+        high = np.minimum(low + 1, n_in - 1)
+        frac = (grid - low).astype(np.float32)
+        shape = [1] * out.ndim
+        shape[axis] = n_out
+        frac = frac.reshape(shape)
+        out = np.take(out, low, axis=axis) * (1 - frac) + np.take(out, high, axis=axis) * frac
+    return out
+
+
 def _reduce(fn: Callable[..., np.ndarray]) -> Callable[[Args], np.ndarray]:
     def evaluate(a: Args) -> np.ndarray:
         x = a["x"]
@@ -518,6 +580,11 @@ OPS: dict[str, Callable[[Args], Value]] = {
     "rsqrt": lambda a: 1.0 / np.sqrt(_wide(a["x"] + a["epsilon"])),
     "relu": lambda a: np.maximum(a["x"], np.zeros((), a["x"].dtype)),
     "sigmoid": lambda a: 1.0 / (1.0 + np.exp(-_wide(a["x"]))),
+    "gelu": _gelu,
+    "softmax": _softmax,
+    "matmul": _matmul,
+    "linear": _linear,
+    "upsample_bilinear": _upsample_bilinear,
     "clip": lambda a: np.minimum(np.maximum(a["x"], a["alpha"]), a["beta"]),
     "round": lambda a: np.rint(a["x"]),  # half to even, in the operand's dtype
     "reverse": _reverse,

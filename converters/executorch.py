@@ -46,6 +46,7 @@ from nafnet_edge.converters.base import (
     Target,
     TargetOption,
     checked_input,
+    input_channels,
     operator_profile,
     pixel_format_of,
     pixel_session,
@@ -292,7 +293,7 @@ class ExecuTorchTarget(Target):
                 "a bundled program (--bundle) needs test inputs to carry and none were given: keep validation on "
                 "(the first validation image becomes the test case) or drop --bundle"
             )
-        module, example = with_io(graph, graph.intro.in_channels, options.input_size, options.pixel_format)
+        module, example = with_io(graph, input_channels(graph), options.input_size, options.pixel_format)
         with torch.no_grad():
             exported = torch.export.export(module, (example,))
         edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])

@@ -67,6 +67,7 @@ from nafnet_edge.converters.base import (
     SessionSettings,
     Target,
     checked_input,
+    input_channels,
     pixel_format_of,
     pixel_session,
 )
@@ -198,7 +199,7 @@ class LiteRTTarget(Target):
 
         self.check_options(options)
         h, w = options.input_size
-        channels = graph.intro.in_channels
+        channels = input_channels(graph)
         fmt = options.pixel_format
         module: torch.nn.Module = graph
         example = torch.zeros(1, channels, h, w)
@@ -269,7 +270,7 @@ class LiteRTTarget(Target):
             info["fp16_unavailable"] = f"constants beyond float16's range in {', '.join(sorted(overflow))}"
         if compute == "fp16":
             try:
-                run, keep = fp16_runner(path, threads, io)
+                run, keep = fp16_runner(path, threads, io, tuple(int(d) for d in sink["shape"]))
                 info.update(api="CompiledModel", xnnpack_flags="FORCE_FP16", fp16_arithmetic=fp16_arithmetic())
             except RuntimeError as e:  # XNNPACK refuses FP16 where the CPU can neither compute nor emulate it
                 compute = "fp32 (float16 weights dequantized at load)"
@@ -310,7 +311,9 @@ class _TensorIO:
         return np.ascontiguousarray(checked_input(a, self.shape, self.dtype, ".tflite"), dtype=self.dtype)
 
 
-def fp16_runner(path: Path, threads: int, io: _TensorIO) -> tuple[Callable[[np.ndarray], np.ndarray], Any]:
+def fp16_runner(
+    path: Path, threads: int, io: _TensorIO, output_shape: tuple[int, ...] | None = None
+) -> tuple[Callable[[np.ndarray], np.ndarray], Any]:
     """A runner for the ``.tflite`` at ``path`` in ``CompiledModel`` on CPU with XNNPACK's FP16 inference forced,
     run once on zeros (XNNPACK refuses at compilation or at the first run where the CPU cannot do FP16:
     ``RuntimeError``); and the model to keep alive."""
@@ -320,12 +323,13 @@ def fp16_runner(path: Path, threads: int, io: _TensorIO) -> tuple[Callable[[np.n
     options = Options(cpu_options=CpuOptions(num_threads=threads, xnnpack_flags=XNNPACK_FORCE_FP16))
     model = CompiledModel.from_file(str(path), environment=_environment(), options=options)
     inputs, outputs = model.create_input_buffers(0), model.create_output_buffers(0)
-    size = int(np.prod(io.shape))
+    shape = output_shape or io.shape  # a super-resolution model's output is larger than its input
+    size = int(np.prod(shape))
 
     def run(x: np.ndarray) -> np.ndarray:
         inputs[0].write(io.check(x))
         model.run_by_index(0, inputs, outputs)
-        return np.array(outputs[0].read(size, io.dtype), dtype=io.dtype).reshape(io.shape)
+        return np.array(outputs[0].read(size, io.dtype), dtype=io.dtype).reshape(shape)
 
     run(np.zeros(io.shape, io.dtype))
     return run, (model, inputs, outputs)

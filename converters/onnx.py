@@ -41,6 +41,7 @@ from nafnet_edge.converters.base import (
     SessionSettings,
     Target,
     TargetOption,
+    input_channels,
     operator_profile,
     pixel_format_of,
     pixel_session,
@@ -127,11 +128,11 @@ class ONNXTarget(Target):
         path = out_dir / self.artifact
         fmt = options.pixel_format
         module: torch.nn.Module = graph
-        example = torch.zeros(1, graph.intro.in_channels, h, w)
+        example = torch.zeros(1, input_channels(graph), h, w)
         axes = {2: "height", 3: "width"}
         doc = DOC_STRING
         if fmt is not None:
-            check_pixel_format(fmt, graph.intro.in_channels)
+            check_pixel_format(fmt, input_channels(graph))
             module = image_io_module(graph, fmt)
             example = torch.zeros(1, h, w, pixel_channels(fmt), dtype=torch.uint8)
             axes = {1: "height", 2: "width"}

@@ -42,6 +42,7 @@ from nafnet_edge.converters.base import (
     SessionSettings,
     Target,
     TargetOption,
+    input_channels,
     operator_profile,
     pixel_format_of,
     pixel_session,
@@ -164,9 +165,9 @@ class OpenVINOTarget(Target):
         self.check_options(options)
         fmt = options.pixel_format
         if fmt is not None:  # before the conversion, which takes seconds
-            check_pixel_format(fmt, graph.intro.in_channels)
+            check_pixel_format(fmt, input_channels(graph))
         h, w = options.input_size
-        shape = (1, graph.intro.in_channels, h, w)
+        shape = (1, input_channels(graph), h, w)
         with torch.no_grad():
             ov_model = ov.convert_model(graph, example_input=torch.rand(shape), input=ov.PartialShape(list(shape)))
         fp16 = options.precision == "fp16"

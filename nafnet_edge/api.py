@@ -206,21 +206,26 @@ def validation_settings(
     min_fidelity: float | None = None,
     max_drift: float | None = None,
     cache: bool = True,
+    scale: int = 1,
+    views: int = 1,
 ) -> ValidationSettings:
     """What validation runs on: ``val_data`` (a folder of images), ``val_pairs`` (degraded and ground-truth
-    folders) or the shipped Kodak photos with seeded noise, and the budgets (None: the precision's)."""
+    folders) or the shipped Kodak photos with seeded noise (bicubic downscales of them for a super-resolution
+    model: ``scale``, ``views``), and the budgets (None: the precision's)."""
     from nafnet_edge.conversion import ValidationSettings
     from nafnet_edge.inference import resolve_device
-    from nafnet_edge.validation import default_images, folder_images, paired_images
+    from nafnet_edge.validation import default_images, folder_images, paired_images, sr_data_note
 
     check_validation_data(val_data, val_pairs)
     if val_pairs:
         inputs, targets = val_pairs
-        images, data = paired_images(inputs, targets, channels=channels), f"pairs {inputs}"
+        images, data = paired_images(inputs, targets, channels=channels, scale=scale), f"pairs {inputs}"
     elif val_data:
         images, data = folder_images(val_data, channels=channels), f"folder {val_data}"
     else:
-        images, data = default_images(channels), defaults.VALIDATION_DATA_NOTE
+        images, data = default_images(channels, scale=scale, views=views), defaults.VALIDATION_DATA_NOTE
+        if scale > 1 or views > 1:
+            data = sr_data_note(scale, views)
     return ValidationSettings(
         images=images,
         data=data,
@@ -376,6 +381,8 @@ def convert(
         if validate:
             validation = validation_settings(
                 channels=loaded.config.img_channels,
+                scale=loaded.config.up_scale,
+                views=loaded.config.views,
                 val_data=val_data,
                 val_pairs=val_pairs,
                 reference_device=reference_device,
@@ -560,6 +567,8 @@ def _validate_locked(
         loaded = load(path, param_key=resolved["param_key"], arch=resolved["arch"], train_size=resolved["train_size"])
     settings = validation_settings(
         channels=loaded.config.img_channels,
+        scale=loaded.config.up_scale,
+        views=loaded.config.views,
         val_data=val_data,
         val_pairs=val_pairs,
         reference_device=resolved["reference_device"],

@@ -457,12 +457,17 @@ def measure(
             result.profile = normalize_profile(session.profile(x, max(3, min(len(runs), 5))), limit=settings.top)
         if settings.frame is not None:
             progress.phase(f"{label}: full frame {settings.frame[0]}x{settings.frame[1]}")
-            result.frame = full_frame(session.run, settings.frame, io.input_size, settings.overlap_px, io.channels)
+            result.frame = full_frame(
+                session.run, settings.frame, io.input_size, settings.overlap_px, io.channels, scale=io.scale
+            )
     return result
 
 
-def full_frame(run: Runner, frame: tuple[int, int], tile: tuple[int, int], overlap: int, channels: int) -> dict:
-    """One frame of ``frame`` (height, width) through the artifact's fixed tile, blended as ``run`` does it."""
+def full_frame(
+    run: Runner, frame: tuple[int, int], tile: tuple[int, int], overlap: int, channels: int, *, scale: int = 1
+) -> dict:
+    """One frame of ``frame`` (height, width; input pixels, so a super-resolution artifact's output is ``scale``
+    times larger) through the artifact's fixed tile, blended as ``run`` does it."""
     from nafnet_edge.tiling import run_tiled
 
     if tile[0] != tile[1]:
@@ -480,7 +485,7 @@ def full_frame(run: Runner, frame: tuple[int, int], tile: tuple[int, int], overl
     # A frame smaller than the tile is padded to it, as an app would (the artifact's input size is fixed).
     padded = F.pad(image, (0, max(0, size - frame[1]), 0, max(0, size - frame[0])))
     started = time.perf_counter()
-    run_tiled(fn, padded, tile_px=size, overlap_px=overlap, align_px=16)
+    run_tiled(fn, padded, tile_px=size, overlap_px=overlap, align_px=16, scale=scale)
     seconds = time.perf_counter() - started
     megapixels = frame[0] * frame[1] / 1e6
     return {
@@ -488,6 +493,7 @@ def full_frame(run: Runner, frame: tuple[int, int], tile: tuple[int, int], overl
         "width": frame[1],
         "megapixels": round(megapixels, 4),
         "tile": size,
+        "scale": scale,
         "overlap": overlap,
         "tiles": calls,
         "seconds": round(seconds, 4),
@@ -585,7 +591,7 @@ def bench_artifacts(
             reason = "the source checkpoint is not available: pass --checkpoint CKPT"
         else:
             # the model's own tensors at the first artifact's size, whatever that artifact's I/O
-            tensors = IOSpec.image(manifests[0].io.channels, manifests[0].io.input_size)
+            tensors = IOSpec.image(manifests[0].io.channels, manifests[0].io.input_size, scale=manifests[0].io.scale)
             baseline = BenchResult("", "pytorch", "fp32", "pytorch", True, list(tensors.input.shape))
             macs = count_macs(configs[0], *tensors.input_size)
             progress.phase("pytorch-fp32: bench the source model (baseline)")

@@ -1,4 +1,5 @@
-"""Load any NAFNet checkpoint without executing code, infer its configuration from tensor shapes, identify it.
+"""Load any checkpoint of the NAFNet family without executing code, infer its configuration from tensor shapes
+(NAFNet, Baseline, NAFNetSR, NAFSSR), identify it.
 
 Accepted layouts: the official ``torch.save({'params': sd})``, BasicSR's ``params_ema``, other trainers'
 ``state_dict`` / ``model`` / ``net`` wrappers, a raw state dict, keys with a ``module.`` (or any other)
@@ -10,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
+import math
 import numbers
 import pickle
 import re
 import warnings
 import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -23,18 +27,26 @@ from typing import Literal
 
 import torch
 
+from nafnet_edge.archs import ARCHS, CLASS_NAMES, Arch, local_arch
 from nafnet_edge.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     NonFiniteWeightsError,
     NotNAFNetError,
+    OptionError,
     StateDictMismatchError,
     UnsafeCheckpointError,
     first_sentence,
 )
-from nafnet_edge.model import ARCHS, Arch, NAFNet, NAFNetConfig, RestorationNet, build_model
-from nafnet_edge.releases import Release, release_by_sha256, releases_with_shape
+from nafnet_edge.model import NAFNetConfig, RestorationNet, build_model
+from nafnet_edge.releases import (
+    RELEASE_SHAPES,
+    Release,
+    release_by_sha256,
+    releases_with_shape,
+    shapes_like,
+)
 from nafnet_edge.sniff import looks_like_text
 
 DEFAULT_CHECKPOINT_NAME = "nafnet-edge-denoise-s.safetensors"
@@ -428,31 +440,87 @@ def _unwrap(obj: object, path: Path, *, param_key: ParamKey, file_format: FileFo
     )
 
 
-def _sample(keys: list[str], n: int = 5) -> str:
+def _sample(keys: list[str], n: int = 5, total: int | None = None) -> str:
+    """The first ``n`` keys quoted, and how many there are in all (``total``, else ``len(keys)``) when more."""
+    total = len(keys) if total is None else total
     shown = ", ".join(repr(k) for k in keys[:n])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+    return shown + (f", ... ({total:,} in all)" if total > n else "")
 
 
 _BLOCK = re.compile(r"^(encoders|decoders)\.(\d+)\.(\d+)\.|^middle_blks\.(\d+)\.")
+_SR_BLOCK = re.compile(r"^body\.(\d+)\.")
+_SR_PART = re.compile(r"^body\.(\d+)\.module\.(blk|fusion)\.")
+_DOWN = re.compile(r"downs\.\d+\.weight")
+FAMILY_NAMES = {"nafnet": "NAFNet", "baseline": "Baseline", "nafnet-sr": "NAFNetSR"}
+
+
+def family_label(config: NAFNetConfig) -> str:
+    """What a network of ``config``'s tensors is, whatever its TLC setting: NAFNet, Baseline, NAFNetSR or NAFSSR."""
+    return "NAFSSR" if config.fusion else FAMILY_NAMES[config.family]
+
+
+def layout_summary(config: NAFNetConfig) -> str:
+    """The layout in a few words, for messages: blocks per U-Net level, or the SR network's blocks and scale."""
+    if config.family == "nafnet-sr":
+        stereo = "stereo, SCAM fusion" if config.fusion else "single view"
+        return f"width {config.width}, {config.middle_blk_num} blocks, x{config.up_scale}, {stereo}"
+    return (
+        f"width {config.width}, enc {list(config.enc_blk_nums)}, middle {config.middle_blk_num}, "
+        f"dec {list(config.dec_blk_nums)}"
+    )
 
 
 def infer_config(state_dict: dict[str, torch.Tensor]) -> NAFNetConfig:
-    """The NAFNet configuration implied by the tensor shapes alone (arch stays "nafnet")."""
+    """The configuration implied by the tensor keys and shapes alone.
+
+    The family comes from the keys: ``downs.*`` make a U-Net (NAFNet with ``sca`` blocks, Baseline with ``se``
+    blocks), ``body.{i}.module.blk.*`` with ``up.0.weight`` the super-resolution network (NAFSSR when every
+    block has ``fusion``). The arch is the family's class without TLC ("nafnet", "baseline" or "nafnet-sr"):
+    :func:`load_checkpoint` decides on TLC.
+    """
     intro = state_dict.get("intro.weight")
     if intro is None or intro.dim() != 4 or tuple(intro.shape[2:]) != (3, 3):
         found = None if intro is None else tuple(intro.shape)
         raise NotNAFNetError(f"'intro.weight' should be a [width, channels, 3, 3] conv weight, found {found}")
     width, img_channels = int(intro.shape[0]), int(intro.shape[1])
-    levels = sum(1 for k in state_dict if re.fullmatch(r"downs\.\d+\.weight", k))
-    if levels == 0:
-        raise NotNAFNetError("no 'downs.{i}.weight' tensors: not a NAFNet U-Net (or the encoder is missing)")
+    if any(_DOWN.fullmatch(k) for k in state_dict):
+        return _infer_unet(state_dict, width, img_channels)
+    if "up.0.weight" in state_dict or any(_SR_PART.match(k) for k in state_dict):
+        return _infer_sr(state_dict, width, img_channels)
+    raise NotNAFNetError(
+        "not a network of the NAFNet family: it has 'intro.weight' but neither 'downs.{i}.weight' (the encoder of "
+        "the NAFNet and Baseline U-Nets) nor 'body.{i}.module.blk.*' blocks with 'up.0.weight' (NAFNetSR and "
+        f"NAFSSR super-resolution); keys: {_sample(list(state_dict))}"
+    )
+
+
+def _check_blocks(implied: Iterable[str], implied_count: int, present: set[str]) -> None:
+    """Refuse block indices with gaps before building anything: a key like ``encoders.0.99999.x`` must not build
+    100000 blocks (``implied`` is lazy: an index of 10**12 costs nothing)."""
+    if implied_count == len(present):
+        return
+    absent = list(itertools.islice((b for b in implied if b not in present), 1000))
+    raise StateDictMismatchError(
+        f"blocks missing: {implied_count - len(present)} of the {implied_count} blocks the key indices imply "
+        f"have no tensors ({_sample([b + '*' for b in absent], 5, implied_count - len(present))}); the file is "
+        "incomplete or its keys were renamed",
+        missing=absent,
+    )
+
+
+def _infer_unet(state_dict: dict[str, torch.Tensor], width: int, img_channels: int) -> NAFNetConfig:
+    levels = sum(1 for k in state_dict if _DOWN.fullmatch(k))
     enc = [0] * levels
     dec = [0] * levels
     middle = 0
+    attention: dict[str, set[str]] = {"sca.": set(), "se.": set()}  # blocks by channel-attention kind
     for key in state_dict:
         m = _BLOCK.match(key)
         if not m:
             continue
+        for kind, blocks in attention.items():
+            if key.startswith(kind, m.end()):
+                blocks.add(m.group(0))
         if m.group(4) is not None:
             middle = max(middle, int(m.group(4)) + 1)
             continue
@@ -464,30 +532,30 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> NAFNetConfig:
             )
         counts[level] = max(counts[level], j + 1)
     present = {m.group(0) for m in map(_BLOCK.match, state_dict) if m}
-    implied = [
-        f"{name}.{level}.{j}."
-        for name, counts in (("encoders", enc), ("decoders", dec))
-        for level, n in enumerate(counts)
-        for j in range(n)
-    ] + [f"middle_blks.{j}." for j in range(middle)]
-    absent = [b for b in implied if b not in present]
-    if absent:  # said before building anything: a key like encoders.0.99999.x must not build 100000 blocks
-        raise StateDictMismatchError(
-            f"blocks missing: {len(absent)} of the {len(implied)} blocks the key indices imply have no tensors "
-            f"({_sample([b + '*' for b in absent])}); the file is incomplete or its keys were renamed",
-            missing=absent,
-        )
+
+    def implied() -> Iterator[str]:  # every block, in the order of the forward pass
+        for level, n in enumerate(enc):
+            yield from (f"encoders.{level}.{j}." for j in range(n))
+        yield from (f"middle_blks.{j}." for j in range(middle))
+        for level, n in enumerate(dec):
+            yield from (f"decoders.{level}.{j}." for j in range(n))
+
+    _check_blocks(implied(), sum(enc) + middle + sum(dec), present)
     if width * 2**levels > MAX_CHANNELS:
         raise CheckpointError(
             f"width {width} with {levels} downsampling levels means {width * 2**levels:,} channels at the "
             f"bottom (more than {MAX_CHANNELS:,}); not a usable NAFNet, refused before building it"
         )
-    dw_expand = ffn_expand = 2
-    norm_key = next((k for k in state_dict if k.endswith(".norm1.weight")), None)
-    if norm_key is not None:  # expansions from the first block; every other block is checked against them
-        block, c = norm_key[: -len("norm1.weight")], int(state_dict[norm_key].shape[0])
-        dw_expand = _expansion(state_dict.get(block + "conv1.weight"), c)
-        ffn_expand = _expansion(state_dict.get(block + "conv4.weight"), c)
+    order = list(implied())
+    sca, se = ([b for b in order if b in attention[kind]] for kind in ("sca.", "se."))
+    if sca and se:
+        raise StateDictMismatchError(
+            f"mixed block kinds: {len(sca)} blocks have NAFNet's simplified channel attention ('sca.1.*': "
+            f"{_sample([b + 'sca.*' for b in sca], 2)}) and {len(se)} the Baseline's squeeze-excitation ('se.1.*', "
+            f"'se.3.*': {_sample([b + 'se.*' for b in se], 2)}); one network has one kind: the file mixes two "
+            "checkpoints or its keys were renamed"
+        )
+    dw_expand, ffn_expand = _expansions(state_dict, order[0] if order else None)
     return NAFNetConfig(
         img_channels=img_channels,
         width=width,
@@ -496,11 +564,93 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> NAFNetConfig:
         dec_blk_nums=tuple(dec),
         dw_expand=dw_expand,
         ffn_expand=ffn_expand,
+        arch="baseline" if se else "nafnet",
     )
 
 
+def _infer_sr(state_dict: dict[str, torch.Tensor], width: int, img_channels: int) -> NAFNetConfig:
+    blocks = 0
+    with_blk: set[int] = set()
+    with_fusion: set[int] = set()
+    for key in state_dict:
+        if m := _SR_BLOCK.match(key):
+            blocks = max(blocks, int(m.group(1)) + 1)
+        if m := _SR_PART.match(key):
+            (with_blk if m.group(2) == "blk" else with_fusion).add(int(m.group(1)))
+    _check_blocks((f"body.{i}.module.blk." for i in range(blocks)), blocks, {f"body.{i}.module.blk." for i in with_blk})
+    if width > MAX_CHANNELS:
+        raise CheckpointError(
+            f"width {width} is more than {MAX_CHANNELS:,} channels; not a usable NAFNetSR, refused before building it"
+        )
+    up = state_dict.get("up.0.weight")
+    if up is None:
+        raise StateDictMismatchError(
+            f"{blocks} super-resolution blocks ('body.{{i}}.module.blk.*') but no 'up.0.weight' (the conv before "
+            "the PixelShuffle of NAFNetSR and NAFSSR); the file is incomplete or its keys were renamed",
+            missing=["up.0.weight"],
+        )
+    up_scale = _pixel_shuffle_scale(up, img_channels)
+    if with_fusion and len(with_fusion) < blocks:
+        unfused = [i for i in range(blocks) if i not in with_fusion]
+        raise StateDictMismatchError(
+            f"stereo fusion (SCAM, 'body.{{i}}.module.fusion.*') in blocks {_ranges(sorted(with_fusion))} but not in "
+            f"blocks {_ranges(unfused)} of {blocks}; nafnet-edge supports NAFSSR with fusion after every block (the "
+            "releases) or after none (NAFNetSR): checkpoints trained with upstream's fusion_from/fusion_to set to a "
+            "part of the blocks are not supported",
+            missing=[f"body.{i}.module.fusion.*" for i in unfused],
+        )
+    dw_expand, ffn_expand = _expansions(state_dict, "body.0.module.blk." if blocks else None)
+    return NAFNetConfig(
+        img_channels=img_channels,
+        width=width,
+        enc_blk_nums=(),
+        middle_blk_num=blocks,
+        dec_blk_nums=(),
+        dw_expand=dw_expand,
+        ffn_expand=ffn_expand,
+        arch="nafnet-sr",
+        up_scale=up_scale,
+        fusion=bool(with_fusion),
+    )
+
+
+def _pixel_shuffle_scale(up: torch.Tensor, img_channels: int) -> int:
+    """The output scale s from the conv feeding PixelShuffle(s): img_channels * s**2 output channels."""
+    out = int(up.shape[0]) if up.dim() == 4 else 0
+    scale = math.isqrt(out // img_channels) if out % img_channels == 0 else 0
+    if scale < 1 or img_channels * scale**2 != out:
+        examples = ", ".join(f"{img_channels * s * s} for x{s}" for s in (2, 3, 4))
+        raise StateDictMismatchError(
+            f"'up.0.weight' has shape {list(up.shape)}: the conv before PixelShuffle needs img_channels "
+            f"({img_channels}, from 'intro.weight') times the square of the scale as output channels ({examples}); "
+            "the file is damaged or not a NAFNetSR/NAFSSR"
+        )
+    return scale
+
+
+def _ranges(indices: list[int]) -> str:
+    """0, 1, 2, 5 as '0-2, 5'."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _expansions(state_dict: dict[str, torch.Tensor], block: str | None) -> tuple[int, int]:
+    """dw_expand and ffn_expand from the first block (conv1 and conv4 against norm1's channels); every other
+    block is checked against them by the shape check."""
+    norm = state_dict.get(f"{block}norm1.weight") if block else None
+    if block is None or norm is None or norm.dim() != 1:
+        return 2, 2
+    c = int(norm.shape[0])
+    return _expansion(state_dict.get(block + "conv1.weight"), c), _expansion(state_dict.get(block + "conv4.weight"), c)
+
+
 def _expansion(weight: torch.Tensor | None, channels: int) -> int:
-    if weight is None or channels == 0 or weight.shape[0] % channels:
+    if weight is None or channels == 0 or weight.dim() == 0 or weight.shape[0] % channels:
         return 2  # the shape check then reports the offending tensor
     return int(weight.shape[0] // channels)
 
@@ -508,7 +658,7 @@ def _expansion(weight: torch.Tensor | None, channels: int) -> int:
 def expected_shapes(config: NAFNetConfig) -> dict[str, tuple[int, ...]]:
     """Every state-dict key of ``config`` with its shape, computed without allocating memory."""
     with torch.device("meta"):
-        model = NAFNet(config)
+        model = build_model(config)
     n = sum(p.numel() for p in model.parameters())
     if n > MAX_PARAMS:
         raise CheckpointError(f"the inferred configuration has {n / 1e9:.1f}G parameters; refusing to build it")
@@ -536,9 +686,8 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], config: NAFNetConfig) 
         if unexpected:
             parts.append(f"unexpected keys: {_sample(unexpected)}")
         raise StateDictMismatchError(
-            "checkpoint does not match the NAFNet configuration inferred from it "
-            f"(width {config.width}, enc {list(config.enc_blk_nums)}, middle {config.middle_blk_num}, "
-            f"dec {list(config.dec_blk_nums)}): " + "; ".join(parts),
+            f"checkpoint does not match the {family_label(config)} configuration inferred from it "
+            f"({layout_summary(config)}): " + "; ".join(parts),
             missing=missing,
             unexpected=unexpected,
             shape_mismatches=mismatched,
@@ -623,6 +772,39 @@ def _check_load_memory(state_dict: dict[str, torch.Tensor], path: Path, device: 
             )
 
 
+def fitting_archs(config: NAFNetConfig) -> tuple[Arch, ...]:
+    """The archs a checkpoint of ``config``'s tensors loads into: the family's class with global pooling and its
+    TLC variant; for the super-resolution family NAFSSR (TLC) and NAFNetSR (global pooling) for a stereo
+    checkpoint, only NAFNetSR for a single-view one."""
+    if config.family == "nafnet-sr":
+        return ("nafssr", "nafnet-sr") if config.fusion else ("nafnet-sr",)
+    return (config.family, local_arch(config.family))
+
+
+def _arch_mismatch(arch: str, config: NAFNetConfig) -> str:
+    """Why ``arch`` cannot load a checkpoint of ``config``'s tensors, and what fits instead."""
+    label = family_label(config)
+    if arch == "nafssr" and config.family == "nafnet-sr":
+        why = f"NAFSSR is the stereo network (SCAM fusion in every block) and this is a single-view {label}"
+    else:
+        why = f"{arch} builds a {CLASS_NAMES[arch]} and this checkpoint is a {label}"
+    fits = fitting_archs(config)
+    return f"{why} ({layout_summary(config)}); {'the arch that fits' if len(fits) == 1 else 'archs that fit'}: " + (
+        ", ".join(fits)
+    )
+
+
+def shape_arch(config: NAFNetConfig) -> tuple[Arch, ArchSource]:
+    """The arch a file without release or metadata gets from its tensors: TLC where upstream evaluates networks of
+    that shape with it (the GoPro/REDS-shaped U-Nets, NAFSSR), else the family's class."""
+    if config.family == "nafnet-sr":
+        return ("nafssr" if config.fusion else "nafnet-sr"), "shape"
+    shaped = [r.config for r in releases_with_shape(config)] + [RELEASE_SHAPES[n] for n in shapes_like(config)]
+    if any(c.local for c in shaped):
+        return local_arch(config.family), "shape"
+    return config.family, "default"
+
+
 def load_checkpoint(
     path: str | Path | None = None,
     *,
@@ -631,10 +813,13 @@ def load_checkpoint(
     train_size: tuple[int, int] | None = None,
     device: str | torch.device = "cpu",
 ) -> LoadedCheckpoint:
-    """Load a NAFNet checkpoint (the embedded default when ``path`` is None) into an eval-mode fp32 model.
+    """Load a checkpoint of the NAFNet family (the embedded default when ``path`` is None) into an eval-mode fp32
+    model.
 
-    ``arch`` and ``train_size`` override what is identified: the release table (by sha256) first, then the
-    file's own metadata, then the shape (GoPro/REDS-shaped networks get TLC), else plain NAFNet.
+    The family and layout come from the tensor shapes (:func:`infer_config`); the class (TLC or not) from, in
+    order: ``arch`` (which must fit the family: :func:`fitting_archs`), the release table (sha256), the file's
+    metadata, the shape (GoPro/REDS-shaped U-Nets and stereo SR networks get TLC, as upstream evaluates them).
+    ``train_size`` (TLC's training crop) overrides the metadata's, else the family's default applies.
     """
     is_default = path is None
     path = default_checkpoint_path() if path is None else Path(path)
@@ -649,20 +834,27 @@ def load_checkpoint(
     sha256 = sha256_file(path)
     release = release_by_sha256(sha256)
     meta = _metadata_config(raw.metadata)
+    fits = fitting_archs(config)
 
     arch_source: ArchSource
     if arch is not None:
         if arch not in ARCHS:
             raise CheckpointError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        if arch not in fits:
+            raise OptionError(f"--arch {arch} does not fit {path}: {_arch_mismatch(arch, config)}")
         arch_source = "flag"
     elif release is not None:
         arch, arch_source = release.config.arch, "release"
     elif meta.get("arch") in ARCHS:
         arch, arch_source = meta["arch"], "metadata"  # type: ignore[assignment]
-    elif any(r.config.arch == "nafnet-local" for r in releases_with_shape(config)):
-        arch, arch_source = "nafnet-local", "shape"
+        if meta["arch"] not in fits:
+            raise CheckpointError(
+                f"{path}: its metadata gives arch {meta['arch']!r}, which does not fit its tensors: "
+                f"{_arch_mismatch(str(meta['arch']), config)}; fix the file's config metadata, or pass --arch to "
+                "override it"
+            )
     else:
-        arch, arch_source = "nafnet", "default"
+        arch, arch_source = shape_arch(config)
     if train_size is None and "train_size" in meta:
         if not is_size(meta["train_size"]):
             raise CheckpointError(
@@ -670,11 +862,9 @@ def load_checkpoint(
                 "(two positive integers): fix the file's config metadata, or pass --train-size to override it"
             )
         train_size = tuple(meta["train_size"])  # type: ignore[arg-type,assignment]
-    elif train_size is None:
-        train_size = (256, 256)
-    elif not is_size(train_size):
+    elif train_size is not None and not is_size(train_size):
         raise CheckpointError(f"train_size must be two positive integers (height, width), got {train_size!r}")
-    config = config.replace(arch=arch, train_size=train_size)
+    config = config.replace(arch=arch, train_size=train_size)  # None: the family's default
 
     with torch.device("meta"):
         model = build_model(config)

@@ -13,7 +13,7 @@ def count_macs(config: NAFNetConfig, height: int = 256, width: int = 256) -> int
     convention behind the GMACs in the NAFNet paper: 16.05 for SIDD-width32 at 256x256)."""
     with torch.device("meta"):
         model = build_model(config)
-        x = torch.empty(1, config.img_channels, height, width)
+        x = torch.empty(1, config.in_channels, height, width)
         with FlopCounterMode(display=False) as counter:
             model(x)
     return counter.get_total_flops() // 2

@@ -166,7 +166,7 @@ def build_manifest(
         target=target,
         precision=options.precision,
         files=list(exported_files),
-        io=IOSpec.image(loaded.config.img_channels, (h, w), pixel_format=options.pixel_format),
+        io=io_spec(loaded, options),
         padding_multiple=loaded.config.pad_multiple,
         tiling=Tiling((h, w), overlap_px, align_px=loaded.config.pad_multiple),
         tlc=tlc_settings(loaded, graph),
@@ -189,10 +189,18 @@ def build_manifest(
     )
 
 
+def io_spec(loaded: LoadedCheckpoint, options: ExportOptions) -> IOSpec:
+    """The artifact's tensors: the model's channels (a stereo model's views stacked: 6), its output scale."""
+    config = loaded.config
+    return IOSpec.image(
+        config.in_channels, options.input_size, scale=config.up_scale, pixel_format=options.pixel_format
+    )
+
+
 def graph_metadata(loaded: LoadedCheckpoint, target: str, options: ExportOptions) -> dict[str, str]:
     """The manifest essentials every artifact carries inside itself (str -> str)."""
     release = loaded.release
-    io = IOSpec.image(loaded.config.img_channels, options.input_size, pixel_format=options.pixel_format)
+    io = io_spec(loaded, options)
     return {
         "nafnet_edge.version": tool_versions().get("nafnet-edge", "unknown"),
         "nafnet_edge.target": target,
@@ -204,6 +212,8 @@ def graph_metadata(loaded: LoadedCheckpoint, target: str, options: ExportOptions
         "nafnet_edge.input": io.input.describe(),
         "nafnet_edge.output": io.output.describe(),
         "nafnet_edge.padding_multiple": str(loaded.config.pad_multiple),
+        "nafnet_edge.scale": str(loaded.config.up_scale),
+        "nafnet_edge.views": str(loaded.config.views),
     }
 
 
@@ -226,6 +236,11 @@ def convert(
     progress.phase(f"{label}: load the converter")
     with progress.backend_output():  # checking the options imports the backend, which has its say on import
         converter, quantizer = _checked(target, options, int8)
+    if options.pixel_format is not None and loaded.config.views > 1:
+        raise OptionError(
+            f"{loaded.config.class_name} takes a stereo pair as one 6-channel tensor (left RGB, then right RGB), "
+            "which 8-bit pixel formats cannot carry: convert with --io tensor"
+        )
     m = loaded.config.pad_multiple
     if options.input_size[0] % m or options.input_size[1] % m:
         raise OptionError(f"input size {options.input_size[0]}x{options.input_size[1]} must be a multiple of {m}")
@@ -385,6 +400,7 @@ def run_validation(
         reference_device=str(settings.reference_device),
         data=settings.data,
         label=f"{label}: run in its runtime",
+        scale=loaded.config.up_scale,
     )
     report.reference_settings = reference_settings(loaded, str(settings.reference_device))
     return report

@@ -9,6 +9,7 @@ input size, tiled and padded exactly as validation ran it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Callable, Iterable
@@ -21,7 +22,7 @@ import torch
 from nafnet_edge.errors import ArtifactError, CheckpointError, ImageError, UsageError
 from nafnet_edge.images import RGBImage
 from nafnet_edge.model import NAFNetConfig, RestorationNet
-from nafnet_edge.tiling import DEFAULT_OVERLAP_PX, DEFAULT_TILE_PX, make_grid, run_tiled
+from nafnet_edge.tiling import DEFAULT_OVERLAP_PX, DEFAULT_TILE_PX, TileSize, make_grid, run_tiled
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 
@@ -35,6 +36,11 @@ DeviceName = Literal["auto", "cpu", "cuda"]
 _FORWARD_BYTES_FIXED = 128 << 20
 _FORWARD_BYTES_PER_PIXEL = 80
 _FORWARD_BYTES_PER_CHANNEL = {"per_dw_expand": 10, "per_ffn_expand": 10, "base": 14, "tlc_per_dw_expand": 4}
+# The NAFNet-SR family: the per-pixel part counts once per output pixel (up_scale**2 per input pixel), the channel
+# part once per view; NAFSSR's cross-attention adds W x W float32 maps per row (scores, scaled scores, the two
+# softmaxes), whatever the width of the model. Measured as above (1 thread) for NAFNetSR widths 16 and 32 and
+# NAFSSR widths 16 and 48, x2 and x4, at 64x512 to 512x768 per view: the estimate is 1.6-2.8x the measurement.
+_ATTENTION_MAPS = 4
 # Peak memory of `run` for one image besides the forward passes, per pixel, is at writing: the float32 input
 # (colour and alpha) and result, the quantizer's float32 temporaries (two per output channel), the 8/16-bit
 # samples and copies of the encoded file; reading (the decoded samples and two float32 copies) and restoring (the
@@ -53,37 +59,67 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def tile_count(height: int, width: int, *, tile_px: int, overlap_px: int, pad_multiple: int = 16) -> int:
-    """How many model calls an image of this size needs (1 when tiling is off or the image fits one tile)."""
-    if tile_px == 0 or (height <= tile_px and width <= tile_px):
+def tile_count(
+    height: int, width: int, *, tile_px: int, overlap_px: int, pad_multiple: int = 16, full_width: bool = False
+) -> int:
+    """How many model calls an image of this size needs (1 when tiling is off or the image fits one tile);
+    ``full_width``: tiles are row bands ``tile_px`` high (the stereo models, see :func:`tile_size`)."""
+    if whole_image(height, width, tile_px=tile_px, full_width=full_width):
         return 1
     ph, pw = -(-height // pad_multiple) * pad_multiple, -(-width // pad_multiple) * pad_multiple
-    return len(make_grid(ph, pw, tile_px=tile_px, overlap_px=overlap_px, align_px=pad_multiple))
+    tile = (tile_px, pw) if full_width else tile_px
+    return len(make_grid(ph, pw, tile_px=tile, overlap_px=overlap_px, align_px=pad_multiple))
+
+
+def whole_image(height: int, width: int, *, tile_px: int, full_width: bool = False) -> bool:
+    """True when one model call covers the image: tiling off (``tile_px`` 0) or the image within one tile."""
+    return tile_px == 0 or (height <= tile_px and (full_width or width <= tile_px))
+
+
+def full_width_tiles(config: NAFNetConfig) -> bool:
+    """Whether ``config``'s model is tiled in full-width row bands: the stereo models (NAFSSR), whose
+    cross-attention matches every pixel against its whole row of the other view (the disparity search), so a tile
+    that cuts the width cuts the search; see docs/tiling.md."""
+    return config.views > 1
+
+
+def tile_size(config: NAFNetConfig, tile_px: int, width: int) -> TileSize:
+    """The tile :func:`restore_tensor` runs ``config``'s model on for an image ``width`` px wide (padded)."""
+    return (tile_px, width) if full_width_tiles(config) else tile_px
 
 
 def forward_peak_bytes(config: NAFNetConfig, height: int, width: int, *, batch: int = 1) -> int:
     """Estimated peak memory of ``batch`` forward passes at once on ``height`` x ``width`` inputs (errs high)."""
     k = _FORWARD_BYTES_PER_CHANNEL
     m = config.pad_multiple
-    pixels = batch * (-(-height // m) * m) * (-(-width // m) * m)
+    ph, pw = -(-height // m) * m, -(-width // m) * m
+    pixels = batch * ph * pw
     per_channel = k["per_dw_expand"] * config.dw_expand + k["per_ffn_expand"] * config.ffn_expand + k["base"]
-    if config.arch == "nafnet-local":
+    if config.local:
         per_channel += k["tlc_per_dw_expand"] * config.dw_expand
-    return _FORWARD_BYTES_FIXED + pixels * (config.width * per_channel + _FORWARD_BYTES_PER_PIXEL)
+    per_pixel = config.views * (config.width * per_channel + _FORWARD_BYTES_PER_PIXEL * config.up_scale**2)
+    attention = batch * ph * pw * pw * 4 * _ATTENTION_MAPS if config.fusion else 0
+    return _FORWARD_BYTES_FIXED + pixels * per_pixel + attention
 
 
 def frame_peak_bytes(
-    height: int, width: int, *, channels: int = 3, alpha: bool = True, bit_depth: int = 16, model_channels: int = 3
+    height: int,
+    width: int,
+    *,
+    channels: int = 3,
+    alpha: bool = True,
+    bit_depth: int = 16,
+    model_channels: int = 3,
+    up_scale: int = 1,
 ) -> int:
     """Estimated peak memory of reading, restoring and writing a ``height`` x ``width`` image besides the forward
     passes: the whole-image buffers, which tiling does not shrink. ``channels``, ``alpha`` and ``bit_depth`` are
-    the image's (:class:`nafnet_edge.images.ImageProbe` has them); the defaults are the largest (errs high)."""
+    the image's (:class:`nafnet_edge.images.ImageProbe` has them); the defaults are the largest (errs high). A
+    super-resolution model's output and what is written are ``up_scale``**2 times the input's pixels."""
     k = _FRAME_BYTES
     stored = channels + alpha
-    per_pixel = (
-        k["per_input_channel"] * stored
-        + k["per_output_channel"] * max(channels, model_channels)
-        + k["per_sample_byte"] * stored * bit_depth // 8
+    per_pixel = k["per_input_channel"] * stored + up_scale**2 * (
+        k["per_output_channel"] * max(channels, model_channels) + k["per_sample_byte"] * stored * bit_depth // 8
     )
     return height * width * per_pixel
 
@@ -206,6 +242,15 @@ def check_forward_memory(
         text += f" --overlap {min(tile // 4, tile - m)}" if tile - overlap_px < m else ""
         return text + (" --tile-batch 1" if batch > 1 else "")
 
+    if full_width_tiles(config):  # row bands: only their height can shrink
+        for tile in (DEFAULT_TILE_PX, 256, 128, 64, 32):
+            if m <= tile < height and fits(tile, width):
+                raise ImageError(f"{message}; {'lower row bands' if tiled else 'tile it'}: {tile_options(tile)}")
+        raise ImageError(
+            f"{message}; the views are too wide for this machine's memory (the stereo attention compares every "
+            "pixel with its whole row in the other view, so tiles cannot cut the width): crop both views the same "
+            "way to a narrower width, or use a machine with more memory"
+        )
     for tile in (DEFAULT_TILE_PX, 256, 128, 64):
         if m <= tile < max(height, width) and fits(min(tile, height), min(tile, width)):
             raise ImageError(f"{message}; {'smaller tiles' if tiled else 'tile it'}: {tile_options(tile)}")
@@ -241,14 +286,23 @@ def check_restore_memory(
     (:func:`check_tiling`); ``batch`` counts only the tiles there are."""
     config = model.config
     check_tiling(tile_px, overlap_px, pad_multiple=config.pad_multiple)
-    whole = tile_px == 0 or (height <= tile_px and width <= tile_px)
-    tiles = tile_count(height, width, tile_px=tile_px, overlap_px=overlap_px, pad_multiple=config.pad_multiple)
+    rows = full_width_tiles(config)
+    whole = whole_image(height, width, tile_px=tile_px, full_width=rows)
+    tiles = tile_count(
+        height, width, tile_px=tile_px, overlap_px=overlap_px, pad_multiple=config.pad_multiple, full_width=rows
+    )
     device = next(model.parameters()).device
     if in_memory:  # the input is there already; the output accumulator (float32) is still to come
-        frame_bytes = height * width * 4 * config.img_channels
+        frame_bytes = height * width * 4 * config.in_channels * config.up_scale**2
     else:
-        frame_bytes = frame_peak_bytes(
-            height, width, channels=channels, alpha=alpha, bit_depth=bit_depth, model_channels=config.img_channels
+        frame_bytes = config.views * frame_peak_bytes(
+            height,
+            width,
+            channels=channels,
+            alpha=alpha,
+            bit_depth=bit_depth,
+            model_channels=config.img_channels,
+            up_scale=config.up_scale,
         )
     if device.type != "cpu":  # the whole image stays in host memory; only the tiles go to the device
         host = available_memory_bytes(torch.device("cpu"))
@@ -262,7 +316,7 @@ def check_restore_memory(
     check_forward_memory(
         config,
         height if whole else min(tile_px, height),
-        width if whole else min(tile_px, width),
+        width if whole or rows else min(tile_px, width),
         tiled=not whole,
         batch=1 if whole else min(batch, tiles),
         overlap_px=overlap_px,
@@ -308,14 +362,19 @@ def restore_tensor(
 
     Tiled runs tile the frame as if zero-padded to the model's multiple, as the whole-image run pads it, and place
     tiles on that multiple, so tiles see the same padding and downsampling grid and follow whole-image output
-    closely; no padded copy of the frame is made. Returns the raw (unclamped) float32 CPU output, as the official
-    code does before saving (tiled: its memory in HxWxC order, see :func:`run_tiled`). Raises an
+    closely; no padded copy of the frame is made. Super-resolution models are tiled in input pixels (their tiles
+    come back ``up_scale`` times larger), the stereo models in full-width row bands (:func:`tile_size`). Returns
+    the raw (unclamped) float32 CPU output, ``up_scale`` times the input's size, as the official code does before
+    saving (tiled: its memory in HxWxC order, see :func:`run_tiled`). Raises an
     :class:`ImageError` starting with ``name``, before any work, when a forward pass would not fit in memory,
     and a :class:`CheckpointError` starting with ``name`` when the output holds NaN or Inf.
     """
     device = next(model.parameters()).device
+    config = model.config
+    if image.shape[1] != config.in_channels:
+        raise ImageError(f"{name}: this model takes {config.in_channels} channels, the input has {image.shape[1]}")
     h, w = image.shape[-2:]
-    whole = tile_px == 0 or (h <= tile_px and w <= tile_px)
+    whole = whole_image(h, w, tile_px=tile_px, full_width=full_width_tiles(config))
     check_restore_memory(model, h, w, tile_px=tile_px, overlap_px=overlap_px, batch=batch, name=name, in_memory=True)
     if whole:
         out = model(image.to(device).contiguous()).float().cpu()
@@ -326,13 +385,14 @@ def restore_tensor(
         out = run_tiled(
             model,
             image,
-            tile_px=tile_px,
+            tile_px=tile_size(config, tile_px, -(-w // m) * m),
             overlap_px=overlap_px,
             batch=batch,
             device=device,
             on_tile=on_tile,
             align_px=m,
             pad_multiple=m,
+            scale=config.up_scale,
         )
     check_finite_output(out, name=name)
     return out
@@ -363,8 +423,12 @@ def restore_image(
     """Restore an image read by :func:`nafnet_edge.images.read_image`; the result is clamped to [0, 1].
 
     Grayscale images given to an RGB model are replicated to three channels and averaged back; alpha and the
-    file metadata (ICC profile, EXIF, dpi) are carried over unchanged.
+    file metadata (ICC profile, EXIF, dpi) are carried over unchanged. A super-resolution model's result is
+    ``up_scale`` times larger: alpha is upsampled bilinearly (as the model's own residual) and the dpi multiplied,
+    so the print size stays. A stereo model takes a pair: see :func:`restore_stereo`.
     """
+    if model.config.views != 1:
+        raise UsageError(f"{model.config.class_name} restores stereo pairs: use restore_stereo(model, left, right)")
     model_channels = model.config.img_channels
     pixels = image.pixels
     check_channels(pixels.shape[2], model_channels, "this checkpoint")
@@ -372,7 +436,44 @@ def restore_image(
     x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].expand(-1, model_channels, -1, -1)
     name = str(image.path) if image.path is not None else "the image"
     y = restore_tensor(model, x, tile_px=tile_px, overlap_px=overlap_px, batch=batch, on_tile=on_tile, name=name)
-    return _restored(image, y[0].permute(1, 2, 0).numpy())  # a view of the tiler's HxWxC accumulator
+    # a view of the tiler's HxWxC accumulator
+    return _restored(image, y[0].permute(1, 2, 0).numpy(), up_scale=model.config.up_scale)
+
+
+def restore_stereo(
+    model: RestorationNet,
+    left: RGBImage,
+    right: RGBImage,
+    *,
+    tile_px: int = DEFAULT_TILE_PX,
+    overlap_px: int = DEFAULT_OVERLAP_PX,
+    batch: int = 1,
+    on_tile: Callable[[int], None] | None = None,
+) -> tuple[RGBImage, RGBImage]:
+    """Restore a stereo pair (rectified: matching points on the same row) with a stereo model (NAFSSR): both views
+    go through the network together, left first; tiles are full-width row bands ``tile_px`` high. The two images
+    must have the same size; each result keeps its own alpha and metadata as :func:`restore_image` does."""
+    config = model.config
+    if config.views != 2:
+        raise UsageError(f"{config.class_name} restores single images, not stereo pairs: use restore_image")
+    name = " and ".join(str(v.path) if v.path is not None else view for v, view in ((left, "left"), (right, "right")))
+    if (left.height, left.width) != (right.height, right.width):
+        raise ImageError(
+            f"{name}: the views of a stereo pair must have the same size, got {left.width}x{left.height} and "
+            f"{right.width}x{right.height} (width x height)"
+        )
+    c = config.img_channels
+    views = []
+    for view in (left, right):
+        check_channels(view.pixels.shape[2], c, "this checkpoint")
+        views.append(torch.from_numpy(np.ascontiguousarray(view.pixels)).permute(2, 0, 1)[None].expand(-1, c, -1, -1))
+    x = torch.cat(views, dim=1)
+    y = restore_tensor(model, x, tile_px=tile_px, overlap_px=overlap_px, batch=batch, on_tile=on_tile, name=name)
+    hwc = y[0].permute(1, 2, 0).numpy()
+    return (
+        _restored(left, hwc[:, :, :c], up_scale=config.up_scale),
+        _restored(right, hwc[:, :, c:], up_scale=config.up_scale),
+    )
 
 
 def restore_image_with(
@@ -419,6 +520,42 @@ def restore_image_with(
     return _restored(image, np.array(out, dtype=np.float32))
 
 
+def split_side_by_side(image: RGBImage) -> tuple[RGBImage, RGBImage]:
+    """The left and right views of a side-by-side stereo image (left view in the left half), each with its half of
+    the alpha and the image's metadata; an :class:`ImageError` when the width is odd."""
+    name = str(image.path) if image.path is not None else "the image"
+    if image.width % 2:
+        raise ImageError(
+            f"{name} is {image.width} px wide (upright): a side-by-side stereo image holds two views of equal width, "
+            "so its width must be even; crop one column"
+        )
+    half = image.width // 2
+    return tuple(  # type: ignore[return-value]
+        RGBImage(
+            pixels=image.pixels[:, cols],
+            alpha=None if image.alpha is None else image.alpha[:, cols],
+            bit_depth=image.bit_depth,
+            path=image.path,
+            metadata=image.metadata,
+        )
+        for cols in (slice(0, half), slice(half, None))
+    )
+
+
+def join_side_by_side(left: RGBImage, right: RGBImage) -> RGBImage:
+    """The inverse of :func:`split_side_by_side`: one image, ``left`` in the left half (metadata of ``left``)."""
+    alpha = None
+    if left.alpha is not None and right.alpha is not None:
+        alpha = np.concatenate([left.alpha, right.alpha], axis=1)
+    return RGBImage(
+        pixels=np.concatenate([left.pixels, right.pixels], axis=1),
+        alpha=alpha,
+        bit_depth=left.bit_depth,
+        path=left.path,
+        metadata=left.metadata,
+    )
+
+
 def check_channels(image_channels: int, model_channels: int, what: str) -> None:
     """Refuse (``ImageError``) an image whose channels ``what`` (the model) cannot restore; gray into RGB is fine."""
     if image_channels != model_channels and not (image_channels == 1 and model_channels == 3):
@@ -428,15 +565,23 @@ def check_channels(image_channels: int, model_channels: int, what: str) -> None:
         )
 
 
-def _restored(image: RGBImage, out: np.ndarray) -> RGBImage:
+def _restored(image: RGBImage, out: np.ndarray, *, up_scale: int = 1) -> RGBImage:
     """``out`` (HxWxC float32, the model's channels; clamped in place) as the restored ``image``: averaged back to
-    gray for a gray input, with the input's alpha, bit depth and metadata."""
+    gray for a gray input, with the input's alpha, bit depth and metadata (alpha and dpi scaled by ``up_scale``)."""
     np.clip(out, 0.0, 1.0, out=out)
     if image.pixels.shape[2] == 1 and out.shape[2] == 3:
         out = out.mean(axis=2, keepdims=True)
+    alpha, metadata = image.alpha, image.metadata
+    if up_scale != 1:
+        if alpha is not None:
+            a = torch.from_numpy(np.ascontiguousarray(alpha))[None, None]
+            a = torch.nn.functional.interpolate(a, scale_factor=up_scale, mode="bilinear", align_corners=False)
+            alpha = a[0, 0].clamp_(0, 1).numpy()
+        if metadata.dpi is not None:
+            metadata = dataclasses.replace(metadata, dpi=(metadata.dpi[0] * up_scale, metadata.dpi[1] * up_scale))
     return RGBImage(
         pixels=np.ascontiguousarray(out, dtype=np.float32),
-        alpha=image.alpha,
+        alpha=alpha,
         bit_depth=image.bit_depth,
-        metadata=image.metadata,
+        metadata=metadata,
     )

@@ -32,11 +32,12 @@ MANIFEST_VERSION = 2  # version 1 files (top-level "input"/"output") are still r
 BENCH_VERSION = 2  # version 1 files kept the operator profile under "profile.ops"; still read
 
 PRECISIONS = ("fp32", "fp16", "int8")
-CHANNEL_KINDS = ("RGB", "gray", "RGBA", "BGR", "BGRA")  # of a tensor (model channels) or of pixels
+# of a tensor (model channels) or of pixels; "RGB+RGB": a stereo pair on the channel axis, left view first (NAFSSR)
+CHANNEL_KINDS = ("RGB", "gray", "RGBA", "BGR", "BGRA", "RGB+RGB", "gray+gray")
 DEVICES = (None, "cpu", "cuda")
 # The checkpoint entries a reference may name: nafnet_edge.checkpoint.WRAPPER_KEYS (not imported: torch).
 PARAM_KEYS = ("params", "params_ema", "state_dict", "model_state_dict", "model", "net", "network")
-MAX_CHANNELS = 4  # RGB or gray models; RGBA at most
+MAX_CHANNELS = 6  # RGB or gray models, RGBA pixels, a stereo RGB pair
 MAX_SIDE_PX = 16384  # an artifact's fixed input size (tiles); larger frames are tiled
 MAX_INPUT_PIXELS = 64 << 20  # 8192 x 8192: one input tensor of 0.75 GiB in float32 RGB
 MAX_SCALE = 8  # output side / input side
@@ -301,7 +302,7 @@ def _check_shapes(io: IOSpec, input_key: str, output_key: str) -> None:
 
 
 def _channel_kind(channels: int) -> str:
-    return {3: "RGB", 4: "RGBA"}.get(channels, "gray")
+    return {3: "RGB", 4: "RGBA", 6: "RGB+RGB", 2: "gray+gray"}.get(channels, "gray")
 
 
 # --- sections ----------------------------------------------------------------------------------------------------

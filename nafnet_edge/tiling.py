@@ -8,6 +8,10 @@ no full-size weight map is kept: memory is the input, the output and one batch o
 NAFNet's channel attention averages over whatever it sees, so a tile's statistics differ from the whole
 frame's: tiled output is close to, not equal to, whole-frame output (measured in docs/tiling.md). With TLC
 (NAFNetLocal) the pooling is already local, so tiles larger than the TLC kernel change less.
+
+Super-resolution models (``scale`` > 1) are tiled in input pixels: each tile's output, ``scale`` times larger, is
+placed at ``scale`` times its input position and blended with the window stretched by ``scale``. Tiles may be
+rectangular (a (height, width) tile): the stereo models run in full-width row bands.
 """
 
 from __future__ import annotations
@@ -58,12 +62,16 @@ def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> tuple[i
         n += 1
 
 
-def make_grid(height: int, width: int, *, tile_px: int, overlap_px: int, align_px: int = 1) -> TileGrid:
-    if tile_px < 1:
+TileSize = int | tuple[int, int]  # a square side, or (height, width)
+
+
+def make_grid(height: int, width: int, *, tile_px: TileSize, overlap_px: int, align_px: int = 1) -> TileGrid:
+    tile_h, tile_w = (tile_px, tile_px) if isinstance(tile_px, int) else tile_px
+    if min(tile_h, tile_w) < 1:
         raise ValueError(f"tile size must be positive, got {tile_px}")
-    if not 0 <= overlap_px < tile_px:
+    if not 0 <= overlap_px < min(tile_h, tile_w):
         raise ValueError(f"overlap must be in [0, tile size), got overlap {overlap_px} for tile {tile_px}")
-    th, tw = min(tile_px, height), min(tile_px, width)
+    th, tw = min(tile_h, height), min(tile_w, width)
     ys = tile_starts(height, th, overlap_px, align_px)
     xs = tile_starts(width, tw, overlap_px, align_px)
     return TileGrid(height, width, th, tw, ys, xs)
@@ -112,30 +120,35 @@ def run_tiled(
     fn: Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,
     *,
-    tile_px: int = DEFAULT_TILE_PX,
+    tile_px: TileSize = DEFAULT_TILE_PX,
     overlap_px: int = DEFAULT_OVERLAP_PX,
     batch: int = 1,
     device: torch.device | str = "cpu",
     on_tile: Callable[[int], None] | None = None,
     align_px: int = 1,
     pad_multiple: int = 1,
+    scale: int = 1,
 ) -> torch.Tensor:
-    """Apply ``fn`` (NCHW -> NCHW, same size) to a 1xCxHxW CPU image tile by tile and blend the results.
+    """Apply ``fn`` (NCHW -> NCHW, the same channels, ``scale`` times the size) to a 1xCxHxW CPU image tile by
+    tile and blend the results.
 
     With ``pad_multiple`` > 1 the frame is tiled as if zero-padded on the right and bottom to that multiple; only
     the tiles at the border are padded, the frame is never copied. Tiles are sent to ``device`` ``batch`` at a time.
-    The result is a float32 CPU tensor of the input's shape whose memory is in HxWxC order (an image array is a
-    view of it); besides the input, it is the only full-frame buffer.
+    The result is a float32 CPU tensor of shape 1 x C x (``scale`` H) x (``scale`` W) whose memory is in HxWxC
+    order (an image array is a view of it); besides the input, it is the only full-frame buffer.
     """
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"expected a 1xCxHxW image, got {tuple(image.shape)}")
+    if scale < 1:
+        raise ValueError(f"scale must be positive, got {scale}")
     _, c, h, w = image.shape
     ph, pw = -(-h // pad_multiple) * pad_multiple, -(-w // pad_multiple) * pad_multiple
     grid = make_grid(ph, pw, tile_px=tile_px, overlap_px=overlap_px, align_px=align_px)
-    wy = axis_weights(ph, grid.tile_h, grid.ys)
-    wx = axis_weights(pw, grid.tile_w, grid.xs)
-    out = torch.zeros(h, w, c, dtype=torch.float32)
     th, tw = grid.tile_h, grid.tile_w
+    s = scale
+    wy = axis_weights(ph * s, th * s, tuple(y * s for y in grid.ys))
+    wx = axis_weights(pw * s, tw * s, tuple(x * s for x in grid.xs))
+    out = torch.zeros(h * s, w * s, c, dtype=torch.float32)
     positions = [(iy, ix) for iy in range(len(grid.ys)) for ix in range(len(grid.xs))]
     for first in range(0, len(positions), max(1, batch)):
         chunk = positions[first : first + max(1, batch)]
@@ -144,9 +157,11 @@ def run_tiled(
             tile = image[:, :, grid.ys[iy] : grid.ys[iy] + th, grid.xs[ix] : grid.xs[ix] + tw]
             tiles.append(F.pad(tile, (0, tw - tile.shape[3], 0, th - tile.shape[2])))
         result = fn(torch.cat(tiles).to(device)).float().cpu()
+        if tuple(result.shape[1:]) != (c, th * s, tw * s):
+            raise ValueError(f"expected tiles of {(c, th * s, tw * s)} from {(c, th, tw)}, got {tuple(result.shape)}")
         for k, (iy, ix) in enumerate(chunk):
-            y, x = grid.ys[iy], grid.xs[ix]
-            vh, vw = min(th, h - y), min(tw, w - x)  # the part of the tile inside the frame
+            y, x = grid.ys[iy] * s, grid.xs[ix] * s
+            vh, vw = min(th * s, h * s - y), min(tw * s, w * s - x)  # the part of the tile inside the frame
             if vh <= 0 or vw <= 0:
                 continue
             weight = wy[iy][:vh, None] * wx[ix][None, :vw]

@@ -31,9 +31,9 @@ COMMON = """\
 | | name | shape | type | values |
 |---|---|---|---|---|
 | input | `{inp}` | `[1, {c}, {h}, {w}]` (NCHW) | float32 | {channels} in [0, 1] |
-| output | `{out}` | `[1, {c}, {h}, {w}]` (NCHW) | float32 | unclamped: clamp to [0, 1], then round |
+| output | `{out}` | `[1, {c}, {oh}, {ow}]` (NCHW) | float32 | unclamped: clamp to [0, 1], then round |
 
-{tiling}- Validation of this file in its runtime is in `manifest.json` (`validation`).
+{geometry}{tiling}- Validation of this file in its runtime is in `manifest.json` (`validation`).
 """
 
 COMMON_IMAGE = """\
@@ -45,7 +45,7 @@ COMMON_IMAGE = """\
 | | name | shape | type | values |
 |---|---|---|---|---|
 | input | `{inp}` | `[1, {h}, {w}, {p}]` (NHWC) | {pixel_type} | {channels} pixels 0..255{alpha_in} |
-| output | `{out}` | `[1, {h}, {w}, {p}]` (NHWC) | {pixel_type} | {channels} pixels 0..255{alpha_out} |
+| output | `{out}` | `[1, {oh}, {ow}, {p}]` (NHWC) | {pixel_type} | {channels} pixels 0..255{alpha_out} |
 
 - The artifact scales by 1/255, restores, clamps, scales by 255 and rounds (half to even) inside: hand it the
   bytes of a pixel buffer and use the bytes it returns. 16-bit and HDR frames need a tensor-I/O artifact
@@ -201,6 +201,20 @@ def budget_advice(manifest: Manifest) -> str:
     return "; ".join(tries) + "; or accept a looser --max-drift / --min-fidelity"
 
 
+def geometry_note(scale: int, channels: str) -> str:
+    """The lines a super-resolution artifact's note adds: the output scale, and how a stereo pair is packed."""
+    lines = ""
+    if scale > 1:
+        lines += f"- Super-resolution: the output is {scale} times the input's height and width.\n"
+    if "+" in channels:
+        lines += (
+            "- Stereo: one tensor holds the pair, left view's channels first, then the right view's (planar NCHW: "
+            "the left image's planes, then the right image's), in and out. Tile both views alike; the views' rows "
+            "attend to each other, so full-width tiles keep the most parallax.\n"
+        )
+    return lines
+
+
 def usage_note(target: str, manifest: Manifest) -> str:
     """The USAGE.md text for an artifact described by ``manifest``; one that missed its validation budget says so
     first, with the failures and what to try."""
@@ -221,6 +235,9 @@ def usage_note(target: str, manifest: Manifest) -> str:
         "c": c,
         "h": h,
         "w": w,
+        "oh": h * io.scale,
+        "ow": w * io.scale,
+        "geometry": geometry_note(io.scale, io.input.channels),
         "channels": io.input.channels,
         "mode": "RGB" if c == 3 else "L",
         "overlap": manifest.tiling.overlap_px,

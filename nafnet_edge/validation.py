@@ -7,7 +7,10 @@
   private per-user key, checks out, so nothing planted in the cache can turn a failure into a pass.
 - Images: the Kodak photos shipped with the package with seeded Gaussian noise (sigma 25/255) as inputs and
   the clean photos as ground truth, or the user's folder (``--data``), or input/target folder pairs
-  (``--data-pairs``).
+  (``--data-pairs``). Super-resolution models (``scale`` > 1) get the same photos cropped to a multiple of the
+  scale as ground truth and their bicubic downscale (Pillow's antialiased BICUBIC, rounded to 8 bits) as input;
+  stereo models (2 views) a synthetic pair with real parallax: two crops of one photo shifted horizontally by
+  ``STEREO_SHIFT_PX``, stacked on the channel axis (left first).
 - Metrics per image and overall: fidelity PSNR (artifact vs reference, data range 1.0, outputs clamped to
   [0, 1]), max abs error (unclamped), NaN/Inf count; with ground truth, task PSNR and SSIM of reference and
   artifact and their difference (drift, dB).
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
 DEFAULT_NOISE_SIGMA = 25.0 / 255.0
 DEFAULT_NOISE_SEED = 2022
 DEFAULT_OVERLAP_PX = VALIDATION_OVERLAP_PX
+STEREO_SHIFT_PX = 12  # horizontal offset of the right view's crop in the synthetic stereo pairs (ground-truth px)
 MIN_FIDELITY_DB = {"fp32": 60.0, "fp16": 45.0, "int8": 35.0}
 MAX_DRIFT_DB = {"fp32": 0.01, "fp16": 0.05, "int8": 0.1}
 
@@ -56,8 +60,8 @@ MAX_DRIFT_DB = {"fp32": 0.01, "fp16": 0.05, "int8": 0.1}
 @dataclass(frozen=True)
 class ValidationImage:
     name: str
-    input: np.ndarray  # float32 HxWxC in [0, 1]
-    target: np.ndarray | None = None  # ground truth, same shape
+    input: np.ndarray  # float32 HxWxC in [0, 1] (C: channels times views, views stacked left first)
+    target: np.ndarray | None = None  # ground truth: the output's shape (scale times the input's size)
 
     @property
     def digest(self) -> str:
@@ -184,8 +188,11 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 # --- data ------------------------------------------------------------------------------------------------------
 
 
-def default_images(channels: int = 3) -> list[ValidationImage]:
-    """The shipped Kodak photos with seeded Gaussian noise (sigma 25/255) and the clean photos as targets."""
+def default_images(channels: int = 3, *, scale: int = 1, views: int = 1) -> list[ValidationImage]:
+    """The shipped Kodak photos with seeded Gaussian noise (sigma 25/255) and the clean photos as targets; for a
+    super-resolution model (``scale`` > 1 or a stereo one) :func:`sr_images` instead."""
+    if scale > 1 or views > 1:
+        return sr_images(channels, scale=scale, views=views)
     folder = Path(str(resources.files("nafnet_edge") / "data" / "kodak"))
     rng = np.random.default_rng(DEFAULT_NOISE_SEED)
     images = []
@@ -196,13 +203,56 @@ def default_images(channels: int = 3) -> list[ValidationImage]:
     return images
 
 
+def sr_images(channels: int = 3, *, scale: int, views: int = 1) -> list[ValidationImage]:
+    """Super-resolution validation data from the shipped photos: the clean photo cropped to a multiple of
+    ``scale`` is the ground truth, its bicubic downscale by ``scale`` (Pillow BICUBIC, antialiased, rounded to 8
+    bits like a saved file) the input. With ``views`` = 2 (stereo) the pair is synthetic but has real parallax:
+    the left view is the photo without its right ``STEREO_SHIFT_PX`` columns, the right view the same crop moved
+    that far right, each downscaled on its own, stacked on the channel axis (left first)."""
+    from PIL import Image
+
+    folder = Path(str(resources.files("nafnet_edge") / "data" / "kodak"))
+    shift = STEREO_SHIFT_PX if views > 1 else 0
+    images = []
+    for path in sorted(folder.glob("*.png")):
+        clean = _channels(read_image(path).pixels, channels)
+        h, w = clean.shape[0] // scale * scale, (clean.shape[1] - shift) // scale * scale
+        crops = [clean[:h, v * shift : v * shift + w] for v in range(views)]
+        lows = []
+        for crop in crops:
+            levels = np.clip(np.rint(crop * 255.0), 0, 255).astype(np.uint8)
+            planes = [Image.fromarray(levels[:, :, i]) for i in range(channels)]  # per channel: gray or RGB alike
+            small = [np.asarray(p.resize((w // scale, h // scale), Image.Resampling.BICUBIC)) for p in planes]
+            lows.append(np.stack(small, axis=2).astype(np.float32) / np.float32(255.0))
+        label = f"{path.stem}-bicubic-x{scale}" + (f"-stereo-shift{shift}" if views > 1 else "")
+        target = np.concatenate(crops, axis=2).astype(np.float32)
+        images.append(ValidationImage(label, np.concatenate(lows, axis=2), target))
+    return images
+
+
+def sr_data_note(scale: int, views: int) -> str:
+    """How :func:`sr_images` made the data, for the manifest and the report."""
+    pair = (
+        f"; stereo pairs are synthetic: two crops of one photo {STEREO_SHIFT_PX} px apart horizontally"
+        if views > 1
+        else ""
+    )
+    return (
+        f"shipped Kodak photos: ground truth cropped to a multiple of {scale}, input its x{scale} bicubic "
+        f"downscale{pair}"
+    )
+
+
 def folder_images(folder: str | Path, channels: int = 3) -> list[ValidationImage]:
     """Every image in ``folder`` (no ground truth)."""
     return [ValidationImage(p.name, _channels(read_image(p).pixels, channels)) for p in _list_images(folder)]
 
 
-def paired_images(inputs: str | Path, targets: str | Path, channels: int = 3) -> list[ValidationImage]:
-    """Degraded images in ``inputs`` and their ground truth, with the same file names, in ``targets``."""
+def paired_images(
+    inputs: str | Path, targets: str | Path, channels: int = 3, *, scale: int = 1
+) -> list[ValidationImage]:
+    """Degraded images in ``inputs`` and their ground truth, with the same file names, in ``targets`` (``scale``
+    times the input's size for a super-resolution model)."""
     images = []
     target_dir = Path(targets)
     for p in _list_images(inputs):
@@ -210,8 +260,11 @@ def paired_images(inputs: str | Path, targets: str | Path, channels: int = 3) ->
         if not match:
             raise BadInputError(f"no ground truth for {p.name} in {target_dir}: name targets like their inputs")
         x, y = _channels(read_image(p).pixels, channels), _channels(read_image(match[0]).pixels, channels)
-        if x.shape != y.shape:
-            raise BadInputError(f"{p.name}: input is {x.shape[1]}x{x.shape[0]}, target {y.shape[1]}x{y.shape[0]}")
+        if (x.shape[0] * scale, x.shape[1] * scale, x.shape[2]) != y.shape:
+            times = f" (the target must be {scale} times the input's size)" if scale > 1 else ""
+            raise BadInputError(
+                f"{p.name}: input is {x.shape[1]}x{x.shape[0]}, target {y.shape[1]}x{y.shape[0]}{times}"
+            )
         images.append(ValidationImage(p.name, x, y))
     return images
 
@@ -249,9 +302,9 @@ def _padded(shape: tuple[int, ...], tile: tuple[int, int] | None, multiple: int)
 def tile_count(shape: tuple[int, ...], tile: tuple[int, int] | None, overlap: int, multiple: int) -> int:
     """How many calls :func:`apply_tiled` makes for an HxW(xC) image."""
     ph, pw, th, tw = _padded(shape, tile, multiple)
-    if (ph, pw) == (th, tw) or th != tw:
+    if (ph, pw) == (th, tw):
         return 1
-    return len(make_grid(ph, pw, tile_px=th, overlap_px=overlap, align_px=multiple))
+    return len(make_grid(ph, pw, tile_px=(th, tw), overlap_px=overlap, align_px=multiple))
 
 
 def apply_tiled(
@@ -260,9 +313,11 @@ def apply_tiled(
     tile: tuple[int, int] | None,
     overlap: int,
     multiple: int,
+    scale: int = 1,
 ) -> tuple[np.ndarray, int]:
-    """``fn`` (fixed-size NCHW -> NCHW) over an HxWxC image: zero-pad to the tile (or, with ``tile=None``, to
-    the multiple for one whole-image call), tile, crop back; returns the output and the number of calls."""
+    """``fn`` (fixed-size NCHW -> NCHW, ``scale`` times the size) over an HxWxC image: zero-pad to the tile (or,
+    with ``tile=None``, to the multiple for one whole-image call), tile, crop back; returns the output
+    (``scale`` H x ``scale`` W x C) and the number of calls."""
     x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None]
     h, w = x.shape[-2:]
     ph, pw, th, tw = _padded(pixels.shape, tile, multiple)
@@ -276,10 +331,8 @@ def apply_tiled(
     if (ph, pw) == (th, tw):
         y = counted(x)
     else:
-        if th != tw:
-            raise ValueError("tiling needs a square artifact input size")
-        y = run_tiled(counted, x, tile_px=th, overlap_px=overlap, align_px=multiple)
-    return y[0, :, :h, :w].permute(1, 2, 0).numpy(), len(calls)
+        y = run_tiled(counted, x, tile_px=(th, tw), overlap_px=overlap, align_px=multiple, scale=scale)
+    return y[0, :, : h * scale, : w * scale].permute(1, 2, 0).numpy(), len(calls)
 
 
 def runner_fn(run: Callable[[np.ndarray], np.ndarray]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -348,9 +401,16 @@ def reference_identity(
 
 
 def cache_key(
-    identity: dict[str, Any], image: ValidationImage, *, tile: tuple[int, int], overlap: int
+    identity: dict[str, Any],
+    image: ValidationImage,
+    *,
+    tile: tuple[int, int],
+    overlap: int,
+    scale: int = 1,
+    views: int = 1,
 ) -> tuple[str, bytes]:
-    """The entry's file name and the key material its HMAC covers, for one image and tiling."""
+    """The entry's file name and the key material its HMAC covers, for one image and tiling; the output scale and
+    the views are in it too, so super-resolution and restoration references never share an entry."""
     pixels = np.ascontiguousarray(image.input)
     material = json.dumps(
         {
@@ -360,6 +420,8 @@ def cache_key(
             "image_dtype": pixels.dtype.str,
             "tile": list(tile),
             "overlap": overlap,
+            "scale": scale,
+            "views": views,
         },
         sort_keys=True,
     ).encode()
@@ -386,6 +448,7 @@ def reference_outputs(
         identity = reference_identity(model, checkpoint_sha256=checkpoint_sha256, param_key=param_key, device=device)
     model = model.float().to(device).eval()
     multiple = model.pad_multiple
+    geometry = _geometry(model)
 
     @torch.inference_mode()
     def fn(t: torch.Tensor) -> torch.Tensor:
@@ -394,7 +457,7 @@ def reference_outputs(
     results = []
     with progress.task(label, total=len(images), unit="image") as advance:
         for image in images:
-            results.append(_reference_output(fn, image, tile, overlap, multiple, secret, identity))
+            results.append(_reference_output(fn, image, tile, overlap, multiple, secret, identity, geometry))
             advance(1)
     return results
 
@@ -407,17 +470,21 @@ def _reference_output(
     multiple: int,
     secret: bytes | None,
     identity: dict[str, Any] | None,
+    geometry: tuple[int, int] = (1, 1),
 ) -> tuple[np.ndarray, float | None]:
-    """One image's reference output and tiling drift, from the cache when it holds them (and into it if not)."""
+    """One image's reference output and tiling drift, from the cache when it holds them (and into it if not);
+    ``geometry`` is the model's (scale, views)."""
+    scale, views = geometry
     path: Path | None = None
     material = b""
     if secret is not None and identity is not None:
-        name, material = cache_key(identity, image, tile=tile, overlap=overlap)
+        name, material = cache_key(identity, image, tile=tile, overlap=overlap, scale=scale, views=views)
         path = cache_dir() / name
-        cached = _read_cached(path, image.input.shape, secret, material)
+        h, w, c = image.input.shape
+        cached = _read_cached(path, (h * scale, w * scale, c), secret, material)
         if cached is not None:
             return cached
-    tiled, calls = apply_tiled(fn, image.input, tile, overlap, multiple)
+    tiled, calls = apply_tiled(fn, image.input, tile, overlap, multiple, scale)
     if not np.isfinite(tiled).all():  # nothing to score against: no verdict rather than a meaningless one
         raise CheckpointError(
             f"{image.name}: the source checkpoint itself (the fp32 reference) produces non-finite values (NaN "
@@ -426,11 +493,17 @@ def _reference_output(
         )
     tiling_db = None
     if calls > 1:
-        whole, _ = apply_tiled(fn, image.input, None, overlap, multiple)
+        whole, _ = apply_tiled(fn, image.input, None, overlap, multiple, scale)
         tiling_db = psnr(np.clip(tiled, 0, 1), np.clip(whole, 0, 1))
     if secret is not None and path is not None:
         _write_cached(path, tiled, tiling_db, secret, material)
     return tiled, tiling_db
+
+
+def _geometry(model: torch.nn.Module) -> tuple[int, int]:
+    """The model's output scale and views (1, 1 for the restoration U-Nets)."""
+    config: Any = getattr(model, "config", None)
+    return int(getattr(config, "up_scale", 1)), int(getattr(config, "views", 1))
 
 
 def _entry_bytes(shape: tuple[int, ...]) -> int:
@@ -594,6 +667,7 @@ def validate_runner(
     data: str,
     on_image: Callable[[ImageResult], None] | None = None,
     label: str = "run in its runtime",
+    scale: int = 1,
 ) -> ValidationReport:
     """Run the artifact over ``images`` and score it against the references and any ground truth; ``label``
     names the task (counted in tiles) in the progress lines."""
@@ -608,7 +682,9 @@ def validate_runner(
 
         fn = runner_fn(counted)
         for image, (ref, tiling_db) in zip(images, references, strict=True):
-            results.append(_score(fn, image, ref, tiling_db, tile, overlap, multiple, pixels=budgets.pixels))
+            results.append(
+                _score(fn, image, ref, tiling_db, tile, overlap, multiple, pixels=budgets.pixels, scale=scale)
+            )
             if on_image is not None:
                 on_image(results[-1])
     report = ValidationReport(results, budgets, reference_device, data)
@@ -642,10 +718,11 @@ def _score(
     multiple: int,
     *,
     pixels: bool = False,
+    scale: int = 1,
 ) -> ImageResult:
     """Run ``fn`` over one image, tiled like its reference ``ref``, and score the output; with ``pixels`` (image
     I/O) the output and the reference are both rounded to 8 bits first, as an app gets them."""
-    out, calls = apply_tiled(fn, image.input, tile, overlap, multiple)
+    out, calls = apply_tiled(fn, image.input, tile, overlap, multiple, scale)
     nonfinite = int((~np.isfinite(out)).sum())
     out_c, ref_c = np.clip(np.nan_to_num(out, nan=0.0), 0, 1), np.clip(ref, 0, 1)
     agreement = level_agreement(out_c, ref_c)

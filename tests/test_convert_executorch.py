@@ -22,7 +22,7 @@ from helpers import randomize  # noqa: E402
 from nafnet_edge.converters import Exported, ExportOptions, Target, get_target  # noqa: E402
 from nafnet_edge.deploy import DeployNAFNet, deploy  # noqa: E402
 from nafnet_edge.images import read_image  # noqa: E402
-from nafnet_edge.model import NAFNet, NAFNetConfig  # noqa: E402
+from nafnet_edge.model import NAFNet, NAFNetConfig, build_model  # noqa: E402
 
 KODAK = sorted(Path(str(resources.files("nafnet_edge") / "data" / "kodak")).glob("*.png"))
 CFG = NAFNetConfig(width=8, enc_blk_nums=(1, 1), middle_blk_num=1, dec_blk_nums=(1, 1))
@@ -97,6 +97,21 @@ def test_pte_matches_pytorch_in_the_executorch_runtime(artifact: Artifact) -> No
     profile = runner.profile(photo(*SIZE), 1)  # ETDump through executorch.runtime: XNNPACK's own operators
     assert profile["source"].startswith("ExecuTorch ETDump") and profile["top"]
     assert any("NHWC" in op["op"] or "GEMM" in op["op"] for op in profile["top"])
+
+
+def test_tlc_local_pooling_is_one_partition_too(tmp_path: Path) -> None:
+    """TLC pools locally at this size (kernels 48x36 .. 12x9 < the feature maps): separable average pools and
+    edges copied by constant products, no replicate pad whose index ops would stay outside XNNPACK."""
+    converter = get_target("executorch")
+    model = randomize(build_model(CFG.replace(arch="nafnet-local", train_size=(32, 24))), seed=3)
+    graph = deploy(model, norm_form=converter.norm_form, input_size=SIZE)  # type: ignore[arg-type]
+    assert graph.recipe.local_pooling[0] == (48, 36)
+    info = converter.export(graph, tmp_path, ExportOptions(input_size=SIZE)).info
+    assert info["delegated_partitions"] == 1 and info["ops_outside_delegate"] == {}
+    runner = converter.load_runner(tmp_path)
+    for index in (0, 2):
+        x = photo(*SIZE, index)
+        assert max_err(runner.run(x), reference(model, x)) <= MAX_ABS_ERR
 
 
 def test_bundled_program_verifies_itself_in_the_runtime(artifact: Artifact) -> None:

@@ -21,7 +21,7 @@ from nafnet_edge.cli import main  # noqa: E402
 from nafnet_edge.converters import Exported, ExportOptions, SessionSettings, get_target  # noqa: E402
 from nafnet_edge.converters.litert import convert_to_tflite, float16_weights, gpu_delegate_readiness  # noqa: E402
 from nafnet_edge.deploy import DeployNAFNet, deploy  # noqa: E402
-from nafnet_edge.model import NAFNet, NAFNetConfig  # noqa: E402
+from nafnet_edge.model import NAFNet, NAFNetConfig, build_model  # noqa: E402
 from nafnet_edge.pixels import image_io_module, level_agreement  # noqa: E402
 
 SIZE = (64, 96)
@@ -155,6 +155,22 @@ def test_fp16_image_io_rounds_within_float16_and_computes_in_fp16(graph, tmp_pat
     x = np.random.default_rng(4).random((1, 3, *SIZE), dtype=np.float32)
     agreement = level_agreement(session.run(x), reference(graph, x))
     assert agreement["within_one_level_share"] >= 0.999 and agreement["max_level_diff"] <= 1
+
+
+def test_tlc_local_pooling_is_one_xnnpack_graph_the_gpu_delegate_takes(tmp_path) -> None:
+    """TLC pools locally at this size (kernels 48x36 .. 12x9 < the feature maps): average pools, pads, transposes
+    and fully connected ops, all in one XNNPACK graph and on the GPU delegate's list."""
+    target = get_target("litert")
+    model = randomize(build_model(TINY_CONFIG.replace(arch="nafnet-local", train_size=(32, 24))), seed=4)
+    graph = deploy(model, norm_form=target.norm_form, input_size=SIZE)
+    assert graph.recipe.local_pooling[0] == (48, 36)
+    info = target.export(graph, tmp_path, ExportOptions(input_size=SIZE, precision="fp32")).info
+    assert info["op_histogram"]["AVERAGE_POOL_2D"] == 2 * len(graph.recipe.local_pooling)  # separable
+    assert info["gpu_delegate"]["rejected"] == {}
+    session = target.open_session(tmp_path, export=info, settings=SessionSettings(threads=1))
+    assert session.info["xnnpack_partitions"] == 1
+    x = np.random.default_rng(5).random((1, 3, *SIZE), dtype=np.float32)
+    assert np.abs(session.run(x) - reference(model, x)).max() <= MAX_ABS_ERR_FP32
 
 
 def test_a_constant_beyond_float16_is_flagged_and_computed_in_float32(graph, tmp_path) -> None:

@@ -15,6 +15,7 @@ from nafnet_edge.deploy import (
     NORM_FORM_NAMES,
     PASSES,
     ChannelNorm,
+    FixedPool,
     PadCrop,
     deploy,
     fix_pooling,
@@ -27,7 +28,7 @@ from nafnet_edge.deploy import (
     transposed_conv_upsampling,
 )
 from nafnet_edge.images import read_image
-from nafnet_edge.model import NAFNet, NAFNetConfig, NAFNetLocal
+from nafnet_edge.model import ChannelPool, NAFNet, NAFNetConfig, NAFNetLocal
 
 KODAK = sorted(Path(str(resources.files("nafnet_edge") / "data" / "kodak")).glob("*.png"))
 CFG = NAFNetConfig(width=8, enc_blk_nums=(1, 2), middle_blk_num=1, dec_blk_nums=(1, 1))
@@ -165,7 +166,33 @@ def test_static_graph_has_no_slices_chunks_or_cumsum() -> None:
     banned = ("split", "chunk", "slice", "cumsum", "native_layer_norm", "pixel_shuffle")
     banned = [op for op in ops if any(k in op for k in banned)]
     assert banned == [], banned
-    assert any("avg_pool2d" in op for op in ops)  # TLC's local pooling is a plain average pool
+    pools = [n.args[1] for n in exported.graph.nodes if "avg_pool2d" in str(n.target)]
+    assert pools and all(1 in kernel for kernel in pools), pools  # TLC's box mean: separable average pools
+    pads = [n.args[2] if len(n.args) > 2 else "constant" for n in exported.graph.nodes if "pad" in str(n.target)]
+    assert pads and set(pads) == {"constant"}, pads  # replicate edges as 0/1 products: no pad XNNPACK lacks
+
+
+@pytest.mark.parametrize(
+    ("size", "kernel"),
+    [((96, 128), (48, 48)), ((37, 53), (20, 9)), ((30, 90), (30, 40)), ((24, 16), (24, 1)), ((5, 7), (2, 7))],
+)
+def test_fixed_pool_is_the_tlc_box_mean_at_its_size(size: tuple[int, int], kernel: tuple[int, int]) -> None:
+    """Separable pools and copied edges give ChannelPool's box mean (clipped kernels and 1-wide ones included)."""
+    h, w = size
+    x = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(h * w))
+    oh, ow = h - kernel[0] + 1, w - kernel[1] + 1
+    pad = ((w - ow) // 2, (w - ow + 1) // 2, (h - oh) // 2, (h - oh + 1) // 2)
+    with torch.no_grad():
+        ours = FixedPool(kernel, pad, size)(x)
+        exact = ChannelPool(kernel)(x.double())
+        old = torch.nn.functional.pad(torch.nn.functional.avg_pool2d(x, kernel, stride=1), pad, mode="replicate")
+    assert ours.shape == x.shape
+    assert max_err(ours, exact) <= 1e-6 and max_err(ours, old) <= 2e-6  # old: one 2-D pool (fp32 sums stray)
+    with pytest.raises(ValueError, match="needs the feature map size"):
+        FixedPool(kernel, pad)
+    for bad_pad, bad_size in (((0, 0, 0, 0), size), (pad, (kernel[0] - 1, w))):
+        with pytest.raises(ValueError, match="does not restore"):
+            FixedPool(kernel, bad_pad, bad_size)
 
 
 @pytest.mark.parametrize("form", ["reference", "conv-mean"])

@@ -229,7 +229,7 @@ MALFORMED = [
     ("channels", "io.inputs.0.channels", "CMYK", "'io.inputs[0].channels' 'CMYK' is not one of"),
     # bad shapes and io
     ("shape-absurd", "io.inputs.0.shape", [1, 3, 160000, 160000], "[1, 3, 160000, 160000] is not one"),
-    ("shape-channels", "io.inputs.0.shape", [1, 4096, 64, 48], "1 to 4 channels"),
+    ("shape-channels", "io.inputs.0.shape", [1, 4096, 64, 48], "1 to 6 channels"),
     ("shape-batch", "io.inputs.0.shape", [8, 3, 64, 48], "batch 1"),
     ("shape-bool", "io.inputs.0.shape", [1, 3, True, 48], "'io.inputs[0].shape' is not four positive integers"),
     ("shape-rank", "io.inputs.0.shape", [1, 3, 64], "'io.inputs[0].shape' is not four positive integers"),

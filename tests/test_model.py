@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from helpers import randomize
 
-from nafnet_edge.model import NAFNet, NAFNetConfig, NAFNetLocal, tlc_kernel_sizes
+from nafnet_edge.model import ChannelPool, NAFNet, NAFNetConfig, NAFNetLocal, separable_box_mean, tlc_kernel_sizes
 
 Tensor = torch.Tensor
 
@@ -195,3 +195,49 @@ def test_state_dict_keys_follow_the_official_layout() -> None:
     assert "ups.0.0.bias" not in sd
     assert tuple(sd["encoders.0.0.beta"].shape) == (1, 8, 1, 1)
     assert tuple(sd["ups.0.0.weight"].shape) == (64, 32, 1, 1)
+
+
+def avg_pool_box_mean(x: Tensor, kernel: tuple[int, int]) -> Tensor:
+    """TLC's local pooling as upstream writes it: one 2-D average pool (k1 * k2 reads a pixel), replicate-padded."""
+    h, w = x.shape[-2:]
+    out = F.avg_pool2d(x, kernel, stride=1)
+    oh, ow = out.shape[-2:]
+    return F.pad(out, ((w - ow) // 2, (w - ow + 1) // 2, (h - oh) // 2, (h - oh + 1) // 2), mode="replicate")
+
+
+def test_tlc_box_means_match_the_avg_pool_form_and_window_sums() -> None:
+    g = torch.Generator().manual_seed(7)
+    cases = [
+        ((100, 140), (48, 64)),
+        ((37, 53), (20, 9)),  # odd sizes, rectangular kernel: uneven replicate padding
+        ((30, 90), (45, 40)),  # kernel taller than the map: clipped to 30 rows, local along the width only
+    ]
+    for (h, w), kernel in cases:
+        x = torch.rand(1, 2, h, w, generator=g)
+        clipped = (min(h, kernel[0]), min(w, kernel[1]))
+        exact = pool(x.double(), kernel)  # explicit window sums in float64
+        with torch.no_grad():
+            ours = ChannelPool(kernel)(x)  # eager: the float64 integral image, rounded once
+            ours64 = ChannelPool(kernel)(x.double())
+        assert ours.dtype == torch.float32 and ours.shape == x.shape
+        assert float((ours.double() - exact).abs().max()) <= 1e-7, (h, w, kernel)  # measured 3e-8: half an ulp
+        # the old avg_pool2d form: the same windows and padding (equal in float64); in float32 its own sums stray
+        # from the exact means (measured 1.4e-6 over the 3072-pixel windows), so the gap is its rounding, not ours
+        assert float((avg_pool_box_mean(x.double(), clipped) - ours64).abs().max()) <= 1e-12, (h, w, kernel)
+        assert float((avg_pool_box_mean(x, clipped) - ours).abs().max()) <= 2e-6, (h, w, kernel)
+        separable = separable_box_mean(x, clipped)  # the form traced and exported graphs get; measured 2e-7
+        assert float((separable.double() - F.avg_pool2d(x.double(), clipped, stride=1)).abs().max()) <= 1e-6
+
+
+def test_exported_nafnetlocal_pools_with_average_pools_not_float64_cumsums() -> None:
+    model = randomize(NAFNetLocal(TINY.replace(train_size=(16, 16))), seed=4)  # kernels 24 / 12 / 6 < 64x56
+    x = torch.rand(1, 3, 64, 56, generator=torch.Generator().manual_seed(3))
+    exported = torch.export.export(model, (x,))
+    nodes = [n for n in exported.graph.nodes if n.op == "call_function"]
+    ops = {str(n.target) for n in nodes}
+    assert not [op for op in ops if "cumsum" in op], ops
+    assert any("avg_pool2d" in op for op in ops)
+    dtypes = {n.meta["val"].dtype for n in exported.graph.nodes if isinstance(n.meta.get("val"), Tensor)}
+    assert dtypes == {torch.float32}, dtypes
+    with torch.no_grad():
+        assert float((exported.module()(x) - model(x)).abs().max()) <= 1e-5  # the eager (integral) path agrees

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from nafnet_edge import defaults
+from nafnet_edge.archs import ARCHS
 from nafnet_edge.errors import (
     EXIT_USAGE,
     UsageError,
@@ -184,8 +185,19 @@ def checkpoint_options() -> Parser:
         help="which entry of a wrapped checkpoint to use (auto: 'params' first, as the official files; "
         "default: %(default)s)",
     )
-    g.add_argument("--arch", choices=["nafnet", "nafnet-local"], help="override the identified class (TLC or not)")
-    g.add_argument("--train-size", type=parse_size, metavar="PX", help="TLC training crop, e.g. 256 (default)")
+    g.add_argument(
+        "--arch",
+        choices=ARCHS,
+        help="override the identified class, within the checkpoint's family: nafnet or nafnet-local (TLC) for a "
+        "NAFNet, baseline or baseline-local (TLC) for a Baseline, nafssr (TLC) or nafnet-sr for a stereo "
+        "super-resolution checkpoint, nafnet-sr for a single-view one",
+    )
+    g.add_argument(
+        "--train-size",
+        type=parse_size,
+        metavar="PX",
+        help="TLC training crop (default: 256 for the U-Nets, 30x90 (one view) for NAFSSR)",
+    )
     return p
 
 

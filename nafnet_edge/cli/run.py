@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,15 @@ from typing import Any
 from nafnet_edge import defaults
 from nafnet_edge.cli.common import BATCH, EPILOG, SIDE_OR_ZERO, Parents, deprecated_alias, load_model
 from nafnet_edge.errors import BadInputError, UsageError
+
+# Models shipped inside the package, by the short name that can stand where a checkpoint path goes.
+SHIPPED_MODELS = {
+    "denoise-s": "nafnet-edge-denoise-s.safetensors",  # the embedded default
+    "sr-x2": "nafnet-edge-sr-x2.safetensors",  # NAFNet-SR x2, bicubic degradation (docs/model-card-sr.md)
+}
+# Names of the two views of a stereo pair, as Flickr1024 (0001_L.png) and others (scene_left.png) write them.
+_STEREO_NAME = re.compile(r"^(?P<base>.+)_(?P<view>l|r|left|right)$", re.IGNORECASE)
+_PARTNER = {"l": "r", "r": "l", "left": "right", "right": "left"}
 
 
 class _Given(argparse.Action):
@@ -95,16 +105,65 @@ def cmd_run(args: argparse.Namespace) -> int:
     if artifact is not None:
         inputs.pop(0)
     elif not is_image_path(first) and not first.is_dir():
-        checkpoint = inputs.pop(0)
+        checkpoint = shipped_model_path(inputs.pop(0))
     if not inputs:
         model = "artifact" if artifact is not None else "checkpoint"
         raise UsageError(f"no input images: give images or folders after the {model}")
     if artifact is None and args.tile and args.overlap >= args.tile:
         raise UsageError(f"--overlap ({args.overlap}) must be smaller than --tile ({args.tile})")
+    if artifact is not None and args.side_by_side:
+        raise UsageError("--side-by-side: artifacts restore single images; run a stereo checkpoint (NAFSSR) instead")
     files = _expand_inputs(inputs)
     if artifact is not None:
         return _run_artifact(args, artifact, files)
     return _run_files(args, checkpoint, files)
+
+
+def shipped_model_path(name: str) -> str:
+    """The file of the shipped model ``name`` (see ``SHIPPED_MODELS``), or ``name`` itself, a checkpoint path. A
+    name that is also a file here is refused as ambiguous: ``./NAME`` is the file."""
+    if name not in SHIPPED_MODELS:
+        return name
+    if os.path.lexists(name):
+        raise UsageError(
+            f"{name!r} is both a file here and the name of a model shipped with nafnet-edge: write ./{name} for the "
+            "file, or run from another folder for the shipped model"
+        )
+    from importlib import resources
+
+    return str(resources.files("nafnet_edge") / "weights" / SHIPPED_MODELS[name])
+
+
+def stereo_pairs(files: list[Path]) -> list[tuple[Path, Path]]:
+    """(left, right) pairs of the stereo views among ``files``, by name: ``NAME_L``/``NAME_R`` (Flickr1024, any
+    case) or ``NAME_left``/``NAME_right``, in the same folder. A file whose partner is not among them, or whose
+    name says no view, is refused naming what is expected."""
+    from nafnet_edge.errors import ImageError, display_path
+
+    views = {}
+    for f in files:
+        match = _STEREO_NAME.match(f.stem)
+        if match is None:
+            raise ImageError(
+                f"{display_path(f)}: a stereo model restores left/right pairs named NAME_L and NAME_R (or NAME_left "
+                "and NAME_right), given together or in one folder; for one image holding both views side by side, "
+                "add --side-by-side"
+            )
+        views[f] = (match["base"], match["view"])
+    by_key = {(f.parent, f.stem.lower()): f for f in files}
+    pairs = []
+    for f, (base, view) in views.items():
+        other = _PARTNER[view.lower()]
+        other = other.upper() if view.isupper() else other.title() if view.istitle() else other
+        partner = by_key.get((f.parent, f"{base}_{other}".lower()))
+        if partner is None:
+            raise ImageError(
+                f"{display_path(f)} is one view of a stereo pair and its partner is not among the inputs: give "
+                f"{display_path(f.with_name(f'{base}_{other}{f.suffix}'))} too"
+            )
+        if view.lower() in ("l", "left"):
+            pairs.append((f, partner))
+    return pairs
 
 
 def _outputs(args: argparse.Namespace, files: list[Path]) -> tuple[list[Path], list[Any]]:
@@ -135,50 +194,163 @@ def _check_channels(src: Path, probe: Any, model_channels: int, what: str) -> No
 def _run_files(args: argparse.Namespace, checkpoint: str | None, files: list[Path]) -> int:
     from nafnet_edge import progress
     from nafnet_edge.errors import display_path
-    from nafnet_edge.images import read_image, write_image
-    from nafnet_edge.inference import check_restore_memory, resolve_device, restore_image, tile_count
+    from nafnet_edge.inference import full_width_tiles, resolve_device
 
     targets, probes = _outputs(args, files)
-    # Then against the model's channels and the memory its pass needs.
+    # Then against the model's channels, its views and the memory its pass needs: everything before any work.
     device = resolve_device(args.device)
     loaded = load_model(args, checkpoint, device=str(device))
-    model_channels = loaded.config.img_channels
-    for src, probe in zip(files, probes, strict=True):
-        _check_channels(src, probe, model_channels, "this checkpoint")
-        check_restore_memory(
-            loaded.model,
-            probe.height,
-            probe.width,
-            tile_px=args.tile,
-            overlap_px=args.overlap,
-            batch=args.tile_batch,
-            name=str(src),
-            channels=probe.channels,
-            alpha=probe.has_alpha,
-            bit_depth=probe.bit_depth,
-        )
-    cfg = loaded.config
+    model, cfg = loaded.model, loaded.config
     name = (
         loaded.release.name
         if loaded.release
         else ("embedded default" if loaded.is_default else display_path(loaded.path.name))
     )
-    progress.phase(
-        f"model: {name} ({'NAFNetLocal' if cfg.arch == 'nafnet-local' else 'NAFNet'}, width {cfg.width}) on {device}; "
-        f"tile {args.tile or 'off'}, overlap {args.overlap if args.tile else '-'}"
-    )
-    for src, dst in zip(files, targets, strict=True):
-        image = read_image(src)
-        n = tile_count(
-            image.height, image.width, tile_px=args.tile, overlap_px=args.overlap, pad_multiple=cfg.pad_multiple
+    if args.side_by_side and cfg.views == 1:
+        raise UsageError(
+            f"--side-by-side: {name} is a single-image model ({cfg.class_name}); the option is for stereo models "
+            "(NAFSSR): leave it out"
         )
-        with progress.task(display_path(src.name), total=n, unit="tile") as advance:
-            result = restore_image(
-                loaded.model, image, tile_px=args.tile, overlap_px=args.overlap, batch=args.tile_batch, on_tile=advance
-            )
-        write_image(dst, result)
+    for src, probe in zip(files, probes, strict=True):
+        _check_channels(src, probe, cfg.img_channels, "this checkpoint")
+    pairs: list[tuple[Path, Path]] = []
+    if cfg.views == 1:
+        for src, probe in zip(files, probes, strict=True):
+            _check_memory(args, model, src, probe)
+    elif args.side_by_side:
+        for src, probe in zip(files, probes, strict=True):
+            _check_side_by_side(src, probe)
+            _check_memory(args, model, src, probe, width=probe.width // 2)
+    else:
+        pairs = _checked_pairs(args, model, files, probes)
+    scale = f" x{cfg.up_scale}" if cfg.family == "nafnet-sr" else ""
+    tiles = "off"
+    if args.tile:
+        tiles = f"{args.tile} px row bands (full width)" if full_width_tiles(cfg) else str(args.tile)
+    progress.phase(
+        f"model: {name} ({cfg.class_name}{scale}, width {cfg.width}) on {device}; "
+        f"tile {tiles}, overlap {args.overlap if args.tile else '-'}"
+    )
+    if cfg.views == 1:
+        _restore_singles(args, model, files, targets)
+    elif args.side_by_side:
+        _restore_side_by_side(args, model, files, targets)
+    else:
+        _restore_pairs(args, model, pairs, dict(zip(files, targets, strict=True)))
     print(f"wrote {len(files)} image(s) to {display_path(args.output)}", file=sys.stderr)
     return 0
+
+
+def _check_memory(args: argparse.Namespace, model: Any, src: Path, probe: Any, width: int | None = None) -> None:
+    from nafnet_edge.inference import check_restore_memory
+
+    check_restore_memory(
+        model,
+        probe.height,
+        probe.width if width is None else width,
+        tile_px=args.tile,
+        overlap_px=args.overlap,
+        batch=args.tile_batch,
+        name=str(src),
+        channels=probe.channels,
+        alpha=probe.has_alpha,
+        bit_depth=probe.bit_depth,
+    )
+
+
+def _check_side_by_side(src: Path, probe: Any) -> None:
+    from nafnet_edge.errors import ImageError, display_path
+
+    if probe.width % 2:
+        raise ImageError(
+            f"{display_path(src)} is {probe.width} px wide: a side-by-side stereo image holds two views of equal "
+            "width, so its width must be even; crop one column, or leave out --side-by-side for a single image"
+        )
+
+
+def _checked_pairs(
+    args: argparse.Namespace, model: Any, files: list[Path], probes: list[Any]
+) -> list[tuple[Path, Path]]:
+    from nafnet_edge.errors import ImageError, display_path
+
+    probe_of = dict(zip(files, probes, strict=True))
+    pairs = stereo_pairs(files)
+    for left, right in pairs:
+        pl, pr = probe_of[left], probe_of[right]
+        if (pl.width, pl.height) != (pr.width, pr.height):
+            raise ImageError(
+                f"{display_path(left)} is {pl.width}x{pl.height} and {display_path(right)} {pr.width}x{pr.height}: "
+                "the views of a stereo pair must have the same size"
+            )
+        _check_memory(args, model, left, pl)
+    return pairs
+
+
+def _tiles(args: argparse.Namespace, model: Any, height: int, width: int) -> int:
+    from nafnet_edge.inference import full_width_tiles, tile_count
+
+    cfg = model.config
+    return tile_count(
+        height,
+        width,
+        tile_px=args.tile,
+        overlap_px=args.overlap,
+        pad_multiple=cfg.pad_multiple,
+        full_width=full_width_tiles(cfg),
+    )
+
+
+def _restore_singles(args: argparse.Namespace, model: Any, files: list[Path], targets: list[Path]) -> None:
+    from nafnet_edge import progress
+    from nafnet_edge.errors import display_path
+    from nafnet_edge.images import read_image, write_image
+    from nafnet_edge.inference import restore_image
+
+    for src, dst in zip(files, targets, strict=True):
+        image = read_image(src)
+        n = _tiles(args, model, image.height, image.width)
+        with progress.task(display_path(src.name), total=n, unit="tile") as advance:
+            result = restore_image(
+                model, image, tile_px=args.tile, overlap_px=args.overlap, batch=args.tile_batch, on_tile=advance
+            )
+        write_image(dst, result)
+
+
+def _restore_pairs(
+    args: argparse.Namespace, model: Any, pairs: list[tuple[Path, Path]], target_of: dict[Path, Path]
+) -> None:
+    """Stereo pairs given as two files each: every view is written under its own name."""
+    from nafnet_edge import progress
+    from nafnet_edge.errors import display_path
+    from nafnet_edge.images import read_image, write_image
+    from nafnet_edge.inference import restore_stereo
+
+    for left, right in pairs:
+        views = read_image(left), read_image(right)
+        n = _tiles(args, model, views[0].height, views[0].width)
+        with progress.task(f"{display_path(left.name)} + {display_path(right.name)}", total=n, unit="tile") as advance:
+            results = restore_stereo(
+                model, *views, tile_px=args.tile, overlap_px=args.overlap, batch=args.tile_batch, on_tile=advance
+            )
+        for src, result in zip((left, right), results, strict=True):
+            write_image(target_of[src], result)
+
+
+def _restore_side_by_side(args: argparse.Namespace, model: Any, files: list[Path], targets: list[Path]) -> None:
+    """Stereo pairs given as one image each, left view in the left half: written side by side too."""
+    from nafnet_edge import progress
+    from nafnet_edge.errors import display_path
+    from nafnet_edge.images import read_image, write_image
+    from nafnet_edge.inference import join_side_by_side, restore_stereo, split_side_by_side
+
+    for src, dst in zip(files, targets, strict=True):
+        left, right = split_side_by_side(read_image(src))
+        n = _tiles(args, model, left.height, left.width)
+        with progress.task(display_path(src.name), total=n, unit="tile") as advance:
+            results = restore_stereo(
+                model, left, right, tile_px=args.tile, overlap_px=args.overlap, batch=args.tile_batch, on_tile=advance
+            )
+        write_image(dst, join_side_by_side(*results))
 
 
 # Peak memory of restoring one image through an artifact besides the runtime's own: frame_peak_bytes (reading and
@@ -340,6 +512,12 @@ def add_parser(sub: Any, parents: Parents) -> None:
         action=_Given,
         choices=["auto", "cpu", "cuda"],
         help="auto = CUDA when present (default: %(default)s; the PyTorch path only)",
+    )
+    p.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="stereo models (NAFSSR): each input holds both views, left view in the left half (width even); the "
+        "output is side by side too. Without it a stereo model takes pairs of files NAME_L/NAME_R",
     )
     p.add_argument(
         "--format",

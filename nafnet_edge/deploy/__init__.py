@@ -1,11 +1,11 @@
-"""The deploy graph: a trained NAFNet rewritten, exactly, into the form every backend lowers well.
+"""The deploy graph: a trained NAFNet or Baseline rewritten, exactly, into the form every backend lowers well.
 
 ``deploy(model, norm_form=..., input_size=...)`` copies the model into deploy modules (``to_deploy_modules``:
 same function, modules the passes can rewrite, no dropout or training parts) and runs ``PASSES`` in order:
 
 1. ``fold_layernorm_affine``  LayerNorm weight/bias into the following 1x1 convs (conv1, conv4)
 2. ``fold_beta_gamma``        beta into conv3, gamma into conv5
-3. ``split_simple_gate``      each SimpleGate half from its own convs: no channel slice/chunk left
+3. ``split_simple_gate``      each SimpleGate half from its own convs: no channel slice/chunk left (NAFNet only)
 4. ``transposed_conv_upsampling``  1x1 conv + PixelShuffle(2) as one ConvTranspose2d(k=2, s=2)
 5. ``scale_residual_stream``  the residual stream divided by a power of two (weights rescaled, eps / s^2), so
                               the norms' fp16 reductions cannot overflow; no op added
@@ -19,7 +19,15 @@ zero-padded to ``pad_multiple``; wrap it in ``PadCrop`` to get the original mode
 
 from __future__ import annotations
 
-from nafnet_edge.deploy.modules import ChannelNorm, DeployBlock, DeployNAFNet, FixedPool, NormForm, PadCrop
+from nafnet_edge.deploy.modules import (
+    ChannelNorm,
+    DeployBaselineBlock,
+    DeployBlock,
+    DeployNAFNet,
+    FixedPool,
+    NormForm,
+    PadCrop,
+)
 from nafnet_edge.deploy.passes import (
     fix_pooling,
     fold_beta_gamma,
@@ -47,6 +55,7 @@ __all__ = [
     "NORM_FORM_NAMES",
     "PASSES",
     "ChannelNorm",
+    "DeployBaselineBlock",
     "DeployBlock",
     "DeployNAFNet",
     "DeployRecipe",

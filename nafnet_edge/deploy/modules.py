@@ -1,6 +1,7 @@
-"""Inference-only NAFNet modules that the deploy passes rewrite step by step.
+"""Inference-only NAFNet and Baseline modules that the deploy passes rewrite step by step.
 
-``DeployNAFNet`` starts as an exact re-expression of a trained ``NAFNet`` (same parameters, same function)
+``DeployNAFNet`` starts as an exact re-expression of a trained ``NAFNet`` or ``Baseline`` (same parameters, same
+function; ``DeployBlock`` or ``DeployBaselineBlock`` for its blocks)
 and each pass in ``nafnet_edge.deploy.passes`` rewrites parts of it while keeping the function. The modules
 stay valid in every intermediate state, so each pass can be tested on its own.
 
@@ -87,23 +88,76 @@ class ChannelNorm(nn.Module):
 class FixedPool(nn.Module):
     """Channel-attention pooling fixed for one deploy size: global mean, or TLC's local box mean.
 
-    ``kernel_size=None`` is the global mean; otherwise a stride-1 average pool of that (already clipped)
-    kernel, replicate-padded back by ``pad`` (left, right, top, bottom). No cumsum, no shape-dependent branch.
+    ``kernel_size=None`` is the global mean. Otherwise ``size`` is the (H, W) feature map the pool is fixed for
+    and ``kernel_size`` its (already clipped) kernel: the stride-1 box mean, replicate-padded back to H x W by
+    ``pad`` (left, right, top, bottom). Written in ops every target delegates, with no cumsum and no
+    shape-dependent branch:
+
+    - the box mean is separable, a (k1, 1) then a (1, k2) average pool (a 1-wide one skipped): k1 + k2
+      additions a pixel instead of k1 * k2, the same means up to float rounding;
+    - the replicate padding is a zero pad plus the edge values copied into it by two constant 0/1 matrix
+      products per axis (pick the first and last row or column, place them in the padded ones), which are
+      exact. A ``replicate`` pad itself has no XNNPACK op: ExecuTorch decomposes it into index ops that
+      stay outside the delegate and split the program into pieces.
     """
 
-    def __init__(self, kernel_size: tuple[int, int] | None = None, pad: tuple[int, int, int, int] = (0, 0, 0, 0)):
+    pick_h: torch.Tensor  # buffers (2, n) and (size, 2), registered in __init__ for a kernel
+    place_h: torch.Tensor
+    pick_w: torch.Tensor
+    place_w: torch.Tensor
+
+    def __init__(
+        self,
+        kernel_size: tuple[int, int] | None = None,
+        pad: tuple[int, int, int, int] = (0, 0, 0, 0),
+        size: tuple[int, int] | None = None,
+    ) -> None:
         super().__init__()
         self.kernel_size = kernel_size
         self.pad = pad
+        self.size = size
+        if kernel_size is None:
+            return
+        if size is None:
+            raise ValueError("a local FixedPool needs the feature map size it is fixed for")
+        (k1, k2), (h, w), (left, right, top, bottom) = kernel_size, size, pad
+        if left + right != k2 - 1 or top + bottom != k1 - 1 or not (0 < k1 <= h and 0 < k2 <= w):
+            raise ValueError(f"kernel {kernel_size} with pad {pad} does not restore a {h}x{w} map")
+        for axis, length, out, before, after in (("h", h, h - k1 + 1, top, bottom), ("w", w, w - k2 + 1, left, right)):
+            pick = torch.zeros(2, out)
+            pick[0, 0] = pick[1, out - 1] = 1.0
+            place = torch.zeros(length, 2)
+            place[:before, 0] = 1.0
+            place[length - after :, 1] = 1.0
+            self.register_buffer(f"pick_{axis}", pick, persistent=False)
+            self.register_buffer(f"place_{axis}", place, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_size is None:
             return x.mean((2, 3), keepdim=True)
-        out = F.avg_pool2d(x, self.kernel_size, stride=1)
-        return F.pad(out, self.pad, mode="replicate") if any(self.pad) else out
+        k1, k2 = self.kernel_size
+        left, right, top, bottom = self.pad
+        if k1 > 1:
+            x = F.avg_pool2d(x, (k1, 1), stride=1)
+        if k2 > 1:
+            x = F.avg_pool2d(x, (1, k2), stride=1)
+        if top or bottom:  # on the pooled map, transposed so that its rows are the last axis
+            edges = _placed_edges(x.transpose(2, 3), self.pick_h, self.place_h)
+            x = F.pad(x, (0, 0, top, bottom)) + edges.transpose(2, 3)
+        if left or right:
+            x = F.pad(x, (left, right)) + _placed_edges(x, self.pick_w, self.place_w)
+        return x
 
     def extra_repr(self) -> str:
-        return "global" if self.kernel_size is None else f"kernel={self.kernel_size}, pad={self.pad}"
+        return "global" if self.kernel_size is None else f"kernel={self.kernel_size}, pad={self.pad}, size={self.size}"
+
+
+def _placed_edges(x: torch.Tensor, pick: torch.Tensor, place: torch.Tensor) -> torch.Tensor:
+    """The first and last values along ``x``'s last axis placed where ``place`` puts them, zeros elsewhere: two
+    linear ops on a rank-3 view (Core ML's ``linear`` takes rank 1 to 3)."""
+    n, c, rows, length = x.shape
+    out = F.linear(F.linear(x.reshape(n, c * rows, length), pick), place)
+    return out.reshape(n, c, rows, place.shape[0])
 
 
 class DeployBlock(nn.Module):
@@ -159,8 +213,44 @@ class DeployBlock(nn.Module):
         return y + (x * self.gamma if self.gamma is not None else x)
 
 
+class DeployBaselineBlock(nn.Module):
+    """A Baseline block (GELU and squeeze-excitation where NAFBlock gates) whose pieces the passes fold.
+
+    ``norm1 -> conv1 -> depthwise conv2 -> GELU -> x * SE(x) -> conv3 -> y = inp + x*beta``, then
+    ``norm2 -> conv4 -> GELU -> conv5 -> y + x*gamma``, with ``SE(x) = sigmoid(se_expand(relu(se_reduce(pool(x)))))``.
+    The folds are NAFBlock's (norm affine into conv1/conv4, beta/gamma into conv3/conv5); there is no gate to
+    split. GELU stays the exact (erf) form: every target has an op for it (``docs/deploy-graph.md``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm1: ChannelNorm
+        self.norm2: ChannelNorm
+        self.conv1: nn.Conv2d
+        self.conv2: nn.Conv2d
+        self.pool: nn.Module
+        self.se_reduce: nn.Conv2d  # dw -> dw/2, then ReLU
+        self.se_expand: nn.Conv2d  # dw/2 -> dw, then sigmoid
+        self.conv3: nn.Conv2d
+        self.conv4: nn.Conv2d
+        self.conv5: nn.Conv2d
+        self.beta: nn.Parameter | None = None
+        self.gamma: nn.Parameter | None = None
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.conv2(self.conv1(self.norm1(inp))))
+        x = x * torch.sigmoid(self.se_expand(F.relu(self.se_reduce(self.pool(x)))))
+        x = self.conv3(x)
+        y = inp + (x * self.beta if self.beta is not None else x)
+        x = self.conv5(F.gelu(self.conv4(self.norm2(y))))
+        return y + (x * self.gamma if self.gamma is not None else x)
+
+
+AnyDeployBlock = DeployBlock | DeployBaselineBlock
+
+
 class DeployNAFNet(nn.Module):
-    """The NAFNet U-Net over deploy blocks; inputs must already be padded to ``pad_multiple``."""
+    """The U-Net of NAFNet and Baseline over deploy blocks; inputs must already be padded to ``pad_multiple``."""
 
     recipe: DeployRecipe  # how the graph was made; set by ``deploy()``
 
@@ -182,7 +272,7 @@ class DeployNAFNet(nn.Module):
         self.ups, self.decoders = ups, decoders
         self.pad_multiple = pad_multiple
 
-    def blocks(self) -> list[DeployBlock]:
+    def blocks(self) -> list[AnyDeployBlock]:
         stages = [*self.encoders, self.middle_blks, *self.decoders]
         return [b for stage in stages for b in stage]
 

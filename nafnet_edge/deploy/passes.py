@@ -1,4 +1,4 @@
-"""Exact rewrites of a NAFNet into its deploy graph, one function per transformation.
+"""Exact rewrites of a NAFNet or Baseline into its deploy graph, one function per transformation.
 
 Every pass keeps the function (within float rounding) and mutates the ``DeployNAFNet`` it is given;
 ``nafnet_edge.deploy.deploy`` copies the trained model first, so callers' models are never touched.
@@ -12,9 +12,17 @@ from typing import cast
 import torch
 from torch import nn
 
-from nafnet_edge.deploy.modules import ChannelNorm, DeployBlock, DeployNAFNet, FixedPool, NormForm
+from nafnet_edge.deploy.modules import (
+    AnyDeployBlock,
+    ChannelNorm,
+    DeployBaselineBlock,
+    DeployBlock,
+    DeployNAFNet,
+    FixedPool,
+    NormForm,
+)
 from nafnet_edge.errors import OptionError
-from nafnet_edge.model import ChannelPool, LayerNorm2d, NAFBlock, NAFNet
+from nafnet_edge.model import BaselineBlock, ChannelPool, LayerNorm2d, NAFBlock, UNet
 
 
 def _conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
@@ -43,12 +51,30 @@ def _norm_from(ln: LayerNorm2d) -> ChannelNorm:
     return norm
 
 
-def to_deploy_modules(model: NAFNet) -> DeployNAFNet:
-    """An independent copy of ``model`` as deploy modules, computing the same function (nothing folded yet)."""
+def to_deploy_modules(model: UNet) -> DeployNAFNet:
+    """An independent copy of ``model`` (a NAFNet or a Baseline, TLC or not) as deploy modules, computing the
+    same function (nothing folded yet)."""
     model = copy.deepcopy(model).eval()
 
-    def convert(module: nn.Module) -> DeployBlock:
-        blk = cast(NAFBlock, module)  # NAFNet's stages hold only NAFBlocks
+    def convert(module: nn.Module) -> AnyDeployBlock:
+        if isinstance(module, BaselineBlock):
+            b = DeployBaselineBlock()
+            b.norm1, b.norm2 = _norm_from(module.norm1), _norm_from(module.norm2)
+            b.conv1, b.conv2, b.conv3, b.conv4, b.conv5 = (
+                module.conv1,
+                module.conv2,
+                module.conv3,
+                module.conv4,
+                module.conv5,
+            )
+            b.pool, b.se_reduce, b.se_expand = (
+                module.se[0],
+                cast(nn.Conv2d, module.se[1]),
+                cast(nn.Conv2d, module.se[3]),
+            )
+            b.beta, b.gamma = module.beta, module.gamma
+            return b
+        blk = cast(NAFBlock, module)
         d = DeployBlock()
         d.norm1, d.norm2 = _norm_from(blk.norm1), _norm_from(blk.norm2)
         d.conv1, d.conv2, d.conv3, d.conv4, d.conv5 = blk.conv1, blk.conv2, blk.conv3, blk.conv4, blk.conv5
@@ -69,7 +95,7 @@ def to_deploy_modules(model: NAFNet) -> DeployNAFNet:
     return graph.eval().requires_grad_(False)
 
 
-def fold_layernorm_affine(block: DeployBlock) -> None:
+def fold_layernorm_affine(block: AnyDeployBlock) -> None:
     """conv(w * n + b) == conv'(n): scale conv1/conv4's input channels by w, add conv(b) to their bias."""
     for norm, name in ((block.norm1, "conv1"), (block.norm2, "conv4")):
         conv: nn.Conv2d = getattr(block, name)
@@ -83,7 +109,7 @@ def fold_layernorm_affine(block: DeployBlock) -> None:
         norm.bias = None
 
 
-def fold_beta_gamma(block: DeployBlock) -> None:
+def fold_beta_gamma(block: AnyDeployBlock) -> None:
     """(conv3(x)) * beta == conv3'(x) with rows scaled by beta; the same for gamma and conv5."""
     for scale_name, conv_name in (("beta", "conv3"), ("gamma", "conv5")):
         scale = getattr(block, scale_name)
@@ -97,9 +123,10 @@ def fold_beta_gamma(block: DeployBlock) -> None:
         setattr(block, scale_name, None)
 
 
-def split_simple_gate(block: DeployBlock) -> None:
-    """Produce each SimpleGate half with its own convs, so no channel slice or chunk remains."""
-    if block.is_split:
+def split_simple_gate(block: AnyDeployBlock) -> None:
+    """Produce each SimpleGate half with its own convs, so no channel slice or chunk remains (a Baseline block
+    has no gate: left as it is)."""
+    if not isinstance(block, DeployBlock) or block.is_split:
         return
     assert block.conv1 is not None and block.conv2 is not None and block.conv4 is not None
     half = block.conv1.out_channels // 2
@@ -173,7 +200,7 @@ def scale_residual_stream(graph: DeployNAFNet, scale: float) -> None:
             norm.eps = norm.eps * inv * inv
 
 
-def set_norm_form(block: DeployBlock, form: NormForm) -> None:
+def set_norm_form(block: AnyDeployBlock, form: NormForm) -> None:
     """Write both channel norms in the form a backend delegates (same function in every form)."""
     for norm in (block.norm1, block.norm2):
         norm.form = form
@@ -201,4 +228,4 @@ def fix_pooling(graph: DeployNAFNet, input_size: tuple[int, int]) -> None:
             k1, k2 = min(fh, kernel[0]), min(fw, kernel[1])
             oh, ow = fh - k1 + 1, fw - k2 + 1
             pad = ((fw - ow) // 2, (fw - ow + 1) // 2, (fh - oh) // 2, (fh - oh + 1) // 2)
-            block.pool = FixedPool((k1, k2), pad)
+            block.pool = FixedPool((k1, k2), pad, (fh, fw))

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
-from nafnet_edge.deploy.modules import DeployBlock, DeployNAFNet, FixedPool, NormForm
+from nafnet_edge.deploy.modules import AnyDeployBlock, DeployNAFNet, FixedPool, NormForm
 from nafnet_edge.deploy.passes import (
     fix_pooling,
     fold_beta_gamma,
@@ -24,12 +24,13 @@ from nafnet_edge.deploy.passes import (
     transposed_conv_upsampling,
 )
 from nafnet_edge.errors import OptionError
-from nafnet_edge.model import ChannelPool, NAFNet, NAFNetConfig, NAFNetLocal, RestorationNet
+from nafnet_edge.model import ChannelPool, NAFNetConfig, RestorationNet, UNet
 
 if TYPE_CHECKING:
     from nafnet_edge.manifest import IOSpec
 
-Arch = Literal["NAFNet", "NAFNetLocal"]
+Arch = Literal["NAFNet", "NAFNetLocal", "Baseline", "BaselineLocal"]
+DEPLOY_FAMILIES = ("nafnet", "baseline")  # the U-Nets: NAFNet, Baseline and their TLC classes
 NORM_FORM_NAMES: tuple[NormForm, ...] = get_args(NormForm)
 DEFAULT_STREAM_SCALE = 16.0  # |x| up to 4096 keeps the norms' squares below fp16's 65504
 
@@ -46,7 +47,7 @@ class DeploySettings:
 Pass = Callable[[DeployNAFNet, DeploySettings], None]
 
 
-def _per_block(rewrite: Callable[[DeployBlock], None]) -> Pass:
+def _per_block(rewrite: Callable[[AnyDeployBlock], None]) -> Pass:
     """A block rewrite applied to every block, as a graph pass."""
 
     def run(graph: DeployNAFNet, settings: DeploySettings) -> None:
@@ -121,8 +122,9 @@ class DeployRecipe:
 
     @property
     def is_tlc(self) -> bool:
-        """TLC (NAFNetLocal): pooling depends on the input size even where it is global at this one."""
-        return self.arch == "NAFNetLocal"
+        """TLC (NAFNetLocal, BaselineLocal): pooling depends on the input size even where it is global at this
+        one."""
+        return self.model_config.local
 
 
 def check_norm_form(name: str) -> NormForm:
@@ -164,8 +166,21 @@ def deploy(
     residual stream for fp16 safety; it changes weights, not the op count. ``metadata`` (str -> str) is what
     exporters embed in the artifact.
     """
-    if not isinstance(model, NAFNet):
-        raise OptionError(f"no deploy graph for {model.config.class_name} yet: NAFNet and NAFNetLocal only")
+    if model.config.family == "nafnet-sr":  # NAFNetSR, NAFSSR: their own graph, with what exporters read of this one
+        from nafnet_edge.deploy.sr import deploy_sr
+
+        sr = deploy_sr(
+            model,  # type: ignore[arg-type]  # the family's classes are NAFNetSR's
+            norm_form=norm_form,
+            input_size=input_size,
+            stream_scale=stream_scale,
+            metadata=metadata,
+        )
+        return cast(DeployNAFNet, sr)
+    if not isinstance(model, UNet) or model.config.family not in DEPLOY_FAMILIES:
+        raise OptionError(
+            f"no deploy graph for {model.config.class_name} yet: NAFNet, NAFNetLocal, Baseline and BaselineLocal only"
+        )
     form = check_norm_form(norm_form)
     settings = DeploySettings(
         norm_form=form,
@@ -177,7 +192,7 @@ def deploy(
         run(graph, settings)
     config: NAFNetConfig = model.config
     graph.recipe = DeployRecipe(
-        arch="NAFNetLocal" if isinstance(model, NAFNetLocal) else "NAFNet",
+        arch=config.class_name,  # type: ignore[arg-type]  # a U-Net's: one of Arch
         config=config.to_dict(),
         io=io_spec(config.img_channels, settings.input_size),
         stream_scale=float(stream_scale),
