@@ -485,12 +485,14 @@ def restore_image_with(
     overlap_px: int,
     multiple: int,
     on_tile: Callable[[int], None] | None = None,
+    scale: int = 1,
 ) -> RGBImage:
     """Restore an image with an artifact's runner (``Session.run``: a float32 (1, ``channels``, *``tile``) array
-    in, the same shape out), the way validation ran it (:func:`nafnet_edge.validation.apply_tiled`): an image
-    within the tile is zero-padded to it, a larger one padded to ``multiple`` and cut into tiles overlapping by
-    ``overlap_px`` whose starts are multiples of ``multiple``. Channels, clamping, alpha and metadata as
-    :func:`restore_image`; an :class:`ArtifactError` when the runtime returns NaN or Inf."""
+    in, the same channels and ``scale`` times the size out), the way validation ran it
+    (:func:`nafnet_edge.validation.apply_tiled`): an image within the tile is zero-padded to it, a larger one
+    padded to ``multiple`` and cut into tiles overlapping by ``overlap_px`` whose starts are multiples of
+    ``multiple``. Channels, clamping, alpha and metadata as :func:`restore_image`; an :class:`ArtifactError` when
+    the runtime returns NaN or Inf."""
     from nafnet_edge.validation import apply_tiled, runner_fn
 
     pixels = image.pixels
@@ -510,14 +512,14 @@ def restore_image_with(
             on_tile(1)
         return out
 
-    out, _ = apply_tiled(runner_fn(counted), pixels, tile, overlap_px, multiple)
+    out, _ = apply_tiled(runner_fn(counted), pixels, tile, overlap_px, multiple, scale)
     if not np.isfinite(out).all():
         bad = int((~np.isfinite(out)).sum())
         raise ArtifactError(
             f"{name}: the artifact produced non-finite values (NaN or Inf) in {bad:,} of {out.size:,} output values, "
             "so no image was written for it; check it with nafnet-edge validate, or convert again"
         )
-    return _restored(image, np.array(out, dtype=np.float32))
+    return _restored(image, np.array(out, dtype=np.float32), up_scale=scale)
 
 
 def split_side_by_side(image: RGBImage) -> tuple[RGBImage, RGBImage]:

@@ -315,7 +315,6 @@ def test_every_target_keeps_baseline_local_pooling_at_the_export_size(
     assert export["delegated_partitions"] == 1 and export["ops_outside_delegate"] == {}
 
 
-@pytest.mark.slow
 def test_coreml_fp16_program_runs_trained_magnitudes_without_overflow(tmp_path: Path) -> None:
     """The Core ML fp16 program (evaluated op by op in fp16) on a residual stream at trained magnitudes."""
     require("coremltools")

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import randomize
+from helpers import randomize, require
 from PIL import Image
 from safetensors import safe_open
 
@@ -22,6 +22,7 @@ from nafnet_edge.images import read_image
 from nafnet_edge.inference import restore_tensor, tile_count
 from nafnet_edge.model import NAFSSR, NAFNetConfig, NAFNetSR
 from nafnet_edge.tiling import run_tiled
+from nafnet_edge.validation import apply_tiled
 
 KODAK = sorted(Path(str(resources.files("nafnet_edge") / "data" / "kodak")).glob("*.png"))
 SR_X2 = Path(str(resources.files("nafnet_edge") / "weights" / "nafnet-edge-sr-x2.safetensors"))
@@ -252,6 +253,25 @@ def test_run_sr_x2_by_name_doubles_the_size_in_kind(tmp_path: Path, monkeypatch,
     assert np.all(np.diff(ramp[5]) >= 0) and ramp[5, 0] < 0.01 and ramp[5, -1] > 0.99
     gray = cv2.imread("out/gray.png", cv2.IMREAD_UNCHANGED)
     assert gray.shape == (80, 112) and gray.dtype == np.uint8
+
+
+def test_run_through_an_sr_artifact_doubles_the_size_as_validated(tmp_path: Path, monkeypatch) -> None:
+    """An ONNX artifact of a tiny NAFNetSR: `run ARTIFACT` tiles in input pixels and blends at the output scale,
+    exactly as validation's tiler runs the PyTorch model (to 8-bit rounding)."""
+    require("onnxruntime")
+    monkeypatch.chdir(tmp_path)
+    config = STEREO.replace(arch="nafnet-sr", fusion=False, middle_blk_num=2)
+    torch.save({"params": randomize(NAFNetSR(config)).state_dict()}, "sr.pth")
+    assert main(["convert", "sr.pth", "--target", "onnx", "-o", "art", "--input-size", "32", "--no-validate"]) == 0
+    low = downscaled(KODAK[1])[1][:50, :70]
+    _write(tmp_path / "low.png", low)
+    assert main(["run", "art/onnx-fp32", "low.png", "-o", "out", "--overlap", "8"]) == 0
+    out = read_image("out/low.png").pixels
+    model = load_checkpoint("sr.pth").model
+    with torch.no_grad():
+        expected, calls = apply_tiled(model, read_image("low.png").pixels, (32, 32), 8, 1, 2)
+    assert out.shape == (100, 140, 3) and calls == 6
+    assert np.abs(np.clip(expected, 0, 1) - out).max() <= 0.51 / 255
 
 
 def test_a_file_named_like_a_shipped_model_is_ambiguous(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -371,12 +371,18 @@ def _run_artifact(args: argparse.Namespace, directory: Path, files: list[Path]) 
 
     manifest = read_manifest(directory)
     tile, multiple, channels = manifest.io.input_size, manifest.padding_multiple, manifest.io.channels
+    if "+" in manifest.io.input.channels:  # "RGB+RGB": both views of a stereo pair in one tensor
+        raise UsageError(
+            f"{display_path(directory)} is a stereo artifact ({manifest.io.input.channels}): run restores stereo "
+            "pairs with the checkpoint (nafnet-edge run CKPT NAME_L.png NAME_R.png, or --side-by-side); an app "
+            "feeds the artifact both views stacked on the channel axis, as its USAGE.md shows"
+        )
     overlap = _artifact_overlap(args, manifest)
     targets, probes = _outputs(args, files)
     for src, probe in zip(files, probes, strict=True):
         _check_channels(src, probe, channels, "this artifact")
         _check_pixel_depth(src, probe, directory, manifest.io.kind)
-        _check_artifact_memory(src, probe, channels)
+        _check_artifact_memory(src, probe, channels, manifest.io.scale)
     target = get_target(manifest.target)
     target.check_available()
     with progress.backend_output():
@@ -401,6 +407,7 @@ def _run_artifact(args: argparse.Namespace, directory: Path, files: list[Path]) 
                 overlap_px=overlap,
                 multiple=multiple,
                 on_tile=advance,
+                scale=manifest.io.scale,
             )
         write_image(dst, result)
     print(f"wrote {len(files)} image(s) to {display_path(args.output)}", file=sys.stderr)
@@ -441,7 +448,7 @@ def _artifact_overlap(args: argparse.Namespace, manifest: Any) -> int:
     return overlap
 
 
-def _check_artifact_memory(src: Path, probe: Any, channels: int) -> None:
+def _check_artifact_memory(src: Path, probe: Any, channels: int, scale: int = 1) -> None:
     """Refuse an image whose whole-image buffers cannot fit in the memory here (the runtime needs its own)."""
     import torch
 
@@ -450,9 +457,15 @@ def _check_artifact_memory(src: Path, probe: Any, channels: int) -> None:
 
     h, w = probe.height, probe.width
     per_pixel = frame_peak_bytes(
-        1, 1, channels=probe.channels, alpha=probe.has_alpha, bit_depth=probe.bit_depth, model_channels=channels
+        1,
+        1,
+        channels=probe.channels,
+        alpha=probe.has_alpha,
+        bit_depth=probe.bit_depth,
+        model_channels=channels,
+        up_scale=scale,
     )
-    per_pixel += _ARTIFACT_COPIES * 4 * channels
+    per_pixel += _ARTIFACT_COPIES * 4 * channels * scale**2
     available = available_memory_bytes(torch.device("cpu"))
     if available is not None and h * w * per_pixel > available:
         raise ImageError(
