@@ -130,10 +130,17 @@ def check_free(directories: Iterable[Path], *, force: bool) -> None:
         )
 
 
+def default_overlap(tile: tuple[int, int]) -> int:
+    """The overlap an artifact of fixed input size ``tile`` records when none is given: the default, or a quarter of
+    the tile where the default would not fit in it."""
+    return min(defaults.VALIDATION_OVERLAP_PX, min(tile) // 4)
+
+
 def resolve_overlap(overlap: int | None, input_size: tuple[int, int], *, validate: bool = True) -> int:
-    """The validation tile overlap: ``overlap`` or the default, checked against the artifact's tile."""
+    """The validation tile overlap: ``overlap`` or the default (at most a quarter of a small tile), checked against
+    the artifact's tile."""
     if overlap is None:
-        overlap = defaults.VALIDATION_OVERLAP_PX
+        overlap = default_overlap(input_size)
     if overlap < 0:
         raise UsageError(f"--overlap {overlap}: give 0 or more pixels")
     if validate and overlap >= min(input_size):

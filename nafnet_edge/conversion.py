@@ -316,7 +316,11 @@ class _Stage:
         started = time.perf_counter()
         with progress.backend_output():
             exported = export(directory)
-        overlap = self.validation.overlap_px if self.validation else DEFAULT_OVERLAP_PX
+        overlap = (
+            self.validation.overlap_px
+            if self.validation
+            else min(DEFAULT_OVERLAP_PX, min(self.options.input_size) // 4)
+        )
         device = str(self.validation.reference_device) if self.validation else None
         manifest = build_manifest(
             self.loaded,

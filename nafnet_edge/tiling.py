@@ -187,6 +187,7 @@ class TilePlan:
     xs: tuple[int, ...]
     weights_y: tuple[tuple[float, ...], ...]
     weights_x: tuple[tuple[float, ...], ...]
+    scale: int = 1
 
     def __len__(self) -> int:
         return len(self.ys) * len(self.xs)
@@ -201,6 +202,7 @@ class TilePlan:
             "tiles": len(self),
             "ys": list(self.ys),
             "xs": list(self.xs),
+            "scale": self.scale,
         }
         if weights:
             data["weights_y"] = [list(w) for w in self.weights_y]
@@ -215,18 +217,23 @@ def padded_size(height: int, width: int, tile: tuple[int, int] | None, multiple:
     return (ph, pw) if tile is None else (max(tile[0], ph), max(tile[1], pw))
 
 
-def tile_plan(height: int, width: int, *, tile: tuple[int, int], overlap_px: int, align_px: int) -> TilePlan:
+def tile_plan(
+    height: int, width: int, *, tile: tuple[int, int], overlap_px: int, align_px: int, scale: int = 1
+) -> TilePlan:
     """The plan :func:`run_tiled` follows for an artifact of fixed input size ``tile`` on an ``height`` x ``width``
     frame, after the frame is zero-padded to a multiple of ``align_px`` and at least to the tile (what validation,
-    ``run`` through an artifact and the report do). A frame that fits in one tile is one call at origin (0, 0)."""
+    ``run`` through an artifact and the report do). A frame that fits in one tile is one call at origin (0, 0).
+    ``scale``: the artifact's output scale (weights in output pixels, as :func:`run_tiled` blends)."""
     th, tw = tile
+    if scale < 1:
+        raise ValueError(f"scale must be positive, got {scale}")
     if not 0 <= overlap_px < min(th, tw):
         raise ValueError(f"overlap must be in [0, tile size), got overlap {overlap_px} for tile {th}x{tw}")
     ph, pw = padded_size(height, width, tile, align_px)
     ys = tile_starts(ph, th, overlap_px, align_px)
     xs = tile_starts(pw, tw, overlap_px, align_px)
-    wy = axis_weights(ph, th, ys)
-    wx = axis_weights(pw, tw, xs)
+    wy = axis_weights(ph * scale, th * scale, tuple(y * scale for y in ys))
+    wx = axis_weights(pw * scale, tw * scale, tuple(x * scale for x in xs))
     return TilePlan(
         frame=(height, width),
         padded=(ph, pw),
@@ -237,4 +244,5 @@ def tile_plan(height: int, width: int, *, tile: tuple[int, int], overlap_px: int
         xs=xs,
         weights_y=tuple(tuple(float(v) for v in w) for w in wy),
         weights_x=tuple(tuple(float(v) for v in w) for w in wx),
+        scale=scale,
     )

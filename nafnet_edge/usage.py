@@ -215,6 +215,33 @@ def geometry_note(scale: int, channels: str) -> str:
     return lines
 
 
+def scaled_snippets(python_io: str, python_save: str, scale: int) -> tuple[str, str]:
+    """The tiling Python for a super-resolution artifact: the plan in input pixels, each output placed at ``scale``
+    times its tile's origin, blended with the plan's output-pixel weights, cropped to ``scale`` times the photo."""
+    s = str(scale)
+    python_io = python_io.replace("align_px={align})", f"align_px={{align}}, scale={s})")
+    for old, new in (
+        (
+            "restored = np.zeros_like(frame)",
+            f"restored = np.zeros((frame.shape[0] * {s}, frame.shape[1] * {s}, frame.shape[2]), np.float32)",
+        ),
+        (
+            "restored = np.zeros(frame.shape, np.float32)",
+            f"restored = np.zeros((frame.shape[0] * {s}, frame.shape[1] * {s}, frame.shape[2]), np.float32)",
+        ),
+        (
+            "restored[top : top + {h}, left : left + {w}]",
+            f"restored[{s} * top : {s} * (top + {{h}}), {s} * left : {s} * (left + {{w}})]",
+        ),
+        (
+            "restored[: pixels.shape[0], : pixels.shape[1]]",
+            f"restored[: {s} * pixels.shape[0], : {s} * pixels.shape[1]]",
+        ),
+    ):
+        python_save = python_save.replace(old, new)
+    return python_io, python_save
+
+
 def usage_note(target: str, manifest: Manifest) -> str:
     """The USAGE.md text for an artifact described by ``manifest``; one that missed its validation budget says so
     first, with the failures and what to try."""
@@ -263,6 +290,8 @@ def usage_note(target: str, manifest: Manifest) -> str:
     else:
         fields.update(p=c, pixel_format="", run_io=f"float32 [1, {c}, {h}, {w}] in [0, 1]; returns it restored")
     fields["tiling"] = TILING.format(**fields)
+    if io.scale > 1:
+        python_io, python_save = scaled_snippets(python_io, python_save, io.scale)
     python_io = python_io.format(**fields).rstrip("\n")
     python_save = python_save.format(**fields)
     note = common.format(**fields) + "\n" + body.format(**fields, python_io=python_io, python_save=python_save)

@@ -183,3 +183,36 @@ def test_stereo_image_io_is_refused_with_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(OptionError, match="--io tensor") as refused:
         convert(loaded, "onnx", tmp_path, ExportOptions(input_size=SIZE, pixel_format="rgb"), validation=None)
     assert refused.value.exit_code == 2
+
+
+@pytest.mark.parametrize("pixel_format", [None, "rgb"])
+def test_sr_usage_python_tiles_a_photo_like_nafnet_edge_run(tmp_path: Path, kodak_data: Path, pixel_format) -> None:
+    """A super-resolution artifact's USAGE.md Python, run as written on a photo larger than its tile, places each
+    output at twice its tile's origin and blends as `nafnet-edge run` does through the same file (tensor and image
+    I/O; run takes square tiles)."""
+    import shutil
+
+    import cv2
+    from helpers import run_usage_python
+
+    from nafnet_edge.checkpoint import load_checkpoint
+    from nafnet_edge.cli import main
+    from nafnet_edge.conversion import convert
+    from nafnet_edge.converters import ExportOptions
+
+    require("onnxruntime")
+    path = tmp_path / "sr.pth"
+    torch.save({"params": tiny("nafnet-sr").state_dict()}, path)
+    loaded = load_checkpoint(path)
+    assert loaded.config.arch == "nafnet-sr" and loaded.config.up_scale == 2
+    options = ExportOptions(input_size=(48, 48), pixel_format=pixel_format)  # type: ignore[arg-type]
+    result = convert(loaded, "onnx", tmp_path / "out", options, validation=None)
+    folder = Path(shutil.copytree(result.directory, tmp_path / "copy"))
+    assert read_manifest(folder).tiling.overlap_px < 48
+    restored = run_usage_python(folder, kodak_data / "crop0.png")
+    photo = cv2.imread(str(folder / "photo.png"))
+    assert min(photo.shape[:2]) > 48  # several tiles
+    assert restored.shape == (2 * photo.shape[0], 2 * photo.shape[1], 3)
+    assert main(["run", str(folder), str(folder / "photo.png"), "-o", str(tmp_path / "run")]) == 0
+    by_run = cv2.imread(str(tmp_path / "run" / "photo.png"))
+    assert np.abs(restored.astype(int) - by_run.astype(int)).max() <= 1

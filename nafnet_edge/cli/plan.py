@@ -30,7 +30,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--overlap {overlap} must be smaller than the artifact's {tiling.tile[0]}x{tiling.tile[1]} tile"
         )
-    plan = tile_plan(*args.frame, tile=tiling.tile, overlap_px=overlap, align_px=tiling.align_px)
+    plan = tile_plan(
+        *args.frame, tile=tiling.tile, overlap_px=overlap, align_px=tiling.align_px, scale=manifest.io.scale
+    )
     if args.json:
         data: dict[str, Any] = {
             "artifact": str(directory),
