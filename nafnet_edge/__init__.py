@@ -22,6 +22,10 @@ if (_checkout / "pyproject.toml").is_file() and (_checkout / "converters" / "__i
 _EXPORTS = {
     "NAFNet": "nafnet_edge.model",
     "NAFNetLocal": "nafnet_edge.model",
+    "Baseline": "nafnet_edge.model",
+    "BaselineLocal": "nafnet_edge.model",
+    "NAFNetSR": "nafnet_edge.model",
+    "NAFSSR": "nafnet_edge.model",
     "NAFNetConfig": "nafnet_edge.model",
     "build_model": "nafnet_edge.model",
     "load_checkpoint": "nafnet_edge.checkpoint",
@@ -34,6 +38,7 @@ _EXPORTS = {
     "write_image": "nafnet_edge.images",
     "restore_image": "nafnet_edge.inference",
     "restore_tensor": "nafnet_edge.inference",
+    "restore_stereo": "nafnet_edge.inference",
     "run_tiled": "nafnet_edge.tiling",
     "tile_plan": "nafnet_edge.tiling",
     "TilePlan": "nafnet_edge.tiling",
