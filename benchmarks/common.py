@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from nafnet_edge.model import NAFNet, build_model
+from nafnet_edge.model import RestorationNet, build_model
 from nafnet_edge.releases import RELEASE_SHAPES
 
 
-def random_release_shape(shape: str, *, seed: int = 0, beta_gamma_std: float = 0.1) -> NAFNet:
+def random_release_shape(shape: str, *, seed: int = 0, beta_gamma_std: float = 0.1) -> RestorationNet:
     """A model of a released shape with random weights (speed and memory do not depend on the weights);
     beta/gamma are made non-zero so every block contributes."""
     torch.manual_seed(seed)

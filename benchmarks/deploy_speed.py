@@ -1,10 +1,12 @@
 """Deploy graph vs original graph, fp32, side by side in one run: ExecuTorch XNNPACK, OpenVINO f32, onnxruntime.
 
-For the NAFNet-SIDD-width32 and GoPro-width32 shapes at 256x256 (random weights: speed only). Runs are
+For the NAFNet-SIDD-width32 and GoPro-width32 shapes at 256x256 (random weights: speed only), and any other
+released shape of the family (e.g. Baseline-SIDD-width32; NAFSSR-S-x2 on a --sr-size stereo pair). Runs are
 interleaved (original, deploy, original, ...) so both variants see the same machine noise; the table shows
 medians and the speed-up ratio, plus the distance to the fp32 compute floor measured by a matmul probe.
 
     python benchmarks/deploy_speed.py [--runs 15] [--shapes SIDD-width32 GoPro-width32] [--skip onnxruntime]
+    python benchmarks/deploy_speed.py --shapes Baseline-SIDD-width32 NAFSSR-S-x2 --json benchmarks/results/family_deploy_speed.json
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--sr-size", type=int, default=128, help="input side of super-resolution shapes (low resolution)")
     ap.add_argument("--shapes", nargs="+", default=["SIDD-width32", "GoPro-width32"], choices=list(RELEASE_SHAPES))
     ap.add_argument("--skip", nargs="*", default=[], choices=list(BACKENDS))
     ap.add_argument("--json", type=Path, help="also write the rows here")
@@ -106,19 +109,20 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     peak = sgemm_gflops()
     print(f"sgemm probe: {peak:.0f} GFLOP/s fp32; {args.runs} interleaved runs each; medians in ms", flush=True)
-    header = f"{'shape':<15}{'runtime':<26}{'original':>10}{'deploy':>10}{'speed-up':>10}{'max err':>10}{'floor':>8}"
+    header = f"{'shape':<22}{'runtime':<26}{'original':>10}{'deploy':>10}{'speed-up':>10}{'max err':>10}{'floor':>8}"
     print(header)
     print("-" * len(header))
     rows = []
     for shape in args.shapes:
         model = random_release_shape(shape)
-        x = torch.rand(1, 3, args.size, args.size)
+        size = args.sr_size if model.config.up_scale > 1 else args.size
+        x = torch.rand(1, model.config.in_channels, size, size)
         a = x.numpy()
-        macs = count_macs(model.config, args.size, args.size)
+        macs = count_macs(model.config, size, size)
         for key, (label, target, make) in BACKENDS.items():
             if key in args.skip:
                 continue
-            graph = deploy(model, norm_form=get_target(target).norm_form, input_size=(args.size, args.size))
+            graph = deploy(model, norm_form=get_target(target).norm_form, input_size=(size, size))
             runners = {"original": make(model, x), "deploy": make(graph, x)}
             err = float(np.abs(runners["deploy"](a) - runners["original"](a)).max())
             times: dict[str, list[float]] = {k: [] for k in runners}
@@ -128,6 +132,8 @@ def main() -> None:
             med = {k: statistics.median(v) for k, v in times.items()}
             row = {
                 "shape": shape,
+                "class": model.config.class_name,
+                "input": list(x.shape),
                 "runtime": label,
                 "original_ms": med["original"],
                 "deploy_ms": med["deploy"],
@@ -137,7 +143,7 @@ def main() -> None:
             }
             rows.append(row)
             print(
-                f"{shape:<15}{label:<26}{med['original']:>10.1f}{med['deploy']:>10.1f}{row['speedup']:>9.2f}x"
+                f"{shape:<22}{label:<26}{med['original']:>10.1f}{med['deploy']:>10.1f}{row['speedup']:>9.2f}x"
                 f"{err:>10.1e}{med['deploy'] / (2 * macs / (peak * 1e9) * 1e3):>7.2f}x (so far)",
                 flush=True,
             )
@@ -146,7 +152,7 @@ def main() -> None:
         row["floor_ms"] = 2 * row["macs"] / (peak * 1e9) * 1e3
         row["deploy_over_floor"] = row["deploy_ms"] / row["floor_ms"]
         print(
-            f"{row['shape']:<15}{row['runtime']:<26} floor {row['floor_ms']:6.1f} ms, deploy at "
+            f"{row['shape']:<22}{row['runtime']:<26} floor {row['floor_ms']:6.1f} ms, deploy at "
             f"{row['deploy_over_floor']:.2f}x"
         )
     if args.json:

@@ -44,7 +44,10 @@ the two transposed-conv upsamplings (no pattern; their weights stay fp16) and, b
 
 Only the quantizer's patterns that occur in a deploy graph are matched (conv, add, mul, pooling): NAFNet has
 no activation function, batch norm or linear layer, and tracing the other patterns (``conv_act`` with each of
-13 activations, ...) would be most of ``prepare``'s time for the same annotation.
+13 activations, ...) would be most of ``prepare``'s time for the same annotation. Baseline's GELU, ReLU and
+sigmoid then run in fp16 between a dequantize and a quantize, each after its convolution's own quantize;
+``conv_act`` would quantize once after the activation instead (15 fewer quantize ops on the tiny test model, 0.2
+to 0.4 dB closer to fp32), left out for that tracing time.
 """
 
 from __future__ import annotations
