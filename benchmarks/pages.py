@@ -196,10 +196,11 @@ def render_deploy_speed(data: dict[str, Any]) -> list[str]:
         "",
     ]
     out += table(
-        ["shape", "runtime", "original ms", "deploy ms", "speed-up", "max abs diff", "deploy / floor"],
+        ["shape", "input", "runtime", "original ms", "deploy ms", "speed-up", "max abs diff", "deploy / floor"],
         [
             [
                 r["shape"],
+                "x".join(str(v) for v in r["input"]) if r.get("input") else "1x3x256x256",
                 r["runtime"],
                 num(r["original_ms"]),
                 num(r["deploy_ms"]),
@@ -458,6 +459,7 @@ TITLES: dict[str, str] = {
     "headline": "Headline: every runtime at 256 px",
     "headline_frame": "Headline: a 12 MP frame",
     "deploy_speed": "What the deploy graph buys",
+    "deploy_speed_family": "What the deploy graph buys: Baseline and NAFSSR",
     "int8_speed": "INT8 speed",
     "litert_speed": "LiteRT against ExecuTorch on CPU",
     "tiled_memory": "Tiled inference: memory and time",
@@ -468,7 +470,7 @@ TITLES: dict[str, str] = {
 def renderer(stem: str, data: Any) -> Callable[[Any], list[str]]:
     if stem.startswith("headline") and isinstance(data, dict):
         return render_headline
-    if stem == "deploy_speed":
+    if stem.startswith("deploy_speed"):
         return render_deploy_speed
     if stem == "int8_speed":
         return render_int8_speed

@@ -95,16 +95,18 @@ class FixedPool(nn.Module):
 
     - the box mean is separable, a (k1, 1) then a (1, k2) average pool (a 1-wide one skipped): k1 + k2
       additions a pixel instead of k1 * k2, the same means up to float rounding;
-    - the replicate padding is a zero pad plus the edge values copied into it by two constant 0/1 matrix
-      products per axis (pick the first and last row or column, place them in the padded ones), which are
-      exact. A ``replicate`` pad itself has no XNNPACK op: ExecuTorch decomposes it into index ops that
-      stay outside the delegate and split the program into pieces.
+    - the replicate padding concatenates copies of the edge rows and columns, made by constant 0/1 matrix
+      products (pick the first and last value along the axis, then place them in the padding's places), which
+      are exact. A ``replicate`` pad itself has no XNNPACK op: ExecuTorch decomposes it into index ops that stay
+      outside the delegate and split the program into pieces.
     """
 
-    pick_h: torch.Tensor  # buffers (2, n) and (size, 2), registered in __init__ for a kernel
-    place_h: torch.Tensor
+    pick_h: torch.Tensor  # buffers registered in __init__ for a kernel: (2, pooled length) picks,
+    before_h: torch.Tensor  # (pad, 2) placements
+    after_h: torch.Tensor
     pick_w: torch.Tensor
-    place_w: torch.Tensor
+    before_w: torch.Tensor
+    after_w: torch.Tensor
 
     def __init__(
         self,
@@ -123,41 +125,48 @@ class FixedPool(nn.Module):
         (k1, k2), (h, w), (left, right, top, bottom) = kernel_size, size, pad
         if left + right != k2 - 1 or top + bottom != k1 - 1 or not (0 < k1 <= h and 0 < k2 <= w):
             raise ValueError(f"kernel {kernel_size} with pad {pad} does not restore a {h}x{w} map")
-        for axis, length, out, before, after in (("h", h, h - k1 + 1, top, bottom), ("w", w, w - k2 + 1, left, right)):
-            pick = torch.zeros(2, out)
-            pick[0, 0] = pick[1, out - 1] = 1.0
-            place = torch.zeros(length, 2)
-            place[:before, 0] = 1.0
-            place[length - after :, 1] = 1.0
+        for axis, pooled, before, after in (("h", h - k1 + 1, top, bottom), ("w", w - k2 + 1, left, right)):
+            pick = torch.zeros(2, pooled)
+            pick[0, 0] = pick[1, pooled - 1] = 1.0
             self.register_buffer(f"pick_{axis}", pick, persistent=False)
-            self.register_buffer(f"place_{axis}", place, persistent=False)
+            self.register_buffer(f"before_{axis}", torch.tensor([[1.0, 0.0]]).repeat(before, 1), persistent=False)
+            self.register_buffer(f"after_{axis}", torch.tensor([[0.0, 1.0]]).repeat(after, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_size is None:
             return x.mean((2, 3), keepdim=True)
         k1, k2 = self.kernel_size
-        left, right, top, bottom = self.pad
         if k1 > 1:
             x = F.avg_pool2d(x, (k1, 1), stride=1)
         if k2 > 1:
             x = F.avg_pool2d(x, (1, k2), stride=1)
-        if top or bottom:  # on the pooled map, transposed so that its rows are the last axis
-            edges = _placed_edges(x.transpose(2, 3), self.pick_h, self.place_h)
-            x = F.pad(x, (0, 0, top, bottom)) + edges.transpose(2, 3)
-        if left or right:
-            x = F.pad(x, (left, right)) + _placed_edges(x, self.pick_w, self.place_w)
+        if k1 > 1:  # the edge copies of the small pooled map first, then of the taller one
+            x = _with_edge_copies(x, self.pick_h, self.before_h, self.after_h, dim=2)
+        if k2 > 1:
+            x = _with_edge_copies(x, self.pick_w, self.before_w, self.after_w, dim=3)
         return x
 
     def extra_repr(self) -> str:
         return "global" if self.kernel_size is None else f"kernel={self.kernel_size}, pad={self.pad}, size={self.size}"
 
 
-def _placed_edges(x: torch.Tensor, pick: torch.Tensor, place: torch.Tensor) -> torch.Tensor:
-    """The first and last values along ``x``'s last axis placed where ``place`` puts them, zeros elsewhere: two
-    linear ops on a rank-3 view (Core ML's ``linear`` takes rank 1 to 3)."""
-    n, c, rows, length = x.shape
-    out = F.linear(F.linear(x.reshape(n, c * rows, length), pick), place)
-    return out.reshape(n, c, rows, place.shape[0])
+def _with_edge_copies(
+    x: torch.Tensor, pick: torch.Tensor, before: torch.Tensor, after: torch.Tensor, *, dim: int
+) -> torch.Tensor:
+    """``x`` with copies of its first and last slices along ``dim`` (2: rows, 3: columns) concatenated before and
+    after it, as many as ``before`` and ``after`` have rows. The copies are linear ops on a rank-3 view (Core ML's
+    ``linear`` takes rank 1 to 3) with that axis last: the rows' copies are made transposed and turned back."""
+    t = x.transpose(2, 3) if dim == 2 else x
+    n, c, rows, length = t.shape
+    edges = F.linear(t.reshape(n, c * rows, length), pick)
+
+    def copies(place: torch.Tensor) -> torch.Tensor | None:
+        if not place.shape[0]:
+            return None
+        out = F.linear(edges, place).reshape(n, c, rows, place.shape[0])
+        return out.transpose(2, 3) if dim == 2 else out
+
+    return torch.cat([p for p in (copies(before), x, copies(after)) if p is not None], dim=dim)
 
 
 class DeployBlock(nn.Module):
