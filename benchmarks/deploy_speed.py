@@ -6,7 +6,8 @@ interleaved (original, deploy, original, ...) so both variants see the same mach
 medians and the speed-up ratio, plus the distance to the fp32 compute floor measured by a matmul probe.
 
     python benchmarks/deploy_speed.py [--runs 15] [--shapes SIDD-width32 GoPro-width32] [--skip onnxruntime]
-    python benchmarks/deploy_speed.py --shapes Baseline-SIDD-width32 NAFSSR-S-x2 --json benchmarks/results/family_deploy_speed.json
+    python benchmarks/deploy_speed.py --shapes Baseline-SIDD-width32 NAFSSR-S-x2 \\
+        --json benchmarks/results/deploy_speed_family.json
 """
 
 from __future__ import annotations

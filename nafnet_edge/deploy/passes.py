@@ -192,12 +192,18 @@ def scale_residual_stream(graph: DeployNAFNet, scale: float) -> None:
     ):
         raise ValueError("upsampling convs with a bias are not NAFNet's")
     for block in graph.blocks():
-        if block.beta is not None or block.gamma is not None:
-            raise ValueError("fold beta/gamma before scaling the residual stream")
-        block.conv3 = _rescaled(block.conv3, inv, inv)
-        block.conv5 = _rescaled(block.conv5, inv, inv)
-        for norm in (block.norm1, block.norm2):
-            norm.eps = norm.eps * inv * inv
+        scale_block_stream(block, inv)
+
+
+def scale_block_stream(block: AnyDeployBlock, inv: float) -> None:
+    """A block on a residual stream carried times ``inv``: the convs adding into the stream (conv3, conv5) scaled
+    by it, the norms' eps by its square (a norm's output does not change with its input's scale)."""
+    if block.beta is not None or block.gamma is not None:
+        raise ValueError("fold beta/gamma before scaling the residual stream")
+    block.conv3 = _rescaled(block.conv3, inv, inv)
+    block.conv5 = _rescaled(block.conv5, inv, inv)
+    for norm in (block.norm1, block.norm2):
+        norm.eps = norm.eps * inv * inv
 
 
 def set_norm_form(block: AnyDeployBlock, form: NormForm) -> None:

@@ -42,6 +42,7 @@ from nafnet_edge.deploy.passes import (
     _rescaled,
     fold_beta_gamma,
     fold_layernorm_affine,
+    scale_block_stream,
     set_norm_form,
     split_simple_gate,
 )
@@ -225,12 +226,7 @@ def scale_sr_stream(graph: DeploySR, scale: float) -> None:
     graph.intro = _rescaled(graph.intro, inv, inv)
     graph.up[0] = _rescaled(cast(nn.Conv2d, graph.up[0]), scale, 1.0)
     for block in graph.blocks():
-        if block.beta is not None or block.gamma is not None:
-            raise ValueError("fold beta/gamma before scaling the residual stream")
-        block.conv3 = _rescaled(block.conv3, inv, inv)
-        block.conv5 = _rescaled(block.conv5, inv, inv)
-        for norm in (block.norm1, block.norm2):
-            norm.eps = norm.eps * inv * inv
+        scale_block_stream(block, inv)
     for scam in graph.attentions():
         if scam.beta is not None or scam.gamma is not None:
             raise ValueError("fold SCAM's beta/gamma before scaling the residual stream")
