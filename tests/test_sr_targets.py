@@ -216,3 +216,15 @@ def test_sr_usage_python_tiles_a_photo_like_nafnet_edge_run(tmp_path: Path, koda
     assert main(["run", str(folder), str(folder / "photo.png"), "-o", str(tmp_path / "run")]) == 0
     by_run = cv2.imread(str(tmp_path / "run" / "photo.png"))
     assert np.abs(restored.astype(int) - by_run.astype(int)).max() <= 1
+
+
+def test_int8_of_an_sr_model_is_refused_with_what_to_do(tmp_path: Path, kodak_data: Path, capsys) -> None:
+    from nafnet_edge.cli import main
+
+    require("executorch")
+    path = tmp_path / "sr.pth"
+    torch.save({"params": tiny("nafnet-sr").state_dict()}, path)
+    argv = ["quantize", str(path), "--target", "executorch", "--method", "ptq", "--train-data", str(kodak_data)]
+    assert main([*argv, "-o", str(tmp_path / "out"), "--input-size", "32"]) == 2
+    assert "int8 is not available for NAFNetSR" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
