@@ -172,7 +172,8 @@ def test_extra_sizes_refused_where_wrong(graph, tmp_path):
     with pytest.raises(ValueError, match="multiple of the padding multiple"):
         converter.export(graph, tmp_path, ExportOptions(input_size=SIZE, settings={"extra_sizes": ((64, 65),)}))
     recipe = graph.recipe
-    graph.recipe = dataclasses.replace(recipe, arch="NAFNetLocal")  # TLC pooling is fixed for one size
+    local = {**recipe.config, "arch": "nafnet-local"}  # TLC pooling is fixed for one size
+    graph.recipe = dataclasses.replace(recipe, arch="NAFNetLocal", config=local)
     try:
         with pytest.raises(ValueError, match="one artifact per size"):
             converter.export(graph, tmp_path, ExportOptions(input_size=SIZE, settings={"extra_sizes": (EXTRA,)}))
