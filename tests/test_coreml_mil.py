@@ -233,6 +233,8 @@ def _interleave(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 # (id, input shapes, MIL builder, reference on numpy inputs); inputs are standard normal float32
+W_LINEAR = np.random.default_rng(11).standard_normal((5, 4)).astype(np.float32)
+
 OP_CASES = [
     (
         "conv-same-stride2",
@@ -458,6 +460,32 @@ OP_CASES = [
             x=x, y=mb.constexpr_affine_dequantize(quantized_data=Q_DATA, zero_point=Q_ZERO, scale=Q_SCALE, axis=1)
         ),
         lambda x: x + (Q_DATA.astype(np.float32) - Q_ZERO[:, None]) * Q_SCALE[:, None],
+    ),
+    ("gelu-exact", [(2, 3, 4)], lambda x: mb.gelu(x=x, mode="EXACT"), lambda x: F.gelu(T(x))),
+    (
+        "gelu-tanh",
+        [(2, 3, 4)],
+        lambda x: mb.gelu(x=x, mode="TANH_APPROXIMATION"),
+        lambda x: F.gelu(T(x), approximate="tanh"),
+    ),
+    ("softmax", [(2, 3, 5)], lambda x: mb.softmax(x=x, axis=-1), lambda x: torch.softmax(T(x), dim=-1)),
+    (
+        "matmul-transposed",
+        [(2, 3, 4), (2, 5, 4)],
+        lambda x, y: mb.matmul(x=x, y=y, transpose_y=True),
+        lambda x, y: torch.matmul(T(x), T(y).transpose(1, 2)),
+    ),
+    (
+        "linear",
+        [(2, 3, 4)],
+        lambda x: mb.linear(x=x, weight=W_LINEAR, bias=BIAS[:5]),
+        lambda x: F.linear(T(x), T(W_LINEAR), T(BIAS[:5])),
+    ),
+    (
+        "upsample_bilinear-half-pixel",
+        [(1, 2, 3, 5)],
+        lambda x: mb.upsample_bilinear(x=x, scale_factor_height=2.0, scale_factor_width=2.0, align_corners=False),
+        lambda x: F.interpolate(T(x), scale_factor=2, mode="bilinear", align_corners=False),
     ),
 ]
 
