@@ -460,6 +460,7 @@ TITLES: dict[str, str] = {
     "headline_frame": "Headline: a 12 MP frame",
     "deploy_speed": "What the deploy graph buys",
     "deploy_speed_family": "What the deploy graph buys: Baseline and NAFSSR",
+    "tlc_pooling": "TLC pooling: integral-image and separable box means",
     "int8_speed": "INT8 speed",
     "litert_speed": "LiteRT against ExecuTorch on CPU",
     "tiled_memory": "Tiled inference: memory and time",
