@@ -217,7 +217,7 @@ MANIFESTS = [
     ("unknown-target", {"target": "tflite"}, "unknown target 'tflite'"),
     ("unknown-precision", {"precision": "int3"}, "unknown precision 'int3'"),
     ("absurd-shape", {"shape": [1, 3, 160000, 160000]}, "'io.inputs[0].shape' [1, 3, 160000, 160000] is not one"),
-    ("many-channels", {"shape": [1, 4096, 32, 32]}, "1 to 4 channels"),
+    ("many-channels", {"shape": [1, 4096, 32, 32]}, "1 to 6 channels"),
     ("batch", {"shape": [8, 3, 32, 32]}, "batch 1"),
     ("bool-shape", {"shape": [1, 3, True, 32]}, "'io.inputs[0].shape' is not four positive integers"),
     ("long-name", {"files": ["model.onnx", "x" * 5000]}, "a name of 5000 characters (at most 1024)"),
