@@ -133,7 +133,8 @@ def check_free(directories: Iterable[Path], *, force: bool) -> None:
 def default_overlap(tile: tuple[int, int]) -> int:
     """The overlap an artifact of fixed input size ``tile`` records when none is given: the default, or a quarter of
     the tile where the default would not fit in it."""
-    return min(defaults.VALIDATION_OVERLAP_PX, min(tile) // 4)
+    d = defaults.VALIDATION_OVERLAP_PX
+    return d if d < min(tile) else min(tile) // 4
 
 
 def resolve_overlap(overlap: int | None, input_size: tuple[int, int], *, validate: bool = True) -> int:

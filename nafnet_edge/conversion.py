@@ -324,7 +324,11 @@ class _Stage:
         overlap = (
             self.validation.overlap_px
             if self.validation
-            else min(DEFAULT_OVERLAP_PX, min(self.options.input_size) // 4)
+            else (
+                DEFAULT_OVERLAP_PX
+                if DEFAULT_OVERLAP_PX < min(self.options.input_size)
+                else min(self.options.input_size) // 4
+            )
         )
         device = str(self.validation.reference_device) if self.validation else None
         manifest = build_manifest(
