@@ -326,7 +326,7 @@ class _Stage:
             if self.validation
             else (
                 DEFAULT_OVERLAP_PX
-                if DEFAULT_OVERLAP_PX < min(self.options.input_size)
+                if min(self.options.input_size) > DEFAULT_OVERLAP_PX
                 else min(self.options.input_size) // 4
             )
         )
