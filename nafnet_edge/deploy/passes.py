@@ -95,32 +95,44 @@ def to_deploy_modules(model: UNet) -> DeployNAFNet:
     return graph.eval().requires_grad_(False)
 
 
+def fold_norm_affine_into(module: nn.Module, norm: ChannelNorm, conv_name: str) -> None:
+    """conv(w * n + b) == conv'(n): the 1x1 conv ``module.<conv_name>`` after ``norm`` takes its affine (input
+    channels scaled by w, conv(b) added to the bias); the norm keeps none. Nothing to do without an affine."""
+    conv: nn.Conv2d | None = getattr(module, conv_name)
+    if norm.weight is None or norm.bias is None or conv is None:
+        return
+    w = conv.weight.detach()[:, :, 0, 0]
+    new_w = w * norm.weight.detach()[None, :]
+    new_b = conv.bias.detach() + w @ norm.bias.detach()  # type: ignore[union-attr]
+    setattr(module, conv_name, _conv_like(conv, new_w[:, :, None, None], new_b))
+    norm.weight = None
+    norm.bias = None
+
+
+def fold_scale_into(module: nn.Module, scale_name: str, conv_name: str) -> None:
+    """conv(x) * s == conv'(x) with output rows scaled by s: the per-channel ``module.<scale_name>`` (beta, gamma)
+    goes into ``module.<conv_name>`` and becomes None."""
+    scale = getattr(module, scale_name)
+    if scale is None:
+        return
+    conv: nn.Conv2d = getattr(module, conv_name)
+    s = scale.detach().reshape(-1)
+    new_w = conv.weight.detach() * s[:, None, None, None]
+    new_b = conv.bias.detach() * s  # type: ignore[union-attr]
+    setattr(module, conv_name, _conv_like(conv, new_w, new_b))
+    setattr(module, scale_name, None)
+
+
 def fold_layernorm_affine(block: AnyDeployBlock) -> None:
     """conv(w * n + b) == conv'(n): scale conv1/conv4's input channels by w, add conv(b) to their bias."""
-    for norm, name in ((block.norm1, "conv1"), (block.norm2, "conv4")):
-        conv: nn.Conv2d = getattr(block, name)
-        if norm.weight is None or conv is None:
-            continue
-        w = conv.weight.detach()[:, :, 0, 0]
-        new_w = w * norm.weight.detach()[None, :]
-        new_b = conv.bias.detach() + w @ norm.bias.detach()  # type: ignore[union-attr]
-        setattr(block, name, _conv_like(conv, new_w[:, :, None, None], new_b))
-        norm.weight = None
-        norm.bias = None
+    fold_norm_affine_into(block, block.norm1, "conv1")
+    fold_norm_affine_into(block, block.norm2, "conv4")
 
 
 def fold_beta_gamma(block: AnyDeployBlock) -> None:
     """(conv3(x)) * beta == conv3'(x) with rows scaled by beta; the same for gamma and conv5."""
-    for scale_name, conv_name in (("beta", "conv3"), ("gamma", "conv5")):
-        scale = getattr(block, scale_name)
-        if scale is None:
-            continue
-        conv: nn.Conv2d = getattr(block, conv_name)
-        s = scale.detach().reshape(-1)
-        new_w = conv.weight.detach() * s[:, None, None, None]
-        new_b = conv.bias.detach() * s  # type: ignore[union-attr]
-        setattr(block, conv_name, _conv_like(conv, new_w, new_b))
-        setattr(block, scale_name, None)
+    fold_scale_into(block, "beta", "conv3")
+    fold_scale_into(block, "gamma", "conv5")
 
 
 def split_simple_gate(block: AnyDeployBlock) -> None:

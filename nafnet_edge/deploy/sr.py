@@ -37,11 +37,12 @@ from torch import nn
 
 from nafnet_edge.deploy.modules import ChannelNorm, DeployBlock, FixedPool, NormForm
 from nafnet_edge.deploy.passes import (
-    _conv_like,
     _norm_from,
     _rescaled,
     fold_beta_gamma,
     fold_layernorm_affine,
+    fold_norm_affine_into,
+    fold_scale_into,
     scale_block_stream,
     set_norm_form,
     split_simple_gate,
@@ -180,28 +181,15 @@ def to_deploy_sr(model: NAFNetSR) -> DeploySR:
 
 def fold_scam_norm_affine(scam: DeploySCAM) -> None:
     """norm_l's weight/bias into l_proj1, norm_r's into r_proj1 (as ``fold_layernorm_affine`` does for blocks)."""
-    for norm, name in ((scam.norm_l, "l_proj1"), (scam.norm_r, "r_proj1")):
-        if norm.weight is None or norm.bias is None:
-            continue
-        conv: nn.Conv2d = getattr(scam, name)
-        w = conv.weight.detach()[:, :, 0, 0]
-        new_b = conv.bias.detach() + w @ norm.bias.detach()  # type: ignore[union-attr]
-        setattr(scam, name, _conv_like(conv, (w * norm.weight.detach()[None, :])[:, :, None, None], new_b))
-        norm.weight = norm.bias = None
+    fold_norm_affine_into(scam, scam.norm_l, "l_proj1")
+    fold_norm_affine_into(scam, scam.norm_r, "r_proj1")
 
 
 def fold_scam_beta_gamma(scam: DeploySCAM) -> None:
     """beta into r_proj2 and gamma into l_proj2: attention averages values per channel, so scaling the values'
     channels scales its output's."""
-    for scale_name, conv_name in (("beta", "r_proj2"), ("gamma", "l_proj2")):
-        scale = getattr(scam, scale_name)
-        if scale is None:
-            continue
-        conv: nn.Conv2d = getattr(scam, conv_name)
-        s = scale.detach().reshape(-1)
-        new = _conv_like(conv, conv.weight.detach() * s[:, None, None, None], conv.bias.detach() * s)  # type: ignore[union-attr]
-        setattr(scam, conv_name, new)
-        setattr(scam, scale_name, None)
+    fold_scale_into(scam, "beta", "r_proj2")
+    fold_scale_into(scam, "gamma", "l_proj2")
 
 
 def fold_attention_scale(scam: DeploySCAM) -> None:
