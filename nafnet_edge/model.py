@@ -158,6 +158,8 @@ class ChannelPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
+        if torch.jit.is_tracing():  # a trace records the shapes as tensors; pooling windows must be constants
+            h, w = int(h), int(w)
         if self.kernel_size is None or (self.kernel_size[0] >= h and self.kernel_size[1] >= w):
             return x.mean((-2, -1), keepdim=True)
         k1, k2 = min(h, self.kernel_size[0]), min(w, self.kernel_size[1])

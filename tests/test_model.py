@@ -241,3 +241,18 @@ def test_exported_nafnetlocal_pools_with_average_pools_not_float64_cumsums() -> 
     assert dtypes == {torch.float32}, dtypes
     with torch.no_grad():
         assert float((exported.module()(x) - model(x)).abs().max()) <= 1e-5  # the eager (integral) path agrees
+
+
+def test_traced_nafnetlocal_bakes_constant_pooling_windows() -> None:
+    """A TorchScript trace (what OpenVINO's converter takes from a module) records shapes as tensors; a window
+    clipped to the map's side (kernel wider than the map, here 240 > 56) must still come out as a constant, or
+    converters refuse the pool."""
+    model = randomize(NAFNetLocal(TINY.replace(train_size=(16, 160))), seed=4)  # level 0: (24, 240) on 64x56
+    x = torch.rand(1, 3, 64, 56, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (x,), check_trace=False)
+        graph = traced.inlined_graph  # kept: its nodes die with it
+        windows = [n.inputsAt(1).node() for n in graph.nodes() if n.kind() == "aten::avg_pool2d"]
+        assert windows and all(w.kind() == "prim::ListConstruct" for w in windows)  # each the window's two sides
+        assert all(i.node().kind() == "prim::Constant" for w in windows for i in w.inputs())
+        assert float((traced(x) - model(x)).abs().max()) <= 1e-5
