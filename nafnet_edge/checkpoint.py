@@ -27,6 +27,7 @@ from typing import Literal
 
 import torch
 
+from nafnet_edge import defaults
 from nafnet_edge.archs import ARCHS, CLASS_NAMES, Arch, local_arch
 from nafnet_edge.errors import (
     CheckpointError,
@@ -49,7 +50,7 @@ from nafnet_edge.releases import (
 )
 from nafnet_edge.sniff import looks_like_text
 
-DEFAULT_CHECKPOINT_NAME = "nafnet-edge-denoise-s.safetensors"
+DEFAULT_CHECKPOINT_NAME = defaults.SHIPPED_MODELS["denoise-s"]
 WRAPPER_KEYS = ("params", "params_ema", "state_dict", "model_state_dict", "model", "net", "network")
 MAX_PARAMS = 2_000_000_000  # refuse configurations beyond this before allocating anything
 MAX_CHANNELS = 1 << 16  # the widest feature map a configuration may imply (width x 2**levels); releases: 1024
@@ -813,8 +814,8 @@ def load_checkpoint(
     train_size: tuple[int, int] | None = None,
     device: str | torch.device = "cpu",
 ) -> LoadedCheckpoint:
-    """Load a checkpoint of the NAFNet family (the embedded default when ``path`` is None) into an eval-mode fp32
-    model.
+    """Load a checkpoint of the NAFNet family (the embedded default when ``path`` is None; a name of
+    ``defaults.SHIPPED_MODELS`` for a model shipped in the package) into an eval-mode fp32 model.
 
     The family and layout come from the tensor shapes (:func:`infer_config`); the class (TLC or not) from, in
     order: ``arch`` (which must fit the family: :func:`fitting_archs`), the release table (sha256), the file's
@@ -822,7 +823,7 @@ def load_checkpoint(
     ``train_size`` (TLC's training crop) overrides the metadata's, else the family's default applies.
     """
     is_default = path is None
-    path = default_checkpoint_path() if path is None else Path(path)
+    path = default_checkpoint_path() if path is None else Path(defaults.shipped_model_path(str(path)))
     raw = read_checkpoint(path, param_key=param_key)
     try:
         config = infer_config(raw.state_dict)

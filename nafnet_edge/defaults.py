@@ -3,8 +3,18 @@ function never disagree. Imports nothing heavy (no torch): the parser reads it a
 
 from __future__ import annotations
 
+import os
+from importlib import resources
 from pathlib import Path
 from typing import Final
+
+from nafnet_edge.errors import UsageError
+
+# models shipped inside the package, by the name every command and ``api.load`` accept in place of a checkpoint path
+SHIPPED_MODELS: Final = {
+    "denoise-s": "nafnet-edge-denoise-s.safetensors",  # the embedded default (docs/model-card.md)
+    "sr-x2": "nafnet-edge-sr-x2.safetensors",  # NAFNet-SR x2, bicubic degradation (docs/model-card-sr.md)
+}
 
 # convert / quantize
 INPUT_SIZE: Final = (256, 256)  # fixed model input (tile) of an artifact, height x width; int8 trains on crops of it
@@ -41,3 +51,16 @@ REPORT_IMAGES: Final = 3  # validation images cropped into the page
 # inspect / reparam
 GMACS_SIZE: Final = (256, 256)  # input size inspect counts multiply-accumulates at
 STREAM_SCALE: Final = 16.0  # power of two dividing the residual stream so fp16 norms cannot overflow
+
+
+def shipped_model_path(name: str) -> str:
+    """The file of the shipped model ``name`` (see ``SHIPPED_MODELS``), or ``name`` itself, a checkpoint path. A
+    name that is also a file here is refused as ambiguous: ``./NAME`` is the file."""
+    if name not in SHIPPED_MODELS:
+        return name
+    if os.path.lexists(name):
+        raise UsageError(
+            f"{name!r} is both a file here and the name of a model shipped with nafnet-edge: write ./{name} for the "
+            "file, or run from another folder for the shipped model"
+        )
+    return str(resources.files("nafnet_edge") / "weights" / SHIPPED_MODELS[name])

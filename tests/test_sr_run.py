@@ -280,3 +280,18 @@ def test_a_file_named_like_a_shipped_model_is_ambiguous(tmp_path: Path, monkeypa
     Path("sr-x2").write_bytes(b"")
     assert main(["run", "sr-x2", "x.png", "-o", "out"]) == EXIT_USAGE
     assert "write ./sr-x2 for the file" in capsys.readouterr().err
+
+
+def test_shipped_models_load_by_name_in_every_command(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`sr-x2` and `denoise-s` stand for the shipped files wherever a checkpoint goes (API, inspect, convert); a
+    file of that name in the working folder is refused as ambiguous."""
+    monkeypatch.chdir(tmp_path)
+    assert isinstance(load_checkpoint("sr-x2").model, NAFNetSR)
+    assert load_checkpoint("denoise-s").sha256 == load_checkpoint(None).sha256
+    assert main(["inspect", "sr-x2"]) == 0
+    assert "super-resolution x2" in capsys.readouterr().out
+    assert main(["convert", "sr-x2", "--target", "onnx", "-o", "art", "--input-size", "32", "--no-validate"]) == 0
+    assert json.loads(Path("art/onnx-fp32/manifest.json").read_text())["io"]["scale"] == 2
+    Path("sr-x2").write_bytes(b"")
+    assert main(["inspect", "sr-x2"]) == EXIT_USAGE
+    assert "write ./sr-x2 for the file" in capsys.readouterr().err

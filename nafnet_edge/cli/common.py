@@ -166,6 +166,10 @@ def stream_scale(text: str) -> float:
     return value
 
 
+CHECKPOINT_HELP = (
+    f"checkpoint file (.pth, .pt, .safetensors) or a shipped model: {', '.join(defaults.SHIPPED_MODELS)} "
+    "(default: denoise-s, the embedded denoiser)"
+)
 SIDE_OR_ZERO = bounded(non_negative_int, MAX_SIDE_PX, "px, the largest model input side")
 
 

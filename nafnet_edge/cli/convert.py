@@ -11,6 +11,7 @@ from typing import Any
 
 from nafnet_edge import defaults
 from nafnet_edge.cli.common import (
+    CHECKPOINT_HELP,
     EPILOG,
     Parents,
     add_bench_options,
@@ -179,7 +180,7 @@ def add_parser(sub: Any, parents: Parents) -> None:
         "its own runtime against fp32 PyTorch outputs of the original model. Exit code 3 when a budget is missed.",
         epilog=EPILOG,
     )
-    p.add_argument("checkpoint", nargs="?", metavar="CKPT", help="checkpoint file (default: the embedded model)")
+    p.add_argument("checkpoint", nargs="?", metavar="CKPT", help=CHECKPOINT_HELP)
     p.add_argument(
         "--target",
         required=True,

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from nafnet_edge import defaults
-from nafnet_edge.cli.common import EPILOG, Parents, load_model
+from nafnet_edge.cli.common import CHECKPOINT_HELP, EPILOG, Parents, load_model
 from nafnet_edge.sizes import parse_size
 
 
@@ -160,7 +160,7 @@ def add_parser(sub: Any, parents: Parents) -> None:
         "Without CKPT, describes the embedded default model.",
         epilog=EPILOG,
     )
-    p.add_argument("checkpoint", nargs="?", metavar="CKPT", help="checkpoint file (.pth, .pt, .safetensors)")
+    p.add_argument("checkpoint", nargs="?", metavar="CKPT", help=CHECKPOINT_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
         "--size",

@@ -8,6 +8,7 @@ from typing import Any
 
 from nafnet_edge import defaults
 from nafnet_edge.cli.common import (
+    CHECKPOINT_HELP,
     EPILOG,
     Parents,
     add_bench_options,
@@ -38,7 +39,7 @@ def add_parser(sub: Any, parents: Parents) -> None:
         "torchrun.",
         epilog=EPILOG,
     )
-    p.add_argument("checkpoint", nargs="?", metavar="CKPT", help="checkpoint file (default: the embedded model)")
+    p.add_argument("checkpoint", nargs="?", metavar="CKPT", help=CHECKPOINT_HELP)
     p.add_argument("--target", required=True, choices=parents.int8_names, help="int8 runtime")
     p.add_argument(
         "--train-data", type=Path, metavar="DIR", help="training images: what the app feeds the model (required)"

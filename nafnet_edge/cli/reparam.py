@@ -18,7 +18,7 @@ from nafnet_edge.sizes import parse_size
 if TYPE_CHECKING:
     from nafnet_edge.deploy import NormForm
 
-from nafnet_edge.cli.common import EPILOG, Parents, kodak_dir, load_model, stream_scale
+from nafnet_edge.cli.common import CHECKPOINT_HELP, EPILOG, Parents, kodak_dir, load_model, stream_scale
 
 
 def cmd_reparam(args: argparse.Namespace) -> int:
@@ -84,7 +84,7 @@ def add_parser(sub: Any, parents: Parents) -> None:
         "program of --input-size.",
         epilog=EPILOG,
     )
-    p.add_argument("checkpoint", nargs="?", metavar="CKPT", help="checkpoint file (default: the embedded model)")
+    p.add_argument("checkpoint", nargs="?", metavar="CKPT", help=CHECKPOINT_HELP)
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="OUT.safetensors or OUT.pt2")
     p.add_argument(
         "--target",

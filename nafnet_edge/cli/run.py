@@ -13,11 +13,6 @@ from nafnet_edge import defaults
 from nafnet_edge.cli.common import BATCH, EPILOG, SIDE_OR_ZERO, Parents, deprecated_alias, load_model
 from nafnet_edge.errors import BadInputError, UsageError
 
-# Models shipped inside the package, by the short name that can stand where a checkpoint path goes.
-SHIPPED_MODELS = {
-    "denoise-s": "nafnet-edge-denoise-s.safetensors",  # the embedded default
-    "sr-x2": "nafnet-edge-sr-x2.safetensors",  # NAFNet-SR x2, bicubic degradation (docs/model-card-sr.md)
-}
 # Names of the two views of a stereo pair, as Flickr1024 (0001_L.png) and others (scene_left.png) write them.
 _STEREO_NAME = re.compile(r"^(?P<base>.+)_(?P<view>l|r|left|right)$", re.IGNORECASE)
 _PARTNER = {"l": "r", "r": "l", "left": "right", "right": "left"}
@@ -105,7 +100,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if artifact is not None:
         inputs.pop(0)
     elif not is_image_path(first) and not first.is_dir():
-        checkpoint = shipped_model_path(inputs.pop(0))
+        checkpoint = defaults.shipped_model_path(inputs.pop(0))
     if not inputs:
         model = "artifact" if artifact is not None else "checkpoint"
         raise UsageError(f"no input images: give images or folders after the {model}")
@@ -117,21 +112,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if artifact is not None:
         return _run_artifact(args, artifact, files)
     return _run_files(args, checkpoint, files)
-
-
-def shipped_model_path(name: str) -> str:
-    """The file of the shipped model ``name`` (see ``SHIPPED_MODELS``), or ``name`` itself, a checkpoint path. A
-    name that is also a file here is refused as ambiguous: ``./NAME`` is the file."""
-    if name not in SHIPPED_MODELS:
-        return name
-    if os.path.lexists(name):
-        raise UsageError(
-            f"{name!r} is both a file here and the name of a model shipped with nafnet-edge: write ./{name} for the "
-            "file, or run from another folder for the shipped model"
-        )
-    from importlib import resources
-
-    return str(resources.files("nafnet_edge") / "weights" / SHIPPED_MODELS[name])
 
 
 def stereo_pairs(files: list[Path]) -> list[tuple[Path, Path]]:
