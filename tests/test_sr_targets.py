@@ -17,9 +17,10 @@ import torch
 from helpers import randomize, require
 
 from nafnet_edge.deploy import deploy
+from nafnet_edge.deploy.modules import FixedPool
+from nafnet_edge.deploy.passes import fixed_pool
 from nafnet_edge.deploy.sr import (
     SR_PASSES,
-    BoxMeanMatrices,
     DeploySR,
     SRSettings,
     max_attention_score,
@@ -68,7 +69,7 @@ def test_each_pass_keeps_the_function(arch: str) -> None:
             assert (graph(x) - want).abs().max() <= 1e-5, name
     assert not any(isinstance(m, ChannelPool) for m in graph.modules())
     if arch == "nafssr":
-        assert all(isinstance(b.pool, BoxMeanMatrices) for b in graph.blocks())  # TLC is local at SIZE
+        assert all(isinstance(b.pool, FixedPool) and b.pool.kernel_size for b in graph.blocks())  # local at SIZE
         scam = graph.attentions()[0]
         assert scam.scale is None and scam.beta is None and scam.gamma is None
         assert scam.norm_l.weight is None and scam.norm_r.bias is None
@@ -88,10 +89,12 @@ def test_deploy_dispatches_sr_models_in_every_norm_form(form: str) -> None:
     assert recipe.io.input.channels == "RGB+RGB" and recipe.io.output.shape == (1, 6, 64, 96)
 
 
-def test_box_mean_matrices_are_channel_pool_at_their_size() -> None:
+def test_fixed_pools_are_channel_pool_at_their_size() -> None:
+    """NAFSSR's pools (kernels clipped to one side of the view, as (45, 135) on a 64 px view) in the U-Net's
+    FixedPool form."""
     x = torch.randn(1, 5, 20, 33, generator=torch.Generator().manual_seed(3))
-    for kernel in ((7, 11), (20, 4), (1, 33)):
-        assert (BoxMeanMatrices((20, 33), kernel)(x) - ChannelPool(kernel)(x)).abs().max() <= 1e-6
+    for kernel in ((7, 11), (20, 4), (1, 33), (45, 135), (12, 135)):
+        assert (fixed_pool(kernel, (20, 33))(x) - ChannelPool(kernel)(x)).abs().max() <= 1e-6
 
 
 def test_attention_scores_stay_far_from_fp16_range() -> None:

@@ -239,11 +239,15 @@ def fix_pooling(graph: DeployNAFNet, input_size: tuple[int, int]) -> None:
             pool = block.pool
             if isinstance(pool, FixedPool):
                 continue
-            kernel = pool.kernel_size if isinstance(pool, ChannelPool) else None
-            if kernel is None or (kernel[0] >= fh and kernel[1] >= fw):
-                block.pool = FixedPool(None)
-                continue
-            k1, k2 = min(fh, kernel[0]), min(fw, kernel[1])
-            oh, ow = fh - k1 + 1, fw - k2 + 1
-            pad = ((fw - ow) // 2, (fw - ow + 1) // 2, (fh - oh) // 2, (fh - oh + 1) // 2)
-            block.pool = FixedPool((k1, k2), pad, (fh, fw))
+            block.pool = fixed_pool(pool.kernel_size if isinstance(pool, ChannelPool) else None, (fh, fw))
+
+
+def fixed_pool(kernel: tuple[int, int] | None, size: tuple[int, int]) -> FixedPool:
+    """The pool ``ChannelPool(kernel)`` computes on an (H, W) = ``size`` map: global when the kernel covers it,
+    else the kernel clipped to the map and the means replicate-padded back to H x W."""
+    h, w = size
+    if kernel is None or (kernel[0] >= h and kernel[1] >= w):
+        return FixedPool(None)
+    k1, k2 = min(h, kernel[0]), min(w, kernel[1])
+    oh, ow = h - k1 + 1, w - k2 + 1
+    return FixedPool((k1, k2), ((w - ow) // 2, (w - ow + 1) // 2, (h - oh) // 2, (h - oh + 1) // 2), size)

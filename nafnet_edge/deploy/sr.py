@@ -39,6 +39,7 @@ from nafnet_edge.deploy.modules import ChannelNorm, DeployBlock, FixedPool, Norm
 from nafnet_edge.deploy.passes import (
     _norm_from,
     _rescaled,
+    fixed_pool,
     fold_beta_gamma,
     fold_layernorm_affine,
     fold_norm_affine_into,
@@ -224,57 +225,12 @@ def scale_sr_stream(graph: DeploySR, scale: float) -> None:
             norm.eps = norm.eps * inv * inv
 
 
-class BoxMeanMatrices(nn.Module):
-    """TLC's local box mean at one fixed size as two constant linear maps, along the width then the height.
-
-    Row ``j`` of an axis's (n x n) matrix averages the ``k`` samples of the window that ``ChannelPool`` gives
-    output ``j``: the stride-1 "valid" window, replicate-padded back at the edges, so the edge outputs repeat the
-    first and last windows. The same means as ``FixedPool``'s average pools and replicate pad, up to float
-    rounding, as one matmul per axis against a constant: every target runs it delegated (XNNPACK as a fully
-    connected op), where the replicate pad becomes index gathers that ExecuTorch leaves outside XNNPACK.
-    """
-
-    along_w: torch.Tensor  # (W, W) buffers, registered in __init__
-    along_h: torch.Tensor
-
-    def __init__(self, size: tuple[int, int], kernel: tuple[int, int]) -> None:
-        super().__init__()
-        self.kernel_size = kernel
-        self.register_buffer("along_h", box_mean_matrix(size[0], kernel[0]))
-        self.register_buffer("along_w", box_mean_matrix(size[1], kernel[1]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.linear(x, self.along_w)
-        return F.linear(x.transpose(2, 3), self.along_h).transpose(2, 3)
-
-    def extra_repr(self) -> str:
-        return f"kernel={self.kernel_size}, size={(self.along_h.shape[0], self.along_w.shape[0])}"
-
-
-def box_mean_matrix(n: int, k: int) -> torch.Tensor:
-    """(n, n): output ``j`` = mean of the ``k`` inputs of the valid window at ``j - pad_before``, the index clamped
-    to the ``n - k + 1`` windows (replicate padding of the means, as ``ChannelPool`` pads them)."""
-    windows = n - k + 1
-    before = (n - windows) // 2
-    m = torch.zeros(n, n, dtype=torch.float64)
-    for j in range(n):
-        start = min(max(j - before, 0), windows - 1)
-        m[j, start : start + k] = 1.0 / k
-    return m.float()
-
-
 def fix_sr_pooling(graph: DeploySR, kernel: tuple[int, int] | None, input_size: tuple[int, int]) -> None:
     """Every block's pooling fixed for one view of ``input_size``: global mean, or TLC's box mean of ``kernel``
-    (NAFSSR) clipped to the view and replicate-padded back, as ``ChannelPool`` computes it at that size
-    (``BoxMeanMatrices``)."""
-    h, w = input_size
+    (NAFSSR) clipped to the view and replicate-padded back, as ``ChannelPool`` computes it at that size."""
     for block in graph.blocks():
-        if isinstance(block.pool, FixedPool | BoxMeanMatrices):
-            continue
-        if kernel is None or (kernel[0] >= h and kernel[1] >= w):
-            block.pool = FixedPool(None)
-            continue
-        block.pool = BoxMeanMatrices((h, w), (min(h, kernel[0]), min(w, kernel[1])))
+        if not isinstance(block.pool, FixedPool):
+            block.pool = fixed_pool(kernel, input_size)
 
 
 SRPass = Callable[[DeploySR, "SRSettings"], None]
@@ -371,7 +327,7 @@ def deploy_sr(
 def local_kernels(graph: DeploySR) -> tuple[tuple[int, int], ...]:
     """Kernel sizes of the channel-attention pools that are not global, in graph order (the recipe's
     ``local_pooling``)."""
-    pools = (m for m in graph.modules() if isinstance(m, FixedPool | BoxMeanMatrices | ChannelPool))
+    pools = (m for m in graph.modules() if isinstance(m, FixedPool | ChannelPool))
     return tuple((int(p.kernel_size[0]), int(p.kernel_size[1])) for p in pools if p.kernel_size is not None)
 
 
