@@ -280,7 +280,10 @@ def int8_settings(
         raise UsageError("--search-rounds takes 0 (no search) or more")
     rank, world = init_distributed()
     pairs_path = Path(train_pairs) if train_pairs is not None else None
-    images = load_training_images(train_path, h, pairs=pairs_path, channels=loaded.config.img_channels)
+    model = loaded.config
+    images = load_training_images(
+        train_path, h, pairs=pairs_path, channels=model.img_channels, scale=model.up_scale, views=model.views
+    )
     config = TrainConfig(method=method, iters=steps, batch=train_batch, lr=lr, seed=seed)  # type: ignore[arg-type]
     return Int8Settings(
         images=images,

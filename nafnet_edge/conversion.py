@@ -241,11 +241,6 @@ def convert(
             f"{loaded.config.class_name} takes a stereo pair as one 6-channel tensor (left RGB, then right RGB), "
             "which 8-bit pixel formats cannot carry: convert with --io tensor"
         )
-    if quantizer is not None and loaded.config.family == "nafnet-sr":
-        raise OptionError(
-            f"int8 is not available for {loaded.config.class_name} yet (the quantizers take the U-Net deploy graphs "
-            "of NAFNet and Baseline): convert it in fp32 or fp16"
-        )
     m = loaded.config.pad_multiple
     if options.input_size[0] % m or options.input_size[1] % m:
         raise OptionError(f"input size {options.input_size[0]}x{options.input_size[1]} must be a multiple of {m}")

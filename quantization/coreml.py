@@ -318,10 +318,15 @@ def _int8_activations(annotation: Any) -> Any:
 
 
 def _global_residual(model: torch.fx.GraphModule) -> torch.fx.Node:
-    """The add producing the graph's output from the graph's input (``ending(x) + inp``)."""
+    """The add producing the graph's output from the graph's input: ``ending(x) + inp``, or in a super-resolution
+    graph ``up(x) + bilinear(inp)``."""
     (output,) = [n for n in model.graph.nodes if n.op == "output"]
     (node,) = output.args[0]
-    if node.target is not torch.ops.aten.add.Tensor or not any(a.op == "placeholder" for a in node.all_input_nodes):
+
+    def from_input(a: torch.fx.Node) -> bool:
+        return a.op == "placeholder" or ("upsample" in str(a.target) and a.all_input_nodes[0].op == "placeholder")
+
+    if node.target is not torch.ops.aten.add.Tensor or not any(from_input(a) for a in node.all_input_nodes):
         raise RuntimeError(f"the deploy graph's output is {node.target}, not the global residual add")
     return node
 

@@ -55,7 +55,7 @@ class Pt2eQuantizer(Quantizer):
         trace = example[:1].expand(TRACE_BATCH, *example.shape[1:]).contiguous()
         batch = torch.export.Dim("batch", min=1)
         # a copy: the exported module shares the graph's parameters, and QAT must not train the caller's graph
-        exported = torch.export.export(copy.deepcopy(graph), (trace,), dynamic_shapes=({0: batch},)).module()
+        exported = torch.export.export(_copy(graph), (trace,), dynamic_shapes=({0: batch},)).module()
         quantizer = keeping_float(self.pt2e_quantizer(qat=qat), self.keep_float)
         prepared = prepare_qat_pt2e(exported, quantizer) if qat else prepare_pt2e(exported, quantizer)
         prepared.requires_grad_(qat)  # the deploy graph comes frozen; QAT trains every weight and bias
@@ -112,6 +112,13 @@ def is_qat(prepared: torch.nn.Module) -> bool:
     from torchao.quantization.pt2e import FakeQuantizeBase
 
     return any(isinstance(m, FakeQuantizeBase) for m in prepared.modules())
+
+
+def _copy(graph: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``graph`` to export; a stereo graph's views get their own weights (``deploy.sr.unshared``)."""
+    from nafnet_edge.deploy.sr import DeploySR, unshared
+
+    return unshared(graph) if isinstance(graph, DeploySR) else copy.deepcopy(graph)
 
 
 def node_units(node: torch.fx.Node, units: Collection[str]) -> set[str]:

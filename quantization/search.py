@@ -113,7 +113,7 @@ def quantize(
         progress=int8.progress,
         label=label,
     )
-    return prepared, torch.rand(1, graph.intro.in_channels, h, w), log  # type: ignore[union-attr, arg-type]
+    return prepared, torch.rand(1, int(graph.in_channels), h, w), log  # type: ignore[arg-type]
 
 
 @dataclass
@@ -298,7 +298,7 @@ def _search_record(stage: Any, result: SearchResult, search_rounds: int) -> dict
     first, best = result.first, result.best
     if first is not None and first is not best:
         progress.phase(f"{stage.label}: latency of the kept round against the first")
-        c = stage.loaded.config.img_channels
+        c = stage.loaded.config.in_channels
         x = np.random.default_rng(0).random((1, c, *stage.options.input_size), dtype=np.float32)
         with progress.backend_output():
             medians = interleaved_medians({"first": first.runner.run, "kept": best.runner.run}, x)

@@ -2,7 +2,8 @@
 
 Units are the deploy graph's top-level pieces: ``intro``, every block (``encoders.I.J``, ``middle_blks.J``,
 ``decoders.I.J``), the strided downsampling convs (``downs.I``), the transposed-conv upsampling (``ups.I``) and
-``ending``. A quantizer with ``keep_float`` set leaves the units named there unquantized: their ops run in
+``ending``; in a super-resolution graph ``intro``, the blocks (``body.J.blk``), NAFSSR's stereo attention
+(``body.J.fusion``) and ``up``. A quantizer with ``keep_float`` set leaves the units named there unquantized: their ops run in
 floating point inside the same program (PT2E targets: no annotation inside, so no quantize/dequantize; OpenVINO:
 NNCF's quantizers inside disabled, so no FakeQuantize and f32 weights).
 
@@ -32,7 +33,13 @@ SENSITIVITY_CROPS = 8  # held-out crops the ranking is measured on (``train.held
 
 
 def graph_units(graph: torch.nn.Module) -> list[str]:
-    """The deploy graph's units in execution order."""
+    """The deploy graph's units in execution order: a U-Net's levels, or a super-resolution graph's ``intro``,
+    body blocks (``body.J.blk``, with their stereo attention ``body.J.fusion`` in NAFSSR) and ``up``."""
+    if hasattr(graph, "body"):
+        units = ["intro"]
+        for j, block in enumerate(graph.body):  # type: ignore[arg-type]
+            units += [f"body.{j}.blk"] + ([f"body.{j}.fusion"] if block.fusion is not None else [])
+        return [*units, "up"]
     units = ["intro"]
     for i, encoder in enumerate(graph.encoders):  # type: ignore[arg-type]
         units += [f"encoders.{i}.{j}" for j in range(len(encoder))] + [f"downs.{i}"]

@@ -59,30 +59,54 @@ class TrainImage:
 
 
 def load_training_images(
-    folder: str | Path, crop: int, *, pairs: Path | None = None, channels: int = 3
+    folder: str | Path,
+    crop: int,
+    *,
+    pairs: Path | None = None,
+    channels: int = 3,
+    scale: int = 1,
+    views: int = 1,
 ) -> list[TrainImage]:
-    """Images of ``folder`` (and, with ``pairs``, the same-named clean images there), each at least ``crop``."""
+    """Images of ``folder`` (and, with ``pairs``, the same-named clean images there, ``scale`` times the size of
+    the inputs for super-resolution), each at least ``crop``. For a stereo model (``views`` 2) each image becomes a
+    synthetic pair, the left view without its right ``STEREO_SHIFT_PX`` columns and the right view moved by them,
+    stacked on the channel axis as the model takes them (distillation only: no ground truth for such pairs)."""
+    from nafnet_edge.validation import STEREO_SHIFT_PX
+
     folder = Path(folder)
     if not folder.is_dir():
         raise BadInputError(f"--data {folder} is not a folder of images")
+    if views > 1 and pairs is not None:
+        raise BadInputError(
+            "a stereo model trains by distillation from its fp32 graph on synthetic pairs made from --train-data: "
+            "leave out --train-pairs"
+        )
     files = sorted(p for p in folder.iterdir() if is_image_path(p))
     if not files:
         raise BadInputError(f"--data {folder} holds no PNG, JPEG or TIFF images")
     images = []
     for path in files:
         x = _as_channels(read_image(path).pixels, channels)
+        if views > 1:
+            x = np.concatenate([x[:, :-STEREO_SHIFT_PX], x[:, STEREO_SHIFT_PX:]], axis=2)
         y = None
         if pairs is not None:
             match = [t for t in Path(pairs).glob(f"{path.stem}.*") if is_image_path(t)]
             if not match:
                 raise BadInputError(f"no clean image for {path.name} in {pairs}: name them like the inputs")
             y = _as_channels(read_image(match[0]).pixels, channels)
-            if y.shape != x.shape:
-                raise BadInputError(f"{path.name}: input {x.shape[:2]} and clean {y.shape[:2]} differ in size")
+            if y.shape[:2] != (x.shape[0] * scale, x.shape[1] * scale):
+                want = f"{x.shape[1] * scale}x{x.shape[0] * scale}"
+                raise BadInputError(
+                    f"{path.name}: the clean image is {y.shape[1]}x{y.shape[0]}, the input {x.shape[1]}x{x.shape[0]}"
+                    + (f": a x{scale} model needs it {want}" if scale > 1 else ": they must be the same size")
+                )
         if min(x.shape[:2]) < crop:
             raise BadInputError(
-                f"{path.name} is {x.shape[1]}x{x.shape[0]}, smaller than the {crop}-px training crop "
-                "(the artifact's input size): use larger images or a smaller --input-size"
+                f"{path.name} is {x.shape[1]}x{x.shape[0]}"
+                + (f" as a stereo pair ({STEREO_SHIFT_PX} px shift)" if views > 1 else "")
+                + f", smaller than the {crop}-px training crop (the artifact's input size): use larger images or "
+                "a smaller --input-size"
             )
         images.append(TrainImage(x, y))
     return images
@@ -114,7 +138,8 @@ def batches(
             for src, dst in ((image.input, xs), (image.target, ys)):
                 if src is None:
                     continue
-                patch = src[top : top + crop, left : left + crop]
+                s = src.shape[0] // h  # the target of a super-resolution pair is s times the input
+                patch = src[s * top : s * (top + crop), s * left : s * (left + crop)]
                 patch = patch[::-1] if flips[0] else patch
                 patch = patch[:, ::-1] if flips[1] else patch
                 dst.append(np.ascontiguousarray(patch.transpose(2, 0, 1)))

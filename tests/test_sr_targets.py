@@ -221,13 +221,20 @@ def test_sr_usage_python_tiles_a_photo_like_nafnet_edge_run(tmp_path: Path, koda
     assert np.abs(restored.astype(int) - by_run.astype(int)).max() <= 1
 
 
-def test_int8_of_an_sr_model_is_refused_with_what_to_do(tmp_path: Path, kodak_data: Path, capsys) -> None:
-    from nafnet_edge.cli import main
+@pytest.mark.parametrize(("target", "pixel_format"), [("executorch", None), ("executorch", "rgba"), ("litert", "rgba")])
+def test_android_usage_passes_the_output_scale_to_the_kotlin_tilers(tmp_path: Path, target: str, pixel_format) -> None:
+    """The Kotlin in an SR artifact's USAGE.md builds its tiler with the manifest's scale and a Bitmap that much
+    larger (the tilers themselves are checked against the Python tiler in test_android_tiler)."""
+    from nafnet_edge.checkpoint import load_checkpoint
+    from nafnet_edge.conversion import convert
+    from nafnet_edge.converters import ExportOptions
 
-    require("executorch")
+    require(target if target == "executorch" else "litert_torch")
     path = tmp_path / "sr.pth"
     torch.save({"params": tiny("nafnet-sr").state_dict()}, path)
-    argv = ["quantize", str(path), "--target", "executorch", "--method", "ptq", "--train-data", str(kodak_data)]
-    assert main([*argv, "-o", str(tmp_path / "out"), "--input-size", "32"]) == 2
-    assert "int8 is not available for NAFNetSR" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    options = ExportOptions(input_size=(32, 32), pixel_format=pixel_format)  # type: ignore[arg-type]
+    result = convert(load_checkpoint(path), target, tmp_path / "out", options, validation=None)
+    usage = (result.directory / "USAGE.md").read_text()
+    kotlin = usage[usage.index("```kotlin") :]
+    assert "Tiler(object" in kotlin and ", scale = 2)" in kotlin
+    assert "Bitmap.createBitmap(" in kotlin and "bitmap.width * 2" in kotlin and "bitmap.height * 2" in kotlin

@@ -281,6 +281,11 @@ class DeployNAFNet(nn.Module):
         self.ups, self.decoders = ups, decoders
         self.pad_multiple = pad_multiple
 
+    @property
+    def in_channels(self) -> int:
+        """Channels of the graph's input."""
+        return int(self.intro.in_channels)
+
     def blocks(self) -> list[AnyDeployBlock]:
         stages = [*self.encoders, self.middle_blks, *self.decoders]
         return [b for stage in stages for b in stage]

@@ -14,6 +14,9 @@ at one fixed low-resolution input size.
                               fp16 reductions stay finite; no op added
 6. ``set_norm_form``          every channel norm (blocks and SCAM) in the form the backend delegates
 7. ``fix_pooling``            (with ``input_size``) global mean, or NAFSSR's TLC box mean at that view size
+8. ``split_views``            (NAFSSR) the intro conv of each view as a conv over the whole 6-channel input
+                              whose weights are zero outside its view: no channel slice in the graph (quantized
+                              slices feeding a conv fail to load in XNNPACK), the same sums
 
 The stereo pair is one 6-channel tensor, left RGB then right RGB (upstream's layout), in and out: every target
 takes and returns one tensor, the tiler cuts both views alike, and an app packs two planar RGB buffers one after
@@ -119,7 +122,7 @@ class DeploySRBlock(nn.Module):
         self.fusion = fusion
 
     def forward(self, *feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        feats = tuple(self.blk(x) for x in feats)
+        feats = self.blk(*feats) if isinstance(self.blk, PerView) else tuple(self.blk(x) for x in feats)
         if self.fusion is not None:
             feats = self.fusion(*feats)
         return feats
@@ -131,16 +134,19 @@ class DeploySR(nn.Module):
 
     recipe: DeployRecipe  # how the graph was made; set by ``deploy_sr``
 
+    intro: nn.Conv2d | ViewIntro
+
     def __init__(self, *, intro: nn.Conv2d, body: nn.ModuleList, up: nn.Sequential, views: int, up_scale: int) -> None:
         super().__init__()
         self.intro, self.body, self.up = intro, body, up
         self.views, self.up_scale = views, up_scale
+        self.view_channels = int(intro.in_channels)
         self.pad_multiple = 1  # no levels: any size
 
     @property
     def in_channels(self) -> int:
         """Channels of the graph's input (views stacked on the channel axis)."""
-        return int(self.intro.in_channels) * self.views
+        return self.view_channels * self.views
 
     def blocks(self) -> list[DeployBlock]:
         return [cast(DeploySRBlock, b).blk for b in self.body]
@@ -150,13 +156,59 @@ class DeploySR(nn.Module):
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
         residual = F.interpolate(inp, scale_factor=self.up_scale, mode="bilinear", align_corners=False)
-        c = self.intro.in_channels
-        views = tuple(inp[:, i * c : (i + 1) * c] for i in range(self.views)) if self.views > 1 else (inp,)
-        feats = tuple(self.intro(v) for v in views)
+        if isinstance(self.intro, ViewIntro):
+            feats = self.intro(inp)
+        else:
+            c = self.view_channels
+            views = tuple(inp[:, i * c : (i + 1) * c] for i in range(self.views)) if self.views > 1 else (inp,)
+            feats = tuple(self.intro(v) for v in views)
         for block in self.body:
             feats = block(*feats)
-        out = [self.up(f) for f in feats]
+        out = self.up(*feats) if isinstance(self.up, PerView) else [self.up(f) for f in feats]
         return (torch.cat(out, dim=1) if len(out) > 1 else out[0]) + residual
+
+
+class ViewIntro(nn.Module):
+    """The intro conv of each view of a stacked stereo input as its own conv over all the input's channels, the
+    weights zero outside the view: the per-view features without slicing the input."""
+
+    def __init__(self, conv: nn.Conv2d, views: int) -> None:
+        super().__init__()
+        c = conv.in_channels
+        self.convs = nn.ModuleList()
+        for i in range(views):
+            view = nn.Conv2d(c * views, conv.out_channels, 3, padding=1)  # the intro is a 3x3 'same' conv
+            weight = torch.zeros_like(view.weight)
+            weight[:, i * c : (i + 1) * c] = conv.weight
+            view.weight = nn.Parameter(weight, requires_grad=False)
+            view.bias = nn.Parameter(cast(torch.Tensor, conv.bias).detach().clone(), requires_grad=False)
+            self.convs.append(view)
+
+    def forward(self, inp: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(conv(inp) for conv in self.convs)
+
+
+class PerView(nn.Module):
+    """One copy of a module per view, each applied to its own view."""
+
+    def __init__(self, module: nn.Module, views: int) -> None:
+        super().__init__()
+        self.views = nn.ModuleList([module] + [copy.deepcopy(module) for _ in range(views - 1)])
+
+    def forward(self, *feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(m(x) for m, x in zip(self.views, feats, strict=True))
+
+
+def unshared(graph: DeploySR) -> DeploySR:
+    """A copy of ``graph`` whose views run their own copies of the modules they share (the body's blocks and the
+    upsampling head): the same function with the weights once per view. For PT2E int8: XNNPACK refuses to load
+    a convolution whose quantized weight also feeds another convolution."""
+    graph = copy.deepcopy(graph)
+    if graph.views > 1:
+        for block in graph.body:
+            block.blk = PerView(cast(nn.Module, block.blk), graph.views)
+        graph.up = PerView(graph.up, graph.views)  # type: ignore[assignment]
+    return graph
 
 
 def to_deploy_sr(model: NAFNetSR) -> DeploySR:
@@ -212,7 +264,7 @@ def scale_sr_stream(graph: DeploySR, scale: float) -> None:
     if scale == 1:
         return
     inv = 1.0 / scale
-    graph.intro = _rescaled(graph.intro, inv, inv)
+    graph.intro = _rescaled(cast(nn.Conv2d, graph.intro), inv, inv)
     graph.up[0] = _rescaled(cast(nn.Conv2d, graph.up[0]), scale, 1.0)
     for block in graph.blocks():
         scale_block_stream(block, inv)
@@ -278,6 +330,11 @@ def _pooling(graph: DeploySR, settings: SRSettings) -> None:
         fix_sr_pooling(graph, settings.kernel, settings.input_size)
 
 
+def _split_views(graph: DeploySR, settings: SRSettings) -> None:
+    if graph.views > 1 and not isinstance(graph.intro, ViewIntro):
+        graph.intro = ViewIntro(graph.intro, graph.views)
+
+
 SR_PASSES: list[tuple[str, SRPass]] = [
     ("fold_layernorm_affine", _each(fold_layernorm_affine, fold_scam_norm_affine)),
     ("fold_beta_gamma", _each(fold_beta_gamma, fold_scam_beta_gamma)),
@@ -286,6 +343,7 @@ SR_PASSES: list[tuple[str, SRPass]] = [
     ("scale_residual_stream", _stream),
     ("set_norm_form", _norm_form),
     ("fix_pooling", _pooling),
+    ("split_views", _split_views),
 ]
 
 
