@@ -185,11 +185,11 @@ val tiler = NafnetTiler(object : TileModule {{
     override fun run(input: FloatArray, channels: Int, height: Int, width: Int): FloatArray =
         module.forward(EValue.from(Tensor.fromBlob(input, longArrayOf(1, {c}L, {h}L, {w}L))))[0]
             .toTensor().dataAsFloatArray
-}}, tileHeight = {h}, tileWidth = {w}, overlap = {overlap}, align = {align}, channels = {c})
+}}, tileHeight = {h}, tileWidth = {w}, overlap = {overlap}, align = {align}, channels = {c}{kscale})
 val pixels = IntArray(bitmap.width * bitmap.height)
 bitmap.getPixels(pixels, 0, bitmap.width, 0, 0, bitmap.width, bitmap.height)
 val restored = Bitmap.createBitmap(
-    tiler.restoreArgb(pixels, bitmap.height, bitmap.width), bitmap.width, bitmap.height, Bitmap.Config.ARGB_8888
+    tiler.restoreArgb(pixels, bitmap.height, bitmap.width), bitmap.width{xs}, bitmap.height{xs}, Bitmap.Config.ARGB_8888
 )
 ```
 
@@ -218,7 +218,7 @@ val tiler = NafnetPixelTiler(object : PixelTileModule {{
     override fun run(pixels: ByteArray, height: Int, width: Int): ByteArray =  // uint8 [1, {h}, {w}, {p}] in and out
         module.forward(EValue.from(Tensor.fromBlobUnsigned(pixels, longArrayOf(1, {h}L, {w}L, {p}L))))[0]
             .toTensor().dataAsUnsignedByteArray
-}}, tileHeight = {h}, tileWidth = {w}, overlap = {overlap}, align = {align}, bytesPerPixel = {p})
+}}, tileHeight = {h}, tileWidth = {w}, overlap = {overlap}, align = {align}, bytesPerPixel = {p}{kscale})
 
 """
     + KOTLIN_RESTORE_BITMAP

@@ -140,7 +140,7 @@ val tiler = NafnetTiler(object : TileModule {{
         model.run(inputs, outputs)
         return outputs[0].readFloat()
     }}
-}}, tileHeight = {h}, tileWidth = {w}, overlap = {overlap}, align = {align}, channels = {c})
+}}, tileHeight = {h}, tileWidth = {w}, overlap = {overlap}, align = {align}, channels = {c}{kscale})
 ```
 """
 )
@@ -169,7 +169,7 @@ USAGE_IMAGE = (
         model.run(inputs, outputs)
         return outputs[0].readInt8()
     }}
-}}, tileHeight = {h}, tileWidth = {w}, overlap = {overlap}, align = {align}, bytesPerPixel = {p})
+}}, tileHeight = {h}, tileWidth = {w}, overlap = {overlap}, align = {align}, bytesPerPixel = {p}{kscale})
 
 """
     + KOTLIN_RESTORE_BITMAP

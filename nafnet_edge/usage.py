@@ -119,7 +119,7 @@ KOTLIN_RESTORE_BITMAP = """\
 fun restore(bitmap: Bitmap): Bitmap {{  // rgba artifacts; ARGB_8888, opaque (the bytes are alpha-premultiplied)
     val bytes = ByteBuffer.allocate(bitmap.byteCount)
     bitmap.copyPixelsToBuffer(bytes)  // RGBA bytes, row by row
-    val out = Bitmap.createBitmap(bitmap.width, bitmap.height, Bitmap.Config.ARGB_8888)
+    val out = Bitmap.createBitmap(bitmap.width{xs}, bitmap.height{xs}, Bitmap.Config.ARGB_8888)
     out.copyPixelsFromBuffer(tiler.restoreBuffer(bytes, bitmap.height, bitmap.width))  // alpha comes back 255
     return out
 }}
@@ -270,6 +270,8 @@ def usage_note(target: str, manifest: Manifest) -> str:
         "overlap": manifest.tiling.overlap_px,
         "multiple": manifest.padding_multiple,
         "align": manifest.tiling.align_px,
+        "kscale": f", scale = {io.scale}" if io.scale > 1 else "",  # the Kotlin tilers' output scale
+        "xs": f" * {io.scale}" if io.scale > 1 else "",  # the restored Bitmap's size
     }
     common, python_io, python_save = COMMON, PYTHON_IO, PYTHON_SAVE
     fmt = io.pixel_format

@@ -114,6 +114,50 @@ def test_golden_tile_outputs_blend_to_the_python_result(
     assert np.abs(blended - expected).max() <= 1e-6
 
 
+SCALED_CASES = [  # height, width, tile, overlap, align, scale: super-resolution artifacts, tiles in input pixels
+    (50, 65, 32, 8, 1, 2),
+    (37, 29, 24, 6, 1, 4),  # odd sizes
+    (20, 30, 32, 8, 1, 2),  # smaller than the tile: one padded call
+]
+
+
+@pytest.mark.parametrize(("height", "width", "tile", "overlap", "align", "scale"), SCALED_CASES)
+def test_scaled_plans_and_blends_equal_the_python_tilers(
+    tiler: Path, tmp_path: Path, height: int, width: int, tile: int, overlap: int, align: int, scale: int
+) -> None:
+    """A x2/x4 artifact: the blend weights in output pixels bit for bit, the blended frame as validation's tiler
+    blends it, and 8-bit frames of a nearest-neighbour "artifact" come back as the nearest-neighbour upscale."""
+    got = kotlin(tiler, "plan", height, width, tile, tile, overlap, align, scale)
+    plan = tile_plan(height, width, tile=(tile, tile), overlap_px=overlap, align_px=align, scale=scale)
+    assert tuple(int(v) for v in got["ys"]) == plan.ys and tuple(int(v) for v in got["xs"]) == plan.xs
+    for axis, weights in (("wy", plan.weights_y), ("wx", plan.weights_x)):
+        for k, w in enumerate(weights):
+            assert len(w) == tile * scale
+            expected = np.asarray(w, np.float32).view(np.int32)
+            assert np.array_equal(np.asarray(got[f"{axis}{k}"], np.int64).astype(np.int32), expected), (axis, k)
+    frame = np.random.default_rng(height + width).random((height, width, 3), dtype=np.float32)
+    inputs, outputs = [], []
+
+    def recorded(t: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.interpolate(tile_dependent(t), scale_factor=scale, mode="bilinear")
+        inputs.append(t.numpy().copy())
+        outputs.append(y.numpy().copy())
+        return y
+
+    expected_frame, calls = apply_tiled(recorded, frame, (tile, tile), overlap, align, scale)
+    frame.tofile(tmp_path / "frame.f32")
+    np.concatenate([x.ravel() for x in inputs]).astype("<f4").tofile(tmp_path / "inputs.f32")
+    np.concatenate([y.ravel() for y in outputs]).astype("<f4").tofile(tmp_path / "outputs.f32")
+    got = kotlin(tiler, "replay", tmp_path, height, width, 3, tile, overlap, align, scale)
+    assert int(got["calls"][0]) == calls == len(inputs)
+    assert float(got["input_max_abs_diff"][0]) == 0.0
+    blended = np.fromfile(tmp_path / "out.f32", "<f4").reshape(height * scale, width * scale, 3)
+    assert np.abs(blended - expected_frame).max() <= 1e-6
+    for p in (4, 3):
+        got = kotlin(tiler, "pixel-upsample", height, width, p, tile, overlap, align, scale)
+        assert int(got["size"][0]) == height * width * scale * scale * p and int(got["mismatches"][0]) == 0
+
+
 PIXEL_CASES = [  # height, width, pixel format, tile, overlap, align
     (100, 130, "rgba", 64, 16, 16),
     (151, 203, "rgba", 64, 32, 4),  # odd sizes

@@ -55,23 +55,29 @@ interface TileModule {
     fun run(input: FloatArray, channels: Int, height: Int, width: Int): FloatArray
 }
 
-/** Where the tiles of a [frameHeight] x [frameWidth] frame go and how they are weighted (row-major tiles). */
+/** Where the tiles of a [frameHeight] x [frameWidth] frame go and how they are weighted (row-major tiles). Tiles
+ *  are cut in input pixels; a super-resolution model's outputs ([scale] times larger) are blended with the weights
+ *  in output pixels: [weightsY] and [weightsX] have [scale] x [tileHeight] and [scale] x [tileWidth] entries. */
 class TilePlan(
     val frameHeight: Int,
     val frameWidth: Int,
     val tileHeight: Int,
     val tileWidth: Int,
     val overlap: Int,
-    val align: Int
+    val align: Int,
+    val scale: Int = 1
 ) {
     val paddedHeight = max(tileHeight, roundUp(frameHeight, align))
     val paddedWidth = max(tileWidth, roundUp(frameWidth, align))
     val ys: IntArray = tileStarts(paddedHeight, tileHeight, overlap, align)
     val xs: IntArray = tileStarts(paddedWidth, tileWidth, overlap, align)
-    val weightsY: Array<FloatArray> = axisWeights(paddedHeight, tileHeight, ys)
-    val weightsX: Array<FloatArray> = axisWeights(paddedWidth, tileWidth, xs)
+    val weightsY: Array<FloatArray> = axisWeights(paddedHeight * scale, tileHeight * scale, scaled(ys))
+    val weightsX: Array<FloatArray> = axisWeights(paddedWidth * scale, tileWidth * scale, scaled(xs))
+
+    private fun scaled(starts: IntArray) = IntArray(starts.size) { starts[it] * scale }
 
     init {
+        require(scale > 0) { "scale must be positive" }
         require(tileHeight > 0 && tileWidth > 0) { "tile size must be positive" }
         require(overlap >= 0 && overlap < min(tileHeight, tileWidth)) { "overlap must be in [0, tile size)" }
         require(frameHeight > 0 && frameWidth > 0) { "frame size must be positive" }
@@ -129,25 +135,30 @@ class TilePlan(
     }
 }
 
-/** Restores whole frames through [module], one [tileHeight] x [tileWidth] tile at a time. */
+/** Restores whole frames through [module], one [tileHeight] x [tileWidth] tile at a time; a super-resolution
+ *  artifact returns tiles [scale] times larger (the manifest's `io.scale`) and the frame comes back that much
+ *  larger. */
 class NafnetTiler(
     private val module: TileModule,
     val tileHeight: Int,
     val tileWidth: Int,
     val overlap: Int,
     val align: Int,
-    val channels: Int = 3
+    val channels: Int = 3,
+    val scale: Int = 1
 ) {
-    fun plan(height: Int, width: Int) = TilePlan(height, width, tileHeight, tileWidth, overlap, align)
+    fun plan(height: Int, width: Int) = TilePlan(height, width, tileHeight, tileWidth, overlap, align, scale)
 
     /** [frame]: HWC float32 in [0, 1] of [height] x [width] x [channels]; returns the restored frame, HWC,
-     *  unclamped (clamp to [0, 1] before converting to 8 bits). */
+     *  [scale] x [height] by [scale] x [width], unclamped (clamp to [0, 1] before converting to 8 bits). */
     fun restore(frame: FloatArray, height: Int, width: Int): FloatArray {
         require(frame.size == height * width * channels) { "frame has ${frame.size} values, not $height x $width x $channels" }
         val p = plan(height, width)
         val th = tileHeight
         val tw = tileWidth
-        val out = FloatArray(height * width * channels)
+        val s = scale
+        val outWidth = width * s
+        val out = FloatArray(height * s * outWidth * channels)
         val input = FloatArray(channels * th * tw)
         for ((row, y0) in p.ys.withIndex()) {
             for ((col, x0) in p.xs.withIndex()) {
@@ -158,21 +169,22 @@ class NafnetTiler(
                     if (y < height && x < width) input[(c * th + i) * tw + j] = frame[(y * width + x) * channels + c]
                 }
                 val result = module.run(input, channels, th, tw)
-                require(result.size == input.size) { "the module returned ${result.size} values, not ${input.size}" }
+                val expected = input.size * s * s
+                require(result.size == expected) { "the module returned ${result.size} values, not $expected" }
                 val wy = p.weightsY[row]
                 val wx = p.weightsX[col]
-                for (i in 0 until min(th, height - y0)) for (j in 0 until min(tw, width - x0)) {
+                for (i in 0 until min(th, height - y0) * s) for (j in 0 until min(tw, width - x0) * s) {
                     val weight = wy[i] * wx[j]
-                    val o = ((y0 + i) * width + x0 + j) * channels
-                    for (c in 0 until channels) out[o + c] += result[(c * th + i) * tw + j] * weight
+                    val o = ((y0 * s + i) * outWidth + x0 * s + j) * channels
+                    for (c in 0 until channels) out[o + c] += result[(c * th * s + i) * tw * s + j] * weight
                 }
             }
         }
         return out
     }
 
-    /** [pixels]: ARGB_8888 as Bitmap.getPixels returns them (alpha ignored); returns opaque ARGB_8888, each
-     *  channel clamped to [0, 1] and rounded to 8 bits. RGB models only. */
+    /** [pixels]: ARGB_8888 as Bitmap.getPixels returns them (alpha ignored); returns opaque ARGB_8888 ([scale]
+     *  times the height and width), each channel clamped to [0, 1] and rounded to 8 bits. RGB models only. */
     fun restoreArgb(pixels: IntArray, height: Int, width: Int): IntArray {
         require(channels == 3) { "ARGB pixels need a 3-channel (RGB) model" }
         require(pixels.size == height * width) { "${pixels.size} pixels, not $height x $width" }
@@ -185,7 +197,7 @@ class NafnetTiler(
         }
         val restored = restore(frame, height, width)
         fun level(v: Float) = (min(max(v, 0f), 1f) * 255f + 0.5f).toInt()
-        return IntArray(height * width) { k ->
+        return IntArray(height * width * scale * scale) { k ->
             (0xFF shl 24) or (level(restored[3 * k]) shl 16) or (level(restored[3 * k + 1]) shl 8) or level(restored[3 * k + 2])
         }
     }
@@ -210,16 +222,18 @@ class NafnetPixelTiler(
     val tileWidth: Int,
     val overlap: Int,
     val align: Int,
-    val bytesPerPixel: Int = 4
+    val bytesPerPixel: Int = 4,
+    val scale: Int = 1
 ) {
     init {
         require(bytesPerPixel > 0) { "bytesPerPixel must be positive" }
     }
 
-    fun plan(height: Int, width: Int) = TilePlan(height, width, tileHeight, tileWidth, overlap, align)
+    fun plan(height: Int, width: Int) = TilePlan(height, width, tileHeight, tileWidth, overlap, align, scale)
 
     /** [frame]: [height] x [width] pixels, [bytesPerPixel] interleaved bytes each, row by row; returns the
-     *  restored frame, same layout. With 4 bytes a pixel the last (alpha) byte is ignored in and 255 out, as the
+     *  restored frame, same layout, [scale] times the height and width (a super-resolution artifact's tiles come
+     *  back that much larger). With 4 bytes a pixel the last (alpha) byte is ignored in and 255 out, as the
      *  artifact does; the zero padding reaches the artifact with alpha 0, which it ignores too. */
     fun restore(frame: ByteArray, height: Int, width: Int): ByteArray {
         val bpp = bytesPerPixel
@@ -227,7 +241,9 @@ class NafnetPixelTiler(
         val p = plan(height, width)
         val th = tileHeight
         val tw = tileWidth
-        val sum = FloatArray(height * width * bpp)
+        val s = scale
+        val outWidth = width * s
+        val sum = FloatArray(height * s * outWidth * bpp)
         val tile = ByteArray(th * tw * bpp)
         for ((row, y0) in p.ys.withIndex()) {
             for ((col, x0) in p.xs.withIndex()) {
@@ -238,15 +254,16 @@ class NafnetPixelTiler(
                     System.arraycopy(frame, ((y0 + i) * width + x0) * bpp, tile, i * tw * bpp, cols * bpp)
                 }
                 val result = module.run(tile, th, tw)
-                require(result.size == tile.size) { "the module returned ${result.size} bytes, not ${tile.size}" }
+                val expected = tile.size * s * s
+                require(result.size == expected) { "the module returned ${result.size} bytes, not $expected" }
                 val wy = p.weightsY[row]
                 val wx = p.weightsX[col]
-                for (i in 0 until rows) {
+                for (i in 0 until rows * s) {
                     val wyi = wy[i].toDouble()
-                    for (j in 0 until cols) {
+                    for (j in 0 until cols * s) {
                         val weight = wyi * wx[j].toDouble() // exact: two float32 values
-                        val o = ((y0 + i) * width + x0 + j) * bpp
-                        val t = (i * tw + j) * bpp
+                        val o = ((y0 * s + i) * outWidth + x0 * s + j) * bpp
+                        val t = (i * tw * s + j) * bpp
                         // numpy: uint8 * float64 in double, then float32 += float64 in double, stored as float32
                         for (c in 0 until bpp) {
                             sum[o + c] = (sum[o + c] + (result[t + c].toInt() and 0xFF) * weight).toFloat()

@@ -28,7 +28,7 @@ fun main(args: Array<String>) {
     when (args[0]) {
         "plan" -> {
             val (h, w, th, tw) = n
-            val plan = TilePlan(h, w, th, tw, n[4], n[5])
+            val plan = TilePlan(h, w, th, tw, n[4], n[5], n.getOrElse(6) { 1 })
             println("padded ${plan.paddedHeight} ${plan.paddedWidth}")
             println("ys ${plan.ys.joinToString(" ")}")
             println("xs ${plan.xs.joinToString(" ")}")
@@ -59,16 +59,19 @@ fun main(args: Array<String>) {
             val frame = readFloats(File(dir, "frame.f32"))
             val inputs = readFloats(File(dir, "inputs.f32"))
             val outputs = readFloats(File(dir, "outputs.f32"))
+            val scale = n.getOrElse(6) { 1 }
             val size = c * t * t
+            val outSize = size * scale * scale
             var calls = 0
             var inputDiff = 0f
             val replay = object : TileModule {
                 override fun run(input: FloatArray, channels: Int, height: Int, width: Int): FloatArray {
                     for (i in input.indices) inputDiff = max(inputDiff, abs(input[i] - inputs[calls * size + i]))
-                    return outputs.copyOfRange(calls * size, (++calls) * size)
+                    return outputs.copyOfRange(calls * outSize, (++calls) * outSize)
                 }
             }
-            writeFloats(File(dir, "out.f32"), NafnetTiler(replay, t, t, n[4], n[5], c).restore(frame, h, w))
+            val tiler = NafnetTiler(replay, t, t, n[4], n[5], c, scale)
+            writeFloats(File(dir, "out.f32"), tiler.restore(frame, h, w))
             println("calls $calls")
             println("input_max_abs_diff $inputDiff")
         }
@@ -96,6 +99,35 @@ fun main(args: Array<String>) {
             val back = tiler.restoreBuffer(buffer, h, w)
             println("buffer_position ${buffer.position()} ${back.position()} ${back.remaining()}")
             println("buffer_mismatches ${out.indices.count { out[it] != back.get(it) }}")
+        }
+        "pixel-upsample" -> {
+            val (h, w, bpp, t) = n
+            val scale = n[6]
+            var seed = 12345L
+            val frame = ByteArray(h * w * bpp) {
+                seed = (seed * 6364136223846793005L + 1442695040888963407L)
+                (seed ushr 56).toByte()
+            }
+            val nearest = object : PixelTileModule { // a x[scale] "super-resolution" artifact: each pixel repeated
+                override fun run(pixels: ByteArray, height: Int, width: Int): ByteArray =
+                    ByteArray(pixels.size * scale * scale) { k ->
+                        val pixel = k / bpp
+                        val y = pixel / (width * scale) / scale
+                        val x = pixel % (width * scale) / scale
+                        pixels[(y * width + x) * bpp + k % bpp]
+                    }
+            }
+            val out = NafnetPixelTiler(nearest, t, t, n[4], n[5], bpp, scale).restore(frame, h, w)
+            var mismatches = 0
+            for (k in out.indices) {
+                val pixel = k / bpp
+                val y = pixel / (w * scale) / scale
+                val x = pixel % (w * scale) / scale
+                val want = if (bpp == 4 && k % 4 == 3) (-1).toByte() else frame[(y * w + x) * bpp + k % bpp]
+                if (out[k] != want) mismatches++
+            }
+            println("size ${out.size}")
+            println("mismatches $mismatches")
         }
         "pixel-replay" -> {
             val dir = File(args[1])
