@@ -3,9 +3,9 @@
 Units are the deploy graph's top-level pieces: ``intro``, every block (``encoders.I.J``, ``middle_blks.J``,
 ``decoders.I.J``), the strided downsampling convs (``downs.I``), the transposed-conv upsampling (``ups.I``) and
 ``ending``; in a super-resolution graph ``intro``, the blocks (``body.J.blk``), NAFSSR's stereo attention
-(``body.J.fusion``) and ``up``. A quantizer with ``keep_float`` set leaves the units named there unquantized: their ops run in
-floating point inside the same program (PT2E targets: no annotation inside, so no quantize/dequantize; OpenVINO:
-NNCF's quantizers inside disabled, so no FakeQuantize and f32 weights).
+(``body.J.fusion``) and ``up``. A quantizer with ``keep_float`` set leaves the units named there unquantized:
+their ops run in floating point inside the same program (PT2E targets: no annotation inside, so no
+quantize/dequantize; OpenVINO: NNCF's quantizers inside disabled, so no FakeQuantize and f32 weights).
 
 ``rank_units`` measures each unit's sensitivity in one fake-quantized copy of the graph: the fidelity (PSNR against
 the fp32 deploy graph on held-out random crops of the training images) gained by switching off only that unit's
