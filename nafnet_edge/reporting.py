@@ -387,10 +387,22 @@ class _Sources:
         return loaded, None
 
 
-def _load_images(val_data: str | Path | None, channels: int) -> list[Any]:
+def _load_images(val_data: str | Path | None, channels: int, scale: int = 1, views: int = 1) -> list[Any]:
+    """The validation images an artifact of ``channels`` (all views) takes: a folder's as they are (low-resolution
+    inputs for super-resolution), or the shipped photos as validation prepares them (bicubic-downscaled for
+    ``scale`` > 1, synthetic stereo pairs for two ``views``)."""
     from nafnet_edge.validation import default_images, folder_images
 
-    return folder_images(val_data, channels=channels) if val_data is not None else default_images(channels)
+    if val_data is not None:
+        return folder_images(val_data, channels=channels)
+    return default_images(channels // views, scale=scale, views=views)
+
+
+def viewable(pixels: np.ndarray, views: int) -> np.ndarray:
+    """An HxWx(views x C) image as one picture: a stereo pair's views side by side (left, then right)."""
+    if views == 1:
+        return pixels
+    return np.concatenate(np.split(pixels, views, axis=2), axis=1)
 
 
 def compare_images(
@@ -433,8 +445,9 @@ def compare_images(
             reason = str(e) if isinstance(e, NafnetEdgeError) else f"{type(e).__name__}: {e}"
             artifact.image_note = f"cannot run here: {reason}"
             continue
-        if artifact.channels not in image_sets:
-            image_sets[artifact.channels] = _load_images(val_data, artifact.channels)[:images]
+        scale, views = loaded.config.up_scale, loaded.config.views
+        if (artifact.channels, scale) not in image_sets:
+            image_sets[artifact.channels, scale] = _load_images(val_data, artifact.channels, scale, views)[:images]
         model = loaded.model.float().cpu().eval()
         multiple = loaded.config.pad_multiple
 
@@ -443,25 +456,27 @@ def compare_images(
                 return model(t).float()
 
         artifact_fn = runner_fn(runner.run)
-        for index, image in enumerate(image_sets[artifact.channels]):
+        for index, image in enumerate(image_sets[artifact.channels, scale]):
             key = (id(loaded), artifact.channels, index, *size)  # one loaded reference model per setting
             tile, origin = centre_crop(image.input, size)
             if eight_bit:
                 tile = quantized(tile)
             if key not in comparisons:
-                reference, _ = apply_tiled(reference_fn, tile, size, 0, multiple)
+                reference, _ = apply_tiled(reference_fn, tile, size, 0, multiple, scale)
+                shown = tile.repeat(scale, axis=0).repeat(scale, axis=1)  # the input at the output's size
                 comparisons[key] = Comparison(
                     image=image.name,
-                    size=(tile.shape[0], tile.shape[1]),
-                    origin=origin,
+                    size=(reference.shape[0], reference.shape[1] * views),
+                    origin=(origin[0] * scale, origin[1] * scale),
                     source=artifact.manifest.source.checkpoint or "checkpoint",
-                    input=tile,
-                    reference=reference,
+                    input=viewable(shown, views),
+                    reference=viewable(reference, views),
                 )
             comparison = comparisons[key]
             try:
                 with progress.backend_output():
-                    output, _ = apply_tiled(artifact_fn, tile, size, 0, multiple)
+                    output, _ = apply_tiled(artifact_fn, tile, size, 0, multiple, scale)
+                output = viewable(output, views)
             except Exception as e:  # a runtime failing on one input must not lose the page
                 note = f"failed here: {type(e).__name__}: {e}"
                 comparison.outputs.append(Output(artifact, note=note))
@@ -998,6 +1013,14 @@ def _runtime_text(info: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _sr_note(scale: int, channels: str) -> str:
+    """What the page shows of a super-resolution artifact (`` · super-resolution x2 ...``); empty otherwise."""
+    if scale == 1:
+        return ""
+    stereo = ", stereo pair (left and right views side by side)" if "+" in channels else ""
+    return f" · super-resolution x{scale} (images at the output size){stereo}"
+
+
 def _sources(artifacts: Sequence[Artifact]) -> str:
     seen: dict[str, str] = {}
     for a in artifacts:
@@ -1010,6 +1033,7 @@ def _sources(artifacts: Sequence[Artifact]) -> str:
             f"{s.checkpoint}{' (embedded default)' if s.embedded_default else ''}"
             f"{' · release ' + s.release if s.release else ''} · "
             f"{CLASS_NAMES.get(str(config.get('arch')), 'NAFNet')} width {config.get('width', '?')}"
+            f"{_sr_note(a.manifest.io.scale, a.manifest.io.input.channels)}"
             f"{f' · {params / 1e6:.2f} M params' if params else ''} · sha256 {s.sha256[:12]}…"
         )
     return "; ".join(seen.values())

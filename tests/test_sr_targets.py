@@ -238,3 +238,25 @@ def test_android_usage_passes_the_output_scale_to_the_kotlin_tilers(tmp_path: Pa
     kotlin = usage[usage.index("```kotlin") :]
     assert "Tiler(object" in kotlin and ", scale = 2)" in kotlin
     assert "Bitmap.createBitmap(" in kotlin and "bitmap.width * 2" in kotlin and "bitmap.height * 2" in kotlin
+
+
+@pytest.mark.parametrize("arch", ["nafnet-sr", "nafssr"])
+def test_report_compares_sr_artifacts_at_the_output_size(tmp_path: Path, arch: str) -> None:
+    """The report runs an SR artifact on the low-resolution validation input (a synthetic pair for NAFSSR) and
+    compares at the output size, the two views side by side; the model line says so."""
+    import re
+
+    from nafnet_edge.cli import main
+
+    require("onnxruntime")
+    torch.save({"params": tiny(arch).state_dict()}, tmp_path / "m.pth")
+    argv = ["convert", str(tmp_path / "m.pth"), "--target", "onnx", "-o", str(tmp_path / "a"), "--input-size", "32"]
+    assert main([*argv, "--no-validate"]) == 0
+    assert main(["report", str(tmp_path / "a" / "onnx-fp32"), "-o", str(tmp_path / "r.html"), "--images", "1"]) == 0
+    page = (tmp_path / "r.html").read_text()
+    views = 2 if arch == "nafssr" else 1
+    assert re.search(rf"64×{64 * views} tile", page)
+    assert "super-resolution x2 (images at the output size)" in page
+    assert ("views side by side" in page) == (views == 2)
+    fidelity = [float(v) for v in re.findall(r"([0-9.]+) dB", page)]
+    assert fidelity and max(fidelity) > 60  # fp32 ONNX against the fp32 model, on the right pixels
