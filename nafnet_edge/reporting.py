@@ -426,7 +426,7 @@ def compare_images(
     eight_bit = any(a.image_io for a in artifacts)
 
     sources = _Sources(checkpoint)
-    image_sets: dict[int, list[Any]] = {}
+    image_sets: dict[tuple[int, int], list[Any]] = {}
     comparisons: dict[tuple[int, int, int, int, int], Comparison] = {}
     for artifact in artifacts:
         size = artifact.input_size
