@@ -260,3 +260,25 @@ def test_report_compares_sr_artifacts_at_the_output_size(tmp_path: Path, arch: s
     assert ("views side by side" in page) == (views == 2)
     fidelity = [float(v) for v in re.findall(r"([0-9.]+) dB", page)]
     assert fidelity and max(fidelity) > 60  # fp32 ONNX against the fp32 model, on the right pixels
+
+
+def test_bench_runs_a_stereo_sr_artifact_and_its_source_on_their_own_input(tmp_path: Path, capsys) -> None:
+    import json
+
+    from nafnet_edge.checkpoint import load_checkpoint
+    from nafnet_edge.cli import main
+    from nafnet_edge.complexity import count_macs
+
+    require("onnxruntime")
+    model = tiny("nafssr")
+    torch.save({"params": model.state_dict()}, tmp_path / "m.pth")
+    argv = ["convert", str(tmp_path / "m.pth"), "--target", "onnx", "-o", str(tmp_path / "a"), "--input-size", "32"]
+    assert main([*argv, "--no-validate"]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(tmp_path / "a" / "onnx-fp32"), "--runs", "2", "--frame", "50x40", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (artifact,) = report["artifacts"]
+    assert report["failures"] == [] and artifact["input"] == report["baseline"]["input"] == [1, 6, 32, 32]
+    config = load_checkpoint(tmp_path / "m.pth").config  # as identified from the file (TLC from train size 30x90)
+    assert artifact["macs"] == count_macs(config, 32, 32) and artifact["latency_ms"]["median"] > 0
+    assert artifact["frame"] is not None
