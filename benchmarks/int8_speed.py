@@ -27,7 +27,9 @@ import argparse
 import statistics
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,22 +74,32 @@ def calibration_crops(size: int, n: int = CALIBRATION_CROPS) -> list[torch.Tenso
     return crops[:n]
 
 
-def ours_runner(
-    target: str, model: torch.nn.Module, size: int, qat_iters: int, keep: list[object], keep_float: tuple[str, ...] = ()
-) -> Runner:
+def ours_session(
+    target: str,
+    model: torch.nn.Module,
+    size: int,
+    qat_iters: int,
+    keep: list[object],
+    keep_float: tuple[str, ...] = (),
+    **options: str,
+) -> Any:
     """The int8 artifact as ``nafnet-edge quantize`` writes it (``keep_float``: units left float, as the
-    ``--max-drift`` search leaves them), loaded by its target's session."""
+    ``--max-drift`` search leaves them; ``options``: the quantizer's, ``norm_precision`` or
+    ``inference_precision``), opened by its target's session with what it ships with (the export record)."""
     from nafnet_edge.converters import get_target
 
-    quantizer = get_quantizer(target, keep_float=keep_float)
+    quantizer = get_quantizer(target, keep_float=keep_float, **options)
     graph = deploy(model, norm_form=get_target(target).norm_form, input_size=(size, size))  # type: ignore[arg-type]
     method = "qat" if qat_iters else "ptq"
     config = TrainConfig(method=method, iters=max(qat_iters, 1), batch=1, calibration_batches=CALIBRATION_CROPS)
     prepared, _ = quantize_graph(quantizer, graph, calibration_images(size), size, config, progress=False)
     out = Path(tempfile.mkdtemp(prefix="int8-speed-"))
     keep.append(out)
-    quantizer.export(prepared, out, torch.rand(1, 3, size, size))
-    return get_target(target).load_runner(out).run
+    exported = quantizer.export(prepared, out, torch.rand(1, 3, size, size))
+    session = get_target(target).open_session(out, export=exported.info)
+    session.info["export"] = exported.info
+    keep.append(session)
+    return session
 
 
 def naive_xnnpack_runner(model: torch.nn.Module, x: torch.Tensor) -> Runner:
@@ -124,26 +136,57 @@ def openvino_default_runner(model: torch.nn.Module, x: torch.Tensor) -> Runner:
     return lambda a: request.infer({0: a})[0]
 
 
+BEFORE = {"xnnpack": {"norm_precision": "fp32"}, "openvino": {"inference_precision": "f32"}}
+OURS = "nafnet-edge int8"
+BEFORE_LABEL = "int8, fp32 norms"  # the artifact as it was before the norm precision was timed per CPU
+
+
 def variants(runtime: str, model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace, keep: list[object]):
     size = x.shape[-1]
+    target = "executorch" if runtime == "xnnpack" else "openvino"
+
+    def ours(keep_float: tuple[str, ...] = (), **options: str) -> Callable[[], Any]:
+        return lambda: ours_session(target, model, size, args.qat_iters, keep, keep_float, **options)
+
+    int8: dict[str, Callable[[], Any]] = {BEFORE_LABEL: ours(**BEFORE[runtime])}
     if runtime == "xnnpack":
         graph = deploy(model, norm_form="conv-mean", input_size=(size, size))
+        int8["int8, fp16 norms"] = ours(norm_precision="fp16")
         return {
             "original fp32": lambda: xnnpack_runner(model, x),
             "deploy fp32": lambda: xnnpack_runner(graph, x),
             "naive PTQ int8": lambda: naive_xnnpack_runner(model, x),
-            "nafnet-edge int8": lambda: ours_runner("executorch", model, size, args.qat_iters, keep),
-            KEPT_LABEL: lambda: ours_runner("executorch", model, size, args.qat_iters, keep, args.keep_float),
+            **int8,
+            OURS: ours(),
+            KEPT_LABEL: ours(args.keep_float),
         }
     graph = deploy(model, norm_form="mvn", input_size=(size, size))
+    if "BF16" in openvino_capabilities():
+        int8["int8, bf16 remainder"] = ours(inference_precision="bf16")
     return {
         "original fp32": lambda: openvino_runner(model, x),
         "original default hint": lambda: openvino_default_runner(model, x),
         "deploy fp32": lambda: openvino_runner(graph, x),
         "naive PTQ int8": lambda: naive_openvino_runner(model, x),
-        "nafnet-edge int8": lambda: ours_runner("openvino", model, size, args.qat_iters, keep),
-        KEPT_LABEL: lambda: ours_runner("openvino", model, size, args.qat_iters, keep, args.keep_float),
+        **int8,
+        OURS: ours(),
+        KEPT_LABEL: ours(args.keep_float),
     }
+
+
+def openvino_capabilities() -> list[str]:
+    import openvino as ov
+
+    return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def shipped_choice(session: Any) -> str:
+    """What an int8 artifact's float part runs in, as its export record says (norms for ExecuTorch, the
+    inference precision for OpenVINO)."""
+    export = session.info.get("export", {})
+    if "norm_kernels" in export:
+        return ", ".join(f"{n} {k}" for k, n in export["norm_kernels"].items())
+    return str(export.get("inference_precision", ""))
 
 
 LABELS = {"xnnpack": "ExecuTorch XNNPACK", "openvino": "OpenVINO CPU"}
@@ -160,6 +203,7 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], choices=list(LABELS))
     ap.add_argument("--qat-iters", type=int, default=0, help="QAT steps before exporting ours (0: PTQ calibration)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--profile", type=int, default=0, metavar="RUNS", help="per-operator profile of ours (RUNS runs)")
     ap.add_argument(
         "--keep-float",
         type=lambda text: tuple(text.split(",")),
@@ -170,9 +214,12 @@ def main() -> None:
     args = ap.parse_args()
     record = run_record("benchmarks/int8_speed.py", probe=False)
     warnings.filterwarnings("ignore")
+    cpu = record["machine"]
+    print(f"machine: {cpu['cpu']}; ISA: {' '.join(cpu.get('isa', [])) or 'unknown'}; {cpu.get('cores')} cores")
     peak = sgemm_gflops()
     print(f"sgemm probe: {peak:.0f} GFLOP/s fp32; {args.runs} interleaved runs; medians in ms", flush=True)
     rows = []
+    profiles: list[dict[str, Any]] = []
     keep: list[object] = []
     for shape in args.shapes:
         model = random_release_shape(shape)
@@ -182,7 +229,9 @@ def main() -> None:
         for runtime, label in LABELS.items():
             if runtime in args.skip:
                 continue
-            runners = {name: make() for name, make in variants(runtime, model, x, args, keep).items()}
+            made = {name: make() for name, make in variants(runtime, model, x, args, keep).items()}
+            sessions = {k: v for k, v in made.items() if not callable(v)}
+            runners = {k: v.run if k in sessions else v for k, v in made.items()}
             reference = runners["original fp32"](a)
             drift = {k: psnr(r(a), reference) for k, r in runners.items()}
             times: dict[str, list[float]] = {k: [] for k in runners}
@@ -199,8 +248,12 @@ def main() -> None:
                         "vs_original_fp32": med[k] / med["original fp32"],
                         "psnr_vs_original_fp32_db": drift[k],
                         "macs": macs,
+                        **({"float_part": shipped_choice(sessions[k])} if k in sessions else {}),
+                        **({"export": sessions[k].info["export"]} if k == OURS else {}),
                     }
                 )
+            if args.profile and OURS in sessions and sessions[OURS].profile is not None:
+                profiles.append({"shape": shape, "runtime": label, **sessions[OURS].profile(a, args.profile)})
             print(f"{shape} / {label}: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()), flush=True)
     floor = {
         shape: 2 * count_macs(RELEASE_SHAPES[shape], args.size, args.size) / (4 * peak * 1e9) * 1e3
@@ -221,8 +274,16 @@ def main() -> None:
             f"{row['vs_int8_floor']:>8.2f}x{('exact' if psnr > 100 else f'{psnr:.1f} dB'):>14}"
         )
     print("(random weights: the PSNR column only shows which variants are quantized, not their quality)")
+    for row in rows:
+        if "float_part" in row:
+            print(f"{row['shape']} / {row['runtime']} / {row['variant']}: float part {row['float_part']}")
+    for profile in profiles:
+        print(f"\n{profile['shape']} / {profile['runtime']} / {OURS}: {profile.get('source', '')}")
+        print(f"  total {profile['total_ms']:.1f} ms")
+        for op in profile["top"][:12]:
+            print(f"  {op['op']:<48}{op['ms']:>8.2f} ms{op['share']:>7.1%}  x{op['count']}")
     if args.json:
-        write_results(args.json, record, sgemm_gflops=peak, runs=args.runs, rows=rows)
+        write_results(args.json, record, sgemm_gflops=peak, runs=args.runs, rows=rows, profiles=profiles)
 
 
 if __name__ == "__main__":

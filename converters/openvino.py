@@ -75,13 +75,14 @@ NON_COMPUTE_LAYERS = frozenset({"Input", "Output", "Const", "Reorder", "Reshape"
 PYTHON_USAGE = """\
 ## Python
 
-Pin the inference precision: on CPUs with bf16 the plugin otherwise runs bf16 silently.
+Pin the inference precision the artifact was validated with ({inference_precision}): left unset, the plugin
+runs bf16 on CPUs that have it.
 
 ```python
 {python_io}
 import openvino as ov
 
-compiled = ov.Core().compile_model("{artifact}", "CPU", {{"INFERENCE_PRECISION_HINT": "f32"}})
+compiled = ov.Core().compile_model("{artifact}", "CPU", {{"INFERENCE_PRECISION_HINT": "{inference_precision}"}})
 
 
 def run(x):
@@ -98,7 +99,8 @@ USAGE = (
 
 ```cpp
 ov::Core core;
-auto compiled = core.compile_model("{artifact}", "CPU", ov::hint::inference_precision(ov::element::f32));
+auto compiled = core.compile_model("{artifact}", "CPU",
+                                   ov::hint::inference_precision(ov::element::{inference_precision}));
 auto request = compiled.create_infer_request();
 request.set_tensor("{inp}", ov::Tensor(ov::element::f32, {{1, {c}, {h}, {w}}}, pixels.data()));
 request.infer();
@@ -116,7 +118,8 @@ USAGE_IMAGE = (
 
 ```cpp
 ov::Core core;
-auto compiled = core.compile_model("{artifact}", "CPU", ov::hint::inference_precision(ov::element::f32));
+auto compiled = core.compile_model("{artifact}", "CPU",
+                                   ov::hint::inference_precision(ov::element::{inference_precision}));
 auto request = compiled.create_infer_request();
 // tile: a continuous {h}x{w} cv::Mat of 8-bit {channels} pixels (an OpenCV frame is BGR)
 request.set_tensor("{inp}", ov::Tensor(ov::element::u8, compiled.input("{inp}").get_shape(), tile.data));
@@ -146,11 +149,12 @@ class OpenVINOTarget(Target):
         TargetOption(
             "--inference-precision",
             "inference_precision",
-            f"the CPU plugin's INFERENCE_PRECISION_HINT ({DEFAULT_INFERENCE_PRECISION}; bf16 or f16 where the CPU "
-            "runs them natively)",
-            choices=INFERENCE_PRECISIONS,
+            "the CPU plugin's INFERENCE_PRECISION_HINT: bench runs the artifact with it (default: the one it ships "
+            f"with, else {DEFAULT_INFERENCE_PRECISION}); int8 artifacts ship with it (auto, the default: f32, or bf16 "
+            "/ f16 where this CPU runs them natively and they time faster)",
+            choices=("auto", *INFERENCE_PRECISIONS),
             metavar="PREC",
-            commands=("bench",),
+            commands=("bench", "quantize"),
         ),
     )
     usage_title: ClassVar[str] = "OpenVINO"
@@ -193,6 +197,9 @@ class OpenVINOTarget(Target):
             },
         )
 
+    def quantizer_options(self, settings: Mapping[str, Any]) -> dict[str, Any]:
+        return {"inference_precision": settings.get("inference_precision") or "auto"}
+
     def artifact_path(self, out_dir: Path) -> Path:
         """``model.xml`` and the ``model.bin`` OpenVINO reads beside it, checked (see ``Target.artifact_path``)."""
         artifact_file(out_dir, BIN)
@@ -217,18 +224,26 @@ class OpenVINOTarget(Target):
 
         settings = settings or SessionSettings()
         path = self.artifact_path(out_dir)
-        requested = settings.hints.get("inference_precision") or (export or {}).get(
-            "inference_precision", DEFAULT_INFERENCE_PRECISION
-        )
+        asked = settings.hints.get("inference_precision")
+        shipped = (export or {}).get("inference_precision", DEFAULT_INFERENCE_PRECISION)
+        requested = asked or shipped
         if requested not in INFERENCE_PRECISIONS:
             raise ArtifactError(
                 f"inference_precision {requested!r} is not one of {', '.join(INFERENCE_PRECISIONS)} "
                 "(the CPU plugin's INFERENCE_PRECISION_HINT values)"
             )
+        core = ov.Core()
+        fallback = None
+        if not asked and requested != DEFAULT_INFERENCE_PRECISION:  # chosen by timing on the CPU it was made on
+            capabilities = core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")
+            if CAPABILITY_NAMES[requested] not in capabilities:
+                fallback = (
+                    f"shipped with {requested}, which this CPU does not run natively: {DEFAULT_INFERENCE_PRECISION}"
+                )
+                requested = DEFAULT_INFERENCE_PRECISION
         base: dict[str, Any] = {"INFERENCE_PRECISION_HINT": requested}  # every compilation below starts from it
         if settings.threads:
             base["INFERENCE_NUM_THREADS"] = settings.threads
-        core = ov.Core()
         with self.loading(path):
             model = core.read_model(str(path))
             fmt = pixel_format_of(export) or ir_pixel_format(model)
@@ -301,6 +316,7 @@ class OpenVINOTarget(Target):
             "device_name": core.get_property(DEVICE, "FULL_DEVICE_NAME"),
             "hint": "LATENCY",
             "inference_precision": used,
+            **({"inference_precision_fallback": fallback} if fallback else {}),
             "streams": int(compiled.get_property("NUM_STREAMS")),
             "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
             "runtime_precisions": reported,

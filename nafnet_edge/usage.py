@@ -257,6 +257,7 @@ def usage_note(target: str, manifest: Manifest) -> str:
         "sha": manifest.source.sha256[:16],
         "arch": manifest.tlc.get("arch", arch),
         "precision": manifest.precision,
+        "inference_precision": (manifest.export or {}).get("inference_precision", "f32"),  # OpenVINO's hint
         "inp": io.input.name,
         "out": io.output.name,
         "c": c,

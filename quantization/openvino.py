@@ -25,7 +25,10 @@ Three choices differ from plain ``nncf.quantize``:
   plugin runs the transposed-conv upsampling in f32: slower at the same PSNR.
 
 The CPU plugin runs the FakeQuantize-fed convolutions as u8 x i8 kernels whatever ``INFERENCE_PRECISION_HINT``
-says; the hint (pinned to f32 by the runner) decides what the rest runs in (the norms, the first and last ops).
+says; the hint decides what the rest runs in (the norms, the first and last ops). ``inference_precision="auto"``
+times the IR with each precision this CPU runs natively and ships the fastest (``choose_inference_precision``):
+bf16 on Intel CPUs with AMX, f32 on AMD Zen 4, where bf16 measured slower. The manifest records the hint and the
+timings, and the runner compiles with it.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ import importlib.metadata
 import inspect
 import logging
 import os
+import statistics
 import sys
+import time
 import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager, redirect_stdout
@@ -44,8 +49,17 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from nafnet_edge.converters.base import Exported
-from nafnet_edge.converters.openvino import BIN, XML, save_ir
+from nafnet_edge.converters.openvino import (
+    BIN,
+    CAPABILITY_NAMES,
+    DEFAULT_INFERENCE_PRECISION,
+    DEVICE,
+    INFERENCE_PRECISIONS,
+    XML,
+    save_ir,
+)
 from nafnet_edge.deploy.modules import ChannelNorm
+from nafnet_edge.errors import OptionError
 from nafnet_edge.pixels import check_pixel_format, io_info
 from nafnet_edge.quantization.base import Quantizer
 
@@ -54,6 +68,9 @@ INPUT_RANGE = (0.0, 1.0)  # the deploy graph's input contract: images in [0, 1]
 # NNCF compiles a C++ extension on first use (about 45 s on two cores) and raises, instead of falling back, when
 # that takes longer than NNCF_EXTENSION_LOAD_TIMEOUT (default 60 s); a busy machine needs more headroom.
 EXTENSION_LOAD_TIMEOUT_S = "600"
+PRECISION_ROUNDS = 15  # interleaved timing rounds per inference precision (auto)
+AUTO_PRECISIONS = INFERENCE_PRECISIONS  # what auto times, those this CPU runs natively
+PRECISION_MARGIN = 0.95  # a precision other than f32 is kept only when its median is at most this fraction of f32's
 
 
 class NotPreparedError(ValueError):
@@ -67,13 +84,24 @@ class OpenVINOQuantizer(Quantizer):
     extra: ClassVar[str] = "openvino"
 
     def __init__(
-        self, *, preset: Preset = "performance", fp32_norms: bool = True, keep_float: Collection[str] = ()
+        self,
+        *,
+        preset: Preset = "performance",
+        fp32_norms: bool = True,
+        inference_precision: str = "auto",
+        keep_float: Collection[str] = (),
     ) -> None:
         super().__init__(keep_float=keep_float)
         if preset not in ("mixed", "performance"):
             raise ValueError(f"preset {preset!r}: choose mixed or performance")
+        if inference_precision not in ("auto", *INFERENCE_PRECISIONS):
+            raise OptionError(
+                f"inference precision {inference_precision!r} is not one of auto, {', '.join(INFERENCE_PRECISIONS)}"
+            )
         self.preset: Preset = preset
         self.fp32_norms = fp32_norms  # no quantizers inside the channel norms: they stay one MVN op in the IR
+        # what the float remainder runs in: the CPU plugin's INFERENCE_PRECISION_HINT, timed when "auto"
+        self.inference_precision = inference_precision
 
     @property
     def scheme(self) -> str:
@@ -212,10 +240,12 @@ class OpenVINOQuantizer(Quantizer):
             rt_info={"quantization_scheme": self.scheme},
             pixel_format=pixel_format,
         )
+        precision = choose_inference_precision(out_dir / XML, self.inference_precision)
         return Exported(
             files=[XML, BIN],
             info={
                 **io_info(pixel_format),
+                **precision,
                 "openvino": ov.get_version(),
                 "nncf": nncf.__version__,
                 "torch": importlib.metadata.version("torch"),
@@ -230,6 +260,73 @@ class OpenVINOQuantizer(Quantizer):
                 "file_bytes": {f: (Path(out_dir) / f).stat().st_size for f in (XML, BIN)},
             },
         )
+
+
+def choose_inference_precision(xml: Path, requested: str, rounds: int = PRECISION_ROUNDS) -> dict[str, Any]:
+    """The ``inference_precision`` the artifact ships with (the runner compiles with it) and how it was chosen.
+
+    ``auto`` compiles the IR once per precision this CPU runs natively (f32, and bf16 / f16 where
+    ``OPTIMIZATION_CAPABILITIES`` lists them), times them side by side (interleaved rounds, medians, LATENCY hint)
+    and keeps f32 unless another is faster by ``PRECISION_MARGIN``; the record has the timings, the CPU and how
+    far each output is from f32's (PSNR)."""
+    import numpy as np
+    import openvino as ov
+
+    from nafnet_edge.benchmark import cpu_isa, cpu_name
+    from nafnet_edge.validation import psnr
+
+    if requested != "auto":
+        return {"inference_precision": requested, "inference_precision_choice": f"asked for ({requested})"}
+    core = ov.Core()
+    capabilities = core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")
+    candidates = [p for p in AUTO_PRECISIONS if p == DEFAULT_INFERENCE_PRECISION or CAPABILITY_NAMES[p] in capabilities]
+    if len(candidates) == 1:
+        return {
+            "inference_precision": DEFAULT_INFERENCE_PRECISION,
+            "inference_precision_choice": f"the only one this CPU runs natively ({', '.join(capabilities)})",
+        }
+    model = core.read_model(str(xml))
+    port = model.input(0)
+    kind = port.get_element_type().to_dtype()
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, port.get_shape(), dtype=np.uint8) if kind == np.uint8 else rng.random(port.get_shape())
+    x = x.astype(kind)
+    requests = {
+        p: core.compile_model(
+            model, DEVICE, {"INFERENCE_PRECISION_HINT": p, "PERFORMANCE_HINT": "LATENCY"}
+        ).create_infer_request()
+        for p in candidates
+    }
+    outputs = {p: np.array(r.infer({0: x})[0], dtype=np.float64) for p, r in requests.items()}  # warm-up
+    times: dict[str, list[float]] = {p: [] for p in requests}
+    for _ in range(rounds):
+        for p, r in requests.items():
+            started = time.perf_counter()
+            r.infer({0: x})
+            times[p].append((time.perf_counter() - started) * 1e3)
+    medians = {p: statistics.median(t) for p, t in times.items()}
+    best = min(medians, key=lambda p: medians[p])
+    chosen = (
+        best
+        if medians[best] <= PRECISION_MARGIN * medians[DEFAULT_INFERENCE_PRECISION]
+        else DEFAULT_INFERENCE_PRECISION
+    )
+    peak = 255.0 if kind == np.uint8 else 1.0
+    reference = outputs[DEFAULT_INFERENCE_PRECISION]
+    return {
+        "inference_precision": chosen,
+        "inference_precision_choice": "timed on this CPU",
+        "inference_precision_timings": {
+            "cpu": cpu_name(),
+            "isa": cpu_isa(),
+            "rounds": rounds,
+            "margin": PRECISION_MARGIN,
+            "median_ms": {p: round(m, 3) for p, m in medians.items()},
+            "psnr_vs_f32_db": {
+                p: round(min(psnr(o / peak, reference / peak), 999.0), 2) for p, o in outputs.items() if p != "f32"
+            },
+        },
+    }
 
 
 def norm_patterns(graph: torch.nn.Module) -> list[str]:

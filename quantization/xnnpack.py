@@ -7,11 +7,12 @@ it with the XNNPACK partitioner into ``model.pte``, which ``ExecuTorchConverter`
 
 What runs int8: every convolution outside the norms (3x3 depthwise, 1x1, strided, the transposed-conv
 upsampling), the blocks' multiplies (SimpleGate halves, channel attention) and adds (both residuals, the skips,
-the global residual), and the pooling. The channel norms stay fp32 inside the same partition (``fp32_norms``):
+the global residual), and the pooling. The channel norms stay float inside the same partition (``fp32_norms``):
 their statistics span decades per pixel, and one per-tensor int8 scale for the inverse standard deviation
 (XNNPACK has no int8 rsqrt, so it gets a scale of its own) rounds high-variance pixels to nothing: int8 norms
-cost far more PSNR than the budget allows, fp32 norms a few percent of latency (three int8/fp32 conversions each;
-docs/int8.md has the figures).
+cost far more PSNR than the budget allows, float norms a share of latency (docs/int8.md has the figures). Whether
+they run fp32 or fp16, and with a centring conv or not, is timed on the CPU at hand (``norm_precision="auto"``,
+``nafnet_edge.quantization.norm_kernels``) or asked for; ``Exported.info`` records the choice and the timings.
 
 The deploy graph has no channel slices, so the program avoids the quantized-slice load failure of ExecuTorch
 issue 21829. ``Exported.info`` reports the partitions, any op left outside, and the int8/fp32 split of the ops.
@@ -26,6 +27,7 @@ and are listed in ``ops_outside_delegate``, not counted as the network's quantiz
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.metadata
 from collections import Counter
@@ -38,7 +40,10 @@ import torch
 from nafnet_edge.converters.base import Exported
 from nafnet_edge.converters.executorch import BACKEND, delegation_summary, pixel_conversions, with_io
 from nafnet_edge.deploy.modules import ChannelNorm
+from nafnet_edge.errors import OptionError
 from nafnet_edge.pixels import io_info
+from nafnet_edge.quantization import norm_kernels
+from nafnet_edge.quantization.norm_kernels import NORM_PRECISIONS, NormPrecision
 from nafnet_edge.quantization.pt2e import Pt2eQuantizer, is_qat
 
 SCHEME = "PT2E XNNPACKQuantizer, int8 symmetric per-channel weights, int8 per-tensor activations"
@@ -59,9 +64,14 @@ class XNNPACKQuantizer(Pt2eQuantizer):
     modules: ClassVar[tuple[str, ...]] = ("executorch", "torchao")
     extra: ClassVar[str] = "executorch"
 
-    def __init__(self, *, fp32_norms: bool = True, keep_float: Collection[str] = ()) -> None:
+    def __init__(
+        self, *, fp32_norms: bool = True, norm_precision: NormPrecision = "auto", keep_float: Collection[str] = ()
+    ) -> None:
         super().__init__(keep_float=keep_float)
-        self.fp32_norms = fp32_norms  # leave the ChannelNorms unannotated (fp32 inside the XNNPACK partition)
+        self.fp32_norms = fp32_norms  # leave the ChannelNorms unannotated (float inside the XNNPACK partition)
+        if norm_precision not in NORM_PRECISIONS:
+            raise OptionError(f"norm precision {norm_precision!r} is not one of {', '.join(NORM_PRECISIONS)}")
+        self.norm_precision: NormPrecision = norm_precision  # of those float norms: norm_kernels
 
     def calibrated(self, prepared: torch.nn.Module) -> None:
         fix_activation_ranges(prepared)
@@ -87,26 +97,34 @@ class XNNPACKQuantizer(Pt2eQuantizer):
     ) -> Exported:
         """Convert a copy of ``prepared`` (it stays usable) and lower it for ``example``'s size, batch 1; with
         ``pixel_format``, behind 8-bit image I/O (``nafnet_edge.pixels.image_io_module``)."""
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import to_edge_transform_and_lower
         from torchao.quantization.pt2e import allow_exported_model_train_eval
 
         converted = self.convert(prepared)
-        precision = precision_summary(converted)
         allow_exported_model_train_eval(converted)  # the image-I/O wrapper's .eval() reaches it
         input_grid: dict[str, str] = {}
         if pixel_format is not None:
             input_grid = {"input_quantization": pixel_grid_input(converted)}
         _, channels, h, w = example.shape
-        module, io_example = with_io(converted, channels, (h, w), pixel_format)
-        with torch.no_grad():
-            exported = torch.export.export(module, (io_example,))
-        edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
-        lowered = edge.exported_program().graph_module
-        backends, outside = delegation_summary(lowered)
-        pixels = pixel_conversions(lowered)  # the image I/O's two conversions are not the network's
+        candidates = norm_kernels.variants(converted, self.norm_precision) if self.fp32_norms else {"": {}}
+        key = (norm_kernels.choice_key(converted), tuple(example.shape), pixel_format)
+        timings = None
+        if len(candidates) > 1 and key in _CHOSEN:  # timed already in this process (an earlier search round)
+            chosen, timings = _CHOSEN[key]
+            candidates = {chosen: candidates[chosen]}
+        programs = {name: _lower(converted, k, channels, (h, w), pixel_format) for name, k in candidates.items()}
+        if len(programs) > 1:
+            example_input = programs[norm_kernels.BASELINE].example
+            timings = norm_kernels.time_programs({name: p.buffer for name, p in programs.items()}, example_input)
+            _CHOSEN[key] = (norm_kernels.pick(timings), timings)
+            chosen = _CHOSEN[key][0]
+        else:
+            chosen = next(iter(programs))
+        program = programs[chosen]
+        norms = norm_kernels.record(self.norm_precision, candidates[chosen], timings) if self.fp32_norms else {}
+        backends, outside = delegation_summary(program.lowered)
+        pixels = pixel_conversions(program.lowered)  # the image I/O's two conversions are not the network's
         outside_qdq = {k: v - pixels.get(k, 0) for k, v in outside.items() if _is_quantize_op(k)}
-        buffer = edge.to_executorch().buffer
+        buffer = program.buffer
         (out_dir / self.artifact).write_bytes(buffer)
         info: dict[str, Any] = {
             "executorch_version": importlib.metadata.version("executorch"),
@@ -115,17 +133,51 @@ class XNNPACKQuantizer(Pt2eQuantizer):
             "quantization_scheme": SCHEME,
             "quantization_method": "qat" if is_qat(prepared) else "ptq",
             "fp32_norms": self.fp32_norms,
+            **norms,
             "kept_float": sorted(self.keep_float),
             "delegated_partitions": len(backends),
             "delegate_backends": sorted(set(backends)),
             "ops_outside_delegate": {k: n for k, v in outside.items() if (n := v - outside_qdq.get(k, 0))},
             "quantize_dequantize_outside_delegate": sum(outside_qdq.values()),
-            **precision,
+            **program.precision,
             "program_bytes": len(buffer),
             **io_info(pixel_format),
             **input_grid,
         }
         return Exported(files=[self.artifact], info=info)
+
+
+_CHOSEN: dict[tuple[Any, ...], tuple[str, dict[str, float]]] = {}  # per process: later search rounds reuse it
+
+
+@dataclasses.dataclass
+class _Program:
+    buffer: bytes
+    lowered: torch.fx.GraphModule  # the lowered edge graph, for the delegation summary
+    precision: dict[str, Any]  # precision_summary of the converted graph
+    example: torch.Tensor  # an input of the program's kind (float NCHW, or uint8 NHWC pixels)
+
+
+def _lower(
+    converted: torch.fx.GraphModule,
+    kernels: dict[str, str],
+    channels: int,
+    size: tuple[int, int],
+    pixel_format: str | None,
+) -> _Program:
+    """``converted`` with its norms rewritten to ``kernels`` (a copy), behind the I/O, lowered to XNNPACK."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    graph = copy.deepcopy(converted)
+    fp16 = norm_kernels.apply(graph, kernels)
+    precision = precision_summary(graph, fp16)
+    module, io_example = with_io(graph, channels, size, pixel_format)
+    with torch.no_grad():
+        exported = torch.export.export(module, (io_example,))
+    edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+    lowered = edge.exported_program().graph_module
+    return _Program(edge.to_executorch().buffer, lowered, precision, io_example)
 
 
 PIXEL_GRID = (1.0 / 255.0, -128)  # int8 scale and zero point whose codes are 8-bit pixels minus 128
@@ -243,16 +295,19 @@ def _op_name(node: torch.fx.Node) -> str:
     return packet.__name__ if packet is not None else getattr(node.target, "__name__", str(node.target))
 
 
-def precision_summary(converted: torch.fx.GraphModule) -> dict[str, Any]:
-    """Which compute ops of a converted (quantize/dequantize) graph run int8 and which fp32, and how many
-    int8<->fp32 conversions the runtime performs (graph input and output included).
+def precision_summary(converted: torch.fx.GraphModule, fp16: Collection[torch.fx.Node] = ()) -> dict[str, Any]:
+    """Which compute ops of a converted (quantize/dequantize) graph run int8, which fp32 and which fp16 (``fp16``:
+    the nodes ``norm_kernels.apply`` made fp16), and how many int8<->float conversions the runtime performs (graph
+    input and output included).
 
     An op runs int8 when each of its activation inputs comes through a dequantize and its output goes only
     into quantizes; XNNPACK fuses those into one int8 kernel. Every other dequantize or quantize is a conversion.
     """
     int8: Counter[str] = Counter()
     fp32: Counter[str] = Counter()
+    half: Counter[str] = Counter()
     is_int8: dict[torch.fx.Node, bool] = {}
+    fp16 = set(fp16)
     for node in converted.graph.nodes:
         if node.op != "call_function" or _op_name(node) in QUANTIZE_OPS | DEQUANTIZE_OPS | {"getitem"}:
             continue
@@ -261,7 +316,7 @@ def precision_summary(converted: torch.fx.GraphModule) -> dict[str, Any]:
         quantized_in = quantized_in and all(a.op == "call_function" for a in activations)
         quantized_out = bool(node.users) and all(_op_name(u) in QUANTIZE_OPS for u in node.users)
         is_int8[node] = quantized_in and quantized_out
-        (int8 if is_int8[node] else fp32)[_op_name(node)] += 1
+        (int8 if is_int8[node] else half if node in fp16 else fp32)[_op_name(node)] += 1
     conversions = 0
     for node in converted.graph.nodes:
         if node.op != "call_function":
@@ -275,5 +330,6 @@ def precision_summary(converted: torch.fx.GraphModule) -> dict[str, Any]:
     return {
         "int8_ops": dict(sorted(int8.items())),
         "fp32_ops": dict(sorted(fp32.items())),
+        **({"fp16_ops": dict(sorted(half.items()))} if half else {}),
         "int8_fp32_conversions": conversions,
     }

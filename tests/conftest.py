@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,15 @@ from helpers import TINY_CONFIG, Converted, kodak_crops, running_in_ci, save_tin
 
 from nafnet_edge.model import NAFNet, NAFNetConfig
 
+
+def _shipped_auto() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from nafnet_edge.quantization import norm_kernels
+    from nafnet_edge.quantization import openvino as ov_quantization
+
+    return norm_kernels.AUTO, ov_quantization.AUTO_PRECISIONS
+
+
+SHIPPED_AUTO = _shipped_auto()  # before untimed_float_choices pins them
 pytest_plugins = ["pytester"]  # tests/test_skip_policy.py runs these hooks on small generated test files
 
 # Reason prefix -> why it cannot be fixed by installing something. Everything else that skips fails under CI.
@@ -48,6 +58,32 @@ def _fail_skips_in_ci(report: pytest.TestReport | pytest.CollectReport) -> None:
         "(install what is missing; a platform limit that no install can fix belongs in tests/conftest.py "
         "ALLOWED_SKIPS)"
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def untimed_float_choices() -> Iterator[None]:
+    """int8 exports with ``auto`` float parts take the baseline without timing (fp32 norms for ExecuTorch, f32
+    for OpenVINO): timing costs XNNPACK a second lowering (25-40 s) per artifact, and a choice by timing could
+    differ between two artifacts a test compares. Tests of the choice itself use :func:`timed_float_choices`."""
+    from nafnet_edge.quantization import norm_kernels
+    from nafnet_edge.quantization import openvino as ov_quantization
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(norm_kernels, "AUTO", (norm_kernels.BASELINE,))
+        patch.setattr(ov_quantization, "AUTO_PRECISIONS", (ov_quantization.DEFAULT_INFERENCE_PRECISION,))
+        yield
+
+
+@pytest.fixture
+def timed_float_choices() -> Iterator[None]:
+    """``auto`` as shipped: the candidates are timed."""
+    from nafnet_edge.quantization import norm_kernels
+    from nafnet_edge.quantization import openvino as ov_quantization
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(norm_kernels, "AUTO", SHIPPED_AUTO[0])
+        patch.setattr(ov_quantization, "AUTO_PRECISIONS", SHIPPED_AUTO[1])
+        yield
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from helpers import randomize  # noqa: E402
 
 from nafnet_edge.converters import ExportOptions  # noqa: E402
+from nafnet_edge.converters.base import SessionSettings  # noqa: E402
 from nafnet_edge.converters.openvino import OpenVINOTarget  # noqa: E402
 from nafnet_edge.deploy import deploy  # noqa: E402
 from nafnet_edge.images import read_image  # noqa: E402
@@ -184,3 +185,53 @@ def test_qat_prepared_module_gets_gradients_and_freezes_ranges(graph, calibratio
 def test_export_refuses_a_module_it_did_not_prepare(graph, tmp_path):
     with pytest.raises(NotPreparedError, match="OpenVINOQuantizer.prepare"):
         OpenVINOQuantizer().export(graph, tmp_path, torch.rand(1, 3, SIZE, SIZE))
+
+
+def _capabilities() -> list[str]:
+    return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def test_int8_ir_ships_the_inference_precision_asked_for_and_runs_with_it(ptq, calibration, evaluation, tmp_path):
+    if "BF16" not in _capabilities():
+        pytest.skip("this CPU does not report BF16: the plugin cannot run bf16 here")
+    exported = OpenVINOQuantizer(inference_precision="bf16").export(ptq, tmp_path, calibration[0])
+    assert exported.info["inference_precision"] == "bf16"
+    assert exported.info["inference_precision_choice"] == "asked for (bf16)"
+    session = OpenVINOTarget().open_session(tmp_path, export=exported.info)  # as validation opens it
+    assert session.info["inference_precision"] == "bf16" and "bf16" in session.info["runtime_precisions"]
+    pinned = OpenVINOTarget().load_runner(tmp_path)  # no record: f32
+    x = evaluation.numpy()[:1]
+    assert pinned.info["inference_precision"] == "f32"
+    assert INT8_MIN_PSNR_DB < _psnr(session.run(x), pinned.run(x)) < 90  # bf16 moves the float remainder a little
+
+
+def test_auto_times_each_native_precision_and_keeps_f32_unless_clearly_faster(
+    ptq, calibration, tmp_path, timed_float_choices
+):
+    from nafnet_edge.quantization.openvino import PRECISION_MARGIN
+
+    info = OpenVINOQuantizer().export(ptq, tmp_path, calibration[0]).info
+    native = ["f32", *(p for p, name in (("bf16", "BF16"), ("f16", "FP16")) if name in _capabilities())]
+    if len(native) == 1:
+        assert info["inference_precision"] == "f32" and "only one this CPU runs" in info["inference_precision_choice"]
+        return
+    timings = info["inference_precision_timings"]
+    assert info["inference_precision_choice"] == "timed on this CPU"
+    assert sorted(timings["median_ms"]) == sorted(native) and all(ms > 0 for ms in timings["median_ms"].values())
+    assert timings["cpu"] and timings["rounds"] >= 5
+    assert all(INT8_MIN_PSNR_DB < db < 999 for db in timings["psnr_vs_f32_db"].values())
+    best = min(timings["median_ms"], key=timings["median_ms"].get)
+    wins = timings["median_ms"][best] <= PRECISION_MARGIN * timings["median_ms"]["f32"]
+    assert info["inference_precision"] == (best if wins else "f32")
+
+
+def test_a_shipped_precision_this_cpu_lacks_falls_back_to_f32(int8_ir):
+    out, exported = int8_ir
+    missing = next((p for p, name in (("f16", "FP16"), ("bf16", "BF16")) if name not in _capabilities()), None)
+    if missing is None:
+        pytest.skip("this CPU reports both BF16 and FP16: no precision to miss")
+    session = OpenVINOTarget().open_session(out, export={**exported.info, "inference_precision": missing})
+    assert session.info["inference_precision"] == "f32"
+    assert session.info["inference_precision_fallback"].startswith(f"shipped with {missing}")
+    with pytest.raises(ValueError, match=f"asked for {missing} inference but would run"):  # asked for: refused
+        OpenVINOTarget().open_session(out, settings=SessionSettings(hints={"inference_precision": missing}))

@@ -226,6 +226,7 @@ class _FakeRounds:
         self.max_drift_db = max_drift_db
         self.keep_float: frozenset[str] = frozenset()
         self.switches_units = True
+        self.trains = True
         self.number = 0
 
     def quantizer(self, target: str, *, keep_float: tuple[str, ...] = (), **options: object) -> _FakeRounds:

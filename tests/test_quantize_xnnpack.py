@@ -37,6 +37,8 @@ SIZE = (64, 64)
 MIN_PSNR_VS_FP32_DB = 38.0  # int8 .pte vs the fp32 deploy graph; measured 42.9-43.4 dB on these crops
 MIN_PSNR_VS_SIMULATION_DB = 43.0  # .pte vs PyTorch's quantize/dequantize simulation; measured 47.1-48.5 dB
 MIN_PSNR_QAT_VS_CONVERSION_DB = 60.0  # QAT fake quantizers vs their quantize/dequantize form; measured identical
+MIN_PSNR_FP16_VS_FP32_NORMS_DB = 43.0  # fp16 centred norms vs fp32 norms, both int8 programs: measured 46.4-46.9 dB
+NORMS = 10  # two channel norms per block, five blocks
 MAX_ABS_VS_SIMULATION = 0.05  # measured 0.0124: XNNPACK's requantization rounds a few values one step apart
 
 
@@ -116,6 +118,42 @@ def test_pte_matches_the_quantize_dequantize_simulation(artifact: Artifact) -> N
         y = runner.run(x.numpy())
         assert psnr_db(y, expected) > MIN_PSNR_VS_SIMULATION_DB
         assert np.abs(y - expected).max() < MAX_ABS_VS_SIMULATION
+
+
+def test_fp16_centred_norms_stay_in_the_partition_and_move_the_output_little(
+    artifact: Artifact, tmp_path: Path
+) -> None:
+    quantizer = XNNPACKQuantizer(norm_precision="fp16-centred")
+    info = quantizer.export(artifact.prepared, tmp_path, artifact.test_inputs[0]).info
+    assert info["delegated_partitions"] == 1 and info["ops_outside_delegate"] == {}
+    assert info["norm_precision"] == "fp16" and info["norm_kernels"] == {"fp16-centred": NORMS}
+    assert info["norm_choice"] == "asked for (fp16-centred)" and "norm_timings" not in info
+    # every norm (C = 8, 16, 32) centred by one C x C conv: no subtract left; all of it fp16, nothing fp32
+    assert info["fp16_ops"] == {"clamp_max": NORMS, "conv2d": 2 * NORMS, "mul": 2 * NORMS, "rsqrt": NORMS}
+    assert info["fp32_ops"] == {} and info["int8_ops"] == artifact.exported.info["int8_ops"]
+    fp16 = ExecuTorchTarget().load_runner(tmp_path)
+    fp32 = ExecuTorchTarget().load_runner(artifact.out_dir)
+    for x in artifact.test_inputs:
+        y = fp16.run(x.numpy())
+        with torch.no_grad():
+            assert psnr_db(y, artifact.graph(x).numpy()) > MIN_PSNR_VS_FP32_DB
+        assert MIN_PSNR_FP16_VS_FP32_NORMS_DB < psnr_db(y, fp32.run(x.numpy())) < 100  # not the same program
+
+
+def test_auto_times_fp32_and_fp16_programs_and_ships_the_one_it_picks(
+    artifact: Artifact, tmp_path: Path, timed_float_choices: None
+) -> None:
+    from nafnet_edge.quantization.norm_kernels import MARGIN
+
+    info = XNNPACKQuantizer().export(artifact.prepared, tmp_path, artifact.test_inputs[0]).info
+    timings = info["norm_timings"]
+    assert info["norm_choice"] == "timed on this CPU" and timings["cpu"] and timings["rounds"] >= 5
+    ms = timings["median_ms"]
+    assert sorted(ms) == ["fp16", "fp32"] and all(v > 0 for v in ms.values())
+    chosen = "fp16" if ms["fp16"] <= MARGIN * ms["fp32"] else "fp32"
+    assert info["norm_precision"] == chosen and info["norm_kernels"] == {chosen: NORMS}
+    assert ("fp16_ops" in info) == (chosen == "fp16")  # the program written is the one picked
+    assert info["delegated_partitions"] == 1
 
 
 def test_ptq_prepared_module_computes_the_graph_for_any_batch(artifact: Artifact) -> None:
