@@ -14,6 +14,10 @@ a Kodak image.
 
     python benchmarks/int8_quality.py [--train ../shared/data/CBSD68] [--eval ../shared/data/Kodak24]
         [--targets executorch openvino] [--iters 300] [--input-size 128] [--json results/int8_quality.json]
+        [--float-parts [--only-ptq]]
+
+``--float-parts`` adds PTQ artifacts with the float part fixed to each choice ``quantize`` can time (ExecuTorch
+norms fp32 / fp16, OpenVINO remainder f32 / bf16), to show what the choice does to quality on any CPU.
 """
 
 from __future__ import annotations
@@ -55,6 +59,16 @@ def run(argv: list[str]) -> tuple[int, dict]:
     return code, report["artifacts"][0] if "artifacts" in report else report
 
 
+# PTQ variants with the float part of the int8 artifact fixed (the default, auto, times them on the CPU at hand)
+FLOAT_PARTS = {
+    "executorch": (("fp32 norms", "--norm-precision", "fp32"), ("fp16 norms", "--norm-precision", "fp16")),
+    "openvino": (
+        ("f32 remainder", "--inference-precision", "f32"),
+        ("bf16 remainder", "--inference-precision", "bf16"),
+    ),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", type=Path, default=SHARED / "CBSD68", help="clean training photos")
@@ -65,6 +79,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="QAT learning rate (the command's default)")
     ap.add_argument("--input-size", type=int, default=128, help="artifact tile and training crop")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--float-parts", action="store_true", help="also PTQ with each fixed float-part precision")
+    ap.add_argument("--only-ptq", action="store_true", help="leave out QAT")
     args = ap.parse_args()
     record = run_record("benchmarks/int8_quality.py", probe=False)
     work = Path(tempfile.mkdtemp(prefix="int8-quality-"))
@@ -79,17 +95,28 @@ def main() -> None:
         "QAT int8": ["quantize", "--method", "qat", *train, "--steps", str(args.iters), "--val-pairs", *pairs]
         + (["--lr", str(args.lr)] if args.lr else []),
     }
+    if args.only_ptq:
+        del variants["QAT int8"]
     rows = []
     for target in args.targets:
-        for name, argv in variants.items():
+        extra = {
+            f"PTQ int8, {label}": [*variants["PTQ int8"], flag, value]
+            for label, flag, value in FLOAT_PARTS.get(target, ())
+            if args.float_parts
+        }
+        for name, argv in {**variants, **extra}.items():
             t = time.perf_counter()
-            code, report = run([*argv, "--target", target, "-o", str(work / name.split()[0]), *size])
+            code, report = run(
+                [*argv, "--target", target, "-o", str(work / "-".join(name.replace(",", "").split())), *size]
+            )
             v = report["validation"]
             manifest = json.loads((Path(report["directory"]) / "manifest.json").read_text())
             search = manifest.get("quantization", {}).get("search", {})
+            export = manifest.get("export", {})
             row = {
                 "target": target,
                 "variant": name,
+                "float_part": export.get("norm_precision") or export.get("inference_precision"),
                 "exit_code": code,
                 "passed": report["passed"],
                 "psnr_gt_db": v["artifact_psnr_db_mean"],
@@ -106,10 +133,10 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     n = sum(1 for p in args.eval.iterdir() if p.suffix.lower() == ".png")
     print(f"\nKodak24-style evaluation: {n} photos from {args.eval}, sigma {args.sigma:g}, tiles {args.input_size} px")
-    print(f"{'target':<12}{'variant':<10}{'PSNR vs GT':>12}{'fp32 ref':>10}{'drift':>9}{'fidelity':>10}{'SSIM':>8}")
+    print(f"{'target':<12}{'variant':<26}{'PSNR vs GT':>12}{'fp32 ref':>10}{'drift':>9}{'fidelity':>10}{'SSIM':>8}")
     for r in rows:
         print(
-            f"{r['target']:<12}{r['variant']:<10}{r['psnr_gt_db']:>10.3f}dB{r['reference_psnr_gt_db']:>8.3f}dB"
+            f"{r['target']:<12}{r['variant']:<26}{r['psnr_gt_db']:>10.3f}dB{r['reference_psnr_gt_db']:>8.3f}dB"
             f"{r['drift_db']:>+8.3f}{r['fidelity_db_min']:>8.1f}dB{r['ssim']:>8.4f}"
             + ("" if r["passed"] else "  (over budget)")
             + (f"  float: {', '.join(r['kept_float'])} (latency x{r['kept_latency_ratio']})" if r["kept_float"] else "")

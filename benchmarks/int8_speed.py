@@ -10,15 +10,21 @@ variant is timed in the same interleaved rounds (one run of each, then the next 
   ``quantize`` of the OpenVINO model with its defaults), the baseline;
 - int8, units float: the nafnet-edge int8 artifact (below) with the units the ``--max-drift`` search kept on the
   embedded denoiser left float (``--keep-float``), to show what meeting the 0.1 dB budget costs in latency;
+- int8, fp32 norms (XNNPACK) / int8, f32 remainder (OpenVINO): the artifact with its float part fixed to fp32,
+  as it was before the float part was timed per CPU; int8, fp16 norms / centred norms / bf16 remainder: fixed
+  to each alternative (bf16 only where the CPU has it);
 - nafnet-edge int8: the artifact ``nafnet-edge quantize`` writes (our quantizer on the deploy graph, exported
-  and loaded through the converter's runner, as shipped; OpenVINO runs the rest of the graph in f32 as pinned
-  by the manifest). ``--qat-iters N`` fine-tunes it first; QAT changes values, not the op graph, so the default
-  times the PTQ-calibrated export of the same graph.
+  and opened by the target's session with what its export record ships: the float part timed on this CPU,
+  ``--norm-precision auto`` / ``--inference-precision auto``). ``--qat-iters N`` fine-tunes it first; QAT changes
+  values, not the op graph, so the default times the PTQ-calibrated export of the same graph.
 
 Ratios are against the original fp32 graph of the same runtime; "floor" is the int8 compute floor, GMACs x 2 /
-(4 x the best fp32 sgemm probe of the run), the issue's definition (int8 dot products at 4x the fp32 rate).
+(4 x the best fp32 sgemm probe of the run), int8 dot products at 4x the fp32 rate. The machine (CPU model and the
+ISA flags that decide the kernels: AVX512-FP16, AVX512-BF16, AMX, VNNI) is printed first and recorded; ratios
+differ between Intel CPUs with AMX and AMD Zen 4. ``--profile RUNS`` adds the per-operator profile of ours.
 
     python benchmarks/int8_speed.py [--runs 11] [--shapes SIDD-width32 GoPro-width32] [--skip openvino]
+        [--profile 5] [--json results/int8_speed.json]
 """
 
 from __future__ import annotations
@@ -138,7 +144,7 @@ def openvino_default_runner(model: torch.nn.Module, x: torch.Tensor) -> Runner:
 
 BEFORE = {"xnnpack": {"norm_precision": "fp32"}, "openvino": {"inference_precision": "f32"}}
 OURS = "nafnet-edge int8"
-BEFORE_LABEL = "int8, fp32 norms"  # the artifact as it was before the norm precision was timed per CPU
+BEFORE_LABEL = "int8, fp32 float part"  # fp32 norms / f32 remainder: the float part fixed, not timed per CPU
 
 
 def variants(runtime: str, model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace, keep: list[object]):
@@ -152,6 +158,7 @@ def variants(runtime: str, model: torch.nn.Module, x: torch.Tensor, args: argpar
     if runtime == "xnnpack":
         graph = deploy(model, norm_form="conv-mean", input_size=(size, size))
         int8["int8, fp16 norms"] = ours(norm_precision="fp16")
+        int8["int8, centred norms"] = ours(norm_precision="fp32-centred")
         return {
             "original fp32": lambda: xnnpack_runner(model, x),
             "deploy fp32": lambda: xnnpack_runner(graph, x),

@@ -47,7 +47,7 @@ from nafnet_edge.converters.base import (
     pixel_format_of,
     pixel_session,
 )
-from nafnet_edge.errors import ArtifactError, display_path
+from nafnet_edge.errors import ArtifactError, OptionError, display_path
 from nafnet_edge.pixels import (
     LEVELS,
     PIXEL_FORMATS,
@@ -227,6 +227,11 @@ class OpenVINOTarget(Target):
         asked = settings.hints.get("inference_precision")
         shipped = (export or {}).get("inference_precision", DEFAULT_INFERENCE_PRECISION)
         requested = asked or shipped
+        if asked == "auto":
+            raise OptionError(
+                f"--inference-precision auto is for quantize (it times the candidates there); running an artifact "
+                f"takes one of {', '.join(INFERENCE_PRECISIONS)}, or none for the one it ships with ({shipped})"
+            )
         if requested not in INFERENCE_PRECISIONS:
             raise ArtifactError(
                 f"inference_precision {requested!r} is not one of {', '.join(INFERENCE_PRECISIONS)} "

@@ -235,3 +235,9 @@ def test_a_shipped_precision_this_cpu_lacks_falls_back_to_f32(int8_ir):
     assert session.info["inference_precision_fallback"].startswith(f"shipped with {missing}")
     with pytest.raises(ValueError, match=f"asked for {missing} inference but would run"):  # asked for: refused
         OpenVINOTarget().open_session(out, settings=SessionSettings(hints={"inference_precision": missing}))
+
+
+def test_auto_is_a_quantize_choice_not_a_runtime_hint(int8_ir):
+    out, _ = int8_ir
+    with pytest.raises(ValueError, match="--inference-precision auto is for quantize"):
+        OpenVINOTarget().open_session(out, settings=SessionSettings(hints={"inference_precision": "auto"}))
