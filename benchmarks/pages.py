@@ -218,17 +218,21 @@ def render_int8_speed(data: dict[str, Any]) -> list[str]:
     out = [
         f"Every variant of a runtime timed in the same {data.get('runs', '?')} interleaved rounds, medians. "
         "*int8 floor* = GMACs x 2 / (4 x sgemm); *units float* keeps `decoders.3.0` and `encoders.0.0` in float "
-        "(what the `--max-drift` search kept on the embedded denoiser). PSNR is against the original fp32 graph "
-        "on random weights (a speed check, not a quality figure: see the int8 quality section).",
+        "(what the `--max-drift` search kept on the embedded denoiser). *float part*: what the int8 artifact runs "
+        "in float, its norms (ExecuTorch) or its inference precision (OpenVINO); *nafnet-edge int8* is what "
+        "`quantize` ships, the float part timed on this machine (`--norm-precision auto`, "
+        "`--inference-precision auto`), the rows above it fix the float part. PSNR is against the original fp32 "
+        "graph on random weights (a speed check, not a quality figure: see the int8 quality section).",
         "",
     ]
     out += table(
-        ["shape", "runtime", "variant", "median ms", "x original fp32", "x int8 floor", "PSNR vs fp32"],
+        ["shape", "runtime", "variant", "float part", "median ms", "x original fp32", "x int8 floor", "PSNR vs fp32"],
         [
             [
                 r["shape"],
                 r["runtime"],
                 r["variant"],
+                r.get("float_part", ""),
                 num(r["ms"]),
                 ratio(r.get("vs_original_fp32")),
                 ratio(r.get("vs_int8_floor")),
@@ -237,6 +241,17 @@ def render_int8_speed(data: dict[str, Any]) -> list[str]:
             for r in data.get("rows", [])
         ],
     )
+    for profile in data.get("profiles", []):
+        out += [
+            "",
+            f"Where the time of nafnet-edge int8 goes, {profile['shape']} in {profile['runtime']} "
+            f"({profile.get('source', 'per-operator profile')}; {num(profile.get('total_ms'))} ms in all):",
+            "",
+        ]
+        out += table(
+            ["operator", "ms", "share", "per run"],
+            [[f"`{op['op']}`", num(op["ms"], 2), f"{op['share']:.1%}", str(op["count"])] for op in profile["top"][:10]],
+        )
     return out
 
 

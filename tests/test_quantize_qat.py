@@ -41,13 +41,16 @@ def test_quantize_command_exports_an_int8_pte_that_runs_and_is_validated(tmp_pat
     out = tmp_path / "out"
     argv = ["quantize", str(path), "--target", "executorch", "--train-data", str(KODAK_DIR), "-o", str(out)]
     argv += ["--input-size", "64", "--steps", "10", "--val-data", str(val), "--json", "--min-fidelity", "25"]
-    code = main(argv)
+    code = main([*argv, "--norm-precision", "fp16"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0, report
     manifest = json.loads((artifact_dir(out, "executorch", "int8") / "manifest.json").read_text())
     assert manifest["precision"] == "int8" and manifest["quantization"]["method"] == "qat"
     assert manifest["quantization"]["iters"] == 10 and manifest["export"]["delegated_partitions"] == 1
     assert manifest["runtime"]["runtime"] == "executorch"
+    export = manifest["export"]  # the norms as asked for on the command line
+    assert (export["norm_precision"], export["norm_choice"]) == ("fp16", "asked for (fp16)")
+    assert export["fp16_ops"]["rsqrt"] == 10 and "rsqrt" not in export["fp32_ops"]
     summary = manifest["validation"]["summary"]
     assert manifest["validation"]["passed"] and 25.0 <= summary["fidelity_db_min"] < 100  # int8, not fp32
     assert summary["nonfinite"] == 0

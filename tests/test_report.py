@@ -147,9 +147,12 @@ def fp32_and_int8(tmp_path_factory: pytest.TempPathFactory, converted_artifacts:
     shutil.copytree(converted_artifacts.dir("openvino"), out / "openvino-fp32")
     args = ["quantize", str(converted_artifacts.checkpoint), "--target", "openvino", "--method", "ptq"]
     args += ["--train-data", str(KODAK), "--val-data", str(converted_artifacts.data), "--input-size", "64"]
+    args += ["--inference-precision", "f32"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NAFNET_EDGE_CACHE", str(out.parent / "cache"))
         assert main([*args, "-o", str(out), "--quiet"]) == 0
+    int8 = json.loads((out / "openvino-int8" / "manifest.json").read_text())["export"]
+    assert (int8["inference_precision"], int8["inference_precision_choice"]) == ("f32", "asked for (f32)")
     for name, median in (("openvino-fp32", 1.375), ("openvino-int8", 0.9)):
         manifest = json.loads((out / name / "manifest.json").read_text())
         bench = {**BENCH, "directory": f"out/{name}", "precision": manifest["precision"]}
