@@ -91,21 +91,28 @@ def ours_session(
 ) -> Any:
     """The int8 artifact as ``nafnet-edge quantize`` writes it (``keep_float``: units left float, as the
     ``--max-drift`` search leaves them; ``options``: the quantizer's, ``norm_precision`` or
-    ``inference_precision``), opened by its target's session with what it ships with (the export record)."""
+    ``inference_precision``), opened by its target's session with what it ships with (the export record).
+    Variants that differ only in their export options share one calibrated module."""
     from nafnet_edge.converters import get_target
 
-    quantizer = get_quantizer(target, keep_float=keep_float, **options)
-    graph = deploy(model, norm_form=get_target(target).norm_form, input_size=(size, size))  # type: ignore[arg-type]
-    method = "qat" if qat_iters else "ptq"
-    config = TrainConfig(method=method, iters=max(qat_iters, 1), batch=1, calibration_batches=CALIBRATION_CROPS)
-    prepared, _ = quantize_graph(quantizer, graph, calibration_images(size), size, config, progress=False)
+    key = (target, id(model), size, qat_iters, keep_float)
+    if key not in _PREPARED:
+        quantizer = get_quantizer(target, keep_float=keep_float)
+        graph = deploy(model, norm_form=get_target(target).norm_form, input_size=(size, size))  # type: ignore[arg-type]
+        method = "qat" if qat_iters else "ptq"
+        config = TrainConfig(method=method, iters=max(qat_iters, 1), batch=1, calibration_batches=CALIBRATION_CROPS)
+        _PREPARED[key] = quantize_graph(quantizer, graph, calibration_images(size), size, config, progress=False)[0]
     out = Path(tempfile.mkdtemp(prefix="int8-speed-"))
     keep.append(out)
-    exported = quantizer.export(prepared, out, torch.rand(1, 3, size, size))
+    quantizer = get_quantizer(target, keep_float=keep_float, **options)
+    exported = quantizer.export(_PREPARED[key], out, torch.rand(1, 3, size, size))
     session = get_target(target).open_session(out, export=exported.info)
     session.info["export"] = exported.info
     keep.append(session)
     return session
+
+
+_PREPARED: dict[tuple[Any, ...], torch.nn.Module] = {}
 
 
 def naive_xnnpack_runner(model: torch.nn.Module, x: torch.Tensor) -> Runner:
@@ -157,15 +164,16 @@ def variants(runtime: str, model: torch.nn.Module, x: torch.Tensor, args: argpar
     int8: dict[str, Callable[[], Any]] = {BEFORE_LABEL: ours(**BEFORE[runtime])}
     if runtime == "xnnpack":
         graph = deploy(model, norm_form="conv-mean", input_size=(size, size))
-        int8["int8, fp16 norms"] = ours(norm_precision="fp16")
-        int8["int8, centred norms"] = ours(norm_precision="fp32-centred")
+        if args.all_float_parts:
+            int8["int8, fp16 norms"] = ours(norm_precision="fp16")
+            int8["int8, centred norms"] = ours(norm_precision="fp32-centred")
         return {
             "original fp32": lambda: xnnpack_runner(model, x),
             "deploy fp32": lambda: xnnpack_runner(graph, x),
             "naive PTQ int8": lambda: naive_xnnpack_runner(model, x),
             **int8,
             OURS: ours(),
-            KEPT_LABEL: ours(args.keep_float),
+            **({KEPT_LABEL: ours(args.keep_float)} if args.keep_float else {}),
         }
     graph = deploy(model, norm_form="mvn", input_size=(size, size))
     if "BF16" in openvino_capabilities():
@@ -177,7 +185,7 @@ def variants(runtime: str, model: torch.nn.Module, x: torch.Tensor, args: argpar
         "naive PTQ int8": lambda: naive_openvino_runner(model, x),
         **int8,
         OURS: ours(),
-        KEPT_LABEL: ours(args.keep_float),
+        **({KEPT_LABEL: ours(args.keep_float)} if args.keep_float else {}),
     }
 
 
@@ -192,8 +200,14 @@ def shipped_choice(session: Any) -> str:
     inference precision for OpenVINO)."""
     export = session.info.get("export", {})
     if "norm_kernels" in export:
-        return ", ".join(f"{n} {k}" for k, n in export["norm_kernels"].items())
-    return str(export.get("inference_precision", ""))
+        chosen = ", ".join(f"{n} {k} norms" for k, n in export["norm_kernels"].items())
+        timed = export.get("norm_timings", {}).get("median_ms")
+    else:
+        chosen = str(export.get("inference_precision", ""))
+        timed = export.get("inference_precision_timings", {}).get("median_ms")
+    if timed:  # what auto measured when it chose
+        chosen += " (timed: " + ", ".join(f"{k} {v:.1f} ms" for k, v in timed.items()) + ")"
+    return chosen
 
 
 LABELS = {"xnnpack": "ExecuTorch XNNPACK", "openvino": "OpenVINO CPU"}
@@ -214,9 +228,14 @@ def main() -> None:
     ap.add_argument(
         "--keep-float",
         type=lambda text: tuple(text.split(",")),
-        default=KEPT_BY_SEARCH,
+        default=(),
         metavar="UNITS",
-        help=f"units the '{KEPT_LABEL}' variant leaves float ({','.join(KEPT_BY_SEARCH)})",
+        help=f"add a '{KEPT_LABEL}' variant leaving these units float (the search kept {','.join(KEPT_BY_SEARCH)})",
+    )
+    ap.add_argument(
+        "--all-float-parts",
+        action="store_true",
+        help="ExecuTorch: also fp16 and centred norms fixed (auto times fp32 against fp16 itself; it records both)",
     )
     args = ap.parse_args()
     record = run_record("benchmarks/int8_speed.py", probe=False)

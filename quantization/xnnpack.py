@@ -106,7 +106,7 @@ class XNNPACKQuantizer(Pt2eQuantizer):
             input_grid = {"input_quantization": pixel_grid_input(converted)}
         _, channels, h, w = example.shape
         candidates = norm_kernels.variants(converted, self.norm_precision) if self.fp32_norms else {"": {}}
-        key = (norm_kernels.choice_key(converted), tuple(example.shape), pixel_format)
+        key = (norm_kernels.choice_key(converted), tuple(candidates), tuple(example.shape), pixel_format)
         timings = None
         if len(candidates) > 1 and key in _CHOSEN:  # timed already in this process (an earlier search round)
             chosen, timings = _CHOSEN[key]
