@@ -232,6 +232,7 @@ def main() -> None:
         metavar="UNITS",
         help=f"add a '{KEPT_LABEL}' variant leaving these units float (the search kept {','.join(KEPT_BY_SEARCH)})",
     )
+    ap.add_argument("--leave-out", nargs="*", default=[], metavar="VARIANT", help="variants not to build and time")
     ap.add_argument(
         "--all-float-parts",
         action="store_true",
@@ -255,7 +256,8 @@ def main() -> None:
         for runtime, label in LABELS.items():
             if runtime in args.skip:
                 continue
-            made = {name: make() for name, make in variants(runtime, model, x, args, keep).items()}
+            chosen = variants(runtime, model, x, args, keep).items()
+            made = {name: make() for name, make in chosen if name not in args.leave_out or name == "original fp32"}
             sessions = {k: v for k, v in made.items() if not callable(v)}
             runners = {k: v.run if k in sessions else v for k, v in made.items()}
             reference = runners["original fp32"](a)
@@ -294,10 +296,10 @@ def main() -> None:
     for row in rows:
         row["int8_floor_ms"] = floor[row["shape"]]
         row["vs_int8_floor"] = row["ms"] / row["int8_floor_ms"]
-        psnr = row["psnr_vs_original_fp32_db"]
+        db = row["psnr_vs_original_fp32_db"]
         print(
             f"{row['shape']:<14}{row['runtime']:<20}{row['variant']:<23}{row['ms']:>8.1f}{row['vs_original_fp32']:>11.2f}x"
-            f"{row['vs_int8_floor']:>8.2f}x{('exact' if psnr > 100 else f'{psnr:.1f} dB'):>14}"
+            f"{row['vs_int8_floor']:>8.2f}x{('exact' if db > 100 else f'{db:.1f} dB'):>14}"
         )
     print("(random weights: the PSNR column only shows which variants are quantized, not their quality)")
     for row in rows:

@@ -143,7 +143,12 @@ def test_bundled_program_verifies_itself_in_the_runtime(artifact: Artifact) -> N
 def test_options_it_cannot_honour_are_refused(tmp_path: Path) -> None:
     converter = get_target("executorch")
     assert converter.name == "executorch" and converter.artifact == "model.pte" and converter.precisions == ("fp32",)
-    assert [(o.flag, o.dest, o.kind) for o in converter.options] == [("--bundle", "bundle", "flag")]
+    assert [(o.flag, o.dest, o.kind, o.commands) for o in converter.options] == [
+        ("--bundle", "bundle", "flag", ("convert",)),
+        ("--norm-precision", "norm_precision", "value", ("quantize",)),  # the int8 program's float norms
+    ]
+    assert converter.quantizer_options({}) == {"norm_precision": "auto"}
+    assert converter.quantizer_options({"norm_precision": "fp16"}) == {"norm_precision": "fp16"}
     with pytest.raises(ValueError, match="precision fp32, not fp16"):
         converter.check_options(ExportOptions(input_size=SIZE, precision="fp16"))
     bundle = {"bundle": True}

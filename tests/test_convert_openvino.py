@@ -94,9 +94,10 @@ def test_registry_and_class_facts():
     assert (option.flag, option.dest, option.choices, option.commands) == (
         "--inference-precision",
         "inference_precision",
-        ("f32", "bf16", "f16"),
-        ("bench",),
+        ("auto", "f32", "bf16", "f16"),  # auto: quantize times them
+        ("bench", "quantize"),
     )
+    assert converter.quantizer_options({}) == {"inference_precision": "auto"}
     converter.check_available()
 
 
