@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--float-parts", action="store_true", help="also PTQ with each fixed float-part precision")
     ap.add_argument("--only-ptq", action="store_true", help="leave out QAT")
+    ap.add_argument("--search-rounds", type=int, help="passed to quantize (0: no --max-drift search)")
+    ap.add_argument("--variants", nargs="*", help="only these rows (names as printed)")
     args = ap.parse_args()
     record = run_record("benchmarks/int8_quality.py", probe=False)
     work = Path(tempfile.mkdtemp(prefix="int8-quality-"))
@@ -97,6 +99,10 @@ def main() -> None:
     }
     if args.only_ptq:
         del variants["QAT int8"]
+    if args.search_rounds is not None:  # 0: plain PTQ / QAT, no units kept float to meet the budget
+        variants = {
+            k: [*v, "--search-rounds", str(args.search_rounds)] if k != "fp32" else v for k, v in variants.items()
+        }
     rows = []
     for target in args.targets:
         extra = {
@@ -105,6 +111,8 @@ def main() -> None:
             if args.float_parts
         }
         for name, argv in {**variants, **extra}.items():
+            if args.variants and name not in args.variants:
+                continue
             t = time.perf_counter()
             code, report = run(
                 [*argv, "--target", target, "-o", str(work / "-".join(name.replace(",", "").split())), *size]
