@@ -211,7 +211,7 @@ def test_three_channel_model_refuses_gray(graph, tmp_path):
 def test_usage_python_run_takes_an_opencv_tile(image_irs, frame):
     out, _ = image_irs["fp32", "bgr"]
     fields = {"artifact": str(out / "model.xml"), "inp": "image", "out": "restored", "c": 3, "h": SIZE, "w": SIZE}
-    fields["channels"] = "BGR"
+    fields.update(channels="BGR", inference_precision="f32")  # usage_note fills it from the manifest
     body = USAGE_IMAGE.format(**fields, python_io="", python_save="")
     python = body.split("```python\n", 1)[1].split("```", 1)[0]
     cpp = body.split("```cpp\n", 1)[1]
