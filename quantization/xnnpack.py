@@ -121,8 +121,7 @@ class XNNPACKQuantizer(Pt2eQuantizer):
             chosen = next(iter(programs))
         program = programs[chosen]
         norms = norm_kernels.record(self.norm_precision, candidates[chosen], timings) if self.fp32_norms else {}
-        backends, outside = delegation_summary(program.lowered)
-        pixels = pixel_conversions(program.lowered)  # the image I/O's two conversions are not the network's
+        (backends, outside), pixels = program.summary  # the image I/O's two conversions are not the network's
         outside_qdq = {k: v - pixels.get(k, 0) for k, v in outside.items() if _is_quantize_op(k)}
         buffer = program.buffer
         (out_dir / self.artifact).write_bytes(buffer)
@@ -153,7 +152,8 @@ _CHOSEN: dict[tuple[Any, ...], tuple[str, dict[str, float]]] = {}  # per process
 @dataclasses.dataclass
 class _Program:
     buffer: bytes
-    lowered: torch.fx.GraphModule  # the lowered edge graph, for the delegation summary
+    # delegation_summary and pixel_conversions of the lowered edge graph
+    summary: tuple[tuple[list[str], dict[str, int]], dict[str, int]]
     precision: dict[str, Any]  # precision_summary of the converted graph
     example: torch.Tensor  # an input of the program's kind (float NCHW, or uint8 NHWC pixels)
 
@@ -177,7 +177,8 @@ def _lower(
         exported = torch.export.export(module, (io_example,))
     edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
     lowered = edge.exported_program().graph_module
-    return _Program(edge.to_executorch().buffer, lowered, precision, io_example)
+    summary = delegation_summary(lowered), pixel_conversions(lowered)  # before to_executorch renames the ops
+    return _Program(edge.to_executorch().buffer, summary, precision, io_example)
 
 
 PIXEL_GRID = (1.0 / 255.0, -128)  # int8 scale and zero point whose codes are 8-bit pixels minus 128
